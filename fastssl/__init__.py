@@ -1,0 +1,27 @@
+"""fastssl: fused kernels for self-supervised learning losses, drop-in for lightly's modules.
+
+>>> from fastssl import NTXentLoss          # instead of: from lightly.loss import NTXentLoss
+>>> import fastssl.functional as FS         # the same losses as functions
+>>> import fastssl.metrics                  # collapse diagnostics
+>>> import fastssl.reference                # textbook formulas, the tests' oracle
+"""
+
+from fastssl.decorrelation import BarlowTwinsLoss, VICRegLoss
+from fastssl.dino import DINOLoss
+from fastssl.ntxent import NTXentLoss
+from fastssl.predictive import CenterPenaltyLoss, NegativeCosineSimilarity
+from fastssl.swav import SwaVLoss
+from fastssl.wmse import WMSELoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BarlowTwinsLoss",
+    "CenterPenaltyLoss",
+    "DINOLoss",
+    "NTXentLoss",
+    "NegativeCosineSimilarity",
+    "SwaVLoss",
+    "VICRegLoss",
+    "WMSELoss",
+]

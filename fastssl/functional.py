@@ -1,0 +1,29 @@
+"""Every loss as a function: ``import fastssl.functional as FS``.
+
+Each function validates its arguments, picks a backend (``backend="auto" | "triton" | "torch" |
+"reference"``, env ``FASTSSL_BACKEND``) and returns a 0-d float32 loss. The implementations live
+with their family: :mod:`fastssl.ntxent`, :mod:`fastssl.decorrelation`, :mod:`fastssl.swav`,
+:mod:`fastssl.dino`, :mod:`fastssl.wmse`, :mod:`fastssl.predictive`.
+"""
+
+from fastssl.decorrelation import barlow_twins_loss, vicreg_loss
+from fastssl.dino import dino_center_update, dino_loss
+from fastssl.ntxent import infonce_loss, ntxent_loss
+from fastssl.predictive import byol_loss, center_penalty_loss, negative_cosine_similarity
+from fastssl.swav import sinkhorn, swav_loss
+from fastssl.wmse import wmse_loss
+
+__all__ = [
+    "barlow_twins_loss",
+    "byol_loss",
+    "center_penalty_loss",
+    "dino_center_update",
+    "dino_loss",
+    "infonce_loss",
+    "negative_cosine_similarity",
+    "ntxent_loss",
+    "sinkhorn",
+    "swav_loss",
+    "vicreg_loss",
+    "wmse_loss",
+]

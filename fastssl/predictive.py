@@ -1,0 +1,127 @@
+r"""Predictive (non-contrastive) losses: SimSiam's negative cosine similarity, BYOL's normalized
+MSE, and Jha et al.'s simplified center-penalty objective (seed 003, §3.1).
+
+These are O(N·d) elementwise reductions that PyTorch already runs at memory bandwidth, so they
+have no Triton kernel: ``backend="triton"`` and ``"auto"`` run the torch path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastssl import distributed, reference
+from fastssl._backend import check_backend_name, resolve_backend
+from fastssl._checks import check_distributed_available, check_finite, check_pair, check_positive
+
+
+def negative_cosine_similarity(
+    x0: Tensor, x1: Tensor, dim: int = 1, eps: float = 1e-8, *, backend: str = "auto"
+) -> Tensor:
+    r"""SimSiam's loss :math:`-\mathrm{mean}\cos(x_0, x_1)` along ``dim``. Detach the target yourself.
+
+    Args:
+        x0, x1: tensors of equal shape, e.g. (N, d) predictions and (N, d) targets.
+    Returns:
+        0-d float32 loss.
+    """
+    if not isinstance(x0, Tensor) or not isinstance(x1, Tensor):
+        raise TypeError("x0 and x1 must be torch.Tensors")
+    if x0.shape != x1.shape:
+        raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
+    if not x0.is_floating_point() or not x1.is_floating_point():
+        raise TypeError(f"x0 and x1 must be floating-point tensors, got {x0.dtype} and {x1.dtype}")
+    if x0.numel() == 0:
+        raise ValueError(f"x0 and x1 are empty (shape {tuple(x0.shape)})")
+    check_positive("eps", eps)
+    resolve_backend(backend, x0, has_triton_kernel=False)
+    # Accumulate in float32 at least: the cosine of half-precision vectors of a few thousand
+    # entries loses most of its digits when the dot product is summed in half.
+    acc = torch.promote_types(x0.dtype, torch.float32)
+    return reference.negative_cosine_similarity(x0.to(acc), x1.to(acc), dim=dim, eps=eps).float()
+
+
+def byol_loss(prediction: Tensor, target: Tensor, *, backend: str = "auto") -> Tensor:
+    r"""BYOL's :math:`\mathrm{mean}_b\,(2 - 2\cos(p_b, z_b))` for (N, d) inputs. Detach the target yourself."""
+    check_pair("prediction", prediction, "target", target)
+    resolve_backend(backend, prediction, has_triton_kernel=False)
+    acc = torch.promote_types(prediction.dtype, torch.float32)
+    return reference.byol_loss(prediction.to(acc), target.to(acc)).float()
+
+
+def center_penalty_loss(
+    z_a: Tensor,
+    z_b: Tensor,
+    lambda_param: float = -1.0,
+    *,
+    gather_distributed: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    r"""Jha et al.'s simplified objective :math:`0.5\,(L_{inv} - \lambda_L\|s\|)`, eq. (32) of seed 003.
+
+    :math:`L_{inv} = \mathrm{mean}_b\|\hat z_a - \hat z_b\|^2` on L2-normalized rows and
+    :math:`s` the center vector (mean normalized embedding over both views). The paper's
+    :math:`\lambda_L = -1` penalizes the center vector's magnitude.
+
+    Args:
+        z_a, z_b: (N, d) projections of two views.
+        gather_distributed: use the global batch's center vector (and mean invariance).
+    Returns:
+        0-d float32 loss.
+    """
+    check_pair("z_a", z_a, "z_b", z_b)
+    lambda_param = check_finite("lambda_param", lambda_param)
+    resolve_backend(backend, z_a, has_triton_kernel=False)
+    acc = torch.promote_types(z_a.dtype, torch.float32)
+    z_a, z_b = z_a.to(acc), z_b.to(acc)
+    if gather_distributed:
+        z_a, z_b = distributed.gather(z_a), distributed.gather(z_b)
+    return reference.center_penalty_loss(z_a, z_b, lambda_param).float()
+
+
+class NegativeCosineSimilarity(nn.Module):
+    """Drop-in for ``lightly.loss.NegativeCosineSimilarity``: ``-cos(x0, x1).mean()``.
+
+    Args:
+        dim: dimension along which the cosine is taken.
+        eps: lower bound on each vector's norm.
+        backend: ``"auto" | "triton" | "torch" | "reference"`` (all run the same O(N·d) code).
+    """
+
+    def __init__(self, dim: int = 1, eps: float = 1e-8, backend: str = "auto") -> None:
+        super().__init__()
+        self.dim = dim
+        self.eps = check_positive("eps", eps)
+        self.backend = check_backend_name(backend)
+
+    def forward(self, x0: Tensor, x1: Tensor) -> Tensor:
+        return negative_cosine_similarity(x0, x1, self.dim, self.eps, backend=self.backend)
+
+
+class CenterPenaltyLoss(nn.Module):
+    r"""The simplified SSL objective of Jha et al.: invariance plus a center-vector penalty.
+
+    ``loss = 0.5 * (mean‖ẑ_a − ẑ_b‖² − lambda_param · ‖s‖)`` with ``s`` the mean normalized
+    embedding; ``lambda_param=-1`` (the paper's value) penalizes ``‖s‖``.
+
+    Args:
+        lambda_param: the Lagrange multiplier :math:`\lambda_L`.
+        gather_distributed: center vector over the global batch.
+        backend: accepted for symmetry; every backend runs the same O(N·d) code.
+    """
+
+    def __init__(
+        self, lambda_param: float = -1.0, gather_distributed: bool = False, backend: str = "auto"
+    ) -> None:
+        super().__init__()
+        self.lambda_param = check_finite("lambda_param", lambda_param)
+        check_distributed_available("gather_distributed", gather_distributed)
+        self.gather_distributed = gather_distributed
+        self.backend = check_backend_name(backend)
+
+    def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
+        return center_penalty_loss(
+            z_a, z_b, self.lambda_param, gather_distributed=self.gather_distributed, backend=self.backend
+        )
+

@@ -1,0 +1,376 @@
+r"""Textbook implementations of every loss: the oracle that every test compares against.
+
+Each function is written to be read beside the source documents (``shared/seeds``) and the
+original papers' code, never for speed: it materializes every matrix the formula names. Inputs
+are used in the dtype they come in (so that a test can measure PyTorch's own half-precision
+error by running the reference in half precision and in float64). No argument checking happens
+here: the public functions in :mod:`fastssl.functional` validate before they dispatch.
+
+Notation: ``N`` samples per view, ``d`` features, ``τ`` a temperature, ``ẑ = z / ‖z‖``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# --------------------------------------------------------------------------------------------
+# Contrastive: NT-Xent (SimCLR) and InfoNCE with a memory bank (MoCo)
+# --------------------------------------------------------------------------------------------
+
+
+def ntxent_loss(out0: Tensor, out1: Tensor, temperature: float = 0.5) -> Tensor:
+    r"""NT-Xent (SimCLR), the normalized temperature-scaled cross-entropy.
+
+    With :math:`Z = [\hat z^{(0)}; \hat z^{(1)}] \in \mathbb{R}^{2N\times d}` and
+    :math:`S = ZZ^\top/\tau`, each of the 2N rows is a (2N-1)-way classification whose correct
+    class is the other view of the same image:
+
+    .. math:: \ell_k = -S_{k,p(k)} + \log\sum_{m\ne k} e^{S_{km}}, \qquad
+              L = \frac{1}{2N}\sum_k \ell_k, \quad p(k) = k \pm N.
+
+    Its gradient with respect to a logit is :math:`\partial\ell_k/\partial s_m = p_m/\tau` for
+    a negative (softmax probability over the row), :math:`(p_{p(k)} - 1)/\tau` for the positive.
+
+    Args:
+        out0, out1: (N, d) projections of the two views.
+    Returns:
+        0-d loss.
+    """
+    n = out0.shape[0]
+    z = F.normalize(torch.cat([out0, out1], dim=0), dim=1)
+    logits = z @ z.T / temperature
+    self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(logits, positives)
+
+
+def infonce_loss(query: Tensor, key: Tensor, negatives: Tensor, temperature: float = 0.5) -> Tensor:
+    r"""InfoNCE with a bank of negatives (MoCo), as lightly's ``NTXentLoss(memory_bank_size>0)``.
+
+    Queries and keys are L2-normalized; the bank rows are used as given (the module stores
+    normalized keys). Each query is a (1+K)-way classification, the key being class 0:
+
+    .. math:: \ell_i = -\hat q_i\cdot\hat k_i/\tau + \log\Big(e^{\hat q_i\cdot\hat k_i/\tau}
+              + \sum_{j=1}^{K} e^{\hat q_i\cdot b_j/\tau}\Big).
+
+    Args:
+        query: (N, d); key: (N, d); negatives: (K, d) memory bank.
+    """
+    q = F.normalize(query, dim=1)
+    k = F.normalize(key, dim=1)
+    positive = (q * k).sum(dim=1, keepdim=True)
+    negative = q @ negatives.to(q.dtype).T
+    logits = torch.cat([positive, negative], dim=1) / temperature
+    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits, labels)
+
+
+# --------------------------------------------------------------------------------------------
+# Predictive: SimSiam / BYOL
+# --------------------------------------------------------------------------------------------
+
+
+def negative_cosine_similarity(x0: Tensor, x1: Tensor, dim: int = 1, eps: float = 1e-8) -> Tensor:
+    r"""SimSiam's :math:`-\cos(x_0, x_1)` averaged over the batch; the caller detaches the target.
+
+    .. math:: \cos(a, b) = \frac{a\cdot b}{\max(\|a\|,\epsilon)\,\max(\|b\|,\epsilon)}
+    """
+    return -F.cosine_similarity(x0, x1, dim=dim, eps=eps).mean()
+
+
+def byol_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    r"""BYOL's normalized MSE :math:`\|\hat p - \hat z\|^2 = 2 - 2\cos(p, z)`, batch mean."""
+    p = F.normalize(prediction, dim=1)
+    z = F.normalize(target, dim=1)
+    return (2 - 2 * (p * z).sum(dim=1)).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# Decorrelation: Barlow Twins and VICReg
+# --------------------------------------------------------------------------------------------
+
+
+def batch_standardize(z: Tensor, eps: float = 1e-5) -> Tensor:
+    """Per-feature batch-norm without affine parameters: biased variance, ``eps`` inside the root."""
+    mean = z.mean(dim=0, keepdim=True)
+    var = z.var(dim=0, unbiased=False, keepdim=True)
+    return (z - mean) / torch.sqrt(var + eps)
+
+
+def barlow_twins_loss(z_a: Tensor, z_b: Tensor, lambda_param: float = 5e-3) -> Tensor:
+    r"""Barlow Twins: drive the cross-correlation of the standardized views to the identity.
+
+    .. math:: C = \frac{1}{N}\tilde Z_a^\top \tilde Z_b \in \mathbb{R}^{d\times d},\qquad
+              L = \sum_i (1 - C_{ii})^2 + \lambda \sum_{i\ne j} C_{ij}^2
+
+    with :math:`\tilde Z` each view batch-normalized per feature (biased variance, eps 1e-5).
+    """
+    n, d = z_a.shape
+    c = batch_standardize(z_a).T @ batch_standardize(z_b) / n
+    on_diag = torch.diagonal(c)
+    off_diag_mask = ~torch.eye(d, dtype=torch.bool, device=c.device)
+    return ((1 - on_diag) ** 2).sum() + lambda_param * (c[off_diag_mask] ** 2).sum()
+
+
+def vicreg_invariance(z_a: Tensor, z_b: Tensor) -> Tensor:
+    r"""Mean squared error over all N·d entries."""
+    return F.mse_loss(z_a, z_b)
+
+
+def vicreg_variance(z: Tensor, eps: float = 1e-4) -> Tensor:
+    r"""Hinge on the per-feature standard deviation: :math:`\frac1d\sum_j \max(0, 1-\sqrt{\mathrm{Var}(z^j)+\epsilon})`,
+    unbiased variance. Where the hinge is active its gradient is
+    :math:`-(z_{bj}-\bar z_j)/(d\,(N-1)\,\sigma_j)`."""
+    std = torch.sqrt(z.var(dim=0, unbiased=True) + eps)
+    return F.relu(1 - std).mean()
+
+
+def vicreg_covariance(z: Tensor) -> Tensor:
+    r"""Off-diagonal squared sum of :math:`\mathrm{Cov} = Z_c^\top Z_c/(N-1)`, divided by d."""
+    n, d = z.shape
+    zc = z - z.mean(dim=0, keepdim=True)
+    cov = zc.T @ zc / (n - 1)
+    off_diag_mask = ~torch.eye(d, dtype=torch.bool, device=z.device)
+    return (cov[off_diag_mask] ** 2).sum() / d
+
+
+def vicreg_loss(
+    z_a: Tensor,
+    z_b: Tensor,
+    lambda_param: float = 25.0,
+    mu_param: float = 25.0,
+    nu_param: float = 1.0,
+    eps: float = 1e-4,
+) -> Tensor:
+    r"""VICReg: :math:`\lambda\,\mathrm{inv} + \mu\cdot\tfrac12(\mathrm{var}_a + \mathrm{var}_b)
+    + \nu(\mathrm{cov}_a + \mathrm{cov}_b)`, as the original code (and lightly) weighs them."""
+    inv = vicreg_invariance(z_a, z_b)
+    var = 0.5 * (vicreg_variance(z_a, eps) + vicreg_variance(z_b, eps))
+    cov = vicreg_covariance(z_a) + vicreg_covariance(z_b)
+    return lambda_param * inv + mu_param * var + nu_param * cov
+
+
+# --------------------------------------------------------------------------------------------
+# Clustering: SwAV (Sinkhorn-Knopp equipartition + swapped prediction)
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sinkhorn(scores: Tensor, iterations: int = 3, epsilon: float = 0.05) -> Tensor:
+    r"""Sinkhorn-Knopp soft codes, written as SwAV's code (and lightly's) writes it.
+
+    :math:`Q = \exp(S/\epsilon)^\top \in \mathbb{R}^{K\times B}` normalized to sum 1; then
+    ``iterations`` times: rows to sum 1/K, columns to sum 1/B; finally scaled so that each
+    sample's code sums to 1. This exponentiates without a shift, so it overflows to inf/NaN when
+    :math:`|S|/\epsilon` is large (about 88 in float32) -- the peers' bug, kept here on purpose:
+    the optimized paths must not share it.
+
+    Args:
+        scores: (B, K) prototype scores.
+    Returns:
+        (B, K) codes, each row summing to 1.
+    """
+    q = torch.exp(scores / epsilon).T
+    q = q / q.sum()
+    k, b = q.shape
+    for _ in range(iterations):
+        q = q / q.sum(dim=1, keepdim=True) / k
+        q = q / q.sum(dim=0, keepdim=True) / b
+    return (q * b).T
+
+
+def swav_cross_entropy(scores: Tensor, codes: Tensor, temperature: float = 0.1) -> Tensor:
+    r""":math:`-\frac1B\sum_b\sum_k q_{bk}\log\mathrm{softmax}(s_b/\tau)_k`."""
+    return -(codes * F.log_softmax(scores / temperature, dim=1)).sum(dim=1).mean()
+
+
+def swav_loss(
+    high_resolution_outputs: Sequence[Tensor],
+    low_resolution_outputs: Sequence[Tensor] = (),
+    queue_outputs: Optional[Sequence[Tensor]] = None,
+    temperature: float = 0.1,
+    sinkhorn_iterations: int = 3,
+    sinkhorn_epsilon: float = 0.05,
+) -> Tensor:
+    r"""SwAV's swapped prediction over multi-crop.
+
+    For every high-resolution crop i, codes :math:`q_i` come from Sinkhorn over its scores
+    (with the queue's scores appended, then dropped); every other crop v predicts them:
+
+    .. math:: L = \frac{1}{H}\sum_{i<H}\frac{1}{V-1}\sum_{v\ne i}
+              \mathrm{CE}(\mathrm{softmax}(s_v/\tau), q_i)
+
+    with H high-resolution and V crops in all. Codes carry no gradient.
+    """
+    n_high = len(high_resolution_outputs)
+    n_crops = n_high + len(low_resolution_outputs)
+    total = 0.0
+    for i in range(n_high):
+        scores = high_resolution_outputs[i].detach()
+        if queue_outputs is not None:
+            scores = torch.cat([scores, queue_outputs[i].detach()])
+        codes = sinkhorn(scores, sinkhorn_iterations, sinkhorn_epsilon)[: len(high_resolution_outputs[i])]
+        others = [high_resolution_outputs[v] for v in range(n_high) if v != i]
+        others += list(low_resolution_outputs)
+        total = total + sum(swav_cross_entropy(s, codes, temperature) for s in others) / (n_crops - 1)
+    return total / n_high
+
+
+# --------------------------------------------------------------------------------------------
+# Self-distillation: DINO
+# --------------------------------------------------------------------------------------------
+
+
+def dino_loss(
+    teacher_out: Sequence[Tensor],
+    student_out: Sequence[Tensor],
+    center: Tensor,
+    teacher_temp: float = 0.04,
+    student_temp: float = 0.1,
+) -> Tensor:
+    r"""DINO: cross-entropy from the centered, sharpened teacher to the student.
+
+    .. math:: P_t = \mathrm{softmax}((t - c)/\tau_t),\quad \log P_s = \mathrm{logsoftmax}(s/\tau_s),
+              \quad L = \frac{1}{B\,|\{(t,s): t\ne s\}|}\sum_{t\ne s}\sum_b -P_t^{(b)}\cdot\log P_s^{(b)}
+
+    over all teacher views t and student views s except the same view index. The teacher is
+    detached (no gradient), as in DINO's code.
+
+    Args:
+        teacher_out: list of T tensors (B, K); student_out: list of S tensors (B, K);
+        center: (K,) or (1, 1, K).
+    """
+    teacher = torch.stack([t.detach() for t in teacher_out])
+    student = torch.stack(list(student_out))
+    p_teacher = F.softmax((teacher - center.reshape(1, 1, -1)) / teacher_temp, dim=-1)
+    log_p_student = F.log_softmax(student / student_temp, dim=-1)
+    pair_loss = -torch.einsum("tbk,sbk->ts", p_teacher, log_p_student)
+    same_view = torch.eye(pair_loss.shape[0], pair_loss.shape[1], dtype=torch.bool, device=pair_loss.device)
+    n_terms = pair_loss.numel() - int(same_view.sum())
+    return pair_loss.masked_fill(same_view, 0).sum() / (n_terms * teacher.shape[1])
+
+
+@torch.no_grad()
+def dino_center_update(center: Tensor, teacher_out: Sequence[Tensor], momentum: float = 0.9) -> Tensor:
+    r""":math:`c \leftarrow m\,c + (1-m)\,\mathrm{mean}_{t,b}(t_b)` (returns the new center)."""
+    batch_center = torch.stack(list(teacher_out)).mean(dim=(0, 1))
+    return center * momentum + batch_center.reshape(center.shape).to(center.dtype) * (1 - momentum)
+
+
+# --------------------------------------------------------------------------------------------
+# Whitening: W-MSE
+# --------------------------------------------------------------------------------------------
+
+
+def whiten_cholesky(x: Tensor, eps: float = 0.0) -> Tensor:
+    r"""Cholesky whitening of one sub-batch: :math:`\Sigma = X_c^\top X_c/(n-1)`,
+    :math:`\Sigma_\epsilon = (1-\epsilon)\Sigma + \epsilon I = LL^\top`, output :math:`X_c L^{-\top}`
+    (whose covariance is the identity)."""
+    n, d = x.shape
+    xc = x - x.mean(dim=0, keepdim=True)
+    cov = xc.T @ xc / (n - 1)
+    eye = torch.eye(d, dtype=x.dtype, device=x.device)
+    cov = (1 - eps) * cov + eps * eye
+    inv_l = torch.linalg.solve_triangular(torch.linalg.cholesky(cov), eye, upper=False)
+    return xc @ inv_l.T
+
+
+def whiten_zca(x: Tensor, eps: float = 0.0) -> Tensor:
+    r"""ZCA whitening of one sub-batch: output :math:`X_c \Sigma_\epsilon^{-1/2}` (symmetric
+    inverse square root, the whitening closest to the input in Frobenius norm)."""
+    n, d = x.shape
+    xc = x - x.mean(dim=0, keepdim=True)
+    cov = xc.T @ xc / (n - 1)
+    cov = (1 - eps) * cov + eps * torch.eye(d, dtype=x.dtype, device=x.device)
+    evals, evecs = torch.linalg.eigh(cov)
+    return xc @ (evecs * evals.rsqrt()) @ evecs.T
+
+
+def normalized_mse(x0: Tensor, x1: Tensor) -> Tensor:
+    r""":math:`2 - 2\,\mathrm{mean}_b\cos(x_0^{(b)}, x_1^{(b)})` (W-MSE's loss between views)."""
+    return 2 - 2 * (F.normalize(x0, dim=1) * F.normalize(x1, dim=1)).sum(dim=1).mean()
+
+
+def wmse_loss(
+    input: Tensor,
+    num_samples: int = 2,
+    w_size: int = 256,
+    w_iter: int = 1,
+    eps: float = 0.0,
+    whitening: str = "cholesky",
+    permutations: Optional[Sequence[Tensor]] = None,
+) -> Tensor:
+    r"""W-MSE: whiten random sub-batches of every view, then normalized MSE over view pairs.
+
+    ``input`` stacks ``num_samples`` views of ``bs`` images: rows ``i*bs .. (i+1)*bs``. For
+    each of ``w_iter`` iterations a permutation of the ``bs`` images is cut into sub-batches of
+    ``w_size``; each view of each sub-batch is whitened on its own; the loss averages
+    :func:`normalized_mse` over all view pairs and iterations. The permutations are drawn with
+    ``torch.randperm(bs)`` (as lightly draws them) unless given.
+    """
+    whiten = whiten_cholesky if whitening == "cholesky" else whiten_zca
+    bs = input.shape[0] // num_samples
+    total = 0.0
+    n_pairs = num_samples * (num_samples - 1) // 2
+    for it in range(w_iter):
+        perm = torch.randperm(bs) if permutations is None else permutations[it]
+        z = torch.empty_like(input)
+        for idx in perm.view(-1, w_size):
+            idx = idx.to(input.device)
+            for i in range(num_samples):
+                z[idx + i * bs] = whiten(input[idx + i * bs], eps)
+        for i in range(num_samples - 1):
+            for j in range(i + 1, num_samples):
+                total = total + normalized_mse(z[i * bs : (i + 1) * bs], z[j * bs : (j + 1) * bs])
+    return total / (w_iter * n_pairs)
+
+
+# --------------------------------------------------------------------------------------------
+# Jha et al.'s simplified objective (seed 003, §3.1)
+# --------------------------------------------------------------------------------------------
+
+
+def center_vector(*views: Tensor) -> Tensor:
+    r"""The center vector :math:`s = \mathbb{E}[\hat z]`: mean of the L2-normalized rows of all views."""
+    return torch.cat([F.normalize(v, dim=1) for v in views]).mean(dim=0)
+
+
+def center_penalty_loss(z_a: Tensor, z_b: Tensor, lambda_param: float = -1.0) -> Tensor:
+    r"""Simplified SSL objective :math:`L_{simple} = 0.5\,(L(f) - \lambda_L \|s\|)`, eq. (32).
+
+    :math:`L(f) = \mathrm{mean}_b\|\hat z_a - \hat z_b\|^2` is the invariance loss between the
+    normalized views and :math:`s` the center vector of both views; the paper sets
+    :math:`\lambda_L = -1`, so the center vector's magnitude is penalized.
+    """
+    za = F.normalize(z_a, dim=1)
+    zb = F.normalize(z_b, dim=1)
+    invariance = ((za - zb) ** 2).sum(dim=1).mean()
+    return 0.5 * (invariance - lambda_param * torch.linalg.vector_norm(center_vector(z_a, z_b)))
+
+
+# --------------------------------------------------------------------------------------------
+# Hypersphere statistics used by the metrics (Wang & Isola)
+# --------------------------------------------------------------------------------------------
+
+
+def uniformity(z: Tensor, t: float = 2.0) -> Tensor:
+    r""":math:`\log \frac{1}{n(n-1)}\sum_{i\ne j} e^{-t\|\hat z_i-\hat z_j\|^2}` over distinct pairs (0 at
+    full collapse). A single sample has no pair: the result is NaN."""
+    n = z.shape[0]
+    if n < 2:
+        return z.new_tensor(float("nan"))
+    z = F.normalize(z, dim=1)
+    sq_dist = torch.cdist(z, z).pow(2)
+    distinct = ~torch.eye(n, dtype=torch.bool, device=z.device)
+    return torch.logsumexp(-t * sq_dist[distinct], dim=0) - math.log(n * (n - 1))
+
+
+def alignment(z_a: Tensor, z_b: Tensor, alpha: float = 2.0) -> Tensor:
+    r""":math:`\mathbb{E}_b\|\hat z_a^{(b)} - \hat z_b^{(b)}\|^\alpha`."""
+    return (F.normalize(z_a, dim=1) - F.normalize(z_b, dim=1)).norm(dim=1).pow(alpha).mean()

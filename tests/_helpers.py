@@ -1,0 +1,113 @@
+"""Assertions shared by the loss tests: values and input gradients against the fp64 reference.
+
+The precision rule (DESIGN §3): in float32 an implementation must match the float64 reference
+to float32 precision; in float16/bfloat16 its error against the float64 reference may be at most
+twice the error of the same reference formula run by PyTorch at that dtype (plus a floor for the
+cases where PyTorch happens to be exact).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import pytest
+import torch
+
+HALF = (torch.float16, torch.bfloat16)
+
+# The parametrization every Triton test uses: CPU tensors through the interpreter (CI) and the
+# compiled kernels on CUDA (the ``gpu`` lane).
+TRITON_DEVICES = [
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(
+            os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+            reason="CPU tensors need TRITON_INTERPRET=1 (set by conftest when CUDA is absent)",
+        ),
+        id="interpret",
+    ),
+    pytest.param("cuda", marks=pytest.mark.gpu, id="cuda"),
+]
+
+
+def _grads(fn: Callable, inputs: Sequence[torch.Tensor]):
+    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+    value = fn(*leaves)
+    grads = torch.autograd.grad(value, leaves, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+    return value.detach(), grads
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_matches_reference(
+    impl: Callable,
+    ref: Callable,
+    inputs: Sequence[torch.Tensor],
+    *,
+    rtol: float = 2e-5,
+    atol: float = 1e-6,
+    half_factor: float = 2.0,
+    check_grad: bool = True,
+) -> None:
+    """``impl(*inputs)`` against ``ref`` run in float64 on the same values.
+
+    ``inputs`` are in the dtype under test (and on the device under test). For float32/float64
+    the loss and every input gradient must agree to ``rtol``/``atol`` relative to the largest
+    reference magnitude. For half dtypes, the error is bounded by ``half_factor`` times PyTorch's
+    own error (``ref`` run at the half dtype) plus a float32-level floor. Also checks that the
+    loss comes back in float32 and the gradients in the inputs' dtype.
+    """
+    dtype = inputs[0].dtype
+    inputs64 = [x.detach().double() for x in inputs]
+    value64, grads64 = _grads(ref, inputs64)
+    value, grads = _grads(impl, inputs) if check_grad else (impl(*inputs).detach(), [])
+    assert value.dtype == torch.float32, f"loss dtype {value.dtype}, expected float32"
+    assert value.shape == torch.Size([]), f"loss shape {tuple(value.shape)}, expected a 0-d tensor"
+    for g, x in zip(grads, inputs):
+        assert g.dtype == x.dtype, f"gradient dtype {g.dtype}, expected {x.dtype}"
+        assert g.shape == x.shape
+
+    def scale(t: torch.Tensor) -> float:
+        return max(t.abs().max().item(), 1e-30)
+
+    pairs = [("loss", value, value64)] + [
+        (f"grad[{i}]", g, g64) for i, (g, g64) in enumerate(zip(grads, grads64))
+    ]
+    if dtype in HALF:
+        value_h, grads_h = _grads(ref, inputs) if check_grad else (ref(*inputs).detach(), [])
+        torch_pairs = [value_h] + list(grads_h)
+        for (name, ours, exact), theirs in zip(pairs, torch_pairs):
+            err_ours = _max_err(ours, exact)
+            err_torch = _max_err(theirs, exact)
+            floor = rtol * scale(exact) + atol
+            assert err_ours <= half_factor * err_torch + floor, (
+                f"{name}: error {err_ours:.3e} vs PyTorch's own {dtype} error {err_torch:.3e} "
+                f"(allowed {half_factor}x + {floor:.1e})"
+            )
+    else:
+        for name, ours, exact in pairs:
+            err = _max_err(ours, exact)
+            allowed = rtol * scale(exact) + atol
+            assert err <= allowed, f"{name}: max error {err:.3e} > {allowed:.3e} (scale {scale(exact):.3e})"
+
+
+def poisoned(shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """An output buffer full of NaN: a kernel that leaves an element unwritten is caught."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def awkward_inputs(n: int, d: int, dtype=torch.float32, device="cpu", views: int = 2, non_contiguous: bool = False):
+    """Random (n, d) views drawn fresh; optionally non-contiguous (a strided column slice)."""
+    out = []
+    for _ in range(views):
+        if non_contiguous:
+            x = torch.randn(n, 2 * d).to(dtype=dtype, device=device)[:, ::2]
+            assert not x.is_contiguous() or d == 1 or n == 1
+        else:
+            x = torch.randn(n, d).to(dtype=dtype, device=device)
+        out.append(x)
+    return out

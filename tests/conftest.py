@@ -1,0 +1,31 @@
+"""Shared test set-up.
+
+Triton decides at decoration time whether a kernel is compiled or interpreted, so
+``TRITON_INTERPRET=1`` must be set before any ``fastssl.kernels`` module is imported. Without
+CUDA we set it here: the Triton tests then run on CPU tensors through the interpreter. With CUDA
+the kernels compile, the CPU-interpreter parametrizations are skipped and the ``gpu`` ones run.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Keep the test-suite independent of the user's environment.
+os.environ.pop("FASTSSL_BACKEND", None)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
