@@ -67,6 +67,8 @@ def check_tensor_list(
         raise ValueError(f"{name} must contain at least {min_len} tensor(s), got {len(xs)}")
     for i, x in enumerate(xs):
         check_tensor(f"{name}[{i}]", x, ndim=ndim)
+    if not xs:
+        return []
     first = xs[0]
     for i, x in enumerate(xs):
         if x.shape[-1] != first.shape[-1]:
