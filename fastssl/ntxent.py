@@ -1,10 +1,34 @@
-r"""NT-Xent (SimCLR) and InfoNCE with a memory bank (MoCo): functional API, optimized PyTorch
-path and the drop-in :class:`NTXentLoss` module. The Triton kernels live in
+r"""NT-Xent (SimCLR), InfoNCE with a memory bank (MoCo) and the uniformity metric: functional API,
+optimized PyTorch path and the drop-in :class:`NTXentLoss` module. The Triton kernels live in
 :mod:`fastssl.kernels.ntxent`.
+
+The optimized PyTorch path never forms the 2N×2N similarity matrix. Rows are processed in
+chunks of at most ``_MAX_CHUNK_ELEMENTS`` logits; the forward keeps one log-sum-exp per row and
+the backward recomputes each chunk's logits from the normalized embeddings and that stored
+log-sum-exp (FlashAttention's recipe), so memory is O(N·d + chunk·N).
+
+Backward algebra. For one NT-Xent row k, :math:`\partial\ell_k/\partial S_{km} = p_{km} -
+[m = p(k)]` with :math:`p_{km} = e^{S_{km} - \mathrm{lse}_k}` over :math:`m \ne k`. With
+:math:`S = ZZ^\top/\tau` symmetric and :math:`G = \partial L/\partial S`,
+
+.. math:: \frac{\partial L}{\partial Z} = \frac{1}{\tau}(G + G^\top) Z, \qquad
+          (G + G^\top)_{km} = \frac{1}{2N}\big(e^{S_{km}-\mathrm{lse}_k} + e^{S_{km}-\mathrm{lse}_m}
+          - 2\,[m = p(k)]\big),
+
+because the positive relation is an involution (:math:`p(p(k)) = k`). One recomputed chunk of
+S therefore gives whole rows of the gradient: no column pass, no atomics, deterministic. The
+normalization's backward is :math:`dx = (dz - \hat z(\hat z\cdot dz))/\|x\|`.
+
+Distributed (DESIGN §3). Each rank holds 2n of the 2Wn rows. Its rows are scored against the
+gathered columns; the per-row log-sum-exps are gathered too (2Wn floats). The formula above
+then gives, for the local rows, the gradient of the *global* loss with the factor 1/(2n)
+instead of 1/(2Wn): exactly W × the single-process gradient, with no communication in the
+backward. The reported value is the global mean (:func:`fastssl.distributed.global_mean`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -15,34 +39,283 @@ from fastssl import distributed, reference
 from fastssl._backend import check_backend_name, resolve_backend
 from fastssl._checks import (
     check_distributed_available,
+    check_finite,
     check_int,
     check_nonzero,
     check_pair,
     check_tensor,
 )
 
+# Logits held at once by one chunk of the PyTorch path (64 MiB in float32). The backward holds
+# two such buffers.
+_MAX_CHUNK_ELEMENTS = 1 << 24
+
+# F.normalize's clamp: x / max(‖x‖, eps).
+_NORM_EPS = 1e-12
+
+
+def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float32 accumulation, float64 for float64 inputs."""
+    out = torch.float32
+    for dtype in dtypes:
+        out = torch.promote_types(out, dtype)
+    return out
+
+
+def _rows_per_chunk(n_cols: int, chunk_rows: Optional[int]) -> int:
+    if chunk_rows is not None:
+        return max(1, int(chunk_rows))
+    return max(1, _MAX_CHUNK_ELEMENTS // max(n_cols, 1))
+
+
 # --------------------------------------------------------------------------------------------
-# Optimized PyTorch path
+# Optimized PyTorch path: building blocks
 # --------------------------------------------------------------------------------------------
 
 
-def _ntxent_torch(out0: Tensor, out1: Tensor, temperature: float, gather_distributed: bool) -> Tensor:
-    # Placeholder until the row-chunked path lands: the reference on the (gathered) batch.
-    acc = torch.promote_types(out0.dtype, torch.float32)
-    out0, out1 = out0.to(acc), out1.to(acc)
-    if gather_distributed:
-        out0, out1 = distributed.gather(out0), distributed.gather(out1)
-    return reference.ntxent_loss(out0, out1, temperature).float()
+def _normalize_forward(x: Tensor, acc: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """Rows of ``x`` (M, d) → (ẑ (M, d) in ``acc``, ‖x‖ (M,) in ``acc``), as F.normalize."""
+    x = x.to(acc)
+    norms = torch.linalg.vector_norm(x, dim=1)
+    return x / norms.clamp_min(_NORM_EPS)[:, None], norms
 
 
-def _infonce_torch(query: Tensor, key: Tensor, negatives: Tensor, temperature: float) -> Tensor:
-    acc = torch.promote_types(query.dtype, torch.float32)
-    return reference.infonce_loss(query.to(acc), key.to(acc), negatives.to(acc), temperature).float()
+def _normalize_backward(z_hat: Tensor, norms: Tensor, grad_z_hat: Tensor) -> Tensor:
+    r""":math:`dx = (dz - \hat z(\hat z\cdot dz))/\|x\|`; below the clamp ``x/eps`` is linear."""
+    projection = (z_hat * grad_z_hat).sum(dim=1)
+    projection = torch.where(norms >= _NORM_EPS, projection, torch.zeros_like(projection))
+    return (grad_z_hat - z_hat * projection[:, None]) / norms.clamp_min(_NORM_EPS)[:, None]
+
+
+def _pair_columns(
+    start: int, stop: int, n_local: int, col_offset: int, device: torch.device
+) -> Tuple[Tensor, Tensor]:
+    """Column of each row's self-similarity and of its positive, for rows ``start:stop``.
+
+    Rows are ``[view 0; view 1]`` of ``n_local`` samples each; columns are the rank-major
+    concatenation of every rank's rows, this rank's starting at ``col_offset``.
+    """
+    rows = torch.arange(start, stop, device=device)
+    self_cols = rows + col_offset
+    pos_cols = torch.where(rows < n_local, rows + n_local, rows - n_local) + col_offset
+    return self_cols, pos_cols
+
+
+def _pair_lse_forward(
+    z_rows: Tensor,
+    z_cols: Tensor,
+    inv_temp: float,
+    n_local: int,
+    col_offset: int,
+    with_positive: bool,
+    chunk_rows: Optional[int],
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Per-row log-sum-exp of ``S = z_rows z_colsᵀ · inv_temp`` over all columns but self.
+
+    Returns (lse (R,), positive logits (R,) or None). Memory: one chunk of logits at a time.
+    """
+    n_rows = z_rows.shape[0]
+    chunk = _rows_per_chunk(z_cols.shape[0], chunk_rows)
+    lse_parts, pos_parts = [], []
+    for start in range(0, n_rows, chunk):
+        stop = min(n_rows, start + chunk)
+        logits = (z_rows[start:stop] @ z_cols.T).mul_(inv_temp)
+        self_cols, pos_cols = _pair_columns(start, stop, n_local, col_offset, z_rows.device)
+        if with_positive:
+            pos_parts.append(logits.gather(1, pos_cols[:, None]).squeeze(1))
+        logits.scatter_(1, self_cols[:, None], float("-inf"))
+        lse_parts.append(torch.logsumexp(logits, dim=1))
+    positives = torch.cat(pos_parts) if with_positive else None
+    return torch.cat(lse_parts), positives
+
+
+def _pair_lse_backward(
+    z_rows: Tensor,
+    z_cols: Tensor,
+    lse_rows: Tensor,
+    lse_cols: Tensor,
+    inv_temp: float,
+    n_local: int,
+    col_offset: int,
+    with_positive: bool,
+    chunk_rows: Optional[int],
+) -> Tensor:
+    r""":math:`\sum_m (e^{S_{km}-\mathrm{lse}_k} + e^{S_{km}-\mathrm{lse}_m}) z_m - 2 z_{p(k)}` per row k
+    (self excluded; the positive term only ``with_positive``), unscaled. See the module doc."""
+    n_rows = z_rows.shape[0]
+    chunk = _rows_per_chunk(z_cols.shape[0], chunk_rows)
+    parts = []
+    for start in range(0, n_rows, chunk):
+        stop = min(n_rows, start + chunk)
+        logits = (z_rows[start:stop] @ z_cols.T).mul_(inv_temp)
+        row_weights = (logits - lse_rows[start:stop, None]).exp_()
+        weights = logits.sub_(lse_cols[None, :]).exp_().add_(row_weights)
+        del row_weights
+        self_cols, pos_cols = _pair_columns(start, stop, n_local, col_offset, z_rows.device)
+        weights.scatter_(1, self_cols[:, None], 0.0)
+        if with_positive:
+            weights.scatter_add_(1, pos_cols[:, None], torch.full_like(pos_cols[:, None], -2, dtype=weights.dtype))
+        parts.append(weights @ z_cols)
+    return torch.cat(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Optimized PyTorch path: NT-Xent
+# --------------------------------------------------------------------------------------------
+
+
+class _NTXentTorch(torch.autograd.Function):
+    """NT-Xent, row-chunked, with the hand-written backward of the module doc."""
+
+    @staticmethod
+    def forward(ctx, out0: Tensor, out1: Tensor, temperature: float, gather_distributed: bool, chunk_rows: Optional[int]) -> Tensor:  # type: ignore[override]
+        acc = _acc_dtype(out0.dtype, out1.dtype)
+        n_local = out0.shape[0]
+        z_rows, norms = _normalize_forward(torch.cat([out0.to(acc), out1.to(acc)]), acc)
+        inv_temp = 1.0 / temperature
+        use_dist = gather_distributed and distributed.is_distributed()
+        if use_dist:
+            z_cols = distributed.gather_no_grad(z_rows)
+            col_offset = distributed.rank() * 2 * n_local
+        else:
+            z_cols, col_offset = z_rows, 0
+        lse, positives = _pair_lse_forward(z_rows, z_cols, inv_temp, n_local, col_offset, True, chunk_rows)
+        assert positives is not None
+        lse_cols = distributed.gather_no_grad(lse) if use_dist else lse
+        ctx.save_for_backward(out0, out1, norms, lse, lse_cols, z_cols if use_dist else None)
+        ctx.meta = (inv_temp, n_local, col_offset, chunk_rows, use_dist)
+        return (lse - positives).mean().float()
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
+        out0, out1, norms, lse, lse_cols, saved_cols = ctx.saved_tensors
+        inv_temp, n_local, col_offset, chunk_rows, use_dist = ctx.meta
+        acc = norms.dtype
+        x = torch.cat([out0.to(acc), out1.to(acc)])
+        z_rows = x / norms.clamp_min(_NORM_EPS)[:, None]
+        z_cols = saved_cols if use_dist else z_rows
+        grad_z = _pair_lse_backward(z_rows, z_cols, lse, lse_cols, inv_temp, n_local, col_offset, True, chunk_rows)
+        # 1/(2n): the row count of this rank, which makes the distributed gradient W × the global one.
+        grad_z = grad_z * (grad_loss.to(acc) * (inv_temp / (2 * n_local)))
+        grad_x = _normalize_backward(z_rows, norms, grad_z)
+        return grad_x[:n_local].to(out0.dtype), grad_x[n_local:].to(out1.dtype), None, None, None
+
+
+def _ntxent_torch(
+    out0: Tensor, out1: Tensor, temperature: float, gather_distributed: bool, chunk_rows: Optional[int] = None
+) -> Tensor:
+    loss = _NTXentTorch.apply(out0, out1, temperature, gather_distributed, chunk_rows)
+    return distributed.global_mean(loss) if gather_distributed else loss
+
+
+# --------------------------------------------------------------------------------------------
+# Optimized PyTorch path: InfoNCE with a bank
+# --------------------------------------------------------------------------------------------
+
+
+class _InfoNCETorch(torch.autograd.Function):
+    r"""Queries against [own key, bank rows], row-chunked.
+
+    With :math:`p_{i0} = e^{s_{i0} - \mathrm{lse}_i}` the positive's probability and
+    :math:`P_{ij} = e^{\hat q_i\cdot b_j/\tau - \mathrm{lse}_i}`:
+    :math:`d\hat q_i = \frac{1}{N\tau}((p_{i0}-1)\hat k_i + \sum_j P_{ij} b_j)`,
+    :math:`d\hat k_i = \frac{1}{N\tau}(p_{i0}-1)\hat q_i`; the bank gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, query: Tensor, key: Tensor, negatives: Tensor, temperature: float, chunk_rows: Optional[int]) -> Tensor:  # type: ignore[override]
+        acc = _acc_dtype(query.dtype, key.dtype)
+        q_hat, q_norms = _normalize_forward(query, acc)
+        k_hat, k_norms = _normalize_forward(key, acc)
+        bank = negatives.to(acc)
+        inv_temp = 1.0 / temperature
+        positives = (q_hat * k_hat).sum(dim=1) * inv_temp
+        chunk = _rows_per_chunk(bank.shape[0] + 1, chunk_rows)
+        lse_parts = []
+        for start in range(0, q_hat.shape[0], chunk):
+            logits = (q_hat[start : start + chunk] @ bank.T).mul_(inv_temp)
+            lse_parts.append(torch.logaddexp(positives[start : start + chunk], torch.logsumexp(logits, dim=1)))
+        lse = torch.cat(lse_parts)
+        ctx.save_for_backward(query, key, negatives, q_norms, k_norms, lse)
+        ctx.meta = (inv_temp, chunk)
+        return (lse - positives).mean().float()
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
+        query, key, negatives, q_norms, k_norms, lse = ctx.saved_tensors
+        inv_temp, chunk = ctx.meta
+        acc = q_norms.dtype
+        q_hat = query.to(acc) / q_norms.clamp_min(_NORM_EPS)[:, None]
+        k_hat = key.to(acc) / k_norms.clamp_min(_NORM_EPS)[:, None]
+        bank = negatives.to(acc)
+        positive_weight = ((q_hat * k_hat).sum(dim=1) * inv_temp - lse).exp() - 1
+        parts = []
+        for start in range(0, q_hat.shape[0], chunk):
+            logits = (q_hat[start : start + chunk] @ bank.T).mul_(inv_temp)
+            parts.append(logits.sub_(lse[start : start + chunk, None]).exp_() @ bank)
+        scale = grad_loss.to(acc) * (inv_temp / q_hat.shape[0])
+        grad_q = (torch.cat(parts) + positive_weight[:, None] * k_hat) * scale
+        grad_k = positive_weight[:, None] * q_hat * scale
+        return (
+            _normalize_backward(q_hat, q_norms, grad_q).to(query.dtype),
+            _normalize_backward(k_hat, k_norms, grad_k).to(key.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def _infonce_torch(query: Tensor, key: Tensor, negatives: Tensor, temperature: float, chunk_rows: Optional[int] = None) -> Tensor:
+    return _InfoNCETorch.apply(query, key, negatives, temperature, chunk_rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Optimized PyTorch path: uniformity
+# --------------------------------------------------------------------------------------------
+
+
+class _UniformityTorch(torch.autograd.Function):
+    r"""Uniformity through the pair machinery: with :math:`S_{ij} = 2t\,\hat z_i\cdot\hat z_j`,
+    :math:`-t\|\hat z_i-\hat z_j\|^2 = S_{ij} - 2t`, so
+    :math:`U = \mathrm{LSE}_{i\ne j} S_{ij} - 2t - \log n(n-1)` and
+    :math:`\partial U/\partial\hat z_i = 2t\sum_{j\ne i} 2e^{S_{ij}-T}\hat z_j` (T the global LSE)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, t: float, chunk_rows: Optional[int]) -> Tensor:  # type: ignore[override]
+        acc = _acc_dtype(z.dtype)
+        n = z.shape[0]
+        z_hat, norms = _normalize_forward(z, acc)
+        row_lse, _ = _pair_lse_forward(z_hat, z_hat, 2.0 * t, n, 0, False, chunk_rows)
+        total_lse = torch.logsumexp(row_lse, dim=0)
+        ctx.save_for_backward(z, norms, total_lse)
+        ctx.meta = (t, chunk_rows)
+        return (total_lse - 2.0 * t - math.log(n * (n - 1))).float()
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
+        z, norms, total_lse = ctx.saved_tensors
+        t, chunk_rows = ctx.meta
+        acc = norms.dtype
+        n = z.shape[0]
+        z_hat = z.to(acc) / norms.clamp_min(_NORM_EPS)[:, None]
+        lse = total_lse.expand(n)
+        grad_z = _pair_lse_backward(z_hat, z_hat, lse, lse, 2.0 * t, n, 0, False, chunk_rows)
+        grad_z = grad_z * (grad_loss.to(acc) * (2.0 * t))
+        return _normalize_backward(z_hat, norms, grad_z).to(z.dtype), None, None
+
+
+def _uniformity_torch(z: Tensor, t: float, chunk_rows: Optional[int] = None) -> Tensor:
+    return _UniformityTorch.apply(z, t, chunk_rows)
 
 
 # --------------------------------------------------------------------------------------------
 # Functional API
 # --------------------------------------------------------------------------------------------
+
+
+def _triton_dtype_ok(*tensors: Tensor) -> bool:
+    """The kernels take float32/float16/bfloat16; float64 runs on the PyTorch path."""
+    return all(x.dtype != torch.float64 for x in tensors)
 
 
 def ntxent_loss(
@@ -71,7 +344,7 @@ def ntxent_loss(
         if gather_distributed:
             out0, out1 = distributed.gather(out0), distributed.gather(out1)
         return reference.ntxent_loss(out0, out1, temperature).float()
-    if impl == "triton":
+    if impl == "triton" and _triton_dtype_ok(out0, out1):
         from fastssl.kernels.ntxent import ntxent_loss_triton
 
         return ntxent_loss_triton(out0, out1, temperature, gather_distributed=gather_distributed)
@@ -102,18 +375,49 @@ def infonce_loss(
         raise ValueError(
             f"negatives must have shape (K, {query.shape[1]}) to match query, got {tuple(negatives.shape)}"
         )
+    if negatives.device != query.device:
+        raise ValueError(f"negatives must be on the device of query ({query.device}), got {negatives.device}")
     temperature = check_nonzero("temperature", temperature)
+    check_distributed_available("gather_distributed", gather_distributed)
     impl = resolve_backend(backend, query)
     negatives = negatives.detach()
     if impl == "reference":
         loss = reference.infonce_loss(query, key, negatives, temperature).float()
-    elif impl == "triton":
+    elif impl == "triton" and _triton_dtype_ok(query, key):
         from fastssl.kernels.ntxent import infonce_loss_triton
 
         loss = infonce_loss_triton(query, key, negatives, temperature)
     else:
         loss = _infonce_torch(query, key, negatives, temperature)
     return distributed.global_mean(loss) if gather_distributed else loss
+
+
+def uniformity_loss(z: Tensor, t: float = 2.0, *, backend: str = "auto") -> Tensor:
+    r"""Uniformity (Wang & Isola): :math:`\log\frac{1}{n(n-1)}\sum_{i\ne j} e^{-t\|\hat z_i-\hat z_j\|^2}`.
+
+    Computed as a log-sum-exp of :math:`2t\,\hat z_i\cdot\hat z_j` over row chunks (the NT-Xent
+    machinery), so memory is O(N·d), and differentiable on every backend but the reference's
+    single-sample case. 0 at full collapse; NaN for a single sample (no pair).
+
+    Args:
+        z: (N, d) embeddings, L2-normalized inside.
+        t: kernel scale (Wang & Isola use 2).
+        backend: ``"auto" | "triton" | "torch" | "reference"``.
+    Returns:
+        0-d float32 value.
+    """
+    check_tensor("z", z)
+    t = check_finite("t", t)
+    impl = resolve_backend(backend, z)
+    if z.shape[0] < 2:
+        return torch.full((), float("nan"), dtype=torch.float32, device=z.device)
+    if impl == "reference":
+        return reference.uniformity(z, t).float()
+    if impl == "triton" and _triton_dtype_ok(z):
+        from fastssl.kernels.ntxent import uniformity_triton
+
+        return uniformity_triton(z, t)
+    return _uniformity_torch(z, t)
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,9 +520,12 @@ class NTXentLoss(nn.Module):
         if self.bank.device != out0.device:
             self.bank = self.bank.to(out0.device)
             self.bank_ptr = self.bank_ptr.to(out0.device)
+        # The loss keeps the bank for its backward, so it gets a snapshot: the enqueue below
+        # writes into the buffer in place.
         negatives = self.bank.clone()
         if out0.requires_grad:
-            self._enqueue(F.normalize(out1.detach().float(), dim=1))
+            # As lightly: the keys are normalized in their own dtype, then stored in the bank's.
+            self._enqueue(F.normalize(out1.detach(), dim=1))
         return infonce_loss(
             out0,
             out1,
