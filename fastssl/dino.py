@@ -5,7 +5,7 @@ PyTorch path and the drop-in :class:`DINOLoss`. The Triton kernels live in
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -18,15 +18,95 @@ from fastssl._checks import check_int, check_nonzero, check_probability, check_t
 # --------------------------------------------------------------------------------------------
 # Optimized PyTorch path
 # --------------------------------------------------------------------------------------------
+#
+# With P_t = softmax((t − c)/τ_t) for the T teacher views and log P_s = log_softmax(s/τ_s) for the
+# S student views, DINO sums −P_t·log P_s over all pairs except (v, v), v < min(T, S). Grouped by
+# student view s, the teachers it is compared with sum to
+#
+#     Q_s = Σ_t P_t − [s < T] P_s,        L = −1/(n B) Σ_s Σ_{b,k} Q_s[b, k] log P_s[b, k],
+#
+# n = T·S − min(T, S): O(T + S) products instead of O(T·S), and every term is a non-negative
+# weight times a log-probability (nothing large cancels). Since each P_t sums to 1 over k,
+# Σ_k Q_s = T − [s < T] =: m_s, and
+#
+#     ∂L/∂s[b, :] = (m_s · softmax(s[b]/τ_s) − Q_s[b]) / (τ_s n B).
+#
+# The batch is processed in chunks of rows, so the (views, B, K) probability tensors are never
+# materialized (K = 65536 in DINO); the gradient is written chunk by chunk in the forward and
+# only scaled in the backward. Teacher column sums (the center's batch mean) come out of the same
+# pass.
+
+# fp32 elements of one (rows, K) temporary per chunk: 2**21 is 8 MiB.
+_CHUNK_ELEMENTS = 1 << 21
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class _DinoTorchFunction(torch.autograd.Function):
+    """Chunked DINO loss; inputs ``(center, teacher_temp, student_temp, n_teacher, *views)`` with
+    the T teacher views first. Returns the 0-d loss and the (K,) column sums of the teacher views
+    (non-differentiable)."""
+
+    @staticmethod
+    def forward(ctx, center, teacher_temp, student_temp, n_teacher, *views):  # type: ignore[override]
+        teachers = [t.detach() for t in views[:n_teacher]]
+        students = [s.detach() for s in views[n_teacher:]]
+        n_student = len(students)
+        batch, k = students[0].shape
+        dtype = _compute_dtype(students[0])
+        n_terms = n_teacher * n_student - min(n_teacher, n_student)
+        need_grad = any(ctx.needs_input_grad[4 + n_teacher :])
+        center = center.detach().reshape(1, k).to(dtype)
+        grads = [torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in students] if need_grad else []
+        grad_scale = 1.0 / (student_temp * n_terms * batch)
+        chunk = max(1, _CHUNK_ELEMENTS // k)
+        total = torch.zeros((), dtype=dtype, device=students[0].device)
+        teacher_colsum = torch.zeros(k, dtype=dtype, device=students[0].device)
+        for start in range(0, batch, chunk):
+            stop = min(start + chunk, batch)
+            probs = []
+            for t in teachers:
+                rows = t[start:stop].to(dtype)
+                teacher_colsum += rows.sum(dim=0)
+                probs.append(torch.softmax((rows - center) / teacher_temp, dim=1))
+            prob_sum = torch.stack(probs).sum(dim=0) if len(probs) > 1 else probs[0]
+            for v, s in enumerate(students):
+                log_p = torch.log_softmax(s[start:stop].to(dtype) / student_temp, dim=1)
+                target = prob_sum - probs[v] if v < n_teacher else prob_sum
+                total = total - (target * log_p).sum()
+                if need_grad:
+                    matches = n_teacher - 1 if v < n_teacher else n_teacher
+                    grads[v][start:stop] = (matches * torch.exp(log_p) - target) * grad_scale
+        ctx.save_for_backward(*grads)
+        ctx.n_teacher = n_teacher
+        ctx.need_grad = need_grad
+        loss = (total / (n_terms * batch)).float()
+        teacher_colsum = teacher_colsum.float()
+        ctx.mark_non_differentiable(teacher_colsum)
+        return loss, teacher_colsum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_colsum):  # type: ignore[override]
+        student_grads = [g * grad_loss.to(g.dtype) for g in ctx.saved_tensors] if ctx.need_grad else []
+        n_student = len(ctx.needs_input_grad) - 4 - ctx.n_teacher
+        if not student_grads:
+            student_grads = [None] * n_student
+        return (None, None, None, None, *([None] * ctx.n_teacher), *student_grads)
+
+
+def _dino_torch_with_colsum(
+    teacher: Sequence[Tensor], student: Sequence[Tensor], center: Tensor, teacher_temp: float, student_temp: float
+) -> Tuple[Tensor, Tensor]:
+    """Loss (0-d float32) and the (K,) float32 sum of the teacher outputs over views and batch."""
+    return _DinoTorchFunction.apply(center, teacher_temp, student_temp, len(teacher), *teacher, *student)
 
 
 def _dino_torch(
     teacher: Sequence[Tensor], student: Sequence[Tensor], center: Tensor, teacher_temp: float, student_temp: float
 ) -> Tensor:
-    # Placeholder until the chunked path lands.
-    return reference.dino_loss(
-        [t.float() for t in teacher], [s.float() for s in student], center.float(), teacher_temp, student_temp
-    ).float()
+    return _dino_torch_with_colsum(teacher, student, center, teacher_temp, student_temp)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,14 +158,43 @@ def dino_loss(
     student_temp = check_nonzero("student_temp", student_temp)
     if center is None:
         center = teacher_out[0].new_zeros(teacher_out[0].shape[1])
+    return _dino_dispatch(teacher_out, student_out, center, teacher_temp, student_temp, backend)[0]
+
+
+def _dino_dispatch(
+    teacher_out: Sequence[Tensor],
+    student_out: Sequence[Tensor],
+    center: Tensor,
+    teacher_temp: float,
+    student_temp: float,
+    backend: str,
+) -> Tuple[Tensor, Tensor]:
+    """The loss and the (K,) float32 sum of the teacher outputs over views and batch (the
+    optimized backends get it from the pass that reads the teacher for the loss)."""
     impl = resolve_backend(backend, teacher_out[0])
     if impl == "reference":
-        return reference.dino_loss(teacher_out, student_out, center, teacher_temp, student_temp).float()
+        loss = reference.dino_loss(teacher_out, student_out, center, teacher_temp, student_temp).float()
+        with torch.no_grad():
+            teacher_sum = torch.stack([t.detach().float() for t in teacher_out]).sum(dim=(0, 1))
+        return loss, teacher_sum
     if impl == "triton":
         from fastssl.kernels.dino import dino_loss_triton
 
-        return dino_loss_triton(teacher_out, student_out, center, teacher_temp, student_temp)
-    return _dino_torch(teacher_out, student_out, center, teacher_temp, student_temp)
+        return dino_loss_triton(
+            teacher_out, student_out, center, teacher_temp, student_temp, return_teacher_sum=True
+        )
+    return _dino_torch_with_colsum(teacher_out, student_out, center, teacher_temp, student_temp)
+
+
+@torch.no_grad()
+def _center_ema(center: Tensor, batch_center: Tensor, momentum: float) -> Tensor:
+    """``m·c + (1−m)·batch_center``, the batch center first averaged over ranks when a process
+    group is initialized (lightly's ``center_mean`` does the same, whatever the flags)."""
+    batch_center = batch_center.float()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(batch_center)
+        batch_center = batch_center / dist.get_world_size()
+    return center * momentum + batch_center.reshape(center.shape).to(center.dtype) * (1 - momentum)
 
 
 @torch.no_grad()
@@ -93,10 +202,7 @@ def dino_center_update(center: Tensor, teacher_out: Sequence[Tensor], momentum: 
     r"""New center :math:`m\,c + (1-m)\,\bar t`, with :math:`\bar t` the mean teacher output over
     views and batch -- and over ranks when a process group is initialized, as lightly does."""
     batch_center = torch.stack([t.detach().float() for t in teacher_out]).mean(dim=(0, 1))
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(batch_center)
-        batch_center /= dist.get_world_size()
-    return center * momentum + batch_center.reshape(center.shape).to(center.dtype) * (1 - momentum)
+    return _center_ema(center, batch_center, momentum)
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,12 +254,15 @@ class DINOLoss(nn.Module):
         self.teacher_temp_schedule = torch.linspace(
             warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs
         )
+        # The same float32 values as Python floats: looking one up needs no tensor read (which
+        # would break a torch.compile graph).
+        self._teacher_temp_values = self.teacher_temp_schedule.tolist()
 
     def _teacher_temperature(self, teacher_temp: Optional[float], epoch: Optional[int]) -> float:
         if teacher_temp is not None:
             return check_nonzero("teacher_temp", teacher_temp)
         if epoch is not None and epoch < self.warmup_teacher_temp_epochs:
-            return float(self.teacher_temp_schedule[epoch])
+            return self._teacher_temp_values[epoch]
         return self.teacher_temp
 
     def forward(
@@ -163,13 +272,16 @@ class DINOLoss(nn.Module):
         teacher_temp: Optional[float] = None,
         epoch: Optional[int] = None,
     ) -> Tensor:
-        loss = dino_loss(
+        _check_views(teacher_out, student_out, self.center)
+        loss, teacher_sum = _dino_dispatch(
             teacher_out,
             student_out,
             self.center,
             self._teacher_temperature(teacher_temp, epoch),
             self.student_temp,
-            backend=self.backend,
+            self.backend,
         )
-        self.center = dino_center_update(self.center, teacher_out, self.center_momentum)
+        batch_center = teacher_sum / (len(teacher_out) * teacher_out[0].shape[0])
+        # In place, like lightly's ``center.data = ...``: references to the buffer stay valid.
+        self.center.copy_(_center_ema(self.center, batch_center, self.center_momentum))
         return loss

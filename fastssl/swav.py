@@ -5,12 +5,14 @@ optimized PyTorch path and the drop-in :class:`SwaVLoss`. The Triton kernels liv
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from fastssl import reference
+from fastssl import distributed, reference
 from fastssl._backend import check_backend_name, resolve_backend
 from fastssl._checks import (
     check_distributed_available,
@@ -24,12 +26,80 @@ from fastssl._checks import (
 # --------------------------------------------------------------------------------------------
 # Optimized PyTorch path
 # --------------------------------------------------------------------------------------------
+#
+# Sinkhorn-Knopp in the log domain. SwAV's code (and lightly's) iterates on
+# Q = exp(S/ε)ᵀ ∈ R^{K×B}: normalize Q to sum 1; then `iterations` times divide every row
+# (prototype k) by its sum over the batch and every column (sample b) by its sum over the
+# prototypes and by B; finally multiply by B and transpose. With L = S/ε (B×K) every iterate has
+# the form log Q[b, k] = L[b, k] − a_k − c_b, and the two normalizations only replace one
+# potential each:
+#
+#   rows:    a_k ← LSE_b(L[b, k] − c_b)     (the previous a_k is constant over b and drops out)
+#   columns: c_b ← LSE_k(L[b, k] − a_k) + log B
+#
+# The initial division by the global sum is a constant that the first row normalization removes,
+# so c starts at 0, and the final codes are Q[b, :]·B = softmax_k(L[b, :] − a). Each LSE shifts
+# by its running maximum, so no exp overflows and no row or column sum underflows to zero for
+# any finite scores and ε (lightly's exp(S/ε) is inf beyond S/ε ≈ 88 in float32). Without
+# iterations the codes are B·exp(L − LSE_{b,k} L), which the same arithmetic gives.
+#
+# Distributed (codes over the global batch): the sums over samples -- the prototype potentials
+# a and, without iterations, the global sum -- are log-sum-exps over all ranks' rows, combined
+# by an all-reduced maximum and an all-reduced sum of shifted exponentials; the sample potentials
+# are rank-local and B is the global batch size.
+
+
+def all_reduce_logsumexp(log_sums: Tensor) -> Tensor:
+    """Elementwise ``log Σ_ranks exp(log_sums)``: the log-sum-exp over every rank's terms, given
+    each rank's own (any shape; a no-op outside a multi-process group)."""
+    if not distributed.is_distributed():
+        return log_sums
+    shift = log_sums.detach().clone()
+    dist.all_reduce(shift, op=dist.ReduceOp.MAX)
+    # An all -inf entry (no mass anywhere) stays -inf instead of becoming exp(-inf + inf) = NaN.
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    shifted = torch.exp(log_sums - shift)
+    distributed.all_reduce_sum_(shifted)
+    return shift + torch.log(shifted)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.no_grad()
+def _sinkhorn_log_domain(logits: Tensor, iterations: int, rows_out: int, gather_distributed: bool) -> Tensor:
+    """Sinkhorn codes from ``logits = scores / ε``.
+
+    Args:
+        logits: (H, N, K) float32/float64; H independent problems (one per high-resolution crop).
+        rows_out: codes are returned for the first ``rows_out`` of the N samples (the batch
+            without its queue).
+        gather_distributed: marginals over all ranks' samples.
+    Returns:
+        (H, rows_out, K) codes, each row summing to 1 when ``iterations >= 1``.
+    """
+    distributed_on = gather_distributed and distributed.is_distributed()
+    reduce = all_reduce_logsumexp if distributed_on else (lambda t: t)
+    if iterations == 0:
+        n_global = logits.shape[1] * (distributed.world_size() if distributed_on else 1)
+        log_total = reduce(torch.logsumexp(logits.flatten(1), dim=1))  # (H,)
+        log_scale = math.log(n_global) - log_total
+        return torch.exp(logits[:, :rows_out] + log_scale[:, None, None])
+    sample_potential = torch.zeros_like(logits[:, :, :1])  # c, (H, N, 1)
+    prototype_potential = sample_potential  # a, (H, 1, K); assigned by the first iteration
+    for it in range(iterations):
+        prototype_potential = reduce(torch.logsumexp(logits - sample_potential, dim=1, keepdim=True))
+        if it + 1 < iterations:
+            sample_potential = torch.logsumexp(logits - prototype_potential, dim=2, keepdim=True)
+    return torch.softmax(logits[:, :rows_out] - prototype_potential, dim=2)
 
 
 @torch.no_grad()
 def _sinkhorn_torch(scores: Tensor, iterations: int, epsilon: float, gather_distributed: bool) -> Tensor:
-    # Placeholder until the log-domain path lands.
-    return reference.sinkhorn(scores.float(), iterations, epsilon)
+    logits = scores.detach().to(_compute_dtype(scores)) / epsilon
+    codes = _sinkhorn_log_domain(logits[None], iterations, scores.shape[0], gather_distributed)[0]
+    return codes.float()
 
 
 def _swav_torch(
@@ -41,10 +111,42 @@ def _swav_torch(
     epsilon: float,
     gather_distributed: bool,
 ) -> Tensor:
-    return reference.swav_loss(
-        [h.float() for h in high], [v.float() for v in low],
-        None if queue is None else [q.float() for q in queue], temperature, iterations, epsilon,
-    ).float()
+    """Swapped prediction with all crops batched: one Sinkhorn for the H high-resolution crops,
+    one log-softmax for the V crops.
+
+    With q_i the codes of crop i < H and log p_v = log_softmax(s_v/τ),
+
+        L = −1/(H (V−1) B) Σ_v Σ_{b,k} (Σ_{i<H, i≠v} q_i)[b, k] · log p_v[b, k],
+
+    the sum over pairs (i, v≠i) regrouped by prediction crop v: the target of crop v is the sum
+    of all codes minus its own. Each term is a non-negative weight times a log-probability, so no
+    large terms cancel. Autograd gives ∂L/∂s_v = ((Σ_k t_v) p_v − t_v)/(τ H (V−1) B).
+    """
+    n_high = len(high)
+    crops = list(high) + list(low)
+    n_crops = len(crops)
+    batch = high[0].shape[0]
+    compute_dtype = _compute_dtype(high[0])
+    with torch.no_grad():
+        if queue is None:
+            sinkhorn_scores = torch.stack([h.detach() for h in high])
+        else:
+            sinkhorn_scores = torch.stack([torch.cat([h.detach(), q.detach()]) for h, q in zip(high, queue)])
+        codes = _sinkhorn_log_domain(
+            sinkhorn_scores.to(compute_dtype) / epsilon, iterations, batch, gather_distributed
+        )
+        all_codes = codes.sum(dim=0)
+    log_probs = torch.log_softmax(torch.stack(crops).to(compute_dtype) / temperature, dim=2)
+    total = log_probs.new_zeros(())
+    for v in range(n_crops):
+        target = all_codes - codes[v] if v < n_high else all_codes
+        total = total + (target * log_probs[v]).sum()
+    local_loss = (-total / (n_high * (n_crops - 1) * batch)).float()
+    # DESIGN §3: the loss is the mean over this rank's samples (codes carry no gradient); report
+    # the mean over ranks, keeping this rank's gradient (world_size × the single-process slice).
+    if gather_distributed:
+        return distributed.global_mean(local_loss)
+    return local_loss
 
 
 # --------------------------------------------------------------------------------------------
