@@ -1,0 +1,590 @@
+r"""Triton kernels for SwAV: log-domain Sinkhorn-Knopp and the fused swapped-prediction loss.
+
+Sinkhorn (see :mod:`fastssl.swav` for the derivation). With L = S/ε, every iterate of SwAV's
+Sinkhorn is log Q[b, k] = L[b, k] − a_k − c_b, and one iteration is two log-sum-exp sweeps:
+
+* over the samples (rows of the (N, K) score matrix), per prototype: a_k = LSE_b(L[b, k] − c_b);
+* over the prototypes, per sample:                                    c_b = LSE_k(L[b, k] − a_k).
+
+:func:`_partial_lse_kernel` does either sweep (the two differ only in which stride is reduced)
+with an online, max-shifted log-sum-exp, split along the reduced axis so that narrow problems
+still fill the GPU; the few partial (max, sum) pairs are combined in PyTorch -- and, for the
+prototype sweep of a distributed Sinkhorn, all-reduced over ranks between iterations. No
+exponential ever exceeds 1 and the maximum term of every sum is exactly 1, so no scores or ε
+overflow or underflow to an all-zero row or column. The H high-resolution crops (each with
+the queue appended) are one launch: a (H, N, K) problem with the crop as grid axis 2.
+
+Swapped prediction. Codes carry no gradient, so the loss over the V crops is
+
+    L = −1/(H (V−1) B) Σ_v Σ_{b,k} T_v[b, k] (x_v[b, k] − lse_v[b]),    x_v = s_v/τ,
+
+with targets T_v = Σ_{i<H} q_i − [v < H] q_v and ∂L/∂s_v = (w_v p_v − T_v)/(τ H (V−1) B),
+p_v = softmax(x_v), w_v = Σ_k T_v[b, k] (= H − [v < H] once the codes are normalized).
+:func:`_codes_kernel` writes Σ_i q_i once (float32, (B, K)); :func:`_swav_ce_kernel` does one
+crop per launch in two sweeps over its row (online LSE, then loss terms and gradient), a high
+crop recomputing its own codes from its scores instead of reading them. The gradient is
+written in the forward; the backward only scales it.
+
+Cost, per loss call, with e bytes per input element, N = B + Q rows per Sinkhorn problem and I
+iterations (prediction for the benchmark shape B = 4096, K = 3000, I = 3, H = V = 2, Q = 0,
+bf16, on an H100 with ~3 TB/s HBM, ~60 TFLOP/s fp32 and ~3.7·10¹² exp/s (16 MUFU ops per SM
+per clock)):
+
+* minimum bytes: read every crop and queue once, write every crop's gradient once:
+  (2 V B K + H Q K) e = 98 MB -> 33 µs;
+* FLOPs: Sinkhorn 2 I H N K x ~5 (scale, shift, max, exp, add), codes H B K x ~4, loss
+  V B K x ~15 (two sweeps): 0.74 + 0.10 + 0.37 = 1.2 GFLOP -> 20 µs of fp32 ALU;
+* exponentials: 2 I H N K + H B K + ~3 V B K = 0.25·10⁹ -> 66 µs, the binding floor;
+* this implementation moves more: the stacked copy of the high crops (2 H N K e), 2 I + 1
+  sweeps over it, the float32 target matrix (written once, read V times: 4 B K (V + 1)) and two
+  reads of every crop: ~0.74 GB at this shape (part of it from the 50 MB L2) -> predicted
+  150-250 µs for forward + backward, against several milliseconds for the eager reference.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastssl import distributed
+from fastssl.swav import all_reduce_logsumexp
+
+# Tile sizes (elements). The contiguous axis of a tile gets up to _TILE_CONTIGUOUS elements, the
+# other axis the rest of _TILE_ELEMENTS. Tests shrink both to run multi-tile loops, masks and
+# split reductions on small inputs.
+_TILE_ELEMENTS = 4096
+_TILE_CONTIGUOUS = 512
+# A Sinkhorn problem whose padded (N, K) matrix has at most this many elements runs all its
+# iterations in one program, the matrix held in registers (one launch instead of 2I + 1).
+_RESIDENT_ELEMENTS = 16384
+
+# Buffers every kernel fully overwrites; tests replace this with a NaN-filled allocation to
+# check that every element is written.
+_new_buffer = torch.empty
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs that keep the device busy: a few waves of SMs on CUDA; few on the interpreter,
+    where every program is a sequential Python call."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _tile(n_contiguous: int, n_other: int) -> Tuple[int, int]:
+    """Power-of-two tile (contiguous axis, other axis) for extents n_contiguous x n_other."""
+    block_contiguous = min(_next_pow2(n_contiguous), _TILE_CONTIGUOUS)
+    block_other = min(_next_pow2(n_other), max(1, _TILE_ELEMENTS // block_contiguous))
+    return block_contiguous, block_other
+
+
+def stack_views(tensors: Sequence[Tensor]) -> Tensor:
+    """A (V, B, K) tensor holding the V equally shaped (B, K) ``tensors``, without a copy when
+    they are equally spaced views of one storage (e.g. ``list(x.chunk(V))``), else stacked.
+    Read-only use: the result may alias the inputs."""
+    first = tensors[0]
+    if len(tensors) == 1:
+        return first.unsqueeze(0)
+    step = tensors[1].storage_offset() - first.storage_offset()
+    same_layout = all(
+        t.dtype == first.dtype
+        and t.device == first.device
+        and t.shape == first.shape
+        and t.stride() == first.stride()
+        and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and t.storage_offset() - first.storage_offset() == i * step
+        for i, t in enumerate(tensors)
+    )
+    if same_layout and step >= 0:
+        return first.as_strided((len(tensors),) + tuple(first.shape), (step,) + first.stride(), first.storage_offset())
+    return torch.stack(list(tensors))
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _partial_lse_kernel(
+    x_ptr,
+    potential_ptr,
+    max_out_ptr,
+    sum_out_ptr,
+    n_keep,
+    n_reduce,
+    reduce_per_split,
+    stride_problem,
+    stride_keep,
+    stride_reduce,
+    potential_stride_problem,
+    out_stride_problem,
+    out_stride_split,
+    scale,
+    HAS_POTENTIAL: tl.constexpr,
+    BLOCK_KEEP: tl.constexpr,
+    BLOCK_REDUCE: tl.constexpr,
+):
+    """For each kept index j, over one split of the reduced index i:
+    m_j = max_i y_ij and s_j = Σ_i exp(y_ij − m_j), y_ij = scale·x_ij − potential_i."""
+    pid_keep = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    pid_problem = tl.program_id(2)
+    keep = pid_keep * BLOCK_KEEP + tl.arange(0, BLOCK_KEEP)
+    keep_mask = keep < n_keep
+    row_ptr = x_ptr + pid_problem.to(tl.int64) * stride_problem + keep.to(tl.int64)[:, None] * stride_keep
+    run_max = tl.full([BLOCK_KEEP], float("-inf"), tl.float32)
+    run_sum = tl.zeros([BLOCK_KEEP], tl.float32)
+    reduce_begin = pid_split * reduce_per_split
+    for r0 in range(reduce_begin, reduce_begin + reduce_per_split, BLOCK_REDUCE):
+        red = r0 + tl.arange(0, BLOCK_REDUCE)
+        red_mask = red < n_reduce
+        mask = keep_mask[:, None] & red_mask[None, :]
+        x = tl.load(row_ptr + red.to(tl.int64)[None, :] * stride_reduce, mask=mask, other=0.0).to(tl.float32)
+        y = x * scale
+        if HAS_POTENTIAL:
+            pot = tl.load(potential_ptr + pid_problem * potential_stride_problem + red, mask=red_mask, other=0.0)
+            y = y - pot[None, :]
+        y = tl.where(mask, y, float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(y, axis=1))
+        # All -inf so far (masked lanes): shift by 0 so that exp(-inf - shift) is 0, not NaN.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(y - shift[:, None]), axis=1)
+        run_max = new_max
+    out = pid_problem * out_stride_problem + pid_split * out_stride_split + keep
+    tl.store(max_out_ptr + out, run_max, mask=keep_mask)
+    tl.store(sum_out_ptr + out, run_sum, mask=keep_mask)
+
+
+@triton.jit
+def _codes_kernel(
+    x_ptr,
+    prototype_potential_ptr,
+    sample_potential_ptr,
+    out_ptr,
+    n_problems,
+    n_rows,
+    n_proto,
+    stride_problem,
+    stride_row,
+    stride_proto,
+    prototype_stride_problem,
+    sample_stride_problem,
+    out_stride_row,
+    scale,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_PROTO: tl.constexpr,
+):
+    """out[b, k] = Σ_h exp(scale·x[h, b, k] − a[h, k] − c[h, b]): the codes summed over problems."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.program_id(1) * BLOCK_PROTO + tl.arange(0, BLOCK_PROTO)
+    row_mask = rows < n_rows
+    col_mask = cols < n_proto
+    mask = row_mask[:, None] & col_mask[None, :]
+    # The problem pointer advances by its stride (64-bit pointer arithmetic; problem index x
+    # stride could overflow int32).
+    problem_ptr = x_ptr + rows.to(tl.int64)[:, None] * stride_row + cols.to(tl.int64)[None, :] * stride_proto
+    acc = tl.zeros([BLOCK_ROWS, BLOCK_PROTO], tl.float32)
+    for h in range(n_problems):
+        x = tl.load(problem_ptr, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(prototype_potential_ptr + h * prototype_stride_problem + cols, mask=col_mask, other=0.0)
+        c = tl.load(sample_potential_ptr + h * sample_stride_problem + rows, mask=row_mask, other=0.0)
+        acc += tl.exp(x * scale - a[None, :] - c[:, None])
+        problem_ptr += stride_problem
+    out = rows.to(tl.int64)[:, None] * out_stride_row + cols[None, :]
+    tl.store(out_ptr + out, acc, mask=mask)
+
+
+@triton.jit
+def _sinkhorn_resident_kernel(
+    x_ptr,
+    prototype_potential_ptr,
+    sample_potential_ptr,
+    n_samples,
+    n_proto,
+    rows_out,
+    stride_problem,
+    stride_row,
+    stride_proto,
+    scale,
+    iterations,
+    BLOCK_SAMPLES: tl.constexpr,
+    BLOCK_PROTO: tl.constexpr,
+):
+    """All iterations of one Sinkhorn problem whose (N, K) matrix fits one tile: the matrix is
+    read once and stays in registers; writes a (K,) and the final c (rows_out,)."""
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_SAMPLES)
+    cols = tl.arange(0, BLOCK_PROTO)
+    row_mask = rows < n_samples
+    col_mask = cols < n_proto
+    mask = row_mask[:, None] & col_mask[None, :]
+    offsets = rows.to(tl.int64)[:, None] * stride_row + cols.to(tl.int64)[None, :] * stride_proto
+    x = tl.load(x_ptr + pid.to(tl.int64) * stride_problem + offsets, mask=mask, other=0.0).to(tl.float32)
+    logits = x * scale
+    sample_potential = tl.zeros([BLOCK_SAMPLES], tl.float32)
+    prototype_potential = tl.zeros([BLOCK_PROTO], tl.float32)
+    for _ in range(iterations):
+        # Padding lanes are set to -inf after every shift: their potentials are -inf, and
+        # -inf - (-inf) would otherwise turn them into NaN.
+        y = tl.where(mask, logits - sample_potential[:, None], float("-inf"))
+        top = tl.max(y, axis=0)
+        shift = tl.where(top == float("-inf"), 0.0, top)
+        prototype_potential = shift + tl.log(tl.sum(tl.exp(y - shift[None, :]), axis=0))
+        y = tl.where(mask, logits - prototype_potential[None, :], float("-inf"))
+        top = tl.max(y, axis=1)
+        shift = tl.where(top == float("-inf"), 0.0, top)
+        sample_potential = shift + tl.log(tl.sum(tl.exp(y - shift[:, None]), axis=1))
+    tl.store(prototype_potential_ptr + pid * n_proto + cols, prototype_potential, mask=col_mask)
+    tl.store(sample_potential_ptr + pid * rows_out + rows, sample_potential, mask=rows < rows_out)
+
+
+@triton.jit
+def _swav_ce_kernel(
+    s_ptr,
+    stride_crop,
+    stride_row,
+    stride_proto,
+    targets_ptr,
+    prototype_potential_ptr,
+    sample_potential_ptr,
+    weight_ptr,
+    grad_ptr,
+    loss_partial_ptr,
+    first_crop,
+    n_rows,
+    n_proto,
+    inv_temperature,
+    inv_epsilon,
+    grad_scale,
+    IS_HIGH: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_PROTO: tl.constexpr,
+):
+    """Crop v = first_crop + program_id(1), rows of program_id(0):
+    loss_partial[v, pid] = −Σ_b Σ_k T[b, k] (x − lse), grad[v] = (w p − T)·grad_scale, with
+    T = targets − (the crop's own codes, recomputed from its scores, if IS_HIGH).
+    Buffers indexed by v (weights (V, B), grad (V, B, K), loss partials) are contiguous."""
+    pid = tl.program_id(0)
+    crop = tl.program_id(1)
+    v = first_crop + crop
+    rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = rows < n_rows
+    row_ptr = s_ptr + crop.to(tl.int64) * stride_crop + rows.to(tl.int64)[:, None] * stride_row
+    # Sweep 1: lse of x = s/τ per row, online and max-shifted.
+    run_max = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
+    run_sum = tl.zeros([BLOCK_ROWS], tl.float32)
+    for k0 in range(0, n_proto, BLOCK_PROTO):
+        cols = k0 + tl.arange(0, BLOCK_PROTO)
+        mask = row_mask[:, None] & (cols < n_proto)[None, :]
+        s = tl.load(row_ptr + cols.to(tl.int64)[None, :] * stride_proto, mask=mask, other=0.0).to(tl.float32)
+        x = tl.where(mask, s * inv_temperature, float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(x, axis=1))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
+        run_max = new_max
+    lse = tl.where(row_mask, run_max + tl.log(tl.where(row_mask, run_sum, 1.0)), 0.0)
+    weight = tl.load(weight_ptr + v.to(tl.int64) * n_rows + rows, mask=row_mask, other=0.0)
+    if IS_HIGH:
+        own_c = tl.load(sample_potential_ptr + crop * n_rows + rows, mask=row_mask, other=0.0)
+    # Sweep 2: loss terms and gradient.
+    grad_row = grad_ptr + v.to(tl.int64) * n_rows * n_proto + rows.to(tl.int64)[:, None] * n_proto
+    acc = tl.zeros([BLOCK_ROWS, BLOCK_PROTO], tl.float32)
+    for k0 in range(0, n_proto, BLOCK_PROTO):
+        cols = k0 + tl.arange(0, BLOCK_PROTO)
+        col_mask = cols < n_proto
+        mask = row_mask[:, None] & col_mask[None, :]
+        s = tl.load(row_ptr + cols.to(tl.int64)[None, :] * stride_proto, mask=mask, other=0.0).to(tl.float32)
+        log_p = s * inv_temperature - lse[:, None]
+        target = tl.load(
+            targets_ptr + rows.to(tl.int64)[:, None] * n_proto + cols[None, :], mask=mask, other=0.0
+        )
+        if IS_HIGH:
+            own_a = tl.load(prototype_potential_ptr + crop * n_proto + cols, mask=col_mask, other=0.0)
+            target = target - tl.exp(s * inv_epsilon - own_a[None, :] - own_c[:, None])
+        acc += tl.where(mask, target * log_p, 0.0)
+        if COMPUTE_GRAD:
+            grad = (weight[:, None] * tl.exp(log_p) - target) * grad_scale
+            tl.store(grad_row + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    tl.store(loss_partial_ptr + v * tl.num_programs(0) + pid, -tl.sum(tl.sum(acc, axis=1), axis=0))
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _combine_partials(run_max: Tensor, run_sum: Tensor) -> Tensor:
+    """log Σ_splits s·exp(m) over dim 1 of (P, splits, n) partials -> (P, n)."""
+    top = run_max.amax(dim=1, keepdim=True)
+    shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = (run_sum * torch.exp(run_max - shift)).sum(dim=1)
+    return shift.squeeze(1) + torch.log(total)
+
+
+def _logsumexp(x: Tensor, reduce_dim: int, potential: Optional[Tensor], scale: float, n_rows: int) -> Tensor:
+    """LSE of ``scale·x − potential`` over one axis of the (P, N, K) problems ``x``.
+
+    Args:
+        reduce_dim: 1 reduces over samples (returns (P, K)); 2 reduces over prototypes
+            (returns (P, n_rows)).
+        potential: (P, extent of the reduced axis) float32 contiguous, subtracted along it.
+        n_rows: samples used (the first ``n_rows`` of N).
+    """
+    n_problems, _, n_proto = x.shape
+    if reduce_dim == 1:
+        n_keep, n_reduce, stride_keep, stride_reduce = n_proto, n_rows, x.stride(2), x.stride(1)
+        block_keep, block_reduce = _tile(n_keep, n_reduce)
+    else:
+        n_keep, n_reduce, stride_keep, stride_reduce = n_rows, n_proto, x.stride(1), x.stride(2)
+        block_reduce, block_keep = _tile(n_reduce, n_keep)
+    keep_blocks = triton.cdiv(n_keep, block_keep)
+    reduce_blocks = triton.cdiv(n_reduce, block_reduce)
+    want = max(1, _target_programs(x.device) // (keep_blocks * n_problems))
+    splits = max(1, min(reduce_blocks, want, 65535))
+    reduce_per_split = triton.cdiv(reduce_blocks, splits) * block_reduce
+    splits = triton.cdiv(n_reduce, reduce_per_split)  # every split holds at least one element
+    run_max = _new_buffer((n_problems, splits, n_keep), dtype=torch.float32, device=x.device)
+    run_sum = _new_buffer((n_problems, splits, n_keep), dtype=torch.float32, device=x.device)
+    has_potential = potential is not None
+    _partial_lse_kernel[(keep_blocks, splits, n_problems)](
+        x,
+        potential if has_potential else run_max,
+        run_max,
+        run_sum,
+        n_keep,
+        n_reduce,
+        reduce_per_split,
+        x.stride(0),
+        stride_keep,
+        stride_reduce,
+        potential.stride(0) if has_potential else 0,
+        splits * n_keep,
+        n_keep,
+        scale,
+        HAS_POTENTIAL=has_potential,
+        BLOCK_KEEP=block_keep,
+        BLOCK_REDUCE=block_reduce,
+    )
+    return _combine_partials(run_max, run_sum)
+
+
+def _sinkhorn_potentials(
+    x: Tensor, rows_out: int, iterations: int, epsilon: float, gather_distributed: bool
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Potentials of the codes q[h, b, k] = exp(x[h, b, k]/ε − a[h, k] − c[h, b]).
+
+    Args:
+        x: (H, N, K) scores, any strides, any float dtype.
+        rows_out: the codes are wanted for the first ``rows_out`` samples.
+    Returns:
+        a (H, K), c (H, rows_out) and the codes' row sums (H, rows_out), all float32
+        contiguous (the row sums are 1 after at least one iteration).
+    """
+    scale = 1.0 / epsilon
+    distributed_on = gather_distributed and distributed.is_distributed()
+    n_problems, n_samples, n_proto = x.shape
+    if iterations == 0:
+        # q = N_global·exp(L − LSE_{b,k} L): lightly's division by the global sum, times B.
+        row_lse = _logsumexp(x, 2, None, scale, n_samples)  # (H, N)
+        log_total = torch.logsumexp(row_lse, dim=1, keepdim=True)
+        if distributed_on:
+            log_total = all_reduce_logsumexp(log_total)
+        n_global = n_samples * (distributed.world_size() if distributed_on else 1)
+        sample_potential = (log_total - math.log(n_global)).expand(n_problems, rows_out).contiguous()
+        prototype_potential = torch.zeros(n_problems, n_proto, dtype=torch.float32, device=x.device)
+        row_sums = torch.exp(row_lse[:, :rows_out] - sample_potential)
+        return prototype_potential, sample_potential, row_sums
+    row_sums = torch.ones(n_problems, rows_out, dtype=torch.float32, device=x.device)
+    block_samples, block_proto = _next_pow2(n_samples), _next_pow2(n_proto)
+    if not distributed_on and block_samples * block_proto <= _RESIDENT_ELEMENTS:
+        prototype_potential = _new_buffer((n_problems, n_proto), dtype=torch.float32, device=x.device)
+        sample_potential = _new_buffer((n_problems, rows_out), dtype=torch.float32, device=x.device)
+        _sinkhorn_resident_kernel[(n_problems,)](
+            x,
+            prototype_potential,
+            sample_potential,
+            n_samples,
+            n_proto,
+            rows_out,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            scale,
+            iterations,
+            BLOCK_SAMPLES=block_samples,
+            BLOCK_PROTO=block_proto,
+            num_warps=8,
+        )
+        return prototype_potential, sample_potential, row_sums
+    sample_potential: Optional[Tensor] = None  # c = 0: the global normalization cancels
+    for it in range(iterations):
+        prototype_potential = _logsumexp(x, 1, sample_potential, scale, n_samples)
+        if distributed_on:
+            prototype_potential = all_reduce_logsumexp(prototype_potential)
+        if it + 1 < iterations:
+            sample_potential = _logsumexp(x, 2, prototype_potential, scale, n_samples)
+    # The last column normalization, needed for the codes' rows only.
+    sample_potential = _logsumexp(x, 2, prototype_potential, scale, rows_out)
+    return prototype_potential.contiguous(), sample_potential.contiguous(), row_sums
+
+
+def _sum_of_codes(x: Tensor, rows_out: int, prototype_potential: Tensor, sample_potential: Tensor, epsilon: float) -> Tensor:
+    """Σ_h q[h] over the first ``rows_out`` samples: (rows_out, K) float32."""
+    n_problems, _, n_proto = x.shape
+    out = _new_buffer((rows_out, n_proto), dtype=torch.float32, device=x.device)
+    block_proto, block_rows = _tile(n_proto, rows_out)
+    grid = (triton.cdiv(rows_out, block_rows), triton.cdiv(n_proto, block_proto))
+    _codes_kernel[grid](
+        x,
+        prototype_potential,
+        sample_potential,
+        out,
+        n_problems,
+        rows_out,
+        n_proto,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        prototype_potential.stride(0),
+        sample_potential.stride(0),
+        out.stride(0),
+        1.0 / epsilon,
+        BLOCK_ROWS=block_rows,
+        BLOCK_PROTO=block_proto,
+    )
+    return out
+
+
+@torch.no_grad()
+def sinkhorn_triton(scores: Tensor, iterations: int, epsilon: float, gather_distributed: bool = False) -> Tensor:
+    """Sinkhorn-Knopp codes (see :func:`fastssl.swav.sinkhorn`), log domain, float32 throughout.
+
+    Args:
+        scores: (B, K), any strides and float dtype; CUDA, or CPU under ``TRITON_INTERPRET=1``.
+    Returns:
+        (B, K) float32 codes.
+    """
+    x = scores.detach().unsqueeze(0)
+    rows = scores.shape[0]
+    prototype_potential, sample_potential, _ = _sinkhorn_potentials(x, rows, iterations, epsilon, gather_distributed)
+    return _sum_of_codes(x, rows, prototype_potential, sample_potential, epsilon)
+
+
+# --------------------------------------------------------------------------------------------
+# Swapped prediction
+# --------------------------------------------------------------------------------------------
+
+
+class _SwavTritonFunction(torch.autograd.Function):
+    """Inputs ``(settings, queue, *crops)``, the H high-resolution crops first; returns the 0-d
+    rank-local loss. Every crop's gradient is computed in the forward; the backward scales it."""
+
+    @staticmethod
+    def forward(ctx, settings, queue, *crops):  # type: ignore[override]
+        n_high, temperature, iterations, epsilon, gather_distributed = settings
+        input_dtypes = [c.dtype for c in crops]
+        # One dtype for the kernels (the crops almost always share one already).
+        dtype = input_dtypes[0]
+        for other in input_dtypes[1:]:
+            dtype = torch.promote_types(dtype, other)
+        crops = [c.detach().to(dtype) for c in crops]
+        n_crops = len(crops)
+        batch, n_proto = crops[0].shape
+        device = crops[0].device
+        if queue is None:
+            high = stack_views(crops[:n_high])
+        else:
+            high = torch.stack([torch.cat([h, q.detach().to(dtype)]) for h, q in zip(crops[:n_high], queue)])
+        prototype_potential, sample_potential, row_sums = _sinkhorn_potentials(
+            high, batch, iterations, epsilon, gather_distributed
+        )
+        targets = _sum_of_codes(high, batch, prototype_potential, sample_potential, epsilon)
+        # w_v = Σ_k T_v[b, k]: all codes' row sums minus the crop's own.
+        total_row_sums = row_sums.sum(dim=0, keepdim=True)
+        own_row_sums = torch.cat([row_sums, row_sums.new_zeros(n_crops - n_high, batch)])
+        weights = (total_row_sums - own_row_sums).contiguous()
+
+        compute_grad = any(ctx.needs_input_grad[2:])
+        block_proto, block_rows = _tile(n_proto, batch)
+        row_blocks = triton.cdiv(batch, block_rows)
+        loss_partial = _new_buffer((n_crops, row_blocks), dtype=torch.float32, device=device)
+        grads = _new_buffer((n_crops, batch, n_proto), dtype=dtype, device=device) if compute_grad else targets
+        normalizer = n_high * (n_crops - 1) * batch
+        groups = [(0, high, True)]
+        if n_crops > n_high:
+            groups.append((n_high, stack_views(crops[n_high:]), False))
+        for first_crop, source, is_high in groups:
+            _swav_ce_kernel[(row_blocks, source.shape[0])](
+                source,
+                source.stride(0),
+                source.stride(1),
+                source.stride(2),
+                targets,
+                prototype_potential,
+                sample_potential,
+                weights,
+                grads,
+                loss_partial,
+                first_crop,
+                batch,
+                n_proto,
+                1.0 / temperature,
+                1.0 / epsilon,
+                1.0 / (temperature * normalizer),
+                IS_HIGH=is_high,
+                COMPUTE_GRAD=compute_grad,
+                BLOCK_ROWS=block_rows,
+                BLOCK_PROTO=block_proto,
+            )
+        ctx.input_dtypes = input_dtypes
+        ctx.compute_grad = compute_grad
+        if compute_grad:
+            ctx.save_for_backward(grads)
+        return loss_partial.sum() / normalizer
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # type: ignore[override]
+        if not ctx.compute_grad:
+            return (None, None, *([None] * len(ctx.input_dtypes)))
+        (grads,) = ctx.saved_tensors
+        scaled = [
+            (grads[v] * grad_loss).to(dtype) if need else None
+            for v, (need, dtype) in enumerate(zip(ctx.needs_input_grad[2:], ctx.input_dtypes))
+        ]
+        return (None, None, *scaled)
+
+
+def swav_loss_triton(
+    high: Sequence[Tensor],
+    low: Sequence[Tensor],
+    queue: Optional[Sequence[Tensor]],
+    temperature: float,
+    iterations: int,
+    epsilon: float,
+    gather_distributed: bool = False,
+) -> Tensor:
+    """SwAV's swapped-prediction loss (see :func:`fastssl.swav.swav_loss`) on the kernels.
+
+    Args:
+        high: H tensors (B, K); low: tensors (B, K); queue: None or H tensors (Q, K).
+    Returns:
+        0-d float32 loss: the mean over this rank's samples, reported as the mean over ranks
+        when ``gather_distributed`` (DESIGN §3).
+    """
+    crops = list(high) + list(low)
+    settings = (len(high), float(temperature), int(iterations), float(epsilon), bool(gather_distributed))
+    loss = _SwavTritonFunction.apply(settings, None if queue is None else list(queue), *crops)
+    if gather_distributed:
+        return distributed.global_mean(loss)
+    return loss
