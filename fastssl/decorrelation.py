@@ -4,31 +4,228 @@ The Triton kernels live in :mod:`fastssl.kernels.decorrelation`.
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from fastssl import distributed, reference
 from fastssl._backend import check_backend_name, resolve_backend
 from fastssl._checks import check_distributed_available, check_finite, check_pair, check_positive
 
 PATHS = ("auto", "gram", "cross")
+# Batch-norm epsilon of Barlow Twins (lightly and the original code: BatchNorm1d defaults).
+BATCH_NORM_EPS = 1e-5
 
 # --------------------------------------------------------------------------------------------
 # Optimized PyTorch path
 # --------------------------------------------------------------------------------------------
+#
+# Both losses are functions of a d×d matrix (Barlow Twins: C = ÂᵀB̂/N of the standardized views;
+# VICReg: K = XᵀX/(N-1) of each centered view) through its diagonal and its squared Frobenius
+# norm only. Since ‖AᵀB‖²_F = tr(AᵀB BᵀA) = ⟨AAᵀ, BBᵀ⟩_F, the norm can come from the two N×N
+# Gram matrices instead ("gram", O(N²d)), and the diagonal from column sums in O(Nd); the
+# d×d matrix is then never formed. "cross" forms it (O(Nd²)) and is cheaper when N >= d.
+#
+# FLOP counts of this path (forward + backward, 2 flops per multiply-add):
+#   Barlow Twins  gram: 2 Grams + 2 (N×N)·(N×d) products = 8N²d;  cross: ÂᵀB̂ + 2 products = 6Nd²
+#   VICReg        gram: per view XXᵀ + G·X = 4N²d;                cross: XᵀX + X·K = 4Nd²
+# VICReg's gram path is the cheaper one exactly when N < d. Barlow Twins' would be so for
+# N < 0.75·d; for 0.75·d <= N < d "auto" still takes the gram path (at most 4/3 of the cross
+# FLOPs) because a d×d allocation when N < d is what the Gram identity is there to avoid.
+
+
+def _use_gram(n: int, d: int, path: str) -> bool:
+    """The Gram (N×N) side when asked for, or under ``"auto"`` when the batch is the smaller side."""
+    if path == "gram":
+        return True
+    if path == "cross":
+        return False
+    return n < d
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for float32 and half inputs, float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _squared_norm(m: Tensor) -> Tensor:
+    """‖m‖²_F as one dot product (no temporary of m's size)."""
+    flat = m.reshape(-1)
+    return torch.dot(flat, flat)
+
+
+def _standardize(z: Tensor, acc: torch.dtype, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Batch-norm without affine parameters of ``z`` (N, d) in ``acc``: returns the standardized
+    (N, d) view, the column mean and ``1/sqrt(biased var + eps)`` (both (d,))."""
+    z = z.to(acc)
+    var, mean = torch.var_mean(z, dim=0, correction=0)
+    inv_std = torch.rsqrt(var + eps)
+    return (z - mean) * inv_std, mean, inv_std
+
+
+class _BarlowTwinsFunction(torch.autograd.Function):
+    r"""Barlow Twins with a hand-written backward.
+
+    With Â, B̂ the standardized views, C = ÂᵀB̂/N and
+    :math:`L = \sum_i (1-C_{ii})^2 + \lambda\sum_{i\ne j}C_{ij}^2`, the gradient with respect to C
+    is :math:`\Gamma = 2\lambda C + \mathrm{diag}(g)`, :math:`g_i = 2((1-\lambda)C_{ii} - 1)`, so
+
+    .. math:: \partial L/\partial\hat A = \hat B\Gamma^\top/N
+              = \tfrac{2\lambda}{N^2}(\hat B\hat B^\top)\hat A + \hat B\,\mathrm{diag}(g)/N
+
+    and symmetrically for B̂ with ÂÂᵀ. The batch-norm backward then gives
+    :math:`\partial L/\partial z = r\,(\delta - \bar\delta - \hat A\,\overline{\delta\hat A})` per
+    column, with r the inverse standard deviation and bars the batch means. Saved for the
+    backward: the inputs, (d,) statistics and either the two N×N Grams or the off-diagonal part
+    of C (d×d, only on the cross path, where d <= N); Â and B̂ are recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, z_a: Tensor, z_b: Tensor, lambda_param: float, use_gram: bool) -> Tensor:  # type: ignore[override]
+        n, d = z_a.shape
+        acc = _accumulation_dtype(z_a.dtype)
+        a, mean_a, inv_std_a = _standardize(z_a, acc, BATCH_NORM_EPS)
+        b, mean_b, inv_std_b = _standardize(z_b, acc, BATCH_NORM_EPS)
+        if use_gram:
+            gram_a, gram_b = a @ a.T, b @ b.T
+            c_diag = torch.einsum("bi,bi->i", a, b) / n
+            # ‖C‖² − Σ C_ii²: C has rank <= N, so the off-diagonal part is at least
+            # (Σ C_ii)²/N − Σ C_ii², which keeps the subtraction well conditioned for N well below d.
+            off_diag = torch.dot(gram_a.reshape(-1), gram_b.reshape(-1)) / (n * n) - _squared_norm(c_diag)
+            ctx.save_for_backward(z_a, z_b, mean_a, inv_std_a, mean_b, inv_std_b, c_diag, gram_a, gram_b)
+        else:
+            c = a.T @ b / n
+            c_diag = c.diagonal().clone()
+            # Zeroing the diagonal in place gives the off-diagonal sum without cancellation
+            # (C ≈ I when training has converged) and is the matrix the backward needs.
+            c.diagonal().zero_()
+            off_diag = _squared_norm(c)
+            ctx.save_for_backward(z_a, z_b, mean_a, inv_std_a, mean_b, inv_std_b, c_diag, c)
+        ctx.lambda_param, ctx.use_gram = lambda_param, use_gram
+        return (_squared_norm(1 - c_diag) + lambda_param * off_diag).float()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
+        z_a, z_b, mean_a, inv_std_a, mean_b, inv_std_b, c_diag = ctx.saved_tensors[:7]
+        lam = ctx.lambda_param
+        n = z_a.shape[0]
+        acc = mean_a.dtype
+        a = (z_a.to(acc) - mean_a) * inv_std_a
+        b = (z_b.to(acc) - mean_b) * inv_std_b
+        if ctx.use_gram:
+            gram_a, gram_b = ctx.saved_tensors[7:]
+            g = 2 * ((1 - lam) * c_diag - 1)
+            d_a = torch.addmm(b * (g / n), gram_b, a, alpha=2 * lam / (n * n))
+            d_b = torch.addmm(a * (g / n), gram_a, b, alpha=2 * lam / (n * n))
+        else:
+            (c_off,) = ctx.saved_tensors[7:]
+            dl_dc = c_off * (2 * lam)
+            dl_dc.diagonal().copy_(2 * (c_diag - 1))
+            d_a = b @ dl_dc.T / n
+            d_b = a @ dl_dc / n
+        scale = grad_loss.to(acc)
+        grad_a = _batch_norm_backward(d_a, a, inv_std_a) * scale
+        grad_b = _batch_norm_backward(d_b, b, inv_std_b) * scale
+        return grad_a.to(z_a.dtype), grad_b.to(z_b.dtype), None, None
+
+
+def _batch_norm_backward(d_hat: Tensor, hat: Tensor, inv_std: Tensor) -> Tensor:
+    r"""Gradient through ``hat = (z - mean) * inv_std`` (biased variance): per column
+    :math:`r(\delta - \bar\delta - \hat z\,\overline{\delta\hat z})`."""
+    return (d_hat - d_hat.mean(dim=0) - hat * (d_hat * hat).mean(dim=0)) * inv_std
 
 
 def _barlow_twins_torch(z_a: Tensor, z_b: Tensor, lambda_param: float, path: str) -> Tensor:
-    # Placeholder until the Gram-identity path lands: the reference in float32.
-    acc = torch.promote_types(z_a.dtype, torch.float32)
-    return reference.barlow_twins_loss(z_a.to(acc), z_b.to(acc), lambda_param).float()
+    n, d = z_a.shape
+    return _BarlowTwinsFunction.apply(z_a, z_b, lambda_param, _use_gram(n, d, path))
+
+
+class _VICRegFunction(torch.autograd.Function):
+    r"""VICReg with a hand-written backward.
+
+    Per view, with X the centered view, v the unbiased column variances, σ = sqrt(v + eps) and
+    K = XᵀX/(N-1) (so diag K = v):
+
+    * invariance :math:`\frac{1}{Nd}\|Z_a-Z_b\|^2`, gradient :math:`\pm\frac{2}{Nd}(Z_a-Z_b)`;
+    * variance :math:`\frac1d\sum_j\max(0, 1-\sigma_j)`, gradient :math:`-\frac{X_{bj}}{d(N-1)\sigma_j}`
+      where the hinge is active (σ_j < 1);
+    * covariance :math:`\frac1d\sum_{i\ne j}K_{ij}^2 = \frac1d(\|XX^\top\|^2/(N-1)^2 - \sum_j v_j^2)`,
+      gradient :math:`\frac{4}{d(N-1)}XK_{\mathrm{off}} = \frac{4}{d(N-1)}(XX^\top X/(N-1) - X\,\mathrm{diag}(v))`.
+
+    Every column of X sums to zero, so the centering adds nothing to the last two gradients
+    beyond rounding; it is applied anyway (one column mean). Saved: the inputs, (d,) statistics
+    and the two N×N Grams (gram path) or the two off-diagonal K (cross path, d <= N).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, z_a: Tensor, z_b: Tensor, lambda_param: float, mu_param: float, nu_param: float, eps: float, use_gram: bool
+    ) -> Tensor:
+        n, d = z_a.shape
+        acc = _accumulation_dtype(z_a.dtype)
+        za, zb = z_a.to(acc), z_b.to(acc)
+        invariance = _squared_norm(za - zb) / (n * d)
+        saved = [z_a, z_b]
+        variance = za.new_zeros(())
+        covariance = za.new_zeros(())
+        for z in (za, zb):
+            mean = z.mean(dim=0)
+            x = z - mean
+            var = torch.einsum("bi,bi->i", x, x) / (n - 1)
+            std = torch.sqrt(var + eps)
+            variance = variance + torch.relu(1 - std).mean()
+            if use_gram:
+                gram = x @ x.T
+                # rank(K) <= N keeps this difference well conditioned for N well below d
+                off = _squared_norm(gram) / ((n - 1) ** 2) - _squared_norm(var)
+                saved += [mean, var, std, gram]
+            else:
+                k = x.T @ x / (n - 1)
+                k.diagonal().zero_()
+                off = _squared_norm(k)
+                saved += [mean, var, std, k]
+            covariance = covariance + off / d
+        ctx.save_for_backward(*saved)
+        ctx.hyper = (lambda_param, mu_param, nu_param, use_gram)
+        loss = lambda_param * invariance + mu_param * 0.5 * variance + nu_param * covariance
+        return loss.float()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
+        z_a, z_b = ctx.saved_tensors[:2]
+        lam, mu, nu, use_gram = ctx.hyper
+        n, d = z_a.shape
+        acc = ctx.saved_tensors[2].dtype
+        za, zb = z_a.to(acc), z_b.to(acc)
+        scale = grad_loss.to(acc)
+        d_inv = (za - zb) * (2 * lam / (n * d))
+        grads = []
+        for view, z in enumerate((za, zb)):
+            mean, var, std, m = ctx.saved_tensors[2 + 4 * view : 6 + 4 * view]
+            x = z - mean
+            # ½μ · hinge'(σ) · ∂σ/∂x, with the hinge's gradient 0 at σ = 1 (as relu's)
+            hinge = torch.where(std < 1, -0.5 * mu / (d * (n - 1)) / std, torch.zeros_like(std))
+            d_x = x * hinge
+            cov_coef = 4 * nu / (d * (n - 1))
+            if use_gram:
+                d_x = d_x + torch.addmm(x * (-cov_coef * var), m, x, alpha=cov_coef / (n - 1))
+            else:
+                d_x = torch.addmm(d_x, x, m, alpha=cov_coef)
+            d_z = d_x - d_x.mean(dim=0)
+            d_z = d_z + d_inv if view == 0 else d_z - d_inv
+            grads.append((d_z * scale).to(z_a.dtype))
+        return grads[0], grads[1], None, None, None, None, None
 
 
 def _vicreg_torch(
     z_a: Tensor, z_b: Tensor, lambda_param: float, mu_param: float, nu_param: float, eps: float, path: str
 ) -> Tensor:
-    acc = torch.promote_types(z_a.dtype, torch.float32)
-    return reference.vicreg_loss(z_a.to(acc), z_b.to(acc), lambda_param, mu_param, nu_param, eps).float()
+    n, d = z_a.shape
+    return _VICRegFunction.apply(z_a, z_b, lambda_param, mu_param, nu_param, eps, _use_gram(n, d, path))
 
 
 # --------------------------------------------------------------------------------------------
