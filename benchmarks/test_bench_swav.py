@@ -1,0 +1,18 @@
+"""SwAV: the swapped-prediction loss over two high-resolution crops (forward + backward) and the
+Sinkhorn-Knopp codes alone (forward only: the codes carry no gradient)."""
+
+import pytest
+
+from benchmarks import _harness
+
+
+@pytest.mark.parametrize("impl", _harness.impls())
+@pytest.mark.parametrize("case", _harness.cases("swav"), ids=str)
+def test_swav(benchmark, case, impl):
+    _harness.run_case(benchmark, case, impl)
+
+
+@pytest.mark.parametrize("impl", _harness.impls())
+@pytest.mark.parametrize("case", _harness.cases("sinkhorn"), ids=str)
+def test_sinkhorn(benchmark, case, impl):
+    _harness.run_case(benchmark, case, impl)
