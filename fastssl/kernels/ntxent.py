@@ -1,0 +1,828 @@
+r"""Triton kernels for NT-Xent (SimCLR), InfoNCE with a bank (MoCo) and uniformity: kernels,
+launchers and ``autograd.Function`` side by side.
+
+Pipeline (NT-Xent, R = 2N rows of d features, C = R columns, or the gathered 2WN columns):
+
+1. ``_l2_normalize_fwd_kernel`` -- ẑ = x / max(‖x‖, 1e-12) stored in the input dtype, plus ‖x‖
+   (float32) per row. Reads each input through its own strides (no ``cat``/``contiguous`` copy).
+2. ``_pair_lse_fwd_kernel`` -- one program per block of BLOCK_M rows walks the columns in
+   tiles of BLOCK_N, S = ẑ_r ẑ_cᵀ/τ through ``tl.dot`` (half inputs on tensor cores, float32
+   accumulation; float32 inputs with ``input_precision="ieee"``, never TF32), self-similarity
+   masked to -inf, and keeps an online log-sum-exp (m, l) per row. The running max m is the max
+   of the *scaled* logits, so a negative τ (which flips the order) needs no special case. The
+   positive logit is a separate row-wise dot. Stores lse (R,) and ℓ = lse - s₊ (R,).
+3. ``_pair_lse_bwd_kernel`` -- recomputes each tile from ẑ and the stored lse. Because S is
+   symmetric and the positive relation an involution, the gradient of whole rows is
+
+       dẑ_k = g/(2N τ) · (Σ_{m≠k} (e^{S_km - lse_k} + e^{S_km - lse_m}) ẑ_m - 2 ẑ_{p(k)}),
+
+   i.e. (G + Gᵀ)Z/τ from one pass over the tiles of a row block: no column pass, no atomics,
+   deterministic. Accumulates in registers when d fits one BLOCK_K tile (``SINGLE_K``); for
+   larger d the program owns its rows of a float32 scratch and read-modify-writes them per
+   d-chunk (still deterministic).
+4. ``_l2_normalize_bwd_kernel`` -- dx = (dẑ - ẑ(ẑ·dẑ))/‖x‖ in the input dtype.
+
+InfoNCE is the one-directional variant (queries × [own key; bank], no self-exclusion, no
+gradient to the bank): ``_infonce_fwd_kernel`` / ``_infonce_bwd_kernel``. Uniformity reuses the
+pair kernels without the positive: S = 2t ẑẑᵀ, log-mean-exp over i ≠ j, minus 2t.
+
+All pointer offsets are int64 (R·d passes 2**31 at R = 2**19, d = 4096); the grid is 1-D over
+row blocks (at most 2**31 - 1 programs), so any N the memory allows is launched. Kernels use only
+``tl.load/store`` with masks, ``tl.dot``, ``tl.trans``, reductions, ``tl.exp/log``,
+``tl.where``, ``tl.debug_barrier``: Triton 3.6 (GPU) and 3.9 (interpreter) both have them.
+
+Cost model and prediction (H100 SXM: ~990 TFLOP/s dense bf16, ~60 TFLOP/s fp32 FMA, ~3 TB/s
+HBM; the multi-function unit computes ~3.9e12 exponentials/s). With R = C = 2N:
+
+* forward: 2·R·C·d FLOPs (S), R·C exponentials; backward: 4·R·C·d FLOPs (S again, H·Z),
+  2·R·C exponentials. Total 6·(2N)²·d FLOPs and 3·(2N)² exponentials.
+* fewest bytes: read x, write dx: 2·2N·d·b (b bytes per element) plus O(N) floats. This
+  implementation also writes/reads ẑ (2·2N·d·b) and dẑ in float32 (2·2N·d·4) -- still O(N·d).
+* 2N = 8192, d = 128, bf16: 51.5 GFLOP → 52 µs at 990 TFLOP/s; bytes 4.2 MB minimum (≈ 17 MB
+  as implemented) → 1.4 µs (6 µs). Roofline floor: 52 µs, compute-bound. The 201 M
+  exponentials alone take ≈ 52 µs on the multi-function unit, so without FA3-style overlap of
+  exponentials and MMA expect ≈ 100-130 µs forward+backward (40-50 % of the floor).
+* 2N = 131072, d = 128, bf16: 13.2 TFLOP → floor 13.3 ms; memory ≈ 2N·d·(2+2+4+4) bytes
+  ≈ 200 MB instead of the (2N)² = 17 G logits of the reference.
+* float32 inputs run ``tl.dot`` in IEEE float32 (FMA, ~60 TFLOP/s): floor 0.86 ms at
+  2N = 8192, d = 128.
+* InfoNCE, N queries, K bank rows: 6·N·K·d FLOPs, 3·N·K exponentials; bytes ≥ (4N + K)·d·b.
+  N = 256, K = 65536, d = 128, bf16: 12.9 GFLOP → 13 µs; bytes 17 MB → 6 µs.
+* Uniformity forward: 2·N²·d FLOPs, N² exponentials.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastssl import distributed
+from fastssl._backend import triton_interpreter_enabled
+
+_NORM_EPS = 1e-12  # F.normalize's clamp
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, FP32_IEEE: tl.constexpr):
+    # FP32_IEEE: the product in IEEE float32. Float32 operands would otherwise default to TF32
+    # on tensor cores (10-bit mantissa), too coarse for the float32 reference. The interpreter
+    # also takes this path for bfloat16, which it stores as raw uint16 and cannot multiply;
+    # bf16 x bf16 products are exact in float32, so that matches the tensor-core result.
+    if FP32_IEEE:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _round_to(x, DTYPE: tl.constexpr, BF16_RTNE: tl.constexpr):
+    """float32 → DTYPE rounding to nearest even. The interpreter truncates float32 → bfloat16
+    (the GPU rounds), so under it (BF16_RTNE) the bits are rounded here first, after which the
+    conversion is exact; a test on the CPU then sees the GPU's numerics."""
+    if BF16_RTNE:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
+
+
+@triton.jit
+def _load_tile(ptr, rows64, row_mask, stride_row, stride_col, k0, D, BLOCK_K: tl.constexpr):
+    """(BLOCK_M, BLOCK_K) tile of rows ``rows64``, features ``k0 .. k0+BLOCK_K``, zero-padded."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    offsets = rows64[:, None] * stride_row + ks[None, :].to(tl.int64) * stride_col
+    return tl.load(ptr + offsets, mask=row_mask[:, None] & (ks[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _l2_normalize_fwd_kernel(
+    X, stride_xm, stride_xd, Z, NORM, M, D, row_offset,
+    EPS: tl.constexpr, BF16_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Z[row_offset + i] = X[i] / max(‖X[i]‖, EPS) (Z contiguous, Z's dtype); NORM = ‖X[i]‖."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    rows64 = rows.to(tl.int64)
+    sq = tl.zeros((BLOCK_M,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        x = _load_tile(X, rows64, row_mask, stride_xm, stride_xd, d0, D, BLOCK_D).to(tl.float32)
+        sq += tl.sum(x * x, axis=1)
+    # Correctly rounded sqrt and division (as PyTorch's): O(N·d) work, and a 1-d row then
+    # normalizes to exactly ±1, whose normalization gradient is exactly 0.
+    norm = tl.sqrt_rn(sq)
+    clamped = tl.broadcast_to(tl.maximum(norm, EPS)[:, None], (BLOCK_M, BLOCK_D))
+    out_rows64 = rows64 + row_offset
+    tl.store(NORM + out_rows64, norm, mask=row_mask)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        x = _load_tile(X, rows64, row_mask, stride_xm, stride_xd, d0, D, BLOCK_D).to(tl.float32)
+        tl.store(
+            Z + out_rows64[:, None] * D + ds[None, :],
+            _round_to(tl.div_rn(x, clamped), Z.dtype.element_ty, BF16_RTNE),
+            mask=row_mask[:, None] & (ds[None, :] < D),
+        )
+
+
+@triton.jit
+def _l2_normalize_bwd_kernel(
+    X, stride_xm, stride_xd, NORM, DZ, DX, M, D, row_offset,
+    EPS: tl.constexpr, BF16_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """DX[i] = (dz - ẑ(ẑ·dz)) / ‖x‖ with dz = DZ[row_offset + i] (float32), ẑ recomputed from X.
+
+    Below the clamp (‖x‖ < EPS) the map is x/EPS, linear: the projection term vanishes."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    rows64 = rows.to(tl.int64)
+    src_rows64 = rows64 + row_offset
+    norm = tl.load(NORM + src_rows64, mask=row_mask, other=1.0)
+    clamped = tl.broadcast_to(tl.maximum(norm, EPS)[:, None], (BLOCK_M, BLOCK_D))
+    projection = tl.zeros((BLOCK_M,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        x = _load_tile(X, rows64, row_mask, stride_xm, stride_xd, d0, D, BLOCK_D).to(tl.float32)
+        dz = _load_tile(DZ, src_rows64, row_mask, D, 1, d0, D, BLOCK_D)
+        projection += tl.sum(tl.div_rn(x, clamped) * dz, axis=1)
+    projection = tl.where(norm >= EPS, projection, 0.0)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        x = _load_tile(X, rows64, row_mask, stride_xm, stride_xd, d0, D, BLOCK_D).to(tl.float32)
+        dz = _load_tile(DZ, src_rows64, row_mask, D, 1, d0, D, BLOCK_D)
+        dx = tl.div_rn(dz - tl.div_rn(x, clamped) * projection[:, None], clamped)
+        tl.store(
+            DX + rows64[:, None] * D + ds[None, :],
+            _round_to(dx, DX.dtype.element_ty, BF16_RTNE),
+            mask=row_mask[:, None] & (ds[None, :] < D),
+        )
+
+
+@triton.jit
+def _rowwise_cosine_kernel(
+    X, stride_xm, stride_xd, Y, stride_ym, stride_yd, NORM_X, NORM_Y, OUT, M, D,
+    EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """OUT[i] = x_i·y_i / (max(‖x_i‖, EPS)·max(‖y_i‖, EPS)) in float32 from the inputs (the positive
+    pairs' cosine, kept out of the half-precision tiles)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    rows64 = rows.to(tl.int64)
+    acc = tl.zeros((BLOCK_M,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        x = _load_tile(X, rows64, row_mask, stride_xm, stride_xd, d0, D, BLOCK_D).to(tl.float32)
+        y = _load_tile(Y, rows64, row_mask, stride_ym, stride_yd, d0, D, BLOCK_D).to(tl.float32)
+        acc += tl.sum(x * y, axis=1)
+    norm_x = tl.maximum(tl.load(NORM_X + rows, mask=row_mask, other=1.0), EPS)
+    norm_y = tl.maximum(tl.load(NORM_Y + rows, mask=row_mask, other=1.0), EPS)
+    tl.store(OUT + rows, acc / (norm_x * norm_y), mask=row_mask)
+
+
+@triton.jit
+def _logits_tile(
+    ZR, rows64, row_mask, a, ZC, cols64, col_mask, D,
+    FP32_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
+):
+    """ZR[rows]·ZC[cols]ᵀ (float32, unscaled); ``a`` is the row tile when SINGLE_K."""
+    if SINGLE_K:
+        b = _load_tile(ZC, cols64, col_mask, D, 1, 0, D, BLOCK_K)
+        s = _dot(a, tl.trans(b), FP32_IEEE)
+    else:
+        s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            a_k = _load_tile(ZR, rows64, row_mask, D, 1, k0, D, BLOCK_K)
+            b_k = _load_tile(ZC, cols64, col_mask, D, 1, k0, D, BLOCK_K)
+            s += _dot(a_k, tl.trans(b_k), FP32_IEEE)
+    return s
+
+
+@triton.jit
+def _pair_lse_fwd_kernel(
+    ZR, ZC, POS_COS, LSE, ROW_LOSS,
+    R, C, D, n_local, col_offset, inv_temp,
+    HAS_POSITIVE: tl.constexpr, FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
+):
+    """LSE[r] = log Σ_{c ≠ self(r)} exp(S_rc), S = ZR·ZCᵀ·inv_temp; ROW_LOSS[r] = LSE[r] - S_r,pos(r).
+
+    Row r is sample r mod n_local of view r // n_local; its own column is col_offset + r and
+    its positive col_offset + (r ± n_local) (columns are the rank-major concatenation of all
+    ranks' rows). The positive logit is POS_COS[sample]·inv_temp, the cosine computed in float32
+    from the inputs: it seeds the online log-sum-exp (m = s₊, l = 1) and its column is masked in
+    the tiles, so in half precision the term that dominates the loss is not rounded through the
+    stored ẑ. Without a positive (uniformity) the first tile holds a non-self column (C ≥ 2), so
+    the running max is finite from the first tile on (no -inf - -inf)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < R
+    rows64 = rows.to(tl.int64)
+    self_cols = rows + col_offset
+    sample = tl.where(rows < n_local, rows, rows - n_local)
+    pos_cols = tl.where(rows < n_local, rows + n_local, rows - n_local) + col_offset
+    a = _load_tile(ZR, rows64, row_mask, D, 1, 0, D, BLOCK_K)
+    if HAS_POSITIVE:
+        positive = tl.load(POS_COS + sample, mask=row_mask, other=0.0) * inv_temp
+        m_i = positive
+        l_i = tl.full((BLOCK_M,), 1.0, tl.float32)
+    else:
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+    for n0 in range(0, C, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < C
+        s = _logits_tile(ZR, rows64, row_mask, a, ZC, cols.to(tl.int64), col_mask, D,
+                         FP32_IEEE, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K) * inv_temp
+        keep = col_mask[None, :] & (cols[None, :] != self_cols[:, None])
+        if HAS_POSITIVE:
+            keep = keep & (cols[None, :] != pos_cols[:, None])
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        m_i = m_new
+    lse = m_i + tl.log(l_i)
+    tl.store(LSE + rows, lse, mask=row_mask)
+    if HAS_POSITIVE:
+        tl.store(ROW_LOSS + rows, lse - positive, mask=row_mask)
+
+
+@triton.jit
+def _pair_lse_bwd_kernel(
+    ZR, ZC, POS_COS, LSE_R, LSE_C, GRAD_LOSS, DZ,
+    R, C, D, n_local, col_offset, inv_temp, grad_scale,
+    HAS_POSITIVE: tl.constexpr, FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
+):
+    """DZ[r] = g·grad_scale·Σ_{c≠self} H_rc ZC[c], H_rc = e^{S_rc - LSE_R[r]} + e^{S_rc - LSE_C[c]} - 2[c = pos(r)].
+
+    g is read from GRAD_LOSS on the device (no host sync). The negatives' weights lie in [0, 2]
+    and go to ``tl.dot`` in the input dtype (as FlashAttention's P); the positive's weight (near
+    -2, the dominant term) is computed in float32 from the float32 positive logit, as in the
+    forward, and applied after the loop."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < R
+    rows64 = rows.to(tl.int64)
+    self_cols = rows + col_offset
+    sample = tl.where(rows < n_local, rows, rows - n_local)
+    pos_cols = tl.where(rows < n_local, rows + n_local, rows - n_local) + col_offset
+    lse_r = tl.load(LSE_R + rows, mask=row_mask, other=0.0)
+    a = _load_tile(ZR, rows64, row_mask, D, 1, 0, D, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+    if not SINGLE_K:
+        for k0 in range(0, D, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            tl.store(DZ + rows64[:, None] * D + ks[None, :], tl.zeros((BLOCK_M, BLOCK_K), tl.float32),
+                     mask=row_mask[:, None] & (ks[None, :] < D))
+        tl.debug_barrier()
+    for n0 in range(0, C, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < C
+        cols64 = cols.to(tl.int64)
+        if SINGLE_K:
+            b = _load_tile(ZC, cols64, col_mask, D, 1, 0, D, BLOCK_K)
+            s = _dot(a, tl.trans(b), FP32_IEEE) * inv_temp
+        else:
+            s = _logits_tile(ZR, rows64, row_mask, a, ZC, cols64, col_mask, D,
+                             FP32_IEEE, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K) * inv_temp
+        lse_c = tl.load(LSE_C + cols, mask=col_mask, other=0.0)
+        keep = row_mask[:, None] & col_mask[None, :] & (cols[None, :] != self_cols[:, None])
+        if HAS_POSITIVE:
+            keep = keep & (cols[None, :] != pos_cols[:, None])
+        # Masked entries may overflow to inf before the select; the select drops them.
+        h = tl.exp(s - lse_r[:, None]) + tl.exp(s - lse_c[None, :])
+        h = _round_to(tl.where(keep, h, 0.0), ZC.dtype.element_ty, BF16_RTNE)
+        if SINGLE_K:
+            acc += _dot(h, b, FP32_IEEE)
+        else:
+            # This program owns its rows of DZ: read-modify-write per d-chunk, race-free. The
+            # barrier orders one tile's stores before the next tile's loads across warps.
+            for k0 in range(0, D, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                b_k = _load_tile(ZC, cols64, col_mask, D, 1, k0, D, BLOCK_K)
+                dz_ptrs = DZ + rows64[:, None] * D + ks[None, :]
+                dz_mask = row_mask[:, None] & (ks[None, :] < D)
+                tl.store(dz_ptrs, tl.load(dz_ptrs, mask=dz_mask, other=0.0) + _dot(h, b_k, FP32_IEEE), mask=dz_mask)
+            tl.debug_barrier()
+    scale = tl.load(GRAD_LOSS).to(tl.float32) * grad_scale
+    pos_rows64 = pos_cols.to(tl.int64)
+    positive_weight = tl.zeros((BLOCK_M,), tl.float32)
+    if HAS_POSITIVE:
+        positive = tl.load(POS_COS + sample, mask=row_mask, other=0.0) * inv_temp
+        lse_pos = tl.load(LSE_C + pos_cols, mask=row_mask, other=0.0)
+        positive_weight = tl.exp(positive - lse_r) + tl.exp(positive - lse_pos) - 2.0
+    if SINGLE_K:
+        ks = tl.arange(0, BLOCK_K)
+        if HAS_POSITIVE:
+            acc += positive_weight[:, None] * _load_tile(ZC, pos_rows64, row_mask, D, 1, 0, D, BLOCK_K).to(tl.float32)
+        tl.store(DZ + rows64[:, None] * D + ks[None, :], acc * scale, mask=row_mask[:, None] & (ks[None, :] < D))
+    else:
+        for k0 in range(0, D, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            dz_ptrs = DZ + rows64[:, None] * D + ks[None, :]
+            dz_mask = row_mask[:, None] & (ks[None, :] < D)
+            dz = tl.load(dz_ptrs, mask=dz_mask, other=0.0)
+            if HAS_POSITIVE:
+                dz += positive_weight[:, None] * _load_tile(ZC, pos_rows64, row_mask, D, 1, k0, D, BLOCK_K).to(tl.float32)
+            tl.store(dz_ptrs, dz * scale, mask=dz_mask)
+
+
+@triton.jit
+def _bank_tile(BANK, stride_bank_row, stride_bank_col, cols64, col_mask, k0, D, DTYPE: tl.constexpr,
+               BF16_RTNE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Bank rows in the queries' dtype (the reference casts the bank the same way)."""
+    b = _load_tile(BANK, cols64, col_mask, stride_bank_row, stride_bank_col, k0, D, BLOCK_K)
+    if BF16_RTNE:
+        b = _round_to(b.to(tl.float32), DTYPE, BF16_RTNE)
+    else:
+        b = b.to(DTYPE)
+    return b
+
+
+@triton.jit
+def _bank_logits_tile(
+    ZQ, rows64, row_mask, a, BANK, stride_bank_row, stride_bank_col, cols64, col_mask, D,
+    FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
+):
+    if SINGLE_K:
+        b = _bank_tile(BANK, stride_bank_row, stride_bank_col, cols64, col_mask, 0, D, ZQ.dtype.element_ty, BF16_RTNE, BLOCK_K)
+        s = _dot(a, tl.trans(b), FP32_IEEE)
+    else:
+        s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            a_k = _load_tile(ZQ, rows64, row_mask, D, 1, k0, D, BLOCK_K)
+            b_k = _bank_tile(BANK, stride_bank_row, stride_bank_col, cols64, col_mask, k0, D, ZQ.dtype.element_ty, BF16_RTNE, BLOCK_K)
+            s += _dot(a_k, tl.trans(b_k), FP32_IEEE)
+    return s
+
+
+@triton.jit
+def _infonce_fwd_kernel(
+    ZQ, POS_COS, BANK, stride_bank_row, stride_bank_col, LSE, ROW_LOSS,
+    N, K, D, inv_temp,
+    FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
+):
+    """LSE[i] = log(e^{s₊} + Σ_j e^{q̂_i·b_j/τ}), s₊ = POS_COS[i]/τ (float32 cosine of the inputs);
+    ROW_LOSS[i] = LSE[i] - s₊. The online log-sum-exp starts from the positive (m = s₊, l = 1):
+    always finite."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    rows64 = rows.to(tl.int64)
+    positive = tl.load(POS_COS + rows, mask=row_mask, other=0.0) * inv_temp
+    a = _load_tile(ZQ, rows64, row_mask, D, 1, 0, D, BLOCK_K)
+    m_i = positive
+    l_i = tl.full((BLOCK_M,), 1.0, tl.float32)
+    for n0 in range(0, K, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < K
+        s = _bank_logits_tile(ZQ, rows64, row_mask, a, BANK, stride_bank_row, stride_bank_col,
+                              cols.to(tl.int64), col_mask, D, FP32_IEEE, BF16_RTNE, BLOCK_M, BLOCK_N, BLOCK_K,
+                              SINGLE_K) * inv_temp
+        s = tl.where(col_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        m_i = m_new
+    lse = m_i + tl.log(l_i)
+    tl.store(LSE + rows, lse, mask=row_mask)
+    tl.store(ROW_LOSS + rows, lse - positive, mask=row_mask)
+
+
+@triton.jit
+def _infonce_bwd_kernel(
+    ZQ, ZK, POS_COS, BANK, stride_bank_row, stride_bank_col, LSE, GRAD_LOSS, DQ, DK,
+    N, K, D, inv_temp, grad_scale,
+    FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
+):
+    """dq̂_i = g·grad_scale·((p₊-1) k̂_i + Σ_j P_ij b_j), dk̂_i = g·grad_scale·(p₊-1) q̂_i (float32)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    rows64 = rows.to(tl.int64)
+    lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+    positive = tl.load(POS_COS + rows, mask=row_mask, other=0.0) * inv_temp
+    positive_weight = tl.exp(positive - lse) - 1.0
+    a = _load_tile(ZQ, rows64, row_mask, D, 1, 0, D, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+    if not SINGLE_K:
+        for k0 in range(0, D, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            tl.store(DQ + rows64[:, None] * D + ks[None, :], tl.zeros((BLOCK_M, BLOCK_K), tl.float32),
+                     mask=row_mask[:, None] & (ks[None, :] < D))
+        tl.debug_barrier()
+    for n0 in range(0, K, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < K
+        cols64 = cols.to(tl.int64)
+        if SINGLE_K:
+            b = _bank_tile(BANK, stride_bank_row, stride_bank_col, cols64, col_mask, 0, D, ZQ.dtype.element_ty, BF16_RTNE, BLOCK_K)
+            s = _dot(a, tl.trans(b), FP32_IEEE) * inv_temp
+        else:
+            s = _bank_logits_tile(ZQ, rows64, row_mask, a, BANK, stride_bank_row, stride_bank_col,
+                                  cols64, col_mask, D, FP32_IEEE, BF16_RTNE, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K) * inv_temp
+        keep = row_mask[:, None] & col_mask[None, :]
+        p = _round_to(tl.where(keep, tl.exp(s - lse[:, None]), 0.0), ZQ.dtype.element_ty, BF16_RTNE)
+        if SINGLE_K:
+            acc += _dot(p, b, FP32_IEEE)
+        else:
+            for k0 in range(0, D, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                b_k = _bank_tile(BANK, stride_bank_row, stride_bank_col, cols64, col_mask, k0, D, ZQ.dtype.element_ty, BF16_RTNE, BLOCK_K)
+                dq_ptrs = DQ + rows64[:, None] * D + ks[None, :]
+                dq_mask = row_mask[:, None] & (ks[None, :] < D)
+                tl.store(dq_ptrs, tl.load(dq_ptrs, mask=dq_mask, other=0.0) + _dot(p, b_k, FP32_IEEE), mask=dq_mask)
+            tl.debug_barrier()
+    scale = tl.load(GRAD_LOSS).to(tl.float32) * grad_scale
+    if SINGLE_K:
+        ks = tl.arange(0, BLOCK_K)
+        mask = row_mask[:, None] & (ks[None, :] < D)
+        k_hat = _load_tile(ZK, rows64, row_mask, D, 1, 0, D, BLOCK_K).to(tl.float32)
+        dq = (acc + positive_weight[:, None] * k_hat) * scale
+        dk = positive_weight[:, None] * a.to(tl.float32) * scale
+        tl.store(DQ + rows64[:, None] * D + ks[None, :], dq, mask=mask)
+        tl.store(DK + rows64[:, None] * D + ks[None, :], dk, mask=mask)
+    else:
+        for k0 in range(0, D, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            mask = row_mask[:, None] & (ks[None, :] < D)
+            offsets = rows64[:, None] * D + ks[None, :]
+            k_hat = _load_tile(ZK, rows64, row_mask, D, 1, k0, D, BLOCK_K).to(tl.float32)
+            q_hat = _load_tile(ZQ, rows64, row_mask, D, 1, k0, D, BLOCK_K).to(tl.float32)
+            dq = tl.load(DQ + offsets, mask=mask, other=0.0)
+            tl.store(DQ + offsets, (dq + positive_weight[:, None] * k_hat) * scale, mask=mask)
+            tl.store(DK + offsets, positive_weight[:, None] * q_hat * scale, mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile shape of the pair kernels. ``single_k``: the whole feature dimension is one
+    ``block_k`` tile (register accumulation); otherwise d is walked in ``block_k`` chunks.
+    ``fp32_operands``: keep ẑ in float32 and multiply in IEEE float32 even for half inputs
+    (None: only when d <= ``FP32_OPERANDS_MAX_D``, see :func:`operand_dtype`)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    single_k: bool
+    num_warps: int = 4
+    num_stages: int = 2
+    fp32_operands: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k"):
+            value = getattr(self, name)
+            # tl.dot needs every tile side >= 16 on the GPU, and arange needs powers of two.
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+
+
+def default_config(d: int, dtype: torch.dtype) -> KernelConfig:
+    """Tiles for feature dimension ``d``: FlashAttention-2-like shapes on H100, the whole row in
+    one tile up to d = 256 (half) / 128 (float32), d-chunks of 64 / 32 beyond."""
+    block_d = max(16, triton.next_power_of_2(d))
+    if dtype in (torch.float16, torch.bfloat16):
+        if block_d <= 64:
+            return KernelConfig(128, 64, block_d, True, num_warps=4, num_stages=3)
+        if block_d <= 128:
+            return KernelConfig(128, 64, block_d, True, num_warps=8, num_stages=2)
+        if block_d <= 256:
+            return KernelConfig(64, 64, block_d, True, num_warps=8, num_stages=2)
+        return KernelConfig(64, 64, 64, False, num_warps=4, num_stages=2)
+    if block_d <= 64:
+        return KernelConfig(64, 64, block_d, True, num_warps=4, num_stages=2)
+    if block_d <= 128:
+        return KernelConfig(64, 32, block_d, True, num_warps=4, num_stages=2)
+    return KernelConfig(64, 64, 32, False, num_warps=4, num_stages=2)
+
+
+# Up to this d the pair kernels keep ẑ in float32 for half inputs. Rounding ẑ to bf16 moves a
+# logit by ~2^-9·|ẑ|/τ; at large d those roundings average out over the features, at small d
+# they do not and the result is no more accurate than PyTorch's own bf16 arithmetic. Small d is
+# also where float32 products are cheap: at 2d FLOPs per logit the FMA units keep up with the
+# exponential unit (one exp per logit) until d ≈ 16.
+FP32_OPERANDS_MAX_D = 16
+
+
+def operand_dtype(d: int, dtype: torch.dtype, config: Optional[KernelConfig] = None) -> torch.dtype:
+    """Dtype of the stored ẑ and of the ``tl.dot`` operands for inputs of ``dtype`` and width d."""
+    fp32 = config.fp32_operands if config is not None and config.fp32_operands is not None else d <= FP32_OPERANDS_MAX_D
+    return torch.float32 if fp32 or dtype == torch.float32 else dtype
+
+
+def _resolve_config(config: Optional[KernelConfig], d: int, dtype: torch.dtype) -> KernelConfig:
+    config = config or default_config(d, dtype)
+    if config.single_k and config.block_k < d:
+        raise ValueError(f"single_k needs block_k >= d, got block_k={config.block_k} for d={d}")
+    return config
+
+
+def _check_kernel_dtype(name: str, x: Tensor) -> None:
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16 for the Triton kernels, got {x.dtype}")
+
+
+def _dot_in_fp32(dtype: torch.dtype) -> bool:
+    """Float32 inputs always; bfloat16 under the interpreter (see ``_dot``)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and triton_interpreter_enabled())
+
+
+def _emulate_rtne(dtype: torch.dtype) -> bool:
+    """Round float32 → bfloat16 by hand under the interpreter (see ``_round_to``)."""
+    return dtype == torch.bfloat16 and triton_interpreter_enabled()
+
+
+def _norm_blocks(d: int) -> Tuple[int, int]:
+    block_d = min(max(16, triton.next_power_of_2(d)), 1024)
+    return max(1, 2048 // block_d), block_d
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers (explicit output buffers, so tests can poison them)
+# --------------------------------------------------------------------------------------------
+
+
+def l2_normalize_rows(
+    x: Tensor, z: Optional[Tensor] = None, norms: Optional[Tensor] = None, row_offset: int = 0,
+    dtype: Optional[torch.dtype] = None,
+) -> Tuple[Tensor, Tensor]:
+    """ẑ = x/max(‖x‖, 1e-12) into rows ``row_offset ..`` of ``z`` (contiguous (·, d)) and ‖x‖ into
+    ``norms`` (float32). ``x`` (M, d) may have any strides. Returns (z, norms)."""
+    m, d = x.shape
+    if z is None:
+        z = torch.empty((m + row_offset, d), dtype=dtype or x.dtype, device=x.device)
+    if norms is None:
+        norms = torch.empty(m + row_offset, dtype=torch.float32, device=x.device)
+    assert z.is_contiguous() and norms.dtype == torch.float32
+    block_m, block_d = _norm_blocks(d)
+    _l2_normalize_fwd_kernel[(triton.cdiv(m, block_m),)](
+        x, x.stride(0), x.stride(1), z, norms, m, d, row_offset,
+        EPS=_NORM_EPS, BF16_RTNE=_emulate_rtne(z.dtype), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
+    )
+    return z, norms
+
+
+def l2_normalize_rows_backward(
+    x: Tensor, norms: Tensor, grad_z: Tensor, row_offset: int = 0, out: Optional[Tensor] = None
+) -> Tensor:
+    """dx (x's shape and dtype, contiguous) from dẑ = ``grad_z[row_offset : row_offset + M]``."""
+    m, d = x.shape
+    if out is None:
+        out = torch.empty((m, d), dtype=x.dtype, device=x.device)
+    assert out.is_contiguous() and grad_z.is_contiguous() and grad_z.dtype == torch.float32
+    block_m, block_d = _norm_blocks(d)
+    _l2_normalize_bwd_kernel[(triton.cdiv(m, block_m),)](
+        x, x.stride(0), x.stride(1), norms, grad_z, out, m, d, row_offset,
+        EPS=_NORM_EPS, BF16_RTNE=_emulate_rtne(out.dtype), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
+    )
+    return out
+
+
+def rowwise_cosine(
+    x: Tensor, y: Tensor, norm_x: Tensor, norm_y: Tensor, out: Optional[Tensor] = None
+) -> Tensor:
+    """cos(x_i, y_i) (M,) float32 from x, y (M, d) (any strides) and their row norms."""
+    m, d = x.shape
+    if out is None:
+        out = torch.empty(m, dtype=torch.float32, device=x.device)
+    block_m, block_d = _norm_blocks(d)
+    _rowwise_cosine_kernel[(triton.cdiv(m, block_m),)](
+        x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1), norm_x, norm_y, out, m, d,
+        EPS=_NORM_EPS, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
+    )
+    return out
+
+
+def pair_lse_forward(
+    z_rows: Tensor, z_cols: Tensor, pos_cos: Optional[Tensor], inv_temp: float, n_local: int, col_offset: int,
+    config: Optional[KernelConfig] = None, lse: Optional[Tensor] = None, row_loss: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Per-row log-sum-exp of z_rows·z_colsᵀ·inv_temp over all columns but each row's own
+    (``col_offset + r``), and with ``pos_cos`` (n_local,) -- the positive pairs' cosines -- the
+    NT-Xent row loss. z_rows (R, d), z_cols (C, d) contiguous, same dtype. Returns
+    (lse (R,), row_loss (R,)) in float32."""
+    r, d = z_rows.shape
+    c = z_cols.shape[0]
+    cfg = _resolve_config(config, d, z_rows.dtype)
+    with_positive = pos_cos is not None
+    if lse is None:
+        lse = torch.empty(r, dtype=torch.float32, device=z_rows.device)
+    if row_loss is None:
+        row_loss = torch.empty(r if with_positive else 1, dtype=torch.float32, device=z_rows.device)
+    _pair_lse_fwd_kernel[(triton.cdiv(r, cfg.block_m),)](
+        z_rows, z_cols, pos_cos if with_positive else lse, lse, row_loss, r, c, d, n_local, col_offset, float(inv_temp),
+        HAS_POSITIVE=with_positive, FP32_IEEE=_dot_in_fp32(z_rows.dtype), BF16_RTNE=_emulate_rtne(z_rows.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=cfg.single_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return lse, row_loss
+
+
+def pair_lse_backward(
+    z_rows: Tensor, z_cols: Tensor, pos_cos: Optional[Tensor], lse_rows: Tensor, lse_cols: Tensor,
+    grad_loss: Tensor, inv_temp: float, grad_scale: float, n_local: int, col_offset: int,
+    config: Optional[KernelConfig] = None, out: Optional[Tensor] = None,
+) -> Tensor:
+    """dẑ rows (R, d) float32: ``grad_loss · grad_scale · Σ_c (e^{S-lse_r} + e^{S-lse_c} - 2[c = pos]) z_c``
+    (the positive term only with ``pos_cos``)."""
+    r, d = z_rows.shape
+    c = z_cols.shape[0]
+    cfg = _resolve_config(config, d, z_rows.dtype)
+    with_positive = pos_cos is not None
+    if out is None:
+        out = torch.empty((r, d), dtype=torch.float32, device=z_rows.device)
+    grad_loss = grad_loss.reshape(()).to(torch.float32).contiguous()
+    _pair_lse_bwd_kernel[(triton.cdiv(r, cfg.block_m),)](
+        z_rows, z_cols, pos_cos if with_positive else lse_rows, lse_rows, lse_cols, grad_loss, out,
+        r, c, d, n_local, col_offset, float(inv_temp), float(grad_scale),
+        HAS_POSITIVE=with_positive, FP32_IEEE=_dot_in_fp32(z_rows.dtype), BF16_RTNE=_emulate_rtne(z_rows.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=cfg.single_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def infonce_forward(
+    q_hat: Tensor, pos_cos: Tensor, bank: Tensor, inv_temp: float, config: Optional[KernelConfig] = None,
+    lse: Optional[Tensor] = None, row_loss: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """(lse (N,), row loss (N,)) of queries q̂ (N, d) against [own key (cosine ``pos_cos``);
+    bank (K, d), any strides]."""
+    n, d = q_hat.shape
+    cfg = _resolve_config(config, d, q_hat.dtype)
+    if lse is None:
+        lse = torch.empty(n, dtype=torch.float32, device=q_hat.device)
+    if row_loss is None:
+        row_loss = torch.empty(n, dtype=torch.float32, device=q_hat.device)
+    _infonce_fwd_kernel[(triton.cdiv(n, cfg.block_m),)](
+        q_hat, pos_cos, bank, bank.stride(0), bank.stride(1), lse, row_loss,
+        n, bank.shape[0], d, float(inv_temp),
+        FP32_IEEE=_dot_in_fp32(q_hat.dtype), BF16_RTNE=_emulate_rtne(q_hat.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=cfg.single_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return lse, row_loss
+
+
+def infonce_backward(
+    q_hat: Tensor, k_hat: Tensor, pos_cos: Tensor, bank: Tensor, lse: Tensor, grad_loss: Tensor, inv_temp: float,
+    grad_scale: float, config: Optional[KernelConfig] = None,
+    grad_q: Optional[Tensor] = None, grad_k: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """(dq̂, dk̂), each (N, d) float32."""
+    n, d = q_hat.shape
+    cfg = _resolve_config(config, d, q_hat.dtype)
+    if grad_q is None:
+        grad_q = torch.empty((n, d), dtype=torch.float32, device=q_hat.device)
+    if grad_k is None:
+        grad_k = torch.empty((n, d), dtype=torch.float32, device=q_hat.device)
+    grad_loss = grad_loss.reshape(()).to(torch.float32).contiguous()
+    _infonce_bwd_kernel[(triton.cdiv(n, cfg.block_m),)](
+        q_hat, k_hat, pos_cos, bank, bank.stride(0), bank.stride(1), lse, grad_loss, grad_q, grad_k,
+        n, bank.shape[0], d, float(inv_temp), float(grad_scale),
+        FP32_IEEE=_dot_in_fp32(q_hat.dtype), BF16_RTNE=_emulate_rtne(q_hat.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=cfg.single_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return grad_q, grad_k
+
+
+# --------------------------------------------------------------------------------------------
+# autograd Functions
+# --------------------------------------------------------------------------------------------
+
+
+class _NTXentTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out0: Tensor, out1: Tensor, temperature: float, gather_distributed: bool, config: Optional[KernelConfig]) -> Tensor:  # type: ignore[override]
+        n_local, d = out0.shape
+        n_rows = 2 * n_local
+        z_dtype = operand_dtype(d, torch.promote_types(out0.dtype, out1.dtype), config)
+        z_rows = torch.empty((n_rows, d), dtype=z_dtype, device=out0.device)
+        norms = torch.empty(n_rows, dtype=torch.float32, device=out0.device)
+        l2_normalize_rows(out0, z_rows, norms, 0)
+        l2_normalize_rows(out1, z_rows, norms, n_local)
+        use_dist = gather_distributed and distributed.is_distributed()
+        if use_dist:
+            z_cols = distributed.gather_no_grad(z_rows)
+            col_offset = distributed.rank() * n_rows
+        else:
+            z_cols, col_offset = z_rows, 0
+        inv_temp = 1.0 / temperature
+        pos_cos = rowwise_cosine(out0, out1, norms[:n_local], norms[n_local:])
+        lse, row_loss = pair_lse_forward(z_rows, z_cols, pos_cos, inv_temp, n_local, col_offset, config)
+        lse_cols = distributed.gather_no_grad(lse) if use_dist else lse
+        ctx.save_for_backward(out0, out1, z_rows, norms, pos_cos, lse, lse_cols, z_cols if use_dist else None)
+        ctx.meta = (inv_temp, n_local, col_offset, use_dist, config)
+        return row_loss.sum() / n_rows
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
+        out0, out1, z_rows, norms, pos_cos, lse, lse_cols, saved_cols = ctx.saved_tensors
+        inv_temp, n_local, col_offset, use_dist, config = ctx.meta
+        z_cols = saved_cols if use_dist else z_rows
+        # 1/(2n), this rank's row count: W × the global gradient when distributed (module doc).
+        grad_z = pair_lse_backward(z_rows, z_cols, pos_cos, lse, lse_cols, grad_loss, inv_temp,
+                                   inv_temp / (2 * n_local), n_local, col_offset, config)
+        grad0 = l2_normalize_rows_backward(out0, norms, grad_z, 0)
+        grad1 = l2_normalize_rows_backward(out1, norms, grad_z, n_local)
+        return grad0, grad1, None, None, None
+
+
+class _InfoNCETriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query: Tensor, key: Tensor, negatives: Tensor, temperature: float, config: Optional[KernelConfig]) -> Tensor:  # type: ignore[override]
+        dtype = operand_dtype(query.shape[1], torch.promote_types(query.dtype, key.dtype), config)
+        q_hat, q_norms = l2_normalize_rows(query, dtype=dtype)
+        k_hat, k_norms = l2_normalize_rows(key, dtype=dtype)
+        inv_temp = 1.0 / temperature
+        pos_cos = rowwise_cosine(query, key, q_norms, k_norms)
+        lse, row_loss = infonce_forward(q_hat, pos_cos, negatives, inv_temp, config)
+        ctx.save_for_backward(query, key, negatives, q_hat, k_hat, q_norms, k_norms, pos_cos, lse)
+        ctx.meta = (inv_temp, config)
+        return row_loss.sum() / query.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
+        query, key, negatives, q_hat, k_hat, q_norms, k_norms, pos_cos, lse = ctx.saved_tensors
+        inv_temp, config = ctx.meta
+        grad_q_hat, grad_k_hat = infonce_backward(q_hat, k_hat, pos_cos, negatives, lse, grad_loss, inv_temp,
+                                                  inv_temp / query.shape[0], config)
+        return (
+            l2_normalize_rows_backward(query, q_norms, grad_q_hat),
+            l2_normalize_rows_backward(key, k_norms, grad_k_hat),
+            None,
+            None,
+            None,
+        )
+
+
+class _UniformityTriton(torch.autograd.Function):
+    """U = LSE_{i≠j}(2t ẑ_i·ẑ_j) - 2t - log n(n-1); backward through the pair kernel with both
+    log-sum-exp vectors set to the global LSE T: dẑ_i = g·2t·Σ_{j≠i} 2e^{S_ij - T} ẑ_j."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, t: float, config: Optional[KernelConfig]) -> Tensor:  # type: ignore[override]
+        n = z.shape[0]
+        z_hat, norms = l2_normalize_rows(z, dtype=operand_dtype(z.shape[1], z.dtype, config))
+        row_lse, _ = pair_lse_forward(z_hat, z_hat, None, 2.0 * t, n, 0, config)
+        total_lse = torch.logsumexp(row_lse, dim=0)
+        ctx.save_for_backward(z, z_hat, norms, total_lse)
+        ctx.meta = (t, config)
+        return total_lse - 2.0 * t - math.log(n * (n - 1))
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
+        z, z_hat, norms, total_lse = ctx.saved_tensors
+        t, config = ctx.meta
+        lse = total_lse.expand(z.shape[0]).contiguous()
+        grad_z_hat = pair_lse_backward(z_hat, z_hat, None, lse, lse, grad_loss, 2.0 * t, 2.0 * t, z.shape[0], 0, config)
+        return l2_normalize_rows_backward(z, norms, grad_z_hat), None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points (called by fastssl.ntxent)
+# --------------------------------------------------------------------------------------------
+
+
+def ntxent_loss_triton(
+    out0: Tensor, out1: Tensor, temperature: float, gather_distributed: bool = False, *,
+    config: Optional[KernelConfig] = None,
+) -> Tensor:
+    """NT-Xent through the kernels. out0, out1: (N, d) float32/float16/bfloat16, any strides.
+    Returns a 0-d float32 loss; gradients in the inputs' dtypes."""
+    _check_kernel_dtype("out0", out0)
+    _check_kernel_dtype("out1", out1)
+    loss = _NTXentTriton.apply(out0, out1, float(temperature), bool(gather_distributed), config)
+    return distributed.global_mean(loss) if gather_distributed else loss
+
+
+def infonce_loss_triton(
+    query: Tensor, key: Tensor, negatives: Tensor, temperature: float, *, config: Optional[KernelConfig] = None
+) -> Tensor:
+    """InfoNCE through the kernels. query, key: (N, d); negatives: (K, d) bank, no gradient."""
+    _check_kernel_dtype("query", query)
+    _check_kernel_dtype("key", key)
+    _check_kernel_dtype("negatives", negatives)
+    return _InfoNCETriton.apply(query, key, negatives.detach(), float(temperature), config)
+
+
+def uniformity_triton(z: Tensor, t: float = 2.0, *, config: Optional[KernelConfig] = None) -> Tensor:
+    """Uniformity of the rows of z (N, d), N ≥ 2 (NaN below, as the reference). 0-d float32."""
+    _check_kernel_dtype("z", z)
+    if z.shape[0] < 2:
+        return torch.full((), float("nan"), dtype=torch.float32, device=z.device)
+    return _UniformityTriton.apply(z, float(t), config)
