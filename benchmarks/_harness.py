@@ -376,17 +376,34 @@ def _step(fn: Callable[..., Tensor], args: tuple, backward: bool, device: torch.
         torch.cuda.synchronize(device)
 
 
-def _checked_first_call(fn: Callable[..., Tensor], args: tuple, backward: bool) -> None:
-    """The untimed first call (it compiles where there is something to compile): the result and
-    every input gradient must be finite, so no row times a computation gone to NaN."""
-    out = fn(*args)
+def _assert_finite(out: Tensor, args: tuple, backward: bool) -> None:
+    """No row may time a computation gone to NaN: the result and every input gradient of the
+    first call must be finite."""
     assert torch.isfinite(out).all(), "non-finite output on finite random inputs"
     if backward:
-        out.backward()
         for x in _tensors(args):
             if x.requires_grad:
                 assert x.grad is not None, "an input that requires grad got no gradient"
                 assert torch.isfinite(x.grad).all(), "non-finite input gradient"
+
+
+def _measured_call(
+    fn: Callable[..., Tensor], args: tuple, backward: bool, device: torch.device
+) -> Tuple[int, str, float, Tensor]:
+    """One call under the memory measure: (peak bytes, measure, seconds, detached result)."""
+    results: List[Tensor] = []
+
+    def call():
+        out = fn(*args)
+        if backward:
+            out.backward()
+        results.append(out.detach())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    start = time.perf_counter()
+    peak, method = memory.peak_memory_bytes(call, device)
+    return peak, method, time.perf_counter() - start, results[0]
 
 
 def _rounds(seconds_per_call: float, device: torch.device) -> int:
@@ -412,9 +429,11 @@ def run_case(benchmark, case: Case, impl: str) -> None:
     """Time ``impl`` on ``case`` with pytest-benchmark's pedantic mode and fill ``extra_info``.
 
     Before timing (unless benchmarks are disabled, when it only runs once as a smoke test):
-    one checked call (compiles; out of memory or a failed compile skips the row), then one call
-    under the memory measure, whose duration also sets the number of rounds (about
-    ``FASTSSL_BENCH_SECONDS`` of timing: 2 s on CPU, 1 s on CUDA by default).
+    one call under the memory measure (preceded, for ``reference-compiled`` and on CUDA, by a
+    warm-up call), whose result and gradients must be finite and whose duration sets the number of
+    rounds (about ``FASTSSL_BENCH_SECONDS`` of timing: 2 s on CPU, 1 s on CUDA by default). Out
+    of memory, a failed compile or a failing lightly module skips the row with the reason;
+    any other error fails it.
     """
     device = bench_device()
     family = FAMILIES[case.loss]
@@ -441,7 +460,14 @@ def run_case(benchmark, case: Case, impl: str) -> None:
         if not getattr(benchmark, "disabled", False):
             reason = None
             try:
-                _checked_first_call(fn, setup()[0], family.backward)
+                if impl == "reference-compiled" or device.type == "cuda":
+                    # The first call compiles, and on CUDA creates the library workspaces that
+                    # later calls reuse: neither belongs in the measured call.
+                    _step(fn, setup()[0], family.backward, device)
+                args = setup()[0]
+                peak_bytes, method, seconds_per_call, out = _measured_call(fn, args, family.backward, device)
+                _assert_finite(out, args, family.backward)
+                del args, out
             except Exception as error:  # noqa: BLE001 - sorted below; real failures re-raised
                 if _is_out_of_memory(error):
                     reason = f"out of memory: {_first_line(error)}"
@@ -454,11 +480,6 @@ def run_case(benchmark, case: Case, impl: str) -> None:
             if reason is not None:
                 _free(device)
                 _skip(case, impl, reason)
-            args = setup()[0]
-            start = time.perf_counter()
-            peak_bytes, method = memory.peak_memory_bytes(lambda: _step(fn, args, family.backward, device), device)
-            seconds_per_call = time.perf_counter() - start
-            del args
             c = roofline.cost(case.loss, case.shape, case.dtype)
             matmul_rate = roofline.matmul_flops_per_s(device, case.dtype)
             copy_rate = roofline.copy_bytes_per_s(device)
