@@ -1,0 +1,5 @@
+import sys
+
+from fastssl.train.cli import main
+
+sys.exit(main())

@@ -1,0 +1,367 @@
+"""Configuration of a pretraining run: defaults, command line, config files, validation.
+
+Precedence: the defaults of :class:`TrainConfig` < a ``--config`` file (YAML or JSON) < flags
+given on the command line. With ``--resume DIR`` the run's own ``config.json`` takes the place
+of the defaults, and only the flags given explicitly override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+METHODS = (
+    "simclr",
+    "moco",
+    "byol",
+    "simsiam",
+    "barlow_twins",
+    "vicreg",
+    "swav",
+    "wmse",
+    "dino",
+    "center_penalty",
+)
+DATASETS = ("shapes", "digits", "folder", "cifar10", "cifar100")
+BACKBONES = ("tiny_cnn", "resnet18", "resnet10")
+OPTIMIZERS = ("sgd", "lars", "adamw")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+# Methods that keep an EMA copy of the network (target / key encoder / teacher).
+EMA_METHODS = ("byol", "moco", "dino")
+# Methods with a predictor head on the online branch.
+PREDICTOR_METHODS = ("byol", "simsiam")
+
+
+class ConfigError(ValueError):
+    """A flag, a config file entry or a combination of them that the driver cannot run."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run. ``None`` means "the method's or data set's own default"."""
+
+    # what to train
+    method: str = "simclr"
+    dataset: str = "shapes"
+    data_path: Optional[str] = None
+    backbone: str = "tiny_cnn"
+    width: Optional[int] = None
+    image_size: Optional[int] = None
+    num_train: int = 4000
+    num_test: int = 1000
+    test_fraction: float = 0.2
+    # schedule and optimizer
+    epochs: int = 8
+    batch_size: int = 256
+    optimizer: str = "adamw"
+    lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    min_lr_fraction: float = 0.0
+    ema_momentum: Optional[float] = None
+    # heads and loss
+    proj_dim: Optional[int] = None
+    proj_hidden_dim: Optional[int] = None
+    no_predictor: bool = False
+    no_stop_gradient: bool = False
+    no_centering: bool = False
+    loss_args: Dict[str, Any] = field(default_factory=dict)
+    prototypes: Optional[int] = None
+    queue_size: int = 0
+    freeze_prototypes_epochs: int = 1
+    # augmentations
+    num_local_crops: Optional[int] = None
+    local_crop_size: Optional[int] = None
+    crop_scale: Sequence[float] = (0.25, 1.0)
+    local_crop_scale: Sequence[float] = (0.05, 0.25)
+    jitter_strength: float = 0.5
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_probs: Sequence[float] = (1.0, 0.1)
+    solarize_probs: Sequence[float] = (0.0, 0.2)
+    # evaluation
+    knn_k: int = 20
+    knn_temperature: float = 0.1
+    probe_steps: int = 300
+    eval_batch_size: int = 512
+    # infrastructure
+    output_dir: Optional[str] = None
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    backend: str = "auto"
+    threads: Optional[int] = None
+    resume: Optional[str] = None
+    stop_after: Optional[int] = None
+    progress: str = "auto"
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for key, value in out.items():
+            if isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
+# Settings that describe an invocation rather than the run itself: never taken from a stored
+# config.json when resuming.
+_INVOCATION_ONLY = ("resume", "stop_after")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_literal(text: str) -> Any:
+    """A ``--loss-arg`` value: a Python literal (``0``, ``1e-3``, ``True``, ``(4096, 128)``), or
+    the text itself when it is not one (``whitening=zca``)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_loss_args(items: Sequence[str]) -> Dict[str, Any]:
+    """``["mu_param=0", "temperature=0.2"]`` -> ``{"mu_param": 0, "temperature": 0.2}``."""
+    out: Dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--loss-arg expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if not key.isidentifier():
+            raise ConfigError(f"--loss-arg key must be an argument name, got {key!r}")
+        out[key] = parse_literal(value.strip())
+    return out
+
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    """Read a YAML (``.yaml``/``.yml``) or JSON file of settings; keys use the flag names with
+    underscores or dashes (``batch_size`` or ``batch-size``)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, "r", encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(
+                f"{path} is YAML but PyYAML is not installed (pip install pyyaml), or use JSON"
+            ) from None
+        data = yaml.safe_load(text)
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON ({e}); YAML files must end in .yaml or .yml") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings, got {type(data).__name__}")
+    out: Dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name == "loss_arg":
+            name = "loss_args"
+        if name not in FIELD_NAMES or name == "resume":
+            raise ConfigError(f"{path}: unknown setting {key!r}")
+        out[name] = value
+    if isinstance(out.get("loss_args"), list):
+        out["loss_args"] = parse_loss_args(out["loss_args"])
+    return out
+
+
+def _probability_list(text: str) -> List[float]:
+    return [float(v) for v in text.split(",")]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line. Every default is ``SUPPRESS`` so that explicitly given flags can be told
+    apart from defaults (they override a config file and a resumed run's settings)."""
+    p = argparse.ArgumentParser(
+        prog="python -m fastssl.train",
+        description="Self-supervised pretraining with fastssl's losses: kNN accuracy and collapse "
+        "metrics after every epoch, checkpoints, plots. See docs/training.md.",
+        argument_default=argparse.SUPPRESS,
+    )
+    d = TrainConfig()
+    g = p.add_argument_group("what to train")
+    g.add_argument("--method", choices=METHODS, help=f"SSL method (default {d.method})")
+    g.add_argument("--dataset", choices=DATASETS, help=f"data set (default {d.dataset}: generated, no download)")
+    g.add_argument("--data-path", help="folder (ImageFolder layout) or CIFAR archive/folder for --dataset folder/cifar10/cifar100")
+    g.add_argument("--backbone", choices=BACKBONES, help=f"encoder (default {d.backbone})")
+    g.add_argument("--width", type=int, help="base channel width of the backbone (default: 32 tiny_cnn, 64 resnets)")
+    g.add_argument("--image-size", type=int, help="side of the training images (default: the data set's)")
+    g.add_argument("--num-train", type=int, help=f"images generated for training (shapes; default {d.num_train})")
+    g.add_argument("--num-test", type=int, help=f"held-out images generated (shapes; default {d.num_test})")
+    g.add_argument("--test-fraction", type=float, help="held-out fraction where the data has no test split")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", type=int, help=f"training epochs (default {d.epochs})")
+    g.add_argument("--batch-size", type=int, help=f"images per step and process (default {d.batch_size})")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, help=f"default {d.optimizer}")
+    g.add_argument("--lr", type=float, help="peak learning rate for a global batch of 256, scaled linearly (default per optimizer)")
+    g.add_argument("--weight-decay", type=float, help="default per optimizer")
+    g.add_argument("--momentum", type=float, help="SGD/LARS momentum (default 0.9)")
+    g.add_argument("--warmup-epochs", type=float, help="linear warm-up before the cosine decay (default 1)")
+    g.add_argument("--min-lr-fraction", type=float, help="final lr as a fraction of the peak (default 0)")
+    g.add_argument("--ema-momentum", type=float, help="base EMA momentum of the target/teacher (BYOL/MoCo/DINO), raised to 1 on a cosine")
+    g = p.add_argument_group("heads, loss, ablations")
+    g.add_argument("--proj-dim", type=int, help="projector output dimension (default per method)")
+    g.add_argument("--proj-hidden-dim", type=int, help="projector hidden dimension (default per method)")
+    g.add_argument("--no-predictor", action="store_true", help="SimSiam/BYOL without the predictor head (collapse ablation)")
+    g.add_argument("--no-stop-gradient", action="store_true", help="SimSiam/BYOL without the stop-gradient on the targets (collapse ablation)")
+    g.add_argument("--no-centering", action="store_true", help="DINO without the teacher centering (collapse ablation)")
+    g.add_argument("--loss-arg", dest="loss_arg", action="append", metavar="KEY=VALUE",
+                   help="any loss constructor argument, value parsed as a Python literal; repeatable (e.g. --loss-arg mu_param=0)")
+    g.add_argument("--prototypes", type=int, help="SwAV prototypes / DINO output dimension (default scaled to the data)")
+    g.add_argument("--queue-size", type=int, help="SwAV queue length (0: no queue)")
+    g.add_argument("--freeze-prototypes-epochs", type=int, help="SwAV: epochs with frozen prototypes (default 1)")
+    g = p.add_argument_group("augmentations")
+    g.add_argument("--num-local-crops", type=int, help="small crops besides the two global views (default: 2 for dino/swav, else 0)")
+    g.add_argument("--local-crop-size", type=int, help="side of the small crops (default 3/7 of the image)")
+    g.add_argument("--crop-scale", type=_probability_list, help="area range of the global crops, e.g. 0.25,1")
+    g.add_argument("--local-crop-scale", type=_probability_list, help="area range of the small crops, e.g. 0.05,0.25")
+    g.add_argument("--jitter-strength", type=float, help="color-jitter strength s (brightness/contrast/saturation 0.8s, hue 0.2s)")
+    g.add_argument("--jitter-prob", type=float, help="probability of color jitter")
+    g.add_argument("--grayscale-prob", type=float, help="probability of grayscale")
+    g.add_argument("--blur-probs", type=_probability_list, help="blur probability of view 1, view 2 (and the small crops), e.g. 1,0.1")
+    g.add_argument("--solarize-probs", type=_probability_list, help="solarization probability per view, e.g. 0,0.2")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--knn-k", type=int, help="neighbours of the weighted kNN (default 20, capped by the bank)")
+    g.add_argument("--knn-temperature", type=float, help="temperature of the kNN vote weights (default 0.1)")
+    g.add_argument("--probe-steps", type=int, help="full-batch steps of the final linear probe (0: skip)")
+    g.add_argument("--eval-batch-size", type=int, help="batch for feature extraction")
+    g = p.add_argument_group("run")
+    g.add_argument("--config", help="YAML or JSON file of settings; flags given here override it")
+    g.add_argument("--output-dir", help="where to write (default runs/<method>-<timestamp>)")
+    g.add_argument("--seed", type=int, help="seed of the data generation, initialization, order and augmentations")
+    g.add_argument("--device", choices=DEVICES, help="default auto (cuda when available)")
+    g.add_argument("--precision", choices=PRECISIONS, help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    g.add_argument("--backend", choices=("auto", "triton", "torch", "reference"), help="fastssl loss backend")
+    g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    g.add_argument("--stop-after", type=int, metavar="N", help="stop after N epochs of this invocation (continue later with --resume)")
+    g.add_argument("--progress", choices=("auto", "bar", "epochs", "none"), help="progress bar (auto: when the terminal is a TTY)")
+    return p
+
+
+def _namespace_to_overrides(ns: argparse.Namespace) -> Dict[str, Any]:
+    out = {k: v for k, v in vars(ns).items() if k not in ("config", "loss_arg")}
+    if "loss_arg" in vars(ns):
+        out["loss_args"] = parse_loss_args(ns.loss_arg)
+    return out
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    """Command line (and ``--config`` file, and a resumed run's ``config.json``) -> config.
+
+    Raises:
+        ConfigError: unknown keys in a file, bad values, inconsistent settings.
+    """
+    ns = build_parser().parse_args(argv)
+    overrides = _namespace_to_overrides(ns)
+    values: Dict[str, Any] = {}
+    resume = overrides.get("resume")
+    if resume is not None:
+        stored = os.path.join(resume, "config.json")
+        if not os.path.isfile(stored):
+            raise ConfigError(f"--resume {resume}: no config.json there (is it a run directory?)")
+        with open(stored, "r", encoding="utf-8") as f:
+            values.update({k: v for k, v in json.load(f).items() if k in FIELD_NAMES and k not in _INVOCATION_ONLY})
+        values["output_dir"] = resume
+    if getattr(ns, "config", None):
+        file_values = load_config_file(ns.config)
+        if resume is not None:
+            raise ConfigError("--config and --resume cannot be combined: a resumed run keeps its own config.json")
+        values.update(file_values)
+    loss_args = dict(values.get("loss_args") or {})
+    loss_args.update(overrides.pop("loss_args", {}))
+    values.update(overrides)
+    values["loss_args"] = loss_args
+    if resume is not None:
+        values["output_dir"] = resume
+    try:
+        cfg = TrainConfig(**values)
+    except TypeError as e:  # pragma: no cover - guarded by FIELD_NAMES
+        raise ConfigError(str(e)) from None
+    validate(cfg)
+    return cfg
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks that need no data: choices, ranges, flag combinations."""
+    _require(cfg.method in METHODS, f"method must be one of {METHODS}, got {cfg.method!r}")
+    _require(cfg.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {cfg.dataset!r}")
+    _require(cfg.backbone in BACKBONES, f"backbone must be one of {BACKBONES}, got {cfg.backbone!r}")
+    _require(cfg.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}")
+    _require(cfg.device in DEVICES, f"device must be one of {DEVICES}, got {cfg.device!r}")
+    _require(cfg.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+    _require(cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}")
+    _require(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
+    _require(cfg.num_train >= 2 and cfg.num_test >= 1, "--num-train must be >= 2 and --num-test >= 1")
+    _require(0.0 < cfg.test_fraction < 1.0, f"--test-fraction must be in (0, 1), got {cfg.test_fraction}")
+    _require(cfg.lr is None or cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
+    _require(cfg.weight_decay is None or cfg.weight_decay >= 0, "--weight-decay must be >= 0")
+    _require(cfg.warmup_epochs >= 0, "--warmup-epochs must be >= 0")
+    _require(0.0 <= cfg.min_lr_fraction <= 1.0, "--min-lr-fraction must be in [0, 1]")
+    _require(cfg.width is None or cfg.width >= 1, "--width must be >= 1")
+    _require(cfg.image_size is None or cfg.image_size >= 4, "--image-size must be >= 4")
+    _require(cfg.knn_k >= 1 and cfg.knn_temperature > 0, "--knn-k must be >= 1 and --knn-temperature > 0")
+    _require(cfg.probe_steps >= 0 and cfg.eval_batch_size >= 1, "--probe-steps must be >= 0, --eval-batch-size >= 1")
+    _require(cfg.queue_size >= 0, "--queue-size must be >= 0")
+    _require(cfg.stop_after is None or cfg.stop_after >= 1, "--stop-after must be >= 1")
+    _require(cfg.threads is None or cfg.threads >= 1, "--threads must be >= 1")
+    _require(cfg.num_local_crops is None or cfg.num_local_crops >= 0, "--num-local-crops must be >= 0")
+    _require(cfg.proj_dim is None or cfg.proj_dim >= 1, "--proj-dim must be >= 1")
+    _require(cfg.proj_hidden_dim is None or cfg.proj_hidden_dim >= 1, "--proj-hidden-dim must be >= 1")
+    _require(cfg.prototypes is None or cfg.prototypes >= 2, "--prototypes must be >= 2")
+    if cfg.ema_momentum is not None:
+        _require(0.0 <= cfg.ema_momentum <= 1.0, f"--ema-momentum must be in [0, 1], got {cfg.ema_momentum}")
+        _require(cfg.method in EMA_METHODS, f"--ema-momentum applies to {EMA_METHODS}, not {cfg.method}")
+    for name, value in (("crop_scale", cfg.crop_scale), ("local_crop_scale", cfg.local_crop_scale)):
+        _require(
+            len(value) == 2 and 0.0 < value[0] <= value[1] <= 1.0,
+            f"--{name.replace('_', '-')} must be two numbers 0 < lo <= hi <= 1, got {list(value)}",
+        )
+    for name, values in (
+        ("blur_probs", cfg.blur_probs),
+        ("solarize_probs", cfg.solarize_probs),
+        ("jitter_prob", [cfg.jitter_prob]),
+        ("grayscale_prob", [cfg.grayscale_prob]),
+    ):
+        _require(
+            len(values) >= 1 and all(0.0 <= float(v) <= 1.0 for v in values),
+            f"--{name.replace('_', '-')} must be probabilities in [0, 1], got {list(values)}",
+        )
+    _require(cfg.jitter_strength >= 0, "--jitter-strength must be >= 0")
+    if cfg.no_predictor or cfg.no_stop_gradient:
+        _require(
+            cfg.method in PREDICTOR_METHODS,
+            f"--no-predictor/--no-stop-gradient apply to {PREDICTOR_METHODS}, not {cfg.method}",
+        )
+    if cfg.no_centering:
+        _require(cfg.method == "dino", f"--no-centering applies to dino, not {cfg.method}")
+    if cfg.queue_size:
+        _require(cfg.method == "swav", "--queue-size applies to swav (MoCo's queue is --loss-arg memory_bank_size=N)")
+    if cfg.dataset in ("folder", "cifar10", "cifar100"):
+        _require(cfg.data_path is not None, f"--dataset {cfg.dataset} needs --data-path")
+    _require(isinstance(cfg.loss_args, dict), "loss_args must be a mapping of loss constructor arguments")
+    _require(cfg.progress in ("auto", "bar", "epochs", "none"), f"unknown --progress {cfg.progress!r}")
