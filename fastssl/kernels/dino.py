@@ -191,7 +191,8 @@ def _dino_loss_grad_kernel(
         for t in range(n_teacher):
             raw = tl.load(view_ptr, mask=mask, other=0.0).to(tl.float32)
             lse = tl.load(t_lse_ptr + t * n_rows + rows, mask=row_mask, other=0.0)
-            prob_sum += tl.where(mask, tl.exp((raw - center[None, :]) * inv_teacher_temp - lse[:, None]), 0.0)
+            # Padding lanes: exp(-inf) = 0 (an unmasked exponent could overflow there).
+            prob_sum += tl.exp(tl.where(mask, (raw - center[None, :]) * inv_teacher_temp - lse[:, None], float("-inf")))
             view_ptr += t_stride_view
         view_ptr = student_rows + cols64 * s_stride_k
         same_ptr = teacher_rows + cols64 * t_stride_k
@@ -199,18 +200,19 @@ def _dino_loss_grad_kernel(
         for s in range(n_student):
             raw = tl.load(view_ptr, mask=mask, other=0.0).to(tl.float32)
             lse = tl.load(s_lse_ptr + s * n_rows + rows, mask=row_mask, other=0.0)
-            log_p = raw * inv_student_temp - lse[:, None]
+            # Padding lanes: log_p = 0 and target = 0, so they add nothing and exp stays finite.
+            log_p = tl.where(mask, raw * inv_student_temp - lse[:, None], 0.0)
             target = prob_sum
             matches = n_teacher * 1.0
             if s < n_teacher:
                 # The same-index teacher is excluded: subtract its P (tile reloaded, from cache).
                 same = tl.load(same_ptr, mask=mask, other=0.0).to(tl.float32)
                 same_lse = tl.load(t_lse_ptr + s * n_rows + rows, mask=row_mask, other=0.0)
-                target = prob_sum - tl.where(
-                    mask, tl.exp((same - center[None, :]) * inv_teacher_temp - same_lse[:, None]), 0.0
+                target = prob_sum - tl.exp(
+                    tl.where(mask, (same - center[None, :]) * inv_teacher_temp - same_lse[:, None], float("-inf"))
                 )
                 matches = matches - 1.0
-            acc += tl.where(mask, target * log_p, 0.0)
+            acc += target * log_p
             if COMPUTE_GRAD:
                 grad = (matches * tl.exp(log_p) - target) * grad_scale
                 tl.store(out_ptr, grad.to(grad_ptr.dtype.element_ty), mask=mask)

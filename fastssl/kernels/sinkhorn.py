@@ -198,7 +198,8 @@ def _codes_kernel(
         x = tl.load(problem_ptr, mask=mask, other=0.0).to(tl.float32)
         a = tl.load(prototype_potential_ptr + h * prototype_stride_problem + cols, mask=col_mask, other=0.0)
         c = tl.load(sample_potential_ptr + h * sample_stride_problem + rows, mask=row_mask, other=0.0)
-        acc += tl.exp(x * scale - a[None, :] - c[:, None])
+        # Padding lanes get exp(-inf) = 0 rather than an overflowing exp of a stray potential.
+        acc += tl.exp(tl.where(mask, x * scale - a[None, :] - c[:, None], float("-inf")))
         problem_ptr += stride_problem
     out = rows.to(tl.int64)[:, None] * out_stride_row + cols[None, :]
     tl.store(out_ptr + out, acc, mask=mask)
@@ -234,16 +235,18 @@ def _sinkhorn_resident_kernel(
     sample_potential = tl.zeros([BLOCK_SAMPLES], tl.float32)
     prototype_potential = tl.zeros([BLOCK_PROTO], tl.float32)
     for _ in range(iterations):
-        # Padding lanes are set to -inf after every shift: their potentials are -inf, and
-        # -inf - (-inf) would otherwise turn them into NaN.
+        # Padding lanes are -inf before every log-sum-exp (they add nothing) and their own
+        # potentials are 0 (never stored).
         y = tl.where(mask, logits - sample_potential[:, None], float("-inf"))
         top = tl.max(y, axis=0)
         shift = tl.where(top == float("-inf"), 0.0, top)
-        prototype_potential = shift + tl.log(tl.sum(tl.exp(y - shift[None, :]), axis=0))
+        total = tl.sum(tl.exp(y - shift[None, :]), axis=0)
+        prototype_potential = tl.where(col_mask, shift + tl.log(tl.where(col_mask, total, 1.0)), 0.0)
         y = tl.where(mask, logits - prototype_potential[None, :], float("-inf"))
         top = tl.max(y, axis=1)
         shift = tl.where(top == float("-inf"), 0.0, top)
-        sample_potential = shift + tl.log(tl.sum(tl.exp(y - shift[:, None]), axis=1))
+        total = tl.sum(tl.exp(y - shift[:, None]), axis=1)
+        sample_potential = tl.where(row_mask, shift + tl.log(tl.where(row_mask, total, 1.0)), 0.0)
     tl.store(prototype_potential_ptr + pid * n_proto + cols, prototype_potential, mask=col_mask)
     tl.store(sample_potential_ptr + pid * rows_out + rows, sample_potential, mask=rows < rows_out)
 
@@ -305,14 +308,16 @@ def _swav_ce_kernel(
         col_mask = cols < n_proto
         mask = row_mask[:, None] & col_mask[None, :]
         s = tl.load(row_ptr + cols.to(tl.int64)[None, :] * stride_proto, mask=mask, other=0.0).to(tl.float32)
-        log_p = s * inv_temperature - lse[:, None]
+        # Padding lanes: log_p = 0 and target = 0, so they add nothing and exp stays finite.
+        log_p = tl.where(mask, s * inv_temperature - lse[:, None], 0.0)
         target = tl.load(
             targets_ptr + rows.to(tl.int64)[:, None] * n_proto + cols[None, :], mask=mask, other=0.0
         )
         if IS_HIGH:
             own_a = tl.load(prototype_potential_ptr + crop * n_proto + cols, mask=col_mask, other=0.0)
-            target = target - tl.exp(s * inv_epsilon - own_a[None, :] - own_c[:, None])
-        acc += tl.where(mask, target * log_p, 0.0)
+            own_log_q = tl.where(mask, s * inv_epsilon - own_a[None, :] - own_c[:, None], float("-inf"))
+            target = target - tl.exp(own_log_q)
+        acc += target * log_p
         if COMPUTE_GRAD:
             grad = (weight[:, None] * tl.exp(log_p) - target) * grad_scale
             tl.store(grad_row + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,183 @@
+"""Triton Sinkhorn-Knopp and the fused swapped-prediction loss against the reference: CPU
+tensors through the interpreter, CUDA tensors compiled (``gpu`` lane).
+
+Every buffer the kernels fill is allocated NaN-poisoned, so an element left unwritten shows up
+in the compared outputs. Three launch configurations: the resident kernel (the whole matrix in
+one program), the tiled sweeps split over the reduced axis, and the tiled sweeps with tiny tiles
+(multi-tile loops, partial tiles and split combinations on small inputs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastssl.functional as FS
+from fastssl import reference
+from fastssl.kernels import sinkhorn as kernels
+
+from _helpers import TRITON_DEVICES, assert_matches_reference, awkward_inputs, poisoned
+from test_swav import SWAV_CASES, _assert_close, _swav_fns, log_domain_sinkhorn_oracle, swav_loss_with_codes
+
+CONFIGS = ["resident", "split", "tiny_tiles"]
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_buffers(monkeypatch):
+    monkeypatch.setattr(kernels, "_new_buffer", lambda shape, dtype, device: poisoned(shape, dtype, device))
+
+
+def _configure(monkeypatch, config: str) -> None:
+    if config != "resident":
+        monkeypatch.setattr(kernels, "_RESIDENT_ELEMENTS", 0)
+    if config == "tiny_tiles":
+        monkeypatch.setattr(kernels, "_TILE_ELEMENTS", 32)
+        monkeypatch.setattr(kernels, "_TILE_CONTIGUOUS", 8)
+
+
+def _scores(b, k, device, dtype=torch.float32, non_contiguous=False, scale=1.0):
+    x = awkward_inputs(b, k, views=1, non_contiguous=non_contiguous)[0] * scale
+    return x.to(device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Sinkhorn
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize(
+    "config,b,k",
+    [(c, b, k) for c in ["resident", "split"] for b, k in [(1, 1), (3, 129), (127, 3)]] + [("tiny_tiles", 13, 19)],
+)
+@pytest.mark.parametrize("iterations", [0, 1, 3])
+def test_sinkhorn_triton_matches_reference(device, config, b, k, iterations, monkeypatch):
+    _configure(monkeypatch, config)
+    scores = _scores(b, k, device, non_contiguous=(b == 3))
+    codes = FS.sinkhorn(scores, iterations, 0.05, backend="triton")
+    assert codes.dtype == torch.float32 and codes.shape == (b, k) and codes.device == scores.device
+    assert torch.isfinite(codes).all()
+    _assert_close(codes.cpu(), reference.sinkhorn(scores.double().cpu(), iterations, 0.05))
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("iterations", [0, 3])
+def test_sinkhorn_triton_extreme_scores(device, config, iterations, monkeypatch):
+    _configure(monkeypatch, config)
+    epsilon = 0.05
+    scores = torch.randn(9) * 500 * epsilon + torch.randn(12, 9) * 3 * epsilon
+    with torch.no_grad():
+        assert not torch.isfinite(reference.sinkhorn(scores, iterations, epsilon)).all()
+    codes = FS.sinkhorn(scores.to(device), iterations, epsilon, backend="triton").cpu()
+    assert torch.isfinite(codes).all()
+    _assert_close(codes, log_domain_sinkhorn_oracle(scores, iterations, epsilon), rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sinkhorn_triton_half_inputs(device, dtype):
+    scores = _scores(16, 7, device, dtype=dtype)
+    codes = FS.sinkhorn(scores, 3, 0.05, backend="triton")
+    assert codes.dtype == torch.float32
+    _assert_close(codes.cpu(), reference.sinkhorn(scores.double().cpu(), 3, 0.05))
+
+
+# --------------------------------------------------------------------------------------------
+# Swapped-prediction loss
+# --------------------------------------------------------------------------------------------
+
+# Every loss case on the resident kernel, a few on the tiled sweeps (split and tiny tiles).
+_LOSS_CASES = [("resident", *case) for case in SWAV_CASES] + [
+    ("split", 2, 3, 5, 6, 7, 3),
+    ("tiny_tiles", 2, 3, 5, 6, 7, 3),
+    ("tiny_tiles", 2, 1, 3, 5, 3, 0),
+    ("tiny_tiles", 3, 0, 0, 6, 10, 1),
+]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("config,n_high,n_low,queue_rows,b,k,iterations", _LOSS_CASES)
+def test_swav_triton_matches_reference(device, config, n_high, n_low, queue_rows, b, k, iterations, monkeypatch):
+    _configure(monkeypatch, config)
+    crops = [_scores(b, k, device, non_contiguous=(v == 1)) for v in range(n_high + n_low)]
+    queue = None if queue_rows == 0 else [_scores(queue_rows, k, device) for _ in range(n_high)]
+    impl, ref = _swav_fns(n_high, queue, 0.1, iterations, 0.05, "triton")
+    assert_matches_reference(impl, ref, crops)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("config", ["resident", "split"])
+def test_swav_triton_other_dtypes(device, dtype, config, monkeypatch):
+    _configure(monkeypatch, config)
+    # Mild scores so that the reference run at half precision (PyTorch's own error) is finite.
+    scale, epsilon = (0.5, 0.5) if dtype == torch.float16 else (0.3, 0.05)
+    crops = [_scores(5, 7, device, dtype=dtype, scale=scale, non_contiguous=(v == 0)) for v in range(4)]
+    queue = [_scores(3, 7, device, dtype=dtype, scale=scale) for _ in range(2)]
+    impl, ref = _swav_fns(2, queue, 0.1, 3, epsilon, "triton")
+    assert_matches_reference(impl, ref, crops)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_swav_triton_extreme_scores(device, config, monkeypatch):
+    _configure(monkeypatch, config)
+    epsilon, temperature = 0.05, 0.1
+    offsets = torch.randn(6) * 500 * epsilon
+    crops = [(offsets + torch.randn(8, 6) * 3 * epsilon) for _ in range(3)]
+    with torch.no_grad():
+        assert not torch.isfinite(reference.swav_loss(crops[:2], crops[2:], None, temperature, 3, epsilon))
+    leaves = [c.to(device).requires_grad_(True) for c in crops]
+    loss = FS.swav_loss(leaves[:2], leaves[2:], None, temperature, 3, epsilon, backend="triton")
+    grads = torch.autograd.grad(loss, leaves)
+    exact_crops = [c.double().requires_grad_(True) for c in crops]
+    codes = [log_domain_sinkhorn_oracle(c.detach(), 3, epsilon) for c in exact_crops[:2]]
+    exact = swav_loss_with_codes(exact_crops, 2, codes, temperature)
+    exact_grads = torch.autograd.grad(exact, exact_crops)
+    assert torch.isfinite(loss)
+    _assert_close(loss.cpu(), exact, rtol=1e-4)
+    for g, g_exact in zip(grads, exact_grads):
+        assert torch.isfinite(g).all()
+        _assert_close(g.cpu(), g_exact, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_swav_triton_gradient_only_where_needed_and_no_grad_forward(device):
+    crops = [_scores(4, 5, device) for _ in range(3)]
+    crops[2].requires_grad_(True)
+    loss = FS.swav_loss(crops[:2], crops[2:], backend="triton")
+    (grad,) = torch.autograd.grad(loss, [crops[2]])
+    exact = [c.detach().double().cpu().requires_grad_(v == 2) for v, c in enumerate(crops)]
+    exact_loss = reference.swav_loss(exact[:2], exact[2:])
+    (grad_exact,) = torch.autograd.grad(exact_loss, [exact[2]])
+    _assert_close(grad.cpu(), grad_exact)
+    with torch.no_grad():
+        value = FS.swav_loss(crops[:2], crops[2:], backend="triton")
+    assert value.item() == pytest.approx(exact_loss.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_swav_triton_agrees_with_the_torch_backend_on_chunks_of_one_tensor(device):
+    # Crops that are chunks of one output tensor are read in place (no stacking copy).
+    scores = torch.randn(5 * 6, 11, device=device, requires_grad=True)
+    crops = list(scores.chunk(5))
+    values = [FS.swav_loss(crops[:2], crops[2:], backend=b) for b in ["triton", "torch"]]
+    grads = [torch.autograd.grad(v, scores)[0] for v in values]
+    assert values[0].item() == pytest.approx(values[1].item(), rel=1e-5)
+    _assert_close(grads[0].cpu(), grads[1].cpu())
+
+
+def test_stack_views_reads_equally_spaced_chunks_in_place():
+    base = torch.randn(12, 5)
+    chunks = list(base.chunk(3))
+    stacked = kernels.stack_views(chunks)
+    assert stacked.shape == (3, 4, 5) and stacked.data_ptr() == base.data_ptr()
+    assert torch.equal(stacked, torch.stack(chunks))
+    strided = list(torch.randn(12, 10)[:, ::2].chunk(3))
+    assert torch.equal(kernels.stack_views(strided), torch.stack(strided))
+    separate = [torch.randn(4, 5) for _ in range(3)]
+    copied = kernels.stack_views(separate)
+    assert torch.equal(copied, torch.stack(separate))
+    reversed_chunks = chunks[::-1]
+    assert torch.equal(kernels.stack_views(reversed_chunks), torch.stack(reversed_chunks))
+    assert kernels.stack_views([separate[0]]).shape == (1, 4, 5)
