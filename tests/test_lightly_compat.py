@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import fastssl
 from fastssl import reference
 
-from _helpers import assert_matches_reference, awkward_inputs
+from _helpers import TRITON_DEVICES, assert_matches_reference, awkward_inputs
 import _lightly
 
 LIGHTLY = _lightly.load()
@@ -319,6 +319,78 @@ def test_float64_inputs_give_float32_loss(name: str, make_inputs) -> None:
     _assert_close(loss_ours.double(), loss_theirs.detach(), "loss")
     grads = torch.autograd.grad(loss_ours, leaves)
     assert all(g.dtype == torch.float64 for g in grads)
+
+
+# Inputs and call of each loss for the dtype and device sweeps below: (constructor kwargs,
+# inputs(dtype, device), call, number of leading inputs that are teacher outputs, i.e. get no
+# gradient).
+def _sweep_case(name: str, dtype: torch.dtype, device: str, small: bool = False):
+    def pairs(n, d):
+        return [x.to(dtype) for x in awkward_inputs(n, d, device=device)]
+
+    if name == "SwaVLoss":
+        b, k = (5, 7) if small else (16, 11)
+        crops = [_unit_rows(b, k).to(device=device, dtype=dtype) for _ in range(4)]
+        return {}, crops, lambda m, xs: m(list(xs[:2]), list(xs[2:])).reshape(()), 0
+    if name == "DINOLoss":
+        b, k = (3, 11) if small else (8, 37)
+        views = [torch.randn(b, k, device=device).to(dtype) for _ in range(2 + 4)]
+        return dict(output_dim=k), views, lambda m, xs: m(list(xs[:2]), list(xs[2:])), 2
+    if small:
+        return {}, pairs(5, 3), lambda m, xs: m(*xs), 0
+    n, d = (33, 129) if name == "NTXentLoss" else (24, 65)
+    return {}, pairs(n, d), lambda m, xs: m(*xs), 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", ["NTXentLoss", "NegativeCosineSimilarity", "BarlowTwinsLoss", "VICRegLoss",
+                                  "SwaVLoss", "DINOLoss"])
+def test_half_precision_within_lightly_error(name: str, dtype: torch.dtype) -> None:
+    """In half precision fastssl's loss and gradients are at most 2x as far from lightly-in-float64
+    as lightly itself is at that dtype (DESIGN §3), and come back as float32 / the input dtype.
+    lightly's DINOLoss needs the module cast to the input dtype (its float32 center meets the
+    half student in an einsum otherwise); fastssl's takes half inputs as they are.
+
+    lightly's SwAV in float16 overflows: ``exp(score / 0.05)`` of a cosine score exceeds 65504,
+    so its loss is NaN and gives no error to compare with. fastssl's codes (log domain, float32)
+    are then held to float32 precision against lightly in float64, gradients to float16's
+    rounding."""
+    kwargs, inputs, call, n_teacher = _sweep_case(name, dtype, "cpu")
+    if name == "SwaVLoss" and dtype == torch.float16:
+        assert torch.isnan(call(LIGHTLY.SwaVLoss(), inputs))
+        exact = [x.double() for x in inputs]
+        loss64, grads64 = _loss_and_grads(LIGHTLY.SwaVLoss(), call, exact, [True] * len(inputs))
+        loss, grads = _loss_and_grads(fastssl.SwaVLoss(backend="torch"), call, inputs, [True] * len(inputs))
+        assert loss.dtype == torch.float32 and all(g.dtype == dtype for g in grads)
+        _assert_close(loss.double(), loss64, "loss", rtol=1e-4)
+        for g, g64 in zip(grads, grads64):
+            _assert_close(g.double(), g64, "gradient", rtol=2e-3)
+        return
+
+    def lightly_fresh(*xs):  # a fresh module per call: DINO's center must start at zero each time
+        module = getattr(LIGHTLY, name)(**kwargs).to(xs[0].dtype)
+        return call(module, [x.detach() if i < n_teacher else x for i, x in enumerate(xs)])
+
+    def ours_fresh(*xs):
+        return call(getattr(fastssl, name)(backend="torch", **kwargs), list(xs))
+
+    assert_matches_reference(ours_fresh, lightly_fresh, inputs)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("name", ["NTXentLoss", "BarlowTwinsLoss", "VICRegLoss", "SwaVLoss", "DINOLoss"])
+def test_triton_matches_lightly(name: str, device: str) -> None:
+    """fastssl's kernels (backend "triton") against lightly on the same tensors, float32 (DINO's
+    center included): one step on tiny shapes through the interpreter, three larger ones on CUDA."""
+    small = device == "cpu"
+    kwargs = _sweep_case(name, torch.float32, "cpu", small)[0]
+    theirs = getattr(LIGHTLY, name)(**kwargs).to(device)
+    ours = getattr(fastssl, name)(backend="triton", **kwargs).to(device)
+    for _ in range(1 if small else 3):
+        _, inputs, call, n_teacher = _sweep_case(name, torch.float32, device, small)
+        _compare_step(theirs, ours, call, inputs, needs_grad=[i >= n_teacher for i in range(len(inputs))])
+    if name == "DINOLoss":
+        _assert_close(ours.center, theirs.center, "center")
 
 
 # --------------------------------------------------------------------------------------------
