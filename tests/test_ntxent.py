@@ -1,0 +1,481 @@
+"""NT-Xent, InfoNCE (memory bank) and uniformity: the PyTorch path, the module, lightly equivalence.
+
+Every value and input gradient is checked against :mod:`fastssl.reference` run in float64
+(``assert_matches_reference``). The Triton kernels are tested in ``test_ntxent_triton.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import socket
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import fastssl
+import fastssl.functional as FS
+from fastssl import ntxent, reference
+from _helpers import assert_matches_reference, awkward_inputs
+
+TEMPERATURES = (0.1, 1.0, 7.0, -1.0)
+BANK_SIZES = (1, 15, 16, 17)
+ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _bank(k: int, d: int) -> torch.Tensor:
+    """A memory bank as the module keeps it: normalized rows, float32."""
+    return F.normalize(torch.randn(k, d), dim=1)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Force three or four row chunks at every N (one row each below N = 3), so the chunk loop
+    and its seams are exercised."""
+    monkeypatch.setattr(ntxent, "_rows_per_chunk", lambda n_cols, chunk_rows: max(1, n_cols // 3))
+
+
+def pairwise_uniformity(z: torch.Tensor, t: float) -> torch.Tensor:
+    """Uniformity written with explicit differences (``torch.cdist``, which the reference uses,
+    has no half-precision CPU kernel): measures PyTorch's own half-precision error."""
+    n = z.shape[0]
+    z = F.normalize(z, dim=1)
+    sq_dist = (z[:, None, :] - z[None, :, :]).pow(2).sum(-1)
+    distinct = ~torch.eye(n, dtype=torch.bool, device=z.device)
+    return torch.logsumexp(-t * sq_dist[distinct], dim=0) - math.log(n * (n - 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Values and gradients against the reference
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("n,d", [(1, 1), (1, 129), (2, 3), (2, 129), (3, 1), (3, 129), (65, 3), (65, 129)])
+def test_ntxent_torch_matches_reference(n, d, dtype, small_chunks):
+    for i, temperature in enumerate(TEMPERATURES):
+        a, b = awkward_inputs(n, d, dtype=dtype, non_contiguous=(i % 2 == 0))
+        assert_matches_reference(
+            lambda x, y: FS.ntxent_loss(x, y, temperature, backend="torch"),
+            lambda x, y: reference.ntxent_loss(x, y, temperature),
+            [a, b],
+        )
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("n,d", [(1, 3), (2, 1), (3, 129), (65, 3)])
+def test_infonce_torch_matches_reference(n, d, dtype, small_chunks):
+    for i, bank_size in enumerate(BANK_SIZES):
+        temperature = TEMPERATURES[i]
+        a, b = awkward_inputs(n, d, dtype=dtype, non_contiguous=(i % 2 == 1))
+        bank = _bank(bank_size, d)
+        assert_matches_reference(
+            lambda x, y: FS.infonce_loss(x, y, bank, temperature, backend="torch"),
+            lambda x, y: reference.infonce_loss(x, y, bank, temperature),
+            [a, b],
+        )
+
+
+def test_infonce_bank_gets_no_gradient_and_is_used_as_given():
+    q, k = torch.randn(4, 5), torch.randn(4, 5)
+    bank = (3.0 * torch.randn(6, 5)).requires_grad_(True)  # not normalized: used as given
+    value = FS.infonce_loss(q, k, bank, 0.3, backend="torch")
+    assert not value.requires_grad
+    assert value.item() == pytest.approx(reference.infonce_loss(q.double(), k.double(), bank.detach().double(), 0.3).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("n,d", [(2, 1), (3, 129), (65, 3)])
+def test_uniformity_torch_matches_reference(n, d, dtype, small_chunks):
+    for t in (2.0, 0.5, -1.0):
+        (z,) = awkward_inputs(n, d, dtype=dtype, views=1, non_contiguous=True)
+        assert_matches_reference(
+            lambda x: ntxent.uniformity_loss(x, t, backend="torch"),
+            lambda x: reference.uniformity(x, t),
+            [z],
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_uniformity_torch_half_precision(dtype, small_chunks):
+    (z,) = awkward_inputs(33, 7, dtype=dtype, views=1)
+    # the explicit-difference formula is the reference's formula
+    assert pairwise_uniformity(z.double(), 2.0).item() == pytest.approx(reference.uniformity(z.double()).item(), rel=1e-12)
+    assert_matches_reference(lambda x: ntxent.uniformity_loss(x, backend="torch"), lambda x: pairwise_uniformity(x, 2.0), [z])
+
+
+def test_uniformity_edge_cases():
+    for backend in ("torch", "reference"):
+        assert math.isnan(ntxent.uniformity_loss(torch.randn(1, 4), backend=backend).item())
+        collapsed = torch.randn(1, 6).repeat(9, 1)
+        assert ntxent.uniformity_loss(collapsed, backend=backend).item() == pytest.approx(0.0, abs=1e-6)
+    value = ntxent.uniformity_loss(torch.randn(5, 3).bfloat16())
+    assert value.dtype == torch.float32 and value.dim() == 0
+    with pytest.raises(ValueError, match="t must be finite"):
+        ntxent.uniformity_loss(torch.randn(5, 3), float("inf"))
+
+
+def test_reference_backend_returns_float32():
+    a, b = awkward_inputs(4, 3, dtype=torch.bfloat16)
+    value = FS.ntxent_loss(a, b, backend="reference")
+    assert value.dtype == torch.float32 and value.dim() == 0
+    assert value.item() == pytest.approx(reference.ntxent_loss(a.double(), b.double()).item(), rel=2e-2)
+
+
+def test_float64_inputs_accumulate_in_float64():
+    a, b = torch.randn(9, 4, dtype=torch.float64), torch.randn(9, 4, dtype=torch.float64)
+    assert_matches_reference(
+        lambda x, y: FS.ntxent_loss(x, y, 0.2, backend="torch"),
+        lambda x, y: reference.ntxent_loss(x, y, 0.2),
+        [a, b],
+        rtol=1e-7,  # the loss itself comes back in float32, the gradients in float64
+        atol=1e-12,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The seed's exercises
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_seed_gradient_wrt_similarity_is_softmax_over_tau(temperature):
+    """Seed 000: ∂ℓ_k/∂s_m = p_m/τ for a negative m, (p₊ - 1)/τ for the positive."""
+    n = 5
+    z = F.normalize(torch.randn(2 * n, 8, dtype=torch.float64), dim=1)
+    sim = (z @ z.T).requires_grad_(True)  # s_km = cos(z_k, z_m)
+    self_mask = torch.eye(2 * n, dtype=torch.bool)
+    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
+    logits = (sim / temperature).masked_fill(self_mask, float("-inf"))
+    per_row = F.cross_entropy(logits, positives, reduction="none")  # ℓ_k
+    for k in (0, n + 2):
+        (grad,) = torch.autograd.grad(per_row[k], sim, retain_graph=True)
+        p = torch.softmax(logits[k].detach(), dim=0)  # over m ≠ k, the positive included
+        expected = p / temperature
+        expected[positives[k]] -= 1 / temperature
+        torch.testing.assert_close(grad[k], expected, rtol=1e-12, atol=1e-14)
+        assert grad[k, k] == 0 and (grad[torch.arange(2 * n) != k] == 0).all()
+
+
+def closed_form_unit_norm_gradient(out0: torch.Tensor, out1: torch.Tensor, temperature: float):
+    """dL/dx for unit-norm rows from the seed's ∂ℓ_k/∂s_m: (1/(2Nτ))·P⊥(G + Gᵀ)Z, G = p - onehot."""
+    n = out0.shape[0]
+    z = torch.cat([out0, out1]).double()
+    logits = (z @ z.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    g = torch.softmax(logits, dim=1)
+    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    g[torch.arange(2 * n), positives] -= 1
+    dz = (g + g.T) @ z / (2 * n * temperature)
+    dx = dz - z * (z * dz).sum(dim=1, keepdim=True)  # normalization's backward at ‖x‖ = 1
+    return dx[:n], dx[n:]
+
+
+@pytest.mark.parametrize("temperature", [0.1, -1.0])
+def test_torch_gradient_equals_seed_closed_form(temperature, small_chunks):
+    a, b = [F.normalize(x, dim=1).requires_grad_(True) for x in awkward_inputs(7, 5)]
+    FS.ntxent_loss(a, b, temperature, backend="torch").backward()
+    ga, gb = closed_form_unit_norm_gradient(a.detach(), b.detach(), temperature)
+    torch.testing.assert_close(a.grad.double(), ga, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.grad.double(), gb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("n", [1, 2, 5, 64])
+def test_fully_correlated_embeddings_give_log_of_2n_minus_1(backend, n):
+    """Seed 000: with all rows identical every logit is 1/τ, so ℓ = -log(1/(2N-1))."""
+    row = torch.randn(1, 12)
+    for temperature in TEMPERATURES:
+        value = FS.ntxent_loss(row.repeat(n, 1), 3.0 * row.repeat(n, 1), temperature, backend=backend)
+        assert value.item() == pytest.approx(-math.log(1 / (2 * n - 1)), rel=1e-5, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Memory: the chunked path never holds the 2N×2N matrix
+# --------------------------------------------------------------------------------------------
+
+
+class _LargestOutput(TorchDispatchMode):
+    """Records the largest tensor any ATen op produces (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def _largest_saved_and_produced(fn, inputs):
+    saved = [0]
+
+    def pack(t):
+        saved[0] = max(saved[0], t.numel())
+        return t
+
+    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+    with _LargestOutput() as mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*leaves).backward()
+    return saved[0], mode.largest
+
+
+@pytest.mark.parametrize("what", ["ntxent", "uniformity", "infonce"])
+def test_chunked_path_memory_is_n_times_chunk(what, monkeypatch):
+    n, d, chunk = 64, 4, 8
+    monkeypatch.setattr(ntxent, "_MAX_CHUNK_ELEMENTS", chunk * 2 * n)
+    a, b = awkward_inputs(n, d)
+    bank = _bank(2 * n - 1, d)  # 1 + K = 2N logits per query, as NT-Xent's 2N columns
+    fns = {
+        "ntxent": (lambda x, y: FS.ntxent_loss(x, y, 0.5, backend="torch"), lambda x, y: FS.ntxent_loss(x, y, 0.5, backend="reference"), [a, b]),
+        "uniformity": (lambda x: ntxent.uniformity_loss(x, backend="torch"), lambda x: ntxent.uniformity_loss(x, backend="reference"), [torch.cat([a, b])]),
+        "infonce": (lambda x, y: FS.infonce_loss(x, y, bank, 0.5, backend="torch"), lambda x, y: FS.infonce_loss(x, y, bank, 0.5, backend="reference"), [a, b]),
+    }
+    fn, ref_fn, inputs = fns[what]
+    saved, produced = _largest_saved_and_produced(fn, inputs)
+    bound = chunk * 2 * n  # one chunk of logits
+    assert saved <= max(bound, 2 * n * d), f"a saved tensor has {saved} elements (chunk bound {bound})"
+    assert produced <= max(bound, 2 * n * d), f"an op produced {produced} elements (chunk bound {bound})"
+    # The probe sees the full matrix when it is there: the reference materializes all logits.
+    _, produced_ref = _largest_saved_and_produced(ref_fn, inputs)
+    all_logits = {"ntxent": (2 * n) ** 2, "uniformity": (2 * n) ** 2, "infonce": n * 2 * n}[what]
+    assert produced_ref >= all_logits - 2 * n
+
+
+def test_default_chunk_is_bounded():
+    assert ntxent._rows_per_chunk(131072, None) * 131072 <= ntxent._MAX_CHUNK_ELEMENTS
+    assert ntxent._rows_per_chunk(3, None) * 3 <= ntxent._MAX_CHUNK_ELEMENTS
+    assert ntxent._rows_per_chunk(1 << 30, None) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile
+# --------------------------------------------------------------------------------------------
+
+
+def _compile_and_check(backend: str):
+    torch._dynamo.reset()
+
+    def step(x, y):
+        return FS.ntxent_loss(x, y, 0.3, backend="torch")
+
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    a, b = awkward_inputs(6, 5)
+    assert_matches_reference(compiled, lambda x, y: reference.ntxent_loss(x, y, 0.3), [a, b])
+
+
+def test_torch_compile_fullgraph_traces_forward_and_backward():
+    # aot_eager: Dynamo must capture the whole function (fullgraph) and AOTAutograd the
+    # hand-written backward, without the C++ code generation of the default backend.
+    _compile_and_check("aot_eager")
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_inductor():
+    _compile_and_check("inductor")
+
+
+# --------------------------------------------------------------------------------------------
+# The module, and equivalence with lightly's NTXentLoss
+# --------------------------------------------------------------------------------------------
+
+
+def test_module_matches_functional_and_validates():
+    a, b = awkward_inputs(6, 4)
+    module = fastssl.NTXentLoss(temperature=0.2, backend="torch")
+    assert module(a, b).item() == pytest.approx(FS.ntxent_loss(a, b, 0.2, backend="reference").item(), rel=1e-6)
+    with pytest.raises(ValueError, match="same shape"):
+        module(a, b[:3])
+    with pytest.raises(ValueError, match="temperature"):
+        fastssl.NTXentLoss(temperature=1e-9)
+
+
+def test_module_bank_gradients_match_reference():
+    q, k = awkward_inputs(5, 6)
+    torch.manual_seed(3)
+    module = fastssl.NTXentLoss(temperature=0.4, memory_bank_size=(16, 6), backend="torch")
+    bank = module.bank.clone()
+
+    def ours(x, y):
+        module.bank.copy_(bank)
+        module.bank_ptr.zero_()
+        return module(x, y)
+
+    assert_matches_reference(ours, lambda x, y: reference.infonce_loss(x, y, bank, 0.4), [q, k])
+
+
+@pytest.fixture
+def lightly_ntxent(monkeypatch):
+    """lightly's ``NTXentLoss`` class, loaded from its source file.
+
+    ``import lightly.loss`` needs torchvision (absent here); the loss only needs the memory
+    bank module, whose one torchvision-dependent import (``lightly.models.utils``) serves the
+    distributed path alone. Stub that package in ``sys.modules`` for the duration of the test
+    and load the two source files by path."""
+    spec = importlib.util.find_spec("lightly")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("lightly is not installed")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    loss_file, bank_file = root / "loss" / "ntx_ent_loss.py", root / "models" / "modules" / "memory_bank.py"
+    if not (loss_file.exists() and bank_file.exists()):
+        pytest.skip("lightly's NTXentLoss sources not found")
+
+    def not_available(*_args, **_kwargs):
+        raise RuntimeError("lightly.models.utils is stubbed in this test (single process only)")
+
+    models_utils = types.ModuleType("lightly.models.utils")
+    models_utils.concat_all_gather = not_available
+    models = types.ModuleType("lightly.models")
+    models.__path__ = []
+    models.utils = models_utils
+    modules_pkg = types.ModuleType("lightly.models.modules")
+    modules_pkg.__path__ = []
+    for name, module in [("lightly.models", models), ("lightly.models.utils", models_utils), ("lightly.models.modules", modules_pkg)]:
+        monkeypatch.setitem(sys.modules, name, module)
+
+    def load(name, path):
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        monkeypatch.setitem(sys.modules, name, module)
+        module_spec.loader.exec_module(module)
+        return module
+
+    load("lightly.models.modules.memory_bank", bank_file)
+    return load("_lightly_ntx_ent_loss", loss_file).NTXentLoss
+
+
+def _value_and_grads(module, a, b):
+    x, y = a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+    value = module(x, y)
+    value.backward()
+    return value.detach(), x.grad, y.grad
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("temperature", [0.5, 0.07, -1.0])
+def test_equivalent_to_lightly_without_bank(lightly_ntxent, backend, temperature):
+    theirs = lightly_ntxent(temperature=temperature)
+    ours = fastssl.NTXentLoss(temperature=temperature, backend=backend)
+    for n, d in [(1, 3), (8, 16)]:
+        a, b = awkward_inputs(n, d, non_contiguous=True)
+        v0, ga0, gb0 = _value_and_grads(theirs, a, b)
+        v1, ga1, gb1 = _value_and_grads(ours, a, b)
+        torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ga1, ga0, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(gb1, gb0, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("bank_size", BANK_SIZES)
+def test_equivalent_to_lightly_with_bank(lightly_ntxent, bank_size):
+    d, temperature = 5, 0.3
+    torch.manual_seed(11)
+    theirs = lightly_ntxent(temperature=temperature, memory_bank_size=(bank_size, d))
+    torch.manual_seed(11)
+    ours = fastssl.NTXentLoss(temperature=temperature, memory_bank_size=(bank_size, d), backend="torch")
+    torch.testing.assert_close(ours.bank, theirs.memory_bank.bank, rtol=0, atol=0)
+    for step, n in enumerate([4, 6, 4, 9, 3]):
+        a, b = awkward_inputs(n, d, non_contiguous=(step % 2 == 0))
+        if step == 3:  # evaluation: no gradient, the bank must stay as it is
+            with torch.no_grad():
+                v0, v1 = theirs(a, b), ours(a, b)
+        else:
+            v0, ga0, gb0 = _value_and_grads(theirs, a, b)
+            v1, ga1, gb1 = _value_and_grads(ours, a, b)
+            torch.testing.assert_close(ga1, ga0, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(gb1, gb0, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.bank, theirs.memory_bank.bank, rtol=0, atol=1e-7)
+        assert int(ours.bank_ptr) == int(theirs.memory_bank.bank_ptr)
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed: 2 processes, gloo
+# --------------------------------------------------------------------------------------------
+
+N_PER_RANK, D, WORLD = 3, 5, 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _backends():
+    backends = ["torch"]
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        backends.append("triton")
+    return backends
+
+
+def _global_inputs():
+    g = torch.Generator().manual_seed(7)
+    out0 = torch.randn(N_PER_RANK * WORLD, D, generator=g)
+    out1 = torch.randn(N_PER_RANK * WORLD, D, generator=g)
+    bank = F.normalize(torch.randn(11, D, generator=g), dim=1)
+    return out0, out1, bank
+
+
+def _worker(rank: int, port: int, result_dir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        out0, out1, bank = _global_inputs()
+        rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+        results = {}
+        for backend in _backends():
+            for name in ("ntxent", "infonce"):
+                a = out0[rows].clone().requires_grad_(True)
+                b = out1[rows].clone().requires_grad_(True)
+                if name == "ntxent":
+                    value = FS.ntxent_loss(a, b, 0.3, gather_distributed=True, backend=backend)
+                else:
+                    value = FS.infonce_loss(a, b, bank, 0.3, gather_distributed=True, backend=backend)
+                value.backward()
+                results[(backend, name)] = (value.detach(), a.grad, b.grad)
+        torch.save(results, os.path.join(result_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two process start-ups (torch, Triton) dominate: ~10-20 s on a 2-core machine
+def test_gather_distributed_two_processes():
+    """DESIGN §3: each rank reports the single-process loss of the concatenated batch, and its
+    input gradient is world_size × its slice of the single-process gradient."""
+    out0, out1, bank = _global_inputs()
+    expected = {}
+    for name in ("ntxent", "infonce"):
+        a = out0.double().requires_grad_(True)
+        b = out1.double().requires_grad_(True)
+        if name == "ntxent":
+            value = reference.ntxent_loss(a, b, 0.3)
+        else:
+            value = reference.infonce_loss(a, b, bank.double(), 0.3)
+        value.backward()
+        expected[name] = (value.detach(), a.grad, b.grad)
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(_free_port(), tmp), nprocs=WORLD, join=True)
+        per_rank = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
+    for rank, results in enumerate(per_rank):
+        rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+        for backend in _backends():
+            for name in ("ntxent", "infonce"):
+                value, ga, gb = results[(backend, name)]
+                v_ref, ga_ref, gb_ref = expected[name]
+                where = f"{backend}/{name}/rank {rank}"
+                assert value.item() == pytest.approx(v_ref.item(), rel=1e-5), where
+                torch.testing.assert_close(ga.double(), WORLD * ga_ref[rows], rtol=1e-4, atol=1e-6, msg=where)
+                torch.testing.assert_close(gb.double(), WORLD * gb_ref[rows], rtol=1e-4, atol=1e-6, msg=where)
