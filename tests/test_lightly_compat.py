@@ -11,8 +11,9 @@ SwAV's multi-crop and queue, W-MSE's sub-batch sizes.
 
 The deliberate differences (DESIGN) are tested as fastssl documents them, each marked where it
 happens: a bare-int ``memory_bank_size``, the extra ``backend=`` argument, 0-d float32 losses
-(lightly's SwaVLoss returns shape (1,), and lightly returns float64 for float64 inputs), and
-``ValueError`` for bad input where lightly raises ``AssertionError``/``RuntimeError``.
+(lightly's SwaVLoss returns shape (1,), and lightly returns float64 for float64 inputs),
+``ValueError`` for bad input (lightly: ``AssertionError`` in VICReg, NaN for a single SwAV crop),
+and a DINO teacher that receives no gradient.
 Compatibility gaps that fastssl has not closed yet are ``xfail(strict=True)`` with the exact
 lightly behaviour in the reason, so each turns into a failure (to be unmarked) once fixed.
 
@@ -127,8 +128,13 @@ def _both(name: str, *args, backend: str = "torch", **kwargs):
 # Constructor and forward signatures, attributes, module state
 # --------------------------------------------------------------------------------------------
 
-# Gaps found and not closed yet: class name -> the exact lightly vs fastssl behaviour.
-_SIGNATURE_GAPS: dict = {}
+def _class_names_marking(gaps: dict) -> list:
+    """CLASS_NAMES as parameters, the classes with a known gap (name -> the exact lightly vs
+    fastssl behaviour) marked xfail(strict=True) with that description."""
+    return [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=gaps[n])) if n in gaps else n
+        for n in CLASS_NAMES
+    ]
 
 
 def _comparable_default(default: object) -> object:
@@ -145,15 +151,7 @@ def _signature_rows(function) -> List[Tuple[str, object, object]]:
     ]
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=_SIGNATURE_GAPS[n]))
-        if n in _SIGNATURE_GAPS
-        else n
-        for n in CLASS_NAMES
-    ],
-)
+@pytest.mark.parametrize("name", CLASS_NAMES)
 def test_constructor_signature_extends_lightly(name: str) -> None:
     """lightly's __init__ parameters (names, kinds, order, defaults) are a prefix of fastssl's, and
     what fastssl adds after them (backend, path, whitening, ...) has a default -- so every
@@ -196,18 +194,7 @@ def test_constructor_arguments_stored_like_lightly(name: str) -> None:
         torch.testing.assert_close(ours.teacher_temp_schedule, theirs.teacher_temp_schedule)
 
 
-_STATE_DICT_GAPS: dict = {}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=_STATE_DICT_GAPS[n]))
-        if n in _STATE_DICT_GAPS
-        else n
-        for n in CLASS_NAMES
-    ],
-)
+@pytest.mark.parametrize("name", CLASS_NAMES)
 def test_state_dict_loads_across(name: str) -> None:
     """Checkpoints move both ways: same persistent keys and shapes; lightly's state loads into
     fastssl's module with strict=True."""
@@ -232,15 +219,7 @@ _BUFFER_GAPS = {
 }
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=_BUFFER_GAPS[n]))
-        if n in _BUFFER_GAPS
-        else n
-        for n in CLASS_NAMES
-    ],
-)
+@pytest.mark.parametrize("name", _class_names_marking(_BUFFER_GAPS))
 def test_named_buffers_match(name: str) -> None:
     kwargs = {
         "NTXentLoss": dict(memory_bank_size=(6, 3)),
@@ -296,20 +275,12 @@ def test_gather_distributed_needs_torch_distributed(name: str, monkeypatch) -> N
         getattr(fastssl, name)(**{flag: True})
 
 
-@pytest.mark.parametrize(
-    "name, make_inputs",
-    [
-        ("NTXentLoss", lambda: awkward_inputs(4, 5)),
-        ("NegativeCosineSimilarity", lambda: awkward_inputs(4, 5)),
-        ("BarlowTwinsLoss", lambda: awkward_inputs(4, 5)),
-        ("VICRegLoss", lambda: awkward_inputs(4, 5)),
-    ],
-)
-def test_float64_inputs_give_float32_loss(name: str, make_inputs) -> None:
+@pytest.mark.parametrize("name", ["NTXentLoss", "NegativeCosineSimilarity", "BarlowTwinsLoss", "VICRegLoss"])
+def test_float64_inputs_give_float32_loss(name: str) -> None:
     """Deliberate difference (DESIGN §3, NOTES): fastssl returns the loss as 0-d float32 for every
     input dtype, where lightly returns it in the input's dtype (float64 here); the value agrees.
     Gradients stay in the input's dtype in both."""
-    inputs = [x.double() for x in make_inputs()]
+    inputs = [x.double() for x in awkward_inputs(4, 5)]
     theirs, ours = _both(name)
     leaves = [x.clone().requires_grad_(True) for x in inputs]
     loss_theirs = theirs(*leaves)
@@ -908,9 +879,10 @@ def test_dino_needs_two_views_like_lightly() -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="lightly's DINOLoss has a public update_center(teacher_out) method (stacked (views, "
-    "batch, dim) or (batch, dim) tensor: center <- m*center + (1-m)*mean over all but the last "
-    "dim), which its tests call directly; fastssl's DINOLoss has none (AttributeError)",
+    reason="lightly's DINOLoss has a public update_center(teacher_out) method: center <- "
+    "m*center + (1-m)*teacher_out.mean(dim=(0, 1), keepdim=True) (all-reduced when distributed), "
+    "for the stacked (views, batch, dim) teacher output; its tests call it directly, also with a "
+    "(batch, dim) tensor. fastssl's DINOLoss has no such method (AttributeError)",
 )
 def test_dino_update_center_method() -> None:
     theirs, ours = _both("DINOLoss", output_dim=6, center_momentum=0.7)
