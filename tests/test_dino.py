@@ -1,0 +1,216 @@
+"""DINO (torch backend): the chunked loss with its hand-written gradient against the reference,
+and the module against lightly's DINOLoss over several calls (teacher-temperature schedule,
+center EMA)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastssl
+import fastssl.functional as FS
+from fastssl import dino as dino_module
+from fastssl import reference
+
+from _helpers import assert_matches_reference, awkward_inputs
+
+VIEW_COUNTS = [(2, 2), (2, 5), (1, 2), (3, 1)]
+
+
+def load_lightly_dino():
+    """lightly's ``dino_loss`` module, loaded from its source file: ``import lightly.loss`` (and
+    ``lightly.models``) need torchvision, so the two packages it imports from are stubbed with
+    lightly's own ``center.py`` while it loads. Skips when lightly is not installed."""
+    spec = importlib.util.find_spec("lightly")
+    if spec is None or spec.origin is None:
+        pytest.skip("lightly is not installed")
+    root = Path(spec.origin).parent
+
+    def load(name: str, path: Path) -> types.ModuleType:
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module
+
+    stub_names = ["lightly.models", "lightly.models.modules", "lightly.models.modules.center"]
+    saved = {name: sys.modules.get(name) for name in stub_names}
+    try:
+        center = load("lightly.models.modules.center", root / "models" / "modules" / "center.py")
+        models = types.ModuleType("lightly.models")
+        modules = types.ModuleType("lightly.models.modules")
+        modules.center = center
+        models.modules = modules
+        sys.modules.update({"lightly.models": models, "lightly.models.modules": modules,
+                            "lightly.models.modules.center": center})  # fmt: skip
+        return load("_lightly_dino_loss", root / "loss" / "dino_loss.py")
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+def dino_fns(n_teacher: int, center: torch.Tensor, teacher_temp: float, student_temp: float, backend: str):
+    """(impl, ref) over inputs ``[*teacher views, *student views]`` for assert_matches_reference."""
+
+    def impl(*xs):
+        c = center.to(device=xs[0].device, dtype=xs[0].dtype)
+        return FS.dino_loss(list(xs[:n_teacher]), list(xs[n_teacher:]), c, teacher_temp, student_temp, backend=backend)
+
+    def ref(*xs):
+        c = center.to(device=xs[0].device, dtype=xs[0].dtype)
+        return reference.dino_loss(list(xs[:n_teacher]), list(xs[n_teacher:]), c, teacher_temp, student_temp)
+
+    return impl, ref
+
+
+def _assert_close(ours: torch.Tensor, exact: torch.Tensor, rtol: float = 2e-5, atol: float = 1e-6) -> None:
+    err = (ours.double() - exact.double()).abs().max().item()
+    allowed = rtol * exact.abs().max().item() + atol
+    assert err <= allowed, f"max error {err:.3e} > {allowed:.3e}"
+
+
+# --------------------------------------------------------------------------------------------
+# Loss and gradient against the reference
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_teacher,n_student", VIEW_COUNTS)
+@pytest.mark.parametrize("b,k", [(1, 1), (3, 129), (127, 3), (4, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dino_matches_reference(n_teacher, n_student, b, k, dtype):
+    views = awkward_inputs(b, k, dtype=dtype, views=n_teacher + n_student, non_contiguous=(b == 3))
+    center = torch.randn(k) * 0.5
+    impl, ref = dino_fns(n_teacher, center, 0.04, 0.1, "torch")
+    assert_matches_reference(impl, ref, views)
+
+
+def test_dino_float64_inputs_accumulate_in_float64():
+    views = awkward_inputs(5, 7, dtype=torch.float64, views=4)
+    impl, ref = dino_fns(2, torch.randn(7), 0.04, 0.1, "torch")
+    # The loss is float32 (DESIGN §3), hence 1e-7; float32 arithmetic would miss that on the
+    # float64 gradients.
+    assert_matches_reference(impl, ref, views, rtol=1e-7, atol=1e-12)
+
+
+def test_dino_chunks_of_rows_match_the_whole_batch(monkeypatch):
+    # Two rows per chunk (3 prototypes in 8 elements), 7 rows: four chunks, the last partial.
+    monkeypatch.setattr(dino_module, "_CHUNK_ELEMENTS", 8)
+    views = awkward_inputs(7, 3, views=5)
+    impl, ref = dino_fns(2, torch.randn(3), 0.04, 0.1, "torch")
+    assert_matches_reference(impl, ref, views)
+
+
+@pytest.mark.parametrize("teacher_temp,student_temp", [(0.01, 0.1), (0.04, 0.01), (-0.5, 0.2)])
+def test_dino_large_logits_and_other_temperatures(teacher_temp, student_temp):
+    # (t − c)/τ up to ~1e4: softmax and log-softmax must stay finite and exact.
+    views = [x * 30 for x in awkward_inputs(6, 9, views=4)]
+    impl, ref = dino_fns(2, torch.randn(9) * 30, teacher_temp, student_temp, "torch")
+    assert_matches_reference(impl, ref, views)
+
+
+def test_dino_no_gradient_to_the_teacher_and_none_needed():
+    teacher = [torch.randn(4, 6, requires_grad=True) for _ in range(2)]
+    student = [torch.randn(4, 6, requires_grad=True) for _ in range(3)]
+    loss = FS.dino_loss(teacher, student, backend="torch")
+    grads = torch.autograd.grad(loss, teacher + student, allow_unused=True)
+    assert grads[0] is None and grads[1] is None
+    assert all(g is not None and torch.isfinite(g).all() for g in grads[2:])
+    with torch.no_grad():
+        value = FS.dino_loss(teacher, student, backend="torch")
+    assert value.item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_dino_needs_a_cross_view_pair():
+    a = torch.randn(4, 6)
+    with pytest.raises(ValueError, match="at least two views"):
+        FS.dino_loss([a], [a], backend="torch")
+    with pytest.raises(ValueError, match="at least two views"):
+        fastssl.DINOLoss(output_dim=6, backend="torch")([a], [a])
+
+
+# --------------------------------------------------------------------------------------------
+# Module: drop-in for lightly's DINOLoss
+# --------------------------------------------------------------------------------------------
+
+
+def assert_module_matches_lightly(backend: str, device: str = "cpu") -> None:
+    """Five calls with changing epochs, a temperature override and multi-crop: losses, student
+    gradients and the center after every call."""
+    lightly_dino = load_lightly_dino()
+    kwargs = dict(output_dim=9, warmup_teacher_temp=0.07, teacher_temp=0.04, warmup_teacher_temp_epochs=3,
+                  student_temp=0.2, center_momentum=0.8)  # fmt: skip
+    theirs = lightly_dino.DINOLoss(**kwargs)
+    ours = fastssl.DINOLoss(**kwargs, backend=backend).to(device)
+    calls = [dict(epoch=0), dict(epoch=2), dict(epoch=5), dict(teacher_temp=0.06, epoch=1), dict()]
+    for n_student, call in zip([2, 4, 3, 4, 2], calls):
+        teacher = [torch.randn(5, 9) * 2 for _ in range(2)]
+        student = [torch.randn(5, 9) for _ in range(n_student)]
+        student_a = [s.clone().requires_grad_(True) for s in student]
+        student_b = [s.to(device).requires_grad_(True) for s in student]
+        expected = theirs(teacher, student_a, **call)
+        value = ours([t.to(device) for t in teacher], student_b, **call)
+        assert value.shape == () and value.dtype == torch.float32
+        assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+        for g, g_exact in zip(torch.autograd.grad(value, student_b), torch.autograd.grad(expected, student_a)):
+            _assert_close(g.cpu(), g_exact, rtol=1e-5)
+        assert ours.center.shape == (1, 1, 9)
+        _assert_close(ours.center.cpu(), theirs.center, rtol=1e-6)
+
+
+def test_dino_module_matches_lightly():
+    assert_module_matches_lightly("torch")
+
+
+def test_dino_reference_backend_module_matches_lightly():
+    assert_module_matches_lightly("reference")
+
+
+def test_dino_center_is_updated_in_place_in_float32():
+    loss = fastssl.DINOLoss(output_dim=6, center_momentum=0.5, backend="torch")
+    buffer = loss.center
+    teacher = [torch.randn(4, 6).bfloat16() for _ in range(2)]
+    loss(teacher, [torch.randn(4, 6).bfloat16() for _ in range(2)])
+    assert loss.center is buffer and loss.center.dtype == torch.float32
+    expected = 0.5 * torch.stack([t.float() for t in teacher]).mean(dim=(0, 1))
+    _assert_close(loss.center.flatten(), expected, rtol=1e-6)
+    assert torch.equal(loss.state_dict()["center"], loss.center)
+
+
+def test_dino_center_update_function_matches_reference():
+    center = torch.randn(1, 1, 7)
+    teacher = [torch.randn(5, 7) for _ in range(3)]
+    _assert_close(FS.dino_center_update(center, teacher, 0.7), reference.dino_center_update(center, teacher, 0.7), rtol=1e-6)
+
+
+def _compile_dino(backend: str) -> None:
+    eager_module = fastssl.DINOLoss(output_dim=8, backend="torch")
+    compiled_module = fastssl.DINOLoss(output_dim=8, backend="torch")
+    fn = torch.compile(lambda t, s, e: compiled_module(t, s, epoch=e), fullgraph=True, backend=backend)
+    # Two calls: the second runs the compiled graph on the center the first one updated.
+    for epoch in [1, 1]:
+        teacher = [torch.randn(4, 8) for _ in range(2)]
+        student = [torch.randn(4, 8, requires_grad=True) for _ in range(3)]
+        value = fn(teacher, student, epoch)
+        grads = torch.autograd.grad(value, student)
+        eager = eager_module(teacher, student, epoch=epoch)
+        eager_grads = torch.autograd.grad(eager, student)
+        assert value.item() == pytest.approx(eager.item(), rel=1e-5)
+        for g, g_eager in zip(grads, eager_grads):
+            _assert_close(g, g_eager, rtol=1e-5)
+        _assert_close(compiled_module.center, eager_module.center, rtol=1e-6)
+
+
+def test_dino_torch_path_compiles_without_graph_breaks():
+    _compile_dino("aot_eager")
+
+
+@pytest.mark.slow
+def test_dino_torch_path_compiles_with_inductor():
+    _compile_dino("inductor")
