@@ -1,0 +1,101 @@
+"""Triton DINO kernels against the reference: CPU tensors through the interpreter, CUDA tensors
+compiled (``gpu`` lane). Every buffer the kernels fill is allocated NaN-poisoned, so an element
+left unwritten shows up in the compared outputs; tiny tiles run multi-tile loops, partial tiles
+and K splits on small inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastssl
+from fastssl.kernels import dino as kernels
+
+from _helpers import TRITON_DEVICES, assert_matches_reference, awkward_inputs, poisoned
+from test_dino import _assert_close, assert_module_matches_lightly, dino_fns
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_buffers(monkeypatch):
+    monkeypatch.setattr(kernels, "_new_buffer", lambda shape, dtype, device: poisoned(shape, dtype, device))
+
+
+def _tiny_tiles(monkeypatch) -> None:
+    monkeypatch.setattr(kernels, "_TILE_ELEMENTS", 16)
+    monkeypatch.setattr(kernels, "_TILE_CONTIGUOUS", 4)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize(
+    "n_teacher,n_student,b,k,tiles",
+    [
+        (2, 2, 1, 1, "default"),
+        (2, 5, 3, 129, "default"),
+        (1, 2, 127, 3, "default"),
+        (3, 1, 4, 3, "default"),
+        (2, 4, 5, 11, "tiny"),
+        (3, 2, 7, 6, "tiny"),
+    ],
+)
+def test_dino_triton_matches_reference(device, n_teacher, n_student, b, k, tiles, monkeypatch):
+    if tiles == "tiny":
+        _tiny_tiles(monkeypatch)
+    views = awkward_inputs(b, k, device=device, views=n_teacher + n_student, non_contiguous=(b == 3))
+    impl, ref = dino_fns(n_teacher, torch.randn(k) * 0.5, 0.04, 0.1, "triton")
+    assert_matches_reference(impl, ref, views)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_dino_triton_other_dtypes(device, dtype):
+    views = awkward_inputs(6, 10, dtype=dtype, device=device, views=4, non_contiguous=True)
+    impl, ref = dino_fns(2, torch.randn(10) * 0.5, 0.04, 0.1, "triton")
+    assert_matches_reference(impl, ref, views)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("teacher_temp,student_temp", [(0.01, 0.1), (-0.5, 0.2)])
+def test_dino_triton_large_logits_and_other_temperatures(device, teacher_temp, student_temp, monkeypatch):
+    _tiny_tiles(monkeypatch)
+    views = [x * 30 for x in awkward_inputs(3, 9, device=device, views=3)]
+    impl, ref = dino_fns(1, torch.randn(9) * 30, teacher_temp, student_temp, "triton")
+    assert_matches_reference(impl, ref, views)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_dino_triton_teacher_sum_and_chunked_views(device, monkeypatch):
+    """Views that are chunks of one tensor are read in place; the fused teacher column sums
+    equal the sum over views and batch."""
+    _tiny_tiles(monkeypatch)
+    teacher_all = torch.randn(2 * 5, 7, device=device)
+    student_all = torch.randn(4 * 5, 7, device=device, requires_grad=True)
+    teacher, student = list(teacher_all.chunk(2)), list(student_all.chunk(4))
+    center = torch.randn(1, 1, 7, device=device)
+    loss, teacher_sum = kernels.dino_loss_triton(teacher, student, center, 0.04, 0.1, return_teacher_sum=True)
+    expected = fastssl.functional.dino_loss(teacher, student, center, 0.04, 0.1, backend="torch")
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    grad, expected_grad = (torch.autograd.grad(v, student_all)[0] for v in (loss, expected))
+    _assert_close(grad.cpu(), expected_grad.cpu())
+    assert teacher_sum.dtype == torch.float32 and teacher_sum.shape == (7,)
+    _assert_close(teacher_sum.cpu(), teacher_all.sum(dim=0).cpu(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_dino_triton_gradient_only_where_needed_and_no_grad_forward(device):
+    teacher = [torch.randn(4, 6, device=device) for _ in range(2)]
+    student = [torch.randn(4, 6, device=device) for _ in range(3)]
+    student[1].requires_grad_(True)
+    loss = fastssl.functional.dino_loss(teacher, student, backend="triton")
+    (grad,) = torch.autograd.grad(loss, [student[1]])
+    expected = fastssl.functional.dino_loss(teacher, student, backend="torch")
+    (expected_grad,) = torch.autograd.grad(expected, [student[1]])
+    _assert_close(grad.cpu(), expected_grad.cpu())
+    with torch.no_grad():
+        value = fastssl.functional.dino_loss(teacher, student, backend="triton")
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_dino_triton_module_matches_lightly(device):
+    # The module takes the center's batch mean from the kernel's fused column sums.
+    assert_module_matches_lightly("triton", device)
