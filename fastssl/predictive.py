@@ -22,19 +22,23 @@ def negative_cosine_similarity(
     r"""SimSiam's loss :math:`-\mathrm{mean}\cos(x_0, x_1)` along ``dim``. Detach the target yourself.
 
     Args:
-        x0, x1: tensors of equal shape, e.g. (N, d) predictions and (N, d) targets.
+        x0, x1: tensors of broadcastable shapes, e.g. (N, d) predictions and (N, d) targets.
     Returns:
         0-d float32 loss.
     """
     if not isinstance(x0, Tensor) or not isinstance(x1, Tensor):
         raise TypeError("x0 and x1 must be torch.Tensors")
-    if x0.shape != x1.shape:
-        raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
     if not x0.is_floating_point() or not x1.is_floating_point():
         raise TypeError(f"x0 and x1 must be floating-point tensors, got {x0.dtype} and {x1.dtype}")
-    if x0.numel() == 0:
-        raise ValueError(f"x0 and x1 are empty (shape {tuple(x0.shape)})")
-    check_positive("eps", eps)
+    try:
+        shape = torch.broadcast_shapes(x0.shape, x1.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"x0 and x1 must have broadcastable shapes, got {tuple(x0.shape)} and {tuple(x1.shape)}"
+        ) from None
+    if len(shape) == 0 or 0 in shape:
+        raise ValueError(f"x0 and x1 broadcast to the empty shape {tuple(shape)}")
+    check_positive("eps", eps, allow_zero=True)
     resolve_backend(backend, x0, has_triton_kernel=False)
     # Accumulate in float32 at least: the cosine of half-precision vectors of a few thousand
     # entries loses most of its digits when the dot product is summed in half.
@@ -92,7 +96,7 @@ class NegativeCosineSimilarity(nn.Module):
     def __init__(self, dim: int = 1, eps: float = 1e-8, backend: str = "auto") -> None:
         super().__init__()
         self.dim = dim
-        self.eps = check_positive("eps", eps)
+        self.eps = check_positive("eps", eps, allow_zero=True)
         self.backend = check_backend_name(backend)
 
     def forward(self, x0: Tensor, x1: Tensor) -> Tensor:
