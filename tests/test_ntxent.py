@@ -174,7 +174,7 @@ def closed_form_unit_norm_gradient(out0: torch.Tensor, out1: torch.Tensor, tempe
     logits = (z @ z.T / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
     g = torch.softmax(logits, dim=1)
     positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    g[torch.arange(2 * n), positives] -= 1
+    g[torch.arange(2 * n, device=z.device), positives] -= 1
     dz = (g + g.T) @ z / (2 * n * temperature)
     dx = dz - z * (z * dz).sum(dim=1, keepdim=True)  # normalization's backward at ‖x‖ = 1
     return dx[:n], dx[n:]

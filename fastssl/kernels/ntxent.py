@@ -492,8 +492,14 @@ class KernelConfig:
 
 def default_config(d: int, dtype: torch.dtype) -> KernelConfig:
     """Tiles for feature dimension ``d``: FlashAttention-2-like shapes on H100, the whole row in
-    one tile up to d = 256 (half) / 128 (float32), d-chunks of 64 / 32 beyond."""
+    one tile up to d = 256 (half) / 128 (float32), d-chunks of 64 / 32 beyond. Under the
+    interpreter, whose cost is per operation and program rather than per element, the largest
+    tiles that stay small in memory."""
     block_d = max(16, triton.next_power_of_2(d))
+    if triton_interpreter_enabled():
+        if block_d <= 256:
+            return KernelConfig(64, 128, block_d, True)
+        return KernelConfig(64, 128, 256, False)
     if dtype in (torch.float16, torch.bfloat16):
         if block_d <= 64:
             return KernelConfig(128, 64, block_d, True, num_warps=4, num_stages=3)
@@ -545,9 +551,12 @@ def _emulate_rtne(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and triton_interpreter_enabled()
 
 
-def _norm_blocks(d: int) -> Tuple[int, int]:
+def _norm_blocks(m: int, d: int) -> Tuple[int, int]:
+    """(rows, features) per program of the row-wise kernels: ≤ 2048 elements on the GPU; under
+    the interpreter, as many rows as fit 2**16 elements (its cost is per program)."""
     block_d = min(max(16, triton.next_power_of_2(d)), 1024)
-    return max(1, 2048 // block_d), block_d
+    budget = 1 << 16 if triton_interpreter_enabled() else 2048
+    return max(1, min(budget // block_d, triton.next_power_of_2(m))), block_d
 
 
 # --------------------------------------------------------------------------------------------
@@ -567,7 +576,7 @@ def l2_normalize_rows(
     if norms is None:
         norms = torch.empty(m + row_offset, dtype=torch.float32, device=x.device)
     assert z.is_contiguous() and norms.dtype == torch.float32
-    block_m, block_d = _norm_blocks(d)
+    block_m, block_d = _norm_blocks(m, d)
     _l2_normalize_fwd_kernel[(triton.cdiv(m, block_m),)](
         x, x.stride(0), x.stride(1), z, norms, m, d, row_offset,
         EPS=_NORM_EPS, BF16_RTNE=_emulate_rtne(z.dtype), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
@@ -583,7 +592,7 @@ def l2_normalize_rows_backward(
     if out is None:
         out = torch.empty((m, d), dtype=x.dtype, device=x.device)
     assert out.is_contiguous() and grad_z.is_contiguous() and grad_z.dtype == torch.float32
-    block_m, block_d = _norm_blocks(d)
+    block_m, block_d = _norm_blocks(m, d)
     _l2_normalize_bwd_kernel[(triton.cdiv(m, block_m),)](
         x, x.stride(0), x.stride(1), norms, grad_z, out, m, d, row_offset,
         EPS=_NORM_EPS, BF16_RTNE=_emulate_rtne(out.dtype), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
@@ -598,7 +607,7 @@ def rowwise_cosine(
     m, d = x.shape
     if out is None:
         out = torch.empty(m, dtype=torch.float32, device=x.device)
-    block_m, block_d = _norm_blocks(d)
+    block_m, block_d = _norm_blocks(m, d)
     _rowwise_cosine_kernel[(triton.cdiv(m, block_m),)](
         x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1), norm_x, norm_y, out, m, d,
         EPS=_NORM_EPS, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,

@@ -1,0 +1,318 @@
+"""Triton kernels for NT-Xent, InfoNCE and uniformity (``fastssl.kernels.ntxent``).
+
+Parametrized over ``TRITON_DEVICES``: CPU tensors through the Triton interpreter (CI) and the
+compiled kernels on CUDA (``gpu`` lane). Values and input gradients against the float64
+reference; output buffers poisoned with NaN before every launch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastssl
+import fastssl.functional as FS
+from fastssl import reference
+from _helpers import TRITON_DEVICES, assert_matches_reference, awkward_inputs, poisoned
+
+K = pytest.importorskip("fastssl.kernels.ntxent")
+
+# Tiny tiles: several row/column blocks at small N, and d walked in 16-wide chunks (the
+# read-modify-write accumulation path) instead of one register tile.
+CHUNKED = K.KernelConfig(16, 16, 16, single_k=False)
+HALF_OPERANDS = K.KernelConfig(16, 16, 16, single_k=True, fp32_operands=False)
+
+
+def _inputs(n, d, dtype, device, non_contiguous=False, views=2):
+    return awkward_inputs(n, d, dtype=dtype, device=device, views=views, non_contiguous=non_contiguous)
+
+
+def _bank(k, d, device):
+    return F.normalize(torch.randn(k, d), dim=1).to(device)
+
+
+def pairwise_uniformity(z, t):
+    n = z.shape[0]
+    z = F.normalize(z, dim=1)
+    sq_dist = (z[:, None, :] - z[None, :, :]).pow(2).sum(-1)
+    distinct = ~torch.eye(n, dtype=torch.bool, device=z.device)
+    return torch.logsumexp(-t * sq_dist[distinct], dim=0) - math.log(n * (n - 1))
+
+
+# (n, d, dtype, temperature, non_contiguous, config): N ∈ {1, 2, 3, 65}, d ∈ {1, 3, 129},
+# every temperature, fp32/bf16/fp16, both accumulation paths, half operands (d = 129), and
+# N = 17 for several row and column tiles with the small tiles. Sized for the interpreter.
+NTXENT_CASES = [
+    (1, 3, torch.float32, 0.1, True, None),
+    (1, 129, torch.bfloat16, -1.0, False, CHUNKED),
+    (2, 1, torch.bfloat16, -1.0, True, None),
+    (2, 129, torch.float32, 7.0, False, CHUNKED),
+    (3, 3, torch.float16, 1.0, True, CHUNKED),
+    (3, 129, torch.bfloat16, 0.1, True, None),
+    (3, 129, torch.float16, 7.0, True, None),
+    (17, 3, torch.bfloat16, 7.0, False, CHUNKED),
+    (65, 3, torch.float32, -1.0, True, None),
+    (65, 3, torch.bfloat16, 0.1, False, None),
+]
+# Larger shapes for the compiled kernels only (GPU configs: one register tile up to d = 256,
+# d-chunks beyond).
+NTXENT_GPU_CASES = [
+    (65, 129, torch.bfloat16, 0.1, False, None),
+    (65, 129, torch.float32, 1.0, True, None),
+    (1000, 128, torch.bfloat16, 0.1, False, None),
+    (1000, 256, torch.float16, -1.0, True, None),
+    (300, 1000, torch.bfloat16, 0.2, False, None),
+    (257, 4096, torch.bfloat16, 0.1, False, None),
+    (300, 1000, torch.float32, 0.5, True, None),
+]
+
+
+def _case_id(case):
+    n, d, dtype, t, nc, cfg = case
+    return f"n{n}-d{d}-{str(dtype)[6:]}-t{t}" + ("-strided" if nc else "") + ("-chunked" if cfg is CHUNKED else "")
+
+
+def _check_ntxent(device, case):
+    n, d, dtype, temperature, non_contiguous, config = case
+    a, b = _inputs(n, d, dtype, device, non_contiguous)
+    assert_matches_reference(
+        lambda x, y: K.ntxent_loss_triton(x, y, temperature, config=config),
+        lambda x, y: reference.ntxent_loss(x, y, temperature),
+        [a, b],
+    )
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("case", NTXENT_CASES, ids=_case_id)
+def test_ntxent_triton_matches_reference(device, case):
+    _check_ntxent(device, case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", NTXENT_GPU_CASES, ids=_case_id)
+def test_ntxent_triton_matches_reference_large(case):
+    _check_ntxent("cuda", case)
+
+
+INFONCE_CASES = [
+    (1, 3, torch.float32, 0.1, 17, True, None),
+    (2, 1, torch.bfloat16, 7.0, 1, False, None),
+    (3, 129, torch.bfloat16, -1.0, 15, True, CHUNKED),
+    (3, 129, torch.float32, 1.0, 16, False, None),
+    (65, 3, torch.float16, 0.1, 16, True, None),
+    (17, 37, torch.bfloat16, 1.0, 17, False, CHUNKED),
+]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("case", INFONCE_CASES, ids=lambda c: f"n{c[0]}-d{c[1]}-{str(c[2])[6:]}-t{c[3]}-bank{c[4]}")
+def test_infonce_triton_matches_reference(device, case):
+    n, d, dtype, temperature, bank_size, non_contiguous, config = case
+    q, k = _inputs(n, d, dtype, device, non_contiguous)
+    bank = _bank(bank_size, d, device)  # float32, as the module keeps it
+    if non_contiguous:
+        bank = torch.cat([bank, bank], dim=1)[:, ::2]
+    assert_matches_reference(
+        lambda x, y: K.infonce_loss_triton(x, y, bank, temperature, config=config),
+        lambda x, y: reference.infonce_loss(x, y, bank, temperature),
+        [q, k],
+    )
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize(
+    "n,d,dtype,t,config",
+    [(2, 1, torch.float32, 2.0, None), (3, 129, torch.float32, 0.5, CHUNKED), (65, 3, torch.float32, 2.0, None),
+     (33, 129, torch.bfloat16, 2.0, None), (17, 3, torch.float16, 1.0, CHUNKED)],
+)
+def test_uniformity_triton_matches_reference(device, n, d, dtype, t, config):
+    (z,) = _inputs(n, d, dtype, device, non_contiguous=True, views=1)
+    # cdist (the reference's) has no half-precision CPU kernel: the explicit-difference form is
+    # the same formula and measures PyTorch's own half-precision error.
+    ref = (lambda x: reference.uniformity(x, t)) if dtype == torch.float32 else (lambda x: pairwise_uniformity(x, t))
+    assert_matches_reference(lambda x: K.uniformity_triton(x, t, config=config), ref, [z])
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_uniformity_triton_edge_cases(device):
+    assert math.isnan(K.uniformity_triton(torch.randn(1, 4, device=device)).item())
+    collapsed = torch.randn(1, 6, device=device).repeat(9, 1)
+    assert K.uniformity_triton(collapsed).item() == pytest.approx(0.0, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Every output element written: launchers on NaN-poisoned buffers
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("config", [None, CHUNKED], ids=["default", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_launchers_write_every_output(device, config, dtype):
+    n, d = 9, 37  # no tile size divides 2N or d
+    a, b = _inputs(n, d, dtype, device, non_contiguous=True)
+    r = 2 * n
+    z = poisoned((r, d), dtype, device)
+    norms = poisoned((r,), torch.float32, device)
+    K.l2_normalize_rows(a, z, norms, 0)
+    K.l2_normalize_rows(b, z, norms, n)
+    assert torch.isfinite(z).all() and torch.isfinite(norms).all()
+
+    pos_cos = K.rowwise_cosine(a, b, norms[:n], norms[n:], out=poisoned((n,), torch.float32, device))
+    assert torch.isfinite(pos_cos).all() and (pos_cos.abs() <= 1 + 1e-6).all()
+
+    lse, row_loss = K.pair_lse_forward(z, z, pos_cos, 2.0, n, 0, config,
+                                       lse=poisoned((r,), torch.float32, device),
+                                       row_loss=poisoned((r,), torch.float32, device))
+    assert torch.isfinite(lse).all() and torch.isfinite(row_loss).all()
+
+    grad_one = torch.ones((), device=device)
+    dz = K.pair_lse_backward(z, z, pos_cos, lse, lse, grad_one, 2.0, 1.0 / r, n, 0, config,
+                             out=poisoned((r, d), torch.float32, device))
+    assert torch.isfinite(dz).all()
+
+    dx = K.l2_normalize_rows_backward(b, norms, dz, n, out=poisoned((n, d), dtype, device))
+    assert torch.isfinite(dx).all()
+
+    bank = _bank(23, d, device)
+    q_lse, q_loss = K.infonce_forward(z[:n], pos_cos, bank, 2.0, config,
+                                      lse=poisoned((n,), torch.float32, device),
+                                      row_loss=poisoned((n,), torch.float32, device))
+    assert torch.isfinite(q_lse).all() and torch.isfinite(q_loss).all()
+    dq, dk = K.infonce_backward(z[:n], z[n:], pos_cos, bank, q_lse, grad_one, 2.0, 1.0 / n, config,
+                                grad_q=poisoned((n, d), torch.float32, device),
+                                grad_k=poisoned((n, d), torch.float32, device))
+    assert torch.isfinite(dq).all() and torch.isfinite(dk).all()
+
+
+# --------------------------------------------------------------------------------------------
+# The seed's exercises and semantics
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("n", [1, 2, 17])
+def test_fully_correlated_embeddings_give_log_of_2n_minus_1(device, n):
+    row = torch.randn(1, 12, device=device)
+    for temperature in (0.1, 1.0, 7.0, -1.0):
+        value = K.ntxent_loss_triton(row.repeat(n, 1), 2.0 * row.repeat(n, 1), temperature)
+        assert value.item() == pytest.approx(-math.log(1 / (2 * n - 1)), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("temperature", [0.1, -1.0])
+def test_gradient_equals_seed_closed_form(device, temperature):
+    """dL/dx for unit-norm inputs from ∂ℓ_k/∂s_m = (p_m - [m = positive])/τ (seed 000)."""
+    from test_ntxent import closed_form_unit_norm_gradient
+
+    a, b = [F.normalize(x, dim=1).requires_grad_(True) for x in _inputs(7, 5, torch.float32, device)]
+    K.ntxent_loss_triton(a, b, temperature).backward()
+    ga, gb = closed_form_unit_norm_gradient(a.detach(), b.detach(), temperature)
+    torch.testing.assert_close(a.grad.double(), ga, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.grad.double(), gb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_half_operands_compute_the_rounded_formula(device):
+    """With ẑ stored in bf16 (forced at small d), the loss is the float64 formula evaluated on
+    the bf16-rounded ẑ and bank, with the positive logit from the float32 cosine."""
+    n, d, temperature = 9, 3, 0.2
+    q, k = _inputs(n, d, torch.bfloat16, device)
+    bank = _bank(17, d, device)
+    qd, kd = F.normalize(q.double(), dim=1), F.normalize(k.double(), dim=1)
+    positive = (qd * kd).sum(dim=1)
+    negatives = qd.bfloat16().double() @ bank.bfloat16().double().T
+    expected = (torch.logsumexp(torch.cat([positive[:, None], negatives], 1) / temperature, 1) - positive / temperature).mean()
+    value = K.infonce_loss_triton(q, k, bank, temperature, config=HALF_OPERANDS)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+
+    z = torch.cat([qd, kd])
+    s = (z.bfloat16().double() @ z.bfloat16().double().T).fill_diagonal_(float("-inf"))
+    pos_idx = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(device)
+    s[torch.arange(2 * n, device=device), pos_idx] = positive.repeat(2)
+    expected = F.cross_entropy(s / temperature, pos_idx)
+    value = K.ntxent_loss_triton(q, k, temperature, config=HALF_OPERANDS)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_non_finite_inputs_give_nan(device):
+    for bad in (float("nan"), float("inf")):
+        a, b = _inputs(6, 5, torch.float32, device)
+        a[2, 1] = bad
+        assert torch.isnan(K.ntxent_loss_triton(a, b, 0.5))
+        assert torch.isnan(K.infonce_loss_triton(a, b, _bank(4, 5, device), 0.5))
+        assert torch.isnan(K.uniformity_triton(a))
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_public_api_and_module_on_triton(device):
+    a, b = _inputs(5, 4, torch.float32, device)
+    assert_matches_reference(lambda x, y: FS.ntxent_loss(x, y, 0.3, backend="triton"),
+                             lambda x, y: reference.ntxent_loss(x, y, 0.3), [a, b])
+    torch.manual_seed(5)
+    module = fastssl.NTXentLoss(temperature=0.3, memory_bank_size=(12, 4), backend="triton").to(device)
+    bank = module.bank.clone()
+
+    def ours(x, y):
+        module.bank.copy_(bank)
+        module.bank_ptr.zero_()
+        return module(x, y)
+
+    assert_matches_reference(ours, lambda x, y: reference.infonce_loss(x, y, bank, 0.3), [a, b])
+    assert int(module.bank_ptr) == 5  # the keys were enqueued
+    # float64 has no kernel: the public API runs it on the PyTorch path
+    a64, b64 = a.double(), b.double()
+    assert FS.ntxent_loss(a64, b64, backend="triton").item() == pytest.approx(
+        reference.ntxent_loss(a64, b64).item(), rel=1e-6)
+
+
+def test_kernel_argument_errors():
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        K.ntxent_loss_triton(torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64), 0.5)
+    with pytest.raises(ValueError, match="power of two"):
+        K.KernelConfig(24, 16, 16, True)
+    with pytest.raises(ValueError, match="single_k"):
+        K.ntxent_loss_triton(torch.randn(3, 40), torch.randn(3, 40), 0.5, config=K.KernelConfig(16, 16, 16, True))
+
+
+def test_default_configs_cover_every_width():
+    for d in (1, 3, 16, 17, 64, 65, 128, 129, 256, 257, 1000, 4096):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            operand = K.operand_dtype(d, dtype)
+            cfg = K.default_config(d, operand)
+            assert cfg.single_k == (cfg.block_k >= d)
+            assert cfg.block_k <= 256 and cfg.block_m * cfg.block_k <= 128 * 128
+
+
+# --------------------------------------------------------------------------------------------
+# GPU lane only: the sizes the design targets
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_large_batch_runs_deterministically_in_bounded_memory():
+    """2N = 131072, d = 128, bf16 on one GPU (the reference would need 2N×2N logits = 68 GB in
+    float32): finite, equal to the PyTorch path, deterministic, loss memory O(N·d)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    n, d = 65536, 128
+    a, b = [x.requires_grad_(True) for x in _inputs(n, d, torch.bfloat16, "cuda")]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = K.ntxent_loss_triton(a, b, 0.1)
+    loss.backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert torch.isfinite(loss) and torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+    assert peak < 64 * 2 * n * d, f"peak {peak / 2**20:.0f} MiB is not O(N·d)"
+    first = (a.grad.clone(), b.grad.clone())
+    a.grad, b.grad = None, None
+    K.ntxent_loss_triton(a, b, 0.1).backward()
+    assert torch.equal(first[0], a.grad) and torch.equal(first[1], b.grad)
+    torch_value = FS.ntxent_loss(a.detach(), b.detach(), 0.1, backend="torch")
+    assert loss.item() == pytest.approx(torch_value.item(), rel=2e-3)
