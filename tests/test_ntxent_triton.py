@@ -56,6 +56,7 @@ NTXENT_CASES = [
     (17, 3, torch.bfloat16, 7.0, False, CHUNKED),
     (65, 3, torch.float32, -1.0, True, None),
     (65, 3, torch.bfloat16, 0.1, False, None),
+    (5, 129, torch.bfloat16, 0.01, True, None),  # 2/|τ| = 200: the two-exponential backward
 ]
 # Larger shapes for the compiled kernels only (GPU configs: one register tile up to d = 256,
 # d-chunks beyond).
@@ -186,6 +187,22 @@ def test_launchers_write_every_output(device, config, dtype):
                                 grad_q=poisoned((n, d), torch.float32, device),
                                 grad_k=poisoned((n, d), torch.float32, device))
     assert torch.isfinite(dq).all() and torch.isfinite(dk).all()
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("temperature", [0.1, -0.05])
+def test_factored_backward_equals_two_exponential_form(device, temperature):
+    n, d = 9, 5
+    a, b = _inputs(n, d, torch.float32, device)
+    z, norms = K.l2_normalize_rows(torch.cat([a, b]))
+    pos_cos = K.rowwise_cosine(a, b, norms[:n], norms[n:])
+    lse, _ = K.pair_lse_forward(z, z, pos_cos, 1 / temperature, n, 0)
+    assert K._factored_backward(1 / temperature, 2 * n)
+    one = torch.ones((), device=device)
+    args = (z, z, pos_cos, lse, lse, one, 1 / temperature, 1.0, n, 0)
+    torch.testing.assert_close(K.pair_lse_backward(*args, factored=True), K.pair_lse_backward(*args, factored=False),
+                               rtol=1e-5, atol=1e-5)
+    assert not K._factored_backward(100.0, 2 * n)
 
 
 # --------------------------------------------------------------------------------------------

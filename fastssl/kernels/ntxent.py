@@ -3,23 +3,27 @@ launchers and ``autograd.Function`` side by side.
 
 Pipeline (NT-Xent, R = 2N rows of d features, C = R columns, or the gathered 2WN columns):
 
-1. ``_l2_normalize_fwd_kernel`` -- ẑ = x / max(‖x‖, 1e-12) stored in the input dtype, plus ‖x‖
-   (float32) per row. Reads each input through its own strides (no ``cat``/``contiguous`` copy).
+1. ``_l2_normalize_fwd_kernel`` -- ẑ = x / max(‖x‖, 1e-12) stored in the operand dtype (the
+   input's; float32 for d ≤ 16, see ``operand_dtype``), plus ‖x‖ (float32) per row. Reads each
+   input through its own strides (no ``cat``/``contiguous`` copy). ``_rowwise_cosine_kernel``
+   gives the positive pairs' cosines in float32 from the inputs.
 2. ``_pair_lse_fwd_kernel`` -- one program per block of BLOCK_M rows walks the columns in
    tiles of BLOCK_N, S = ẑ_r ẑ_cᵀ/τ through ``tl.dot`` (half inputs on tensor cores, float32
    accumulation; float32 inputs with ``input_precision="ieee"``, never TF32), self-similarity
-   masked to -inf, and keeps an online log-sum-exp (m, l) per row. The running max m is the max
-   of the *scaled* logits, so a negative τ (which flips the order) needs no special case. The
-   positive logit is a separate row-wise dot. Stores lse (R,) and ℓ = lse - s₊ (R,).
+   masked to -inf, and keeps an online log-sum-exp (m, l) per row, seeded with the float32
+   positive logit (whose column the tiles skip). The running max m is the max of the *scaled*
+   logits, so a negative τ (which flips the order) needs no special case. Stores lse (R,) and
+   ℓ = lse - s₊ (R,).
 3. ``_pair_lse_bwd_kernel`` -- recomputes each tile from ẑ and the stored lse. Because S is
    symmetric and the positive relation an involution, the gradient of whole rows is
 
        dẑ_k = g/(2N τ) · (Σ_{m≠k} (e^{S_km - lse_k} + e^{S_km - lse_m}) ẑ_m - 2 ẑ_{p(k)}),
 
    i.e. (G + Gᵀ)Z/τ from one pass over the tiles of a row block: no column pass, no atomics,
-   deterministic. Accumulates in registers when d fits one BLOCK_K tile (``SINGLE_K``); for
-   larger d the program owns its rows of a float32 scratch and read-modify-writes them per
-   d-chunk (still deterministic).
+   deterministic. e^{S_km - lse_m} = e^{S_km - lse_k}·e^{lse_k - c}·e^{c - lse_m} costs no
+   second exponential where the factors cannot overflow. Accumulates in registers when d fits
+   one BLOCK_K tile (``SINGLE_K``); for larger d the program owns its rows of a float32 scratch
+   and read-modify-writes them per d-chunk (still deterministic).
 4. ``_l2_normalize_bwd_kernel`` -- dx = (dẑ - ẑ(ẑ·dẑ))/‖x‖ in the input dtype.
 
 InfoNCE is the one-directional variant (queries × [own key; bank], no self-exclusion, no
@@ -34,19 +38,23 @@ row blocks (at most 2**31 - 1 programs), so any N the memory allows is launched.
 Cost model and prediction (H100 SXM: ~990 TFLOP/s dense bf16, ~60 TFLOP/s fp32 FMA, ~3 TB/s
 HBM; the multi-function unit computes ~3.9e12 exponentials/s). With R = C = 2N:
 
-* forward: 2·R·C·d FLOPs (S), R·C exponentials; backward: 4·R·C·d FLOPs (S again, H·Z),
-  2·R·C exponentials. Total 6·(2N)²·d FLOPs and 3·(2N)² exponentials.
+* forward: 2·R·C·d FLOPs (S), R·C exponentials; backward: 4·R·C·d FLOPs (S again, H·Z) and
+  R·C exponentials (the factored form; 2·R·C below |τ| ≈ 1/40). Total 6·(2N)²·d FLOPs,
+  2·(2N)² exponentials. The fewest FLOPs any implementation needs is 4·(2N)²·d (no recompute,
+  the benchmark suite's floor); recomputing S is the price of O(N·d) memory.
 * fewest bytes: read x, write dx: 2·2N·d·b (b bytes per element) plus O(N) floats. This
   implementation also writes/reads ẑ (2·2N·d·b) and dẑ in float32 (2·2N·d·4) -- still O(N·d).
-* 2N = 8192, d = 128, bf16: 51.5 GFLOP → 52 µs at 990 TFLOP/s; bytes 4.2 MB minimum (≈ 17 MB
-  as implemented) → 1.4 µs (6 µs). Roofline floor: 52 µs, compute-bound. The 201 M
-  exponentials alone take ≈ 52 µs on the multi-function unit, so without FA3-style overlap of
-  exponentials and MMA expect ≈ 100-130 µs forward+backward (40-50 % of the floor).
-* 2N = 131072, d = 128, bf16: 13.2 TFLOP → floor 13.3 ms; memory ≈ 2N·d·(2+2+4+4) bytes
-  ≈ 200 MB instead of the (2N)² = 17 G logits of the reference.
+* 2N = 8192, d = 128, bf16: floor max(34.4 GFLOP / 990 TFLOP/s, 4.2 MB / 3 TB/s) = 35 µs,
+  compute-bound. As implemented: 51.5 GFLOP (52 µs of tensor cores) and 134 M exponentials
+  (34 µs of the exponential unit, which Triton does not overlap with the MMA the way FA3 does).
+  Prediction: forward ≈ 25-35 µs, backward ≈ 50-70 µs, forward+backward ≈ 75-105 µs, i.e.
+  35-45 % of the 35 µs floor (50-70 % of the 52 µs this algorithm's MMAs alone need).
+* 2N = 131072, d = 128, bf16: 13.2 TFLOP → ≈ 15-25 ms; memory ≈ 2N·d·(2+2+2+4) bytes ≈ 170 MB
+  instead of the (2N)² = 17 G logits of the reference.
 * float32 inputs run ``tl.dot`` in IEEE float32 (FMA, ~60 TFLOP/s): floor 0.86 ms at
-  2N = 8192, d = 128.
-* InfoNCE, N queries, K bank rows: 6·N·K·d FLOPs, 3·N·K exponentials; bytes ≥ (4N + K)·d·b.
+  2N = 8192, d = 128. Half inputs with d ≤ 16 also keep ẑ in float32 (``operand_dtype``): there
+  2d FLOPs per logit cost less than its exponential anyway.
+* InfoNCE, N queries, K bank rows: 6·N·K·d FLOPs, 2·N·K exponentials; bytes ≥ (4N + K)·d·b.
   N = 256, K = 65536, d = 128, bf16: 12.9 GFLOP → 13 µs; bytes 17 MB → 6 µs.
 * Uniformity forward: 2·N²·d FLOPs, N² exponentials.
 """
@@ -258,8 +266,8 @@ def _pair_lse_fwd_kernel(
 @triton.jit
 def _pair_lse_bwd_kernel(
     ZR, ZC, POS_COS, LSE_R, LSE_C, GRAD_LOSS, DZ,
-    R, C, D, n_local, col_offset, inv_temp, grad_scale,
-    HAS_POSITIVE: tl.constexpr, FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr,
+    R, C, D, n_local, col_offset, inv_temp, grad_scale, lse_shift,
+    HAS_POSITIVE: tl.constexpr, FACTORED: tl.constexpr, FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
 ):
     """DZ[r] = g·grad_scale·Σ_{c≠self} H_rc ZC[c], H_rc = e^{S_rc - LSE_R[r]} + e^{S_rc - LSE_C[c]} - 2[c = pos(r)].
@@ -267,7 +275,13 @@ def _pair_lse_bwd_kernel(
     g is read from GRAD_LOSS on the device (no host sync). The negatives' weights lie in [0, 2]
     and go to ``tl.dot`` in the input dtype (as FlashAttention's P); the positive's weight (near
     -2, the dominant term) is computed in float32 from the float32 positive logit, as in the
-    forward, and applied after the loop."""
+    forward, and applied after the loop.
+
+    FACTORED: e^{S_rc - lse_c} = e^{S_rc - lse_r}·α_r·β_c with α_r = e^{lse_r - shift},
+    β_c = e^{shift - lse_c}: one exponential per logit instead of two (the exponential unit, not
+    the tensor cores, bounds this kernel). The launcher enables it only where no factor can
+    overflow and e^{S - lse_r} cannot underflow while e^{S - lse_c} matters (see
+    ``_factored_backward``)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < R
     rows64 = rows.to(tl.int64)
@@ -275,6 +289,7 @@ def _pair_lse_bwd_kernel(
     sample = tl.where(rows < n_local, rows, rows - n_local)
     pos_cols = tl.where(rows < n_local, rows + n_local, rows - n_local) + col_offset
     lse_r = tl.load(LSE_R + rows, mask=row_mask, other=0.0)
+    alpha_r = tl.exp(lse_r - lse_shift)
     a = _load_tile(ZR, rows64, row_mask, D, 1, 0, D, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
     if not SINGLE_K:
@@ -298,7 +313,11 @@ def _pair_lse_bwd_kernel(
         if HAS_POSITIVE:
             keep = keep & (cols[None, :] != pos_cols[:, None])
         # Masked entries may overflow to inf before the select; the select drops them.
-        h = tl.exp(s - lse_r[:, None]) + tl.exp(s - lse_c[None, :])
+        if FACTORED:
+            p = tl.exp(s - lse_r[:, None])
+            h = p + (p * alpha_r[:, None]) * tl.exp(lse_shift - lse_c)[None, :]
+        else:
+            h = tl.exp(s - lse_r[:, None]) + tl.exp(s - lse_c[None, :])
         h = _round_to(tl.where(keep, h, 0.0), ZC.dtype.element_ty, BF16_RTNE)
         if SINGLE_K:
             acc += _dot(h, b, FP32_IEEE)
@@ -640,13 +659,25 @@ def pair_lse_forward(
     return lse, row_loss
 
 
+def _factored_backward(inv_temp: float, n_cols: int) -> bool:
+    """Whether the backward may use e^{S-lse_c} = e^{S-lse_r}·e^{lse_r-shift}·e^{shift-lse_c}.
+
+    Every logit lies in [-1/|τ|, 1/|τ|], so every lse lies in ±1/|τ| + [0, log C] and, with
+    shift = log(C-1), each factor lies within e^{±(1/|τ| + log C)}, and e^{S - lse_r} is at
+    least e^{-(2/|τ| + log C)}. Below e^{-80} float32 loses it (underflow) while its partner
+    e^{S - lse_c} may matter; above that bound the factored form is exact to rounding."""
+    return 2.0 * abs(inv_temp) + math.log(max(n_cols, 2)) < 80.0
+
+
 def pair_lse_backward(
     z_rows: Tensor, z_cols: Tensor, pos_cos: Optional[Tensor], lse_rows: Tensor, lse_cols: Tensor,
     grad_loss: Tensor, inv_temp: float, grad_scale: float, n_local: int, col_offset: int,
-    config: Optional[KernelConfig] = None, out: Optional[Tensor] = None,
+    config: Optional[KernelConfig] = None, out: Optional[Tensor] = None, factored: Optional[bool] = None,
 ) -> Tensor:
     """dẑ rows (R, d) float32: ``grad_loss · grad_scale · Σ_c (e^{S-lse_r} + e^{S-lse_c} - 2[c = pos]) z_c``
-    (the positive term only with ``pos_cos``)."""
+    (the positive term only with ``pos_cos``). ``lse_rows``/``lse_cols`` must be log-sum-exps
+    of these logits (or, for uniformity, the global one) for the factored form (default: where
+    it is exact, :func:`_factored_backward`)."""
     r, d = z_rows.shape
     c = z_cols.shape[0]
     cfg = _resolve_config(config, d, z_rows.dtype)
@@ -654,10 +685,12 @@ def pair_lse_backward(
     if out is None:
         out = torch.empty((r, d), dtype=torch.float32, device=z_rows.device)
     grad_loss = grad_loss.reshape(()).to(torch.float32).contiguous()
+    if factored is None:
+        factored = _factored_backward(inv_temp, c)
     _pair_lse_bwd_kernel[(triton.cdiv(r, cfg.block_m),)](
         z_rows, z_cols, pos_cos if with_positive else lse_rows, lse_rows, lse_cols, grad_loss, out,
-        r, c, d, n_local, col_offset, float(inv_temp), float(grad_scale),
-        HAS_POSITIVE=with_positive, FP32_IEEE=_dot_in_fp32(z_rows.dtype), BF16_RTNE=_emulate_rtne(z_rows.dtype),
+        r, c, d, n_local, col_offset, float(inv_temp), float(grad_scale), math.log(max(c - 1, 1)),
+        HAS_POSITIVE=with_positive, FACTORED=bool(factored), FP32_IEEE=_dot_in_fp32(z_rows.dtype), BF16_RTNE=_emulate_rtne(z_rows.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=cfg.single_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -798,7 +831,8 @@ class _UniformityTriton(torch.autograd.Function):
         z, z_hat, norms, total_lse = ctx.saved_tensors
         t, config = ctx.meta
         lse = total_lse.expand(z.shape[0]).contiguous()
-        grad_z_hat = pair_lse_backward(z_hat, z_hat, None, lse, lse, grad_loss, 2.0 * t, 2.0 * t, z.shape[0], 0, config)
+        grad_z_hat = pair_lse_backward(z_hat, z_hat, None, lse, lse, grad_loss, 2.0 * t, 2.0 * t, z.shape[0], 0, config,
+                                       factored=False)
         return l2_normalize_rows_backward(z, norms, grad_z_hat), None, None
 
 
