@@ -272,11 +272,12 @@ def _use_cuda_kernel(x: Tensor, whitening: str) -> bool:
     return wmse_cuda.load_extension() is not None
 
 
-def _whiten_blocks(x: Tensor, index: Tensor, eps: float, whitening: str, want_stats: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _whiten_blocks(x: Tensor, index: Tensor, eps: float, whitening: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     if _use_cuda_kernel(x, whitening):
         from fastssl.kernels import wmse_cuda
 
-        return wmse_cuda.whiten_cholesky(x, index, eps, want_stats)
+        z, mean, cov, failed = wmse_cuda.whiten_cholesky(x, index, eps)
+        return z.to(x.dtype), mean.to(x.dtype), cov.to(x.dtype), failed
     return _whiten_blocks_torch(x, index, eps, whitening)
 
 
@@ -311,8 +312,8 @@ def _pair_losses_in_input_order(
 ) -> Tensor:
     """Custom ``loss_fn``: rows back in input order per iteration, then lightly's sum over
     iterations and view pairs."""
-    w_iter = z.shape[0]
     d = z.shape[-1]
+    w_iter = index.numel() // (num_samples * bs)
     rows = z.reshape(w_iter, num_samples * bs, d)
     # index holds the input row of every whitened row; argsort of a permutation inverts it.
     inverse = torch.argsort(index.reshape(w_iter, num_samples * bs), dim=1)
@@ -347,16 +348,15 @@ def _wmse_batched(
     eps: float,
     whitening: str,
     loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
-    want_stats: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Training-mode W-MSE with sub-batch statistics.
 
     Returns the 0-d float32 loss, and the (S, d) means and (S, d, d) covariances of the blocks
-    in lightly's call order (for the running statistics; meaningful when ``want_stats``).
+    in lightly's call order (for the running statistics).
     """
     x = input.to(_accumulation_dtype(input))
     index = _subbatch_index(perms, num_samples, w_size, bs)
-    z, means, covs, failed = _whiten_blocks(x, index, eps, whitening, want_stats)
+    z, means, covs, failed = _whiten_blocks(x, index, eps, whitening)
     if loss_fn is None or loss_fn is norm_mse_loss:
         loss = _normalized_mse_blocks(z.view(perms.shape[0], bs // w_size, num_samples, w_size, -1))
     else:
@@ -551,7 +551,7 @@ class Whitening2d(nn.Module):
             return z.to(x.dtype)
         check_tensor("x", x, min_rows=2)
         index = torch.arange(x.shape[0], device=x.device).view(1, -1)
-        z, means, covs, failed = _whiten_blocks(x.to(acc), index, self.eps, self.method, want_stats=True)
+        z, means, covs, failed = _whiten_blocks(x.to(acc), index, self.eps, self.method)
         _raise_if_singular(failed, covs, x.shape[0])
         self.update_running_statistics(means, covs)
         return z[0].to(x.dtype)
@@ -639,7 +639,7 @@ class WMSELoss(nn.Module):
             )
         update = white.training and white.track_running_stats
         loss, means, covs = _wmse_batched(
-            input, bs, self.num_samples, self.w_size, perms, white.eps, white.method, loss_fn, want_stats=update
+            input, bs, self.num_samples, self.w_size, perms, white.eps, white.method, loss_fn
         )
         if update:
             white.update_running_statistics(means, covs)
