@@ -13,6 +13,7 @@ from fastssl.kernels import dino as kernels
 
 from _helpers import TRITON_DEVICES, assert_matches_reference, awkward_inputs, poisoned
 from test_dino import _assert_close, assert_module_matches_lightly, dino_fns
+from test_sinkhorn_triton import compile_for_sm90
 
 
 @pytest.fixture(autouse=True)
@@ -99,3 +100,19 @@ def test_dino_triton_gradient_only_where_needed_and_no_grad_forward(device):
 def test_dino_triton_module_matches_lightly(device):
     # The module takes the center's batch mean from the kernel's fused column sums.
     assert_module_matches_lightly("triton", device)
+
+
+_MODULE = "fastssl.kernels.dino"
+_VIEWS = {"t_ptr": "*bf16", "s_ptr": "*bf16"}
+
+
+@pytest.mark.slow
+def test_dino_kernels_compile_for_sm90():
+    """Compiled-mode check without a GPU (see test_sinkhorn_triton): both kernels, with one
+    teacher view and one row specialized to constants, and with 64-bit view strides."""
+    compile_for_sm90([
+        (_MODULE, "_dino_stats_kernel", {**_VIEWS, "t_stride_view": "i64"}, {"WITH_COLSUM": True, "BLOCK_ROWS": 8, "BLOCK_K": 512, "t_stride_k": 1, "s_stride_k": 1, "n_teacher": 1, "n_rows": 1}, 4),
+        (_MODULE, "_dino_stats_kernel", {}, {"WITH_COLSUM": False, "BLOCK_ROWS": 2, "BLOCK_K": 16}, 4),
+        (_MODULE, "_dino_loss_grad_kernel", {**_VIEWS, "grad_ptr": "*bf16", "s_stride_view": "i64", "grad_stride_view": "i64"}, {"COMPUTE_GRAD": True, "BLOCK_ROWS": 8, "BLOCK_K": 512, "t_stride_k": 1, "s_stride_k": 1, "n_teacher": 1, "n_rows": 1}, 4),
+        (_MODULE, "_dino_loss_grad_kernel", {}, {"COMPUTE_GRAD": False, "BLOCK_ROWS": 2, "BLOCK_K": 16}, 4),
+    ])  # fmt: skip

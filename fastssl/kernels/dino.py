@@ -152,6 +152,7 @@ def _dino_loss_grad_kernel(
     t_lse_ptr,
     s_lse_ptr,
     grad_ptr,
+    grad_stride_view,
     loss_partial_ptr,
     n_teacher,
     n_student,
@@ -177,7 +178,6 @@ def _dino_loss_grad_kernel(
     teacher_rows = t_ptr + rows64[:, None] * t_stride_row
     student_rows = s_ptr + rows64[:, None] * s_stride_row
     grad_rows = grad_ptr + rows64[:, None] * n_proto
-    grad_stride_view = n_rows.to(tl.int64) * n_proto
     for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < n_proto
@@ -202,8 +202,9 @@ def _dino_loss_grad_kernel(
             lse = tl.load(s_lse_ptr + s * n_rows + rows, mask=row_mask, other=0.0)
             # Padding lanes: log_p = 0 and target = 0, so they add nothing and exp stays finite.
             log_p = tl.where(mask, raw * inv_student_temp - lse[:, None], 0.0)
+            # m_s: the teachers this student view is compared with (its own index excluded).
+            matches = n_teacher - (s < n_teacher).to(tl.float32)
             target = prob_sum
-            matches = n_teacher * 1.0
             if s < n_teacher:
                 # The same-index teacher is excluded: subtract its P (tile reloaded, from cache).
                 same = tl.load(same_ptr, mask=mask, other=0.0).to(tl.float32)
@@ -211,7 +212,6 @@ def _dino_loss_grad_kernel(
                 target = prob_sum - tl.exp(
                     tl.where(mask, (same - center[None, :]) * inv_teacher_temp - same_lse[:, None], float("-inf"))
                 )
-                matches = matches - 1.0
             acc += target * log_p
             if COMPUTE_GRAD:
                 grad = (matches * tl.exp(log_p) - target) * grad_scale
@@ -284,7 +284,7 @@ class _DinoTritonFunction(torch.autograd.Function):
         loss_partial = _new_buffer((row_blocks * splits,), dtype=torch.float32, device=device)
         _dino_loss_grad_kernel[grid](
             teacher, *strides[:3], student, *strides[3:], center,
-            t_lse, s_lse, grads, loss_partial,
+            t_lse, s_lse, grads, n_rows * n_proto, loss_partial,
             n_teacher, n_student, n_rows, n_proto, k_per_split,
             1.0 / teacher_temp, 1.0 / student_temp, 1.0 / (student_temp * n_terms * n_rows),
             COMPUTE_GRAD=compute_grad, BLOCK_ROWS=block_rows, BLOCK_K=block_k,
