@@ -71,7 +71,9 @@ class _DinoTorchFunction(torch.autograd.Function):
                 rows = t[start:stop].to(dtype)
                 teacher_colsum += rows.sum(dim=0)
                 probs.append(torch.softmax((rows - center) / teacher_temp, dim=1))
-            prob_sum = torch.stack(probs).sum(dim=0) if len(probs) > 1 else probs[0]
+            prob_sum = probs[0]
+            for p in probs[1:]:
+                prob_sum = prob_sum + p
             for v, s in enumerate(students):
                 log_p = torch.log_softmax(s[start:stop].to(dtype) / student_temp, dim=1)
                 target = prob_sum - probs[v] if v < n_teacher else prob_sum

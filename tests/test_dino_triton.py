@@ -102,6 +102,15 @@ def test_dino_triton_module_matches_lightly(device):
     assert_module_matches_lightly("triton", device)
 
 
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("view", [0, 3])
+def test_dino_triton_non_finite_inputs_give_nan(device, bad, view):
+    views = awkward_inputs(4, 6, device=device, views=4)
+    views[view][1, 2] = bad
+    assert not torch.isfinite(fastssl.functional.dino_loss(views[:2], views[2:], backend="triton"))
+
+
 _MODULE = "fastssl.kernels.dino"
 _VIEWS = {"t_ptr": "*bf16", "s_ptr": "*bf16"}
 

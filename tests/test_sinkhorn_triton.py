@@ -189,6 +189,17 @@ def test_stack_views_reads_equally_spaced_chunks_in_place():
     assert kernels.stack_views([separate[0]]).shape == (1, 4, 5)
 
 
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("config", ["resident", "split"])
+def test_swav_triton_non_finite_scores_give_nan(device, bad, config, monkeypatch):
+    _configure(monkeypatch, config)
+    crops = [_scores(6, 5, device) for _ in range(3)]
+    crops[0][2, 3] = bad
+    assert not torch.isfinite(FS.swav_loss(crops[:2], crops[2:], backend="triton"))
+    assert not torch.isfinite(FS.sinkhorn(crops[0], 3, 0.05, backend="triton")).all()
+
+
 # --------------------------------------------------------------------------------------------
 # Compiled-mode check without a GPU
 # --------------------------------------------------------------------------------------------
