@@ -196,7 +196,8 @@ def _center_ema(center: Tensor, batch_center: Tensor, momentum: float) -> Tensor
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(batch_center)
         batch_center = batch_center / dist.get_world_size()
-    return center * momentum + batch_center.reshape(center.shape).to(center.dtype) * (1 - momentum)
+    # Broadcast, as lightly: a (K,) batch center updates a (1, 1, K) center.
+    return center * momentum + batch_center.to(center.dtype) * (1 - momentum)
 
 
 @torch.no_grad()
@@ -287,3 +288,12 @@ class DINOLoss(nn.Module):
         # In place, like lightly's ``center.data = ...``: references to the buffer stay valid.
         self.center.copy_(_center_ema(self.center, batch_center, self.center_momentum))
         return loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: Tensor) -> None:
+        """lightly's public EMA step: ``center ← m·center + (1−m)·teacher_out.mean(dim=(0, 1))``
+        (kept dims, broadcast to the center; averaged over ranks when a process group is
+        initialized). ``teacher_out`` is the stacked (views, B, K) teacher output; as in lightly,
+        a 2-D tensor is averaged over both of its dimensions."""
+        batch_center = teacher_out.detach().float().mean(dim=(0, 1), keepdim=True)
+        self.center.copy_(_center_ema(self.center, batch_center, self.center_momentum))

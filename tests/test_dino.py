@@ -214,3 +214,15 @@ def test_dino_torch_path_compiles_without_graph_breaks():
 @pytest.mark.slow
 def test_dino_torch_path_compiles_with_inductor():
     _compile_dino("inductor")
+
+
+def test_dino_update_center_method_matches_lightly():
+    lightly_dino = load_lightly_dino()
+    theirs = lightly_dino.DINOLoss(output_dim=6, center_momentum=0.7)
+    ours = fastssl.DINOLoss(output_dim=6, center_momentum=0.7, backend="torch")
+    for shape in [(3, 4, 6), (2, 6)]:
+        x = torch.randn(shape)
+        theirs.update_center(x)
+        ours.update_center(x)
+        assert ours.center.shape == (1, 1, 6)
+        _assert_close(ours.center, theirs.center, rtol=1e-6)
