@@ -1,6 +1,9 @@
 r"""W-MSE: whitening of sub-batches (Cholesky, or ZCA) followed by the normalized MSE between
 views; functional API, batched PyTorch path and the drop-in :class:`WMSELoss`. The CUDA C++
-whitening kernel lives in ``fastssl/csrc`` and is loaded by :mod:`fastssl.kernels.wmse_cuda`.
+whitening kernel lives in ``fastssl/csrc`` and is loaded by :mod:`fastssl.kernels.wmse_cuda`;
+it serves Cholesky whitening of CUDA tensors with d <= 256 (eager mode). ZCA whitening needs an
+eigendecomposition, which stays in this PyTorch path (batched ``eigh``), as do float64 inputs,
+larger d and compiled graphs.
 
 The batched path
 ----------------
@@ -21,12 +24,12 @@ default loss (normalized MSE) pairs row ``b`` of one view with row ``b`` of anot
 over rows, so the whitened blocks are compared where they lie, without scattering them back; a
 custom ``loss_fn`` gets the rows back in input order.
 
-Cost for S blocks of (w, d), FLOPs: covariance S·w·d² (lower half, as a GEMM 2·S·w·d²/2),
-Cholesky S·d³/3, triangular solve S·w·d²; bytes: the (S, w, d) gather read and write, Z, and
-S·d² for the factors. For d = 128, w = 256, S = 8 it is ≈ 68 MFLOP and ≈ 3 MB: microseconds
-of arithmetic, so on a GPU the batched path is bound by its ~15 kernel launches and the single
-synchronization (the singular-covariance check), not by FLOPs — the loop it replaces pays
-those per block.
+Cost for S blocks of (w, d), FLOPs: covariances 2·S·w·d² (``bmm`` forms the full square),
+Cholesky S·d³/3, triangular solve S·w·d²; bytes: the (S, w, d) gather (read and write), Z, and
+S·d² per factor. For d = 128, w = 256, S = 8: ≈ 106 MFLOP and ≈ 4 MB, i.e. under 2 µs of
+arithmetic or traffic on an H100 (60 TFLOP/s fp32, 3 TB/s), so the batched path is bound by its
+~15 kernel launches and its single host synchronization (the singular-covariance check), not
+by FLOPs or bytes; lightly's loop pays launches and a synchronization per block.
 
 Running statistics (module, training mode): lightly updates
 ``r ← m·s_k + (1-m)·r`` after each of the K = S whitening calls, with s_k the block's mean and
@@ -36,7 +39,7 @@ Running statistics (module, training mode): lightly updates
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -166,7 +169,8 @@ def _subbatch_index(perms: Tensor, num_samples: int, w_size: int, bs: int) -> Te
 
 def _raise_if_singular(failed: Tensor, cov: Tensor, w_size: int) -> None:
     """``failed`` (S,) bool: blocks whose shrunk covariance could not be factored. Raise unless
-    the covariance itself is non-finite (a NaN/inf input, which must propagate as NaN)."""
+    the covariance itself is non-finite (a NaN/inf input, which must propagate as NaN).
+    ``w_size`` is the rows per block, or 0 for the running covariance (eval mode)."""
     if not bool(failed.any()):
         return
     finite = torch.isfinite(cov.detach()).flatten(1).all(dim=1)
@@ -174,6 +178,12 @@ def _raise_if_singular(failed: Tensor, cov: Tensor, w_size: int) -> None:
     if singular.numel() == 0:
         return
     d = cov.shape[-1]
+    if w_size == 0:
+        raise ValueError(
+            f"W-MSE whitening failed: the running covariance (whitening.running_variance, {d} x {d}) "
+            "is singular (not positive-definite), so eval mode cannot whiten with it. Use eps > 0 "
+            "(shrinkage: (1 - eps) * cov + eps * I), or train with a non-degenerate embedding first."
+        )
     raise ValueError(
         f"W-MSE whitening failed: the covariance of {singular.numel()} of {failed.numel()} whitened "
         f"sub-batch(es) (first: block {int(singular[0])}, {w_size} rows x {d} features) is singular "
@@ -198,6 +208,7 @@ def _(failed: Tensor, cov: Tensor, w_size: int) -> Tensor:
 
 
 def _checked(loss: Tensor, failed: Tensor, cov: Tensor, w_size: int) -> Tensor:
+    """``loss``, after the singular-covariance check (eagerly, or as a graph op when compiling)."""
     if torch.compiler.is_compiling():
         return loss + _check_whitening_op(failed, cov.detach(), w_size).to(loss.dtype)
     _raise_if_singular(failed, cov, w_size)
@@ -385,7 +396,7 @@ def _wmse_with_running_statistics(
     views = z.view(num_samples, -1, z.shape[1]).unbind(0)
     loss = _view_pair_loss(views, loss_fn or norm_mse_loss)
     loss = torch.as_tensor(loss, device=input.device).float()
-    return _checked(loss, failed, cov.to(acc).unsqueeze(0), input.shape[0] // num_samples)
+    return _checked(loss, failed, cov.to(acc).unsqueeze(0), 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -547,7 +558,7 @@ class Whitening2d(nn.Module):
             z, failed = _whiten_with_statistics(
                 x.to(acc), self.running_mean.reshape(-1).to(acc), self.running_variance.to(acc), self.eps, self.method
             )
-            _raise_if_singular(failed, self.running_variance.unsqueeze(0), x.shape[0])
+            _raise_if_singular(failed, self.running_variance.unsqueeze(0), 0)
             return z.to(x.dtype)
         check_tensor("x", x, min_rows=2)
         index = torch.arange(x.shape[0], device=x.device).view(1, -1)

@@ -23,7 +23,7 @@ import fastssl
 import fastssl.functional as FS
 from fastssl import reference, wmse
 from fastssl.kernels import wmse_cuda
-from _helpers import HALF, assert_matches_reference, awkward_inputs
+from _helpers import HALF, assert_matches_reference
 
 CSRC = Path(wmse.__file__).resolve().parent / "csrc"
 
@@ -236,8 +236,10 @@ def test_singular_covariance_in_the_module_train_and_eval():
         loss(x)
     loss.eval()
     loss.whitening.running_variance.zero_()
-    with pytest.raises(ValueError, match="singular"):
+    with pytest.raises(ValueError, match="running covariance.*singular"):
         loss(torch.randn(2 * 8, 3))
+    with pytest.raises(ValueError, match="running covariance.*singular"):
+        loss.whitening(torch.randn(5, 3))
 
 
 @pytest.mark.parametrize("whitening", ["cholesky", "zca"])

@@ -15,8 +15,8 @@
 //
 // Where the factor lives. A d x d fp32 factor is 256 KB at d = 256, more than the 227 KB of
 // shared memory an H100 block can have, so the launcher keeps it in shared memory (row pitch
-// ≡ 1 mod 32, so that column walks hit distinct banks) when d·pitch·4 bytes fit — d <= 235 on
-// an H100 — and otherwise factors it in place in the block's slice of the W output (global
+// ≡ 1 mod 32, so that column walks hit distinct banks) when d·pitch·4 bytes fit — d <= 224 on
+// an H100 (pitch 225) — and otherwise factors it in place in the block's slice of the W output (global
 // memory; 256 KB per block stays in L2). The code is the same; only the pointer and the pitch
 // differ.
 //

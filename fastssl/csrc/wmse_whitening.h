@@ -32,7 +32,7 @@ struct Params {
 };
 
 // Launches the kernel on `stream` (a cudaStream_t). The factor lives in shared memory when it
-// fits (d <= 235 on an H100) and `allow_shared_factor`; otherwise it is factored in place in
+// fits (d <= 224 on an H100) and `allow_shared_factor`; otherwise it is factored in place in
 // w_inv (global memory, L2-resident). Returns nullptr on success, else CUDA's error string.
 const char* launch_whiten(const Params& params, bool allow_shared_factor, void* stream);
 
