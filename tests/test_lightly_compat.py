@@ -971,22 +971,7 @@ def test_wmse_running_statistics_and_eval_mode(backend: str) -> None:
         _assert_close(ours.state_dict()[key], value, f"{key} after the eval step", rtol=1e-4)
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        pytest.param(
-            "torch",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="fastssl's batched W-MSE path with a custom loss_fn raises RuntimeError in "
-                "_pair_losses_in_input_order: it reshapes the whitened (w_iter * sub-batches * "
-                "num_samples, w_size, d) tensor as (w_iter, ...) using z.shape[0] as w_iter (e.g. "
-                "shape '[6, 48, 3]' is invalid for input of size 144); lightly accepts any loss_fn",
-            ),
-        ),
-        "reference",
-    ],
-)
+@pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_wmse_custom_loss_fn(backend: str) -> None:
     """``loss_fn`` replaces the normalized MSE between the whitened views, as in lightly."""
     def squared_distance(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
