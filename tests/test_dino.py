@@ -186,7 +186,8 @@ def test_dino_center_is_updated_in_place_in_float32():
 def test_dino_center_update_function_matches_reference():
     center = torch.randn(1, 1, 7)
     teacher = [torch.randn(5, 7) for _ in range(3)]
-    _assert_close(FS.dino_center_update(center, teacher, 0.7), reference.dino_center_update(center, teacher, 0.7), rtol=1e-6)
+    expected = reference.dino_center_update(center, teacher, 0.7)
+    _assert_close(FS.dino_center_update(center, teacher, 0.7), expected, rtol=1e-6)
 
 
 def _compile_dino(backend: str) -> None:

@@ -122,7 +122,8 @@ def test_sinkhorn_extreme_scores_where_the_reference_overflows(iterations):
 def test_log_domain_oracle_agrees_with_the_reference_where_it_is_finite():
     scores = torch.randn(11, 6, dtype=torch.float64)
     for iterations in [0, 1, 3]:
-        _assert_close(log_domain_sinkhorn_oracle(scores, iterations, 0.05), reference.sinkhorn(scores, iterations, 0.05), rtol=1e-10)
+        oracle = log_domain_sinkhorn_oracle(scores, iterations, 0.05)
+        _assert_close(oracle, reference.sinkhorn(scores, iterations, 0.05), rtol=1e-10)
 
 
 def test_sinkhorn_matches_lightly():
@@ -319,7 +320,12 @@ def _interleave_queue(crops_rows: torch.Tensor, queue_rows: torch.Tensor, world:
     """The global Sinkhorn input that the ranks' [batch; queue] blocks form together."""
     return torch.cat(
         [
-            torch.cat([crops_rows[r * _PER_RANK : (r + 1) * _PER_RANK], queue_rows[r * _QUEUE_PER_RANK : (r + 1) * _QUEUE_PER_RANK]])
+            torch.cat(
+                [
+                    crops_rows[r * _PER_RANK : (r + 1) * _PER_RANK],
+                    queue_rows[r * _QUEUE_PER_RANK : (r + 1) * _QUEUE_PER_RANK],
+                ]
+            )
             for r in range(world)
         ]
     )
@@ -345,9 +351,8 @@ def test_distributed_sinkhorn_is_the_global_sinkhorn():
             for i in range(2):
                 scores = _interleave_queue(full[i].detach(), queue[i].float().double(), world)
                 all_codes = log_domain_sinkhorn_oracle(scores, iterations, 0.05)
-                keep = torch.cat(
-                    [torch.arange(r * (_PER_RANK + _QUEUE_PER_RANK), r * (_PER_RANK + _QUEUE_PER_RANK) + _PER_RANK) for r in range(world)]
-                )
+                block = _PER_RANK + _QUEUE_PER_RANK
+                keep = torch.cat([torch.arange(r * block, r * block + _PER_RANK) for r in range(world)])
                 codes.append(all_codes[keep])
             exact = swav_loss_with_codes(full, 2, codes, 0.1)
             exact_grads = torch.autograd.grad(exact, full)

@@ -12,7 +12,10 @@ still fill the GPU; the few partial (max, sum) pairs are combined in PyTorch -- 
 prototype sweep of a distributed Sinkhorn, all-reduced over ranks between iterations. No
 exponential ever exceeds 1 and the maximum term of every sum is exactly 1, so no scores or ε
 overflow or underflow to an all-zero row or column. The H high-resolution crops (each with
-the queue appended) are one launch: a (H, N, K) problem with the crop as grid axis 2.
+the queue appended) are one launch: a (H, N, K) problem with the crop as grid axis 2. A problem
+small enough for one tile (:data:`_RESIDENT_ELEMENTS`) runs every iteration in one program,
+:func:`_sinkhorn_resident_kernel`, its matrix read once and kept in registers: one launch
+instead of 2I + 1 when launch latency, not bandwidth, is the cost.
 
 Swapped prediction. Codes carry no gradient, so the loss over the V crops is
 
@@ -20,10 +23,12 @@ Swapped prediction. Codes carry no gradient, so the loss over the V crops is
 
 with targets T_v = Σ_{i<H} q_i − [v < H] q_v and ∂L/∂s_v = (w_v p_v − T_v)/(τ H (V−1) B),
 p_v = softmax(x_v), w_v = Σ_k T_v[b, k] (= H − [v < H] once the codes are normalized).
-:func:`_codes_kernel` writes Σ_i q_i once (float32, (B, K)); :func:`_swav_ce_kernel` does one
-crop per launch in two sweeps over its row (online LSE, then loss terms and gradient), a high
-crop recomputing its own codes from its scores instead of reading them. The gradient is
-written in the forward; the backward only scales it.
+:func:`_codes_kernel` writes Σ_i q_i once (float32, (B, K)); :func:`_swav_ce_kernel` runs one
+program per (crop, row block) -- one launch for the high-resolution crops, one for the others --
+in two sweeps over its rows (online LSE, then loss terms and gradient), a high-resolution crop
+recomputing its own codes from its scores instead of reading them. The gradient is written in
+the forward; the backward only scales it. Crops that are equally spaced views of one tensor
+(e.g. ``x.chunk(V)``) are read in place; others are stacked once.
 
 Cost, per loss call, with e bytes per input element, N = B + Q rows per Sinkhorn problem and I
 iterations (prediction for the benchmark shape B = 4096, K = 3000, I = 3, H = V = 2, Q = 0,
@@ -35,8 +40,8 @@ per clock)):
 * FLOPs: Sinkhorn 2 I H N K x ~5 (scale, shift, max, exp, add), codes H B K x ~4, loss
   V B K x ~15 (two sweeps): 0.74 + 0.10 + 0.37 = 1.2 GFLOP -> 20 µs of fp32 ALU;
 * exponentials: 2 I H N K + H B K + ~3 V B K = 0.25·10⁹ -> 66 µs, the binding floor;
-* this implementation moves more: the stacked copy of the high crops (2 H N K e), 2 I + 1
-  sweeps over it, the float32 target matrix (written once, read V times: 4 B K (V + 1)) and two
+* this implementation moves more: the stacked copy of the high crops (2 H N K e, unless
+  they are views of one tensor and Q = 0), 2 I + 1 sweeps over it, the float32 target matrix (written once, read V times: 4 B K (V + 1)) and two
   reads of every crop: ~0.74 GB at this shape (part of it from the 50 MB L2) -> predicted
   150-250 µs for forward + backward, against several milliseconds for the eager reference.
 """
@@ -44,7 +49,8 @@ per clock)):
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+import functools
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -76,8 +82,13 @@ def _target_programs(device: torch.device) -> int:
     """Programs that keep the device busy: a few waves of SMs on CUDA; few on the interpreter,
     where every program is a sequential Python call."""
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_target_programs(torch.cuda.current_device() if device.index is None else device.index)
     return 4
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_target_programs(index: int) -> int:
+    return 4 * torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _tile(n_contiguous: int, n_other: int) -> Tuple[int, int]:
@@ -104,8 +115,9 @@ def stack_views(tensors: Sequence[Tensor]) -> Tensor:
         and t.storage_offset() - first.storage_offset() == i * step
         for i, t in enumerate(tensors)
     )
-    if same_layout and step >= 0:
-        return first.as_strided((len(tensors),) + tuple(first.shape), (step,) + first.stride(), first.storage_offset())
+    if same_layout and step >= 0:  # as_strided takes no negative stride
+        shape = (len(tensors),) + tuple(first.shape)
+        return first.as_strided(shape, (step,) + first.stride(), first.storage_offset())
     return torch.stack(list(tensors))
 
 
@@ -444,7 +456,9 @@ def _sinkhorn_potentials(
     return prototype_potential.contiguous(), sample_potential.contiguous(), row_sums
 
 
-def _sum_of_codes(x: Tensor, rows_out: int, prototype_potential: Tensor, sample_potential: Tensor, epsilon: float) -> Tensor:
+def _sum_of_codes(
+    x: Tensor, rows_out: int, prototype_potential: Tensor, sample_potential: Tensor, epsilon: float
+) -> Tensor:
     """Σ_h q[h] over the first ``rows_out`` samples: (rows_out, K) float32."""
     n_problems, _, n_proto = x.shape
     out = _new_buffer((rows_out, n_proto), dtype=torch.float32, device=x.device)
