@@ -117,7 +117,7 @@ def color_jitter(x: Tensor, strength: float, prob: float, gen: torch.Generator) 
         gray = _grayscale(y)
         y = ((y - gray) * saturation + gray).clamp(0, 1)
         rot = _hue_rotation(hue * 2 * math.pi).to(y.dtype)
-        y = torch.einsum("bij,bjhw->bihw", rot, y).clamp(0, 1)
+        y = torch.bmm(rot, y.reshape(b, 3, -1)).view_as(y).clamp(0, 1)
     return torch.where(apply, y, x)
 
 

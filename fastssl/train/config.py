@@ -103,6 +103,7 @@ class TrainConfig:
     resume: Optional[str] = None
     stop_after: Optional[int] = None
     progress: str = "auto"
+    plots: bool = True
 
     def to_dict(self) -> Dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -255,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     g.add_argument("--stop-after", type=int, metavar="N", help="stop after N epochs of this invocation (continue later with --resume)")
     g.add_argument("--progress", choices=("auto", "bar", "epochs", "none"), help="progress bar (auto: when the terminal is a TTY)")
+    g.add_argument("--no-plots", dest="plots", action="store_false", help="write no PNG plots")
     return p
 
 

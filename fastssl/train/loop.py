@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import json
 import math
 import os
@@ -256,6 +257,19 @@ def _check_replicas_in_sync(method: Method, ctx: Context) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _wrap_ddp(method: Method, ctx: Context) -> nn.Module:
+    """DDP without buffer synchronization in forward: BN statistics are synchronized by
+    SyncBatchNorm on GPU, and the SwAV queue is deliberately per process."""
+    ddp = nn.parallel.DistributedDataParallel
+    kwargs: Dict[str, Any] = {"device_ids": [ctx.device.index] if ctx.device.type == "cuda" else None}
+    # `broadcast_buffers` was renamed `forward_sync_buffers` in recent PyTorch releases.
+    if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:
+        kwargs["forward_sync_buffers"] = False
+    else:
+        kwargs["broadcast_buffers"] = False
+    return ddp(method, **kwargs)
+
+
 def _data_on_device(data: ImageData, device: torch.device) -> Dict[str, Tensor]:
     return {
         "train_images": data.train_images.to(device),
@@ -299,6 +313,9 @@ def _run(cfg: TrainConfig, ctx: Context) -> Dict[str, Any]:
         method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
     if cfg.compile:
         method.compile_networks()
+    # Wrapped before any rank-local state (resumed SwAV queue) is loaded: DDP's construction
+    # broadcasts rank 0's parameters and buffers.
+    model = _wrap_ddp(method, ctx) if ctx.distributed else method
     optimizer = build_optimizer(cfg, method, global_batch)
     autocast, precision = _autocast(cfg, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=(precision == "fp16"))
@@ -386,11 +403,6 @@ def _run(cfg: TrainConfig, ctx: Context) -> Dict[str, Any]:
         log_record(record)
         progress.line(_epoch_line(record, cfg.epochs))
 
-    model: nn.Module = method
-    if ctx.distributed:
-        model = nn.parallel.DistributedDataParallel(
-            method, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, broadcast_buffers=False
-        )
     train_images = tensors["train_images"]
     epochs_this_run = 0
     for epoch in range(start_epoch, cfg.epochs):
@@ -459,6 +471,7 @@ def _run(cfg: TrainConfig, ctx: Context) -> Dict[str, Any]:
             return {"output_dir": out_dir, "stopped_at_epoch": epoch + 1}
 
     summary = _summary(cfg, records, out_dir, time.perf_counter() - wall_start)
+    summary["world_size"] = ctx.world_size
     if ctx.is_main:
         _finish(cfg, records, out_dir, summary, progress)
     return summary
@@ -506,7 +519,8 @@ def _finish(cfg: TrainConfig, records: List[Dict[str, Any]], out_dir: str, summa
     if spectrum is None and os.path.isfile(os.path.join(out_dir, "spectrum.json")):
         with open(os.path.join(out_dir, "spectrum.json"), "r", encoding="utf-8") as f:
             spectrum = json.load(f)
-    write_plots(records, spectrum, os.path.join(out_dir, "plots"), title=cfg.method)
+    if cfg.plots:
+        write_plots(records, spectrum, os.path.join(out_dir, "plots"), title=cfg.method)
     i, f = summary["initial"], summary["final"]
     lines = [
         f"done: {cfg.method} on {cfg.dataset}, {cfg.epochs} epochs in {summary['training_seconds']:.0f}s -> {out_dir}",

@@ -29,9 +29,9 @@ class TinyCNN(nn.Module):
         super().__init__()
         w = width
         layers: List[nn.Module] = []
-        layers += _conv_bn_relu(in_channels, w) + [nn.MaxPool2d(2)]
-        layers += _conv_bn_relu(w, 2 * w) + [nn.MaxPool2d(2)]
-        layers += _conv_bn_relu(2 * w, 4 * w) + [nn.MaxPool2d(2)]
+        layers += _conv_bn_relu(in_channels, w) + [nn.MaxPool2d(2, ceil_mode=True)]
+        layers += _conv_bn_relu(w, 2 * w) + [nn.MaxPool2d(2, ceil_mode=True)]
+        layers += _conv_bn_relu(2 * w, 4 * w) + [nn.MaxPool2d(2, ceil_mode=True)]
         layers += _conv_bn_relu(4 * w, 8 * w)
         self.features = nn.Sequential(*layers)
         self.out_dim = 8 * w
