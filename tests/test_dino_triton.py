@@ -65,8 +65,8 @@ def test_dino_triton_large_logits_and_other_temperatures(device, teacher_temp, s
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_dino_triton_teacher_sum_and_chunked_views(device, monkeypatch):
-    """Views that are chunks of one tensor are read in place; the fused teacher column sums
-    equal the sum over views and batch."""
+    """Views that are chunks of one tensor (read in place like any other views); the fused
+    teacher column sums equal the sum over views and batch."""
     _tiny_tiles(monkeypatch)
     teacher_all = torch.randn(2 * 5, 7, device=device)
     student_all = torch.randn(4 * 5, 7, device=device, requires_grad=True)
@@ -97,6 +97,23 @@ def test_dino_triton_gradient_only_where_needed_and_no_grad_forward(device):
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_dino_triton_mixed_view_dtypes(device):
+    """Teacher views in float32, student views in bfloat16 and float16: each read in its own
+    dtype (the students promoted to one), each gradient returned in its input's dtype."""
+    teacher = [torch.randn(5, 12, device=device) for _ in range(2)]
+    student = [torch.randn(5, 12, device=device).to(dtype) for dtype in (torch.bfloat16, torch.float16, torch.bfloat16)]
+    values, grads = [], []
+    for backend in ["triton", "torch"]:
+        leaves = [s.detach().clone().requires_grad_(True) for s in student]
+        values.append(fastssl.functional.dino_loss(teacher, leaves, backend=backend))
+        grads.append(torch.autograd.grad(values[-1], leaves))
+    assert values[0].item() == pytest.approx(values[1].item(), rel=1e-5)
+    for g, g_torch, s in zip(grads[0], grads[1], student):
+        assert g.dtype == s.dtype
+        _assert_close(g.float().cpu(), g_torch.float().cpu(), rtol=1e-2)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_dino_triton_module_matches_lightly(device):
     # The module takes the center's batch mean from the kernel's fused column sums.
     assert_module_matches_lightly("triton", device)
@@ -112,16 +129,18 @@ def test_dino_triton_non_finite_inputs_give_nan(device, bad, view):
 
 
 _MODULE = "fastssl.kernels.dino"
-_VIEWS = {"t_ptr": "*bf16", "s_ptr": "*bf16"}
+_TABLES = {p: "*i64" for p in ["t_addresses_ptr", "t_row_strides_ptr", "s_addresses_ptr", "s_row_strides_ptr"]}
+_BF16 = {"T_DTYPE": "tl.bfloat16", "S_DTYPE": "tl.bfloat16"}
+_MIXED = {"T_DTYPE": "tl.float32", "S_DTYPE": "tl.float16"}
 
 
 @pytest.mark.slow
 def test_dino_kernels_compile_for_sm90():
-    """Compiled-mode check without a GPU (see test_sinkhorn_triton): both kernels, with one
-    teacher view and one row specialized to constants, and with 64-bit view strides."""
+    """Compiled-mode check without a GPU (see test_sinkhorn_triton): both kernels, aligned and
+    not, with one teacher view and one row specialized to constants, and a 64-bit view stride."""
     compile_for_sm90([
-        (_MODULE, "_dino_stats_kernel", {**_VIEWS, "t_stride_view": "i64"}, {"WITH_COLSUM": True, "BLOCK_ROWS": 8, "BLOCK_K": 512, "t_stride_k": 1, "s_stride_k": 1, "n_teacher": 1, "n_rows": 1}, 4),
-        (_MODULE, "_dino_stats_kernel", {}, {"WITH_COLSUM": False, "BLOCK_ROWS": 2, "BLOCK_K": 16}, 4),
-        (_MODULE, "_dino_loss_grad_kernel", {**_VIEWS, "grad_ptr": "*bf16", "s_stride_view": "i64", "grad_stride_view": "i64"}, {"COMPUTE_GRAD": True, "BLOCK_ROWS": 8, "BLOCK_K": 512, "t_stride_k": 1, "s_stride_k": 1, "n_teacher": 1, "n_rows": 1}, 4),
-        (_MODULE, "_dino_loss_grad_kernel", {}, {"COMPUTE_GRAD": False, "BLOCK_ROWS": 2, "BLOCK_K": 16}, 4),
+        (_MODULE, "_dino_stats_kernel", _TABLES, {**_BF16, "ALIGNED": True, "WITH_COLSUM": True, "BLOCK_ROWS": 8, "BLOCK_K": 512, "n_teacher": 1, "n_rows": 1}, 4),
+        (_MODULE, "_dino_stats_kernel", _TABLES, {**_MIXED, "ALIGNED": False, "WITH_COLSUM": False, "BLOCK_ROWS": 2, "BLOCK_K": 16}, 4),
+        (_MODULE, "_dino_loss_grad_kernel", {**_TABLES, "grad_ptr": "*bf16", "grad_stride_view": "i64"}, {**_BF16, "ALIGNED": True, "COMPUTE_GRAD": True, "BLOCK_ROWS": 8, "BLOCK_K": 512, "n_teacher": 1, "n_rows": 1}, 4),
+        (_MODULE, "_dino_loss_grad_kernel", {**_TABLES, "grad_ptr": "*fp16"}, {**_MIXED, "ALIGNED": False, "COMPUTE_GRAD": False, "BLOCK_ROWS": 2, "BLOCK_K": 16}, 4),
     ])  # fmt: skip

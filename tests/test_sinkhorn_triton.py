@@ -233,8 +233,10 @@ for module_name, kernel_name, types, constexprs, num_warps in json.loads(sys.arg
             return types[p]
         return "*fp32" if p.endswith("_ptr") else "fp32" if p in FLOATS else "i32"
     signature = {p: kind(p) for p in params}
+    # Triton dtypes travel as strings ("tl.bfloat16").
+    values = {p: getattr(triton.language, v[3:]) if isinstance(v, str) else v for p, v in constexprs.items()}
     source = ASTSource(fn=kernel, signature=signature,
-                       constexprs={(params.index(p),): v for p, v in constexprs.items()})
+                       constexprs={(params.index(p),): v for p, v in values.items()})
     try:
         triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     except Exception as e:

@@ -19,6 +19,11 @@ fills the GPU:
    scales it). A student view with a same-index teacher reloads that teacher tile (from cache)
    to subtract its P.
 
+The views are separate tensors (one per crop, as models produce them); the kernels read them in
+place through (V,) tables of addresses and row strides instead of stacking them into one
+(views, B, K) copy, which would cost as much memory as the gradient. Only a view whose K axis is
+strided or whose dtype differs from the others' is copied first.
+
 Cost, per call, with V = T + S views and e bytes per element (prediction for the benchmark
 shape T = 2, S = 12, B = 64, K = 65536, bf16, H100 at ~3 TB/s, ~60 TFLOP/s fp32,
 ~3.7·10¹² exp/s):
@@ -32,19 +37,21 @@ shape T = 2, S = 12, B = 64, K = 65536, bf16, H100 at ~3 TB/s, ~60 TFLOP/s fp32,
   0.18·10⁹ -> 48 µs;
 * this implementation reads every view twice (once per sweep) and the diagonal teachers a
   third time (mostly from L2), and writes the gradients once: ~0.37 GB -> predicted
-  130-160 µs for forward + backward; extra memory: the gradient (S B K e) plus O(V B) floats.
+  130-160 µs for forward + backward; memory beyond the inputs: the gradient (S B K e = 100 MB)
+  plus the teacher column sums per row block (4 MB) and O(V B) floats -- against the eager
+  reference's stacked copies, probabilities and log-probabilities of all views.
 """
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastssl.kernels.sinkhorn import _next_pow2, _target_programs, stack_views
+from fastssl.kernels.sinkhorn import _next_pow2, _target_programs
 
 # Tile sizes (elements); tests shrink them to run multi-tile loops, masks and K splits on small
 # inputs.
@@ -57,15 +64,24 @@ _new_buffer = torch.empty
 
 
 @triton.jit
+def _view_rows(addresses_ptr, row_strides_ptr, view, rows64, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pointers to the rows of view ``view`` (K contiguous): its address and row stride come
+    from the tables. ALIGNED (every address a multiple of 16 bytes, every row stride of 16
+    elements, checked by the launcher) lets the compiler vectorize the loads."""
+    base = tl.load(addresses_ptr + view).to(tl.pointer_type(DTYPE))
+    row_stride = tl.load(row_strides_ptr + view)
+    if ALIGNED:
+        base = tl.multiple_of(base, 16)
+        row_stride = tl.multiple_of(row_stride, 16)
+    return base + rows64[:, None] * row_stride
+
+
+@triton.jit
 def _dino_stats_kernel(
-    t_ptr,
-    t_stride_view,
-    t_stride_row,
-    t_stride_k,
-    s_ptr,
-    s_stride_view,
-    s_stride_row,
-    s_stride_k,
+    t_addresses_ptr,
+    t_row_strides_ptr,
+    s_addresses_ptr,
+    s_row_strides_ptr,
     center_ptr,
     t_max_ptr,
     t_sum_ptr,
@@ -79,6 +95,9 @@ def _dino_stats_kernel(
     k_per_split,
     inv_teacher_temp,
     inv_student_temp,
+    T_DTYPE: tl.constexpr,
+    S_DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
     WITH_COLSUM: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -91,18 +110,17 @@ def _dino_stats_kernel(
     n_splits = tl.num_programs(1)
     rows = pid_rows * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = rows < n_rows
+    rows64 = rows.to(tl.int64)
     k_begin = pid_split * k_per_split
-    # View pointers advance by their stride each iteration: 64-bit pointer arithmetic, where
-    # view index x stride could overflow int32.
-    view_ptr = t_ptr + rows.to(tl.int64)[:, None] * t_stride_row
     for t in range(n_teacher):
+        view_rows = _view_rows(t_addresses_ptr, t_row_strides_ptr, t, rows64, T_DTYPE, ALIGNED)
         run_max = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
         run_sum = tl.zeros([BLOCK_ROWS], tl.float32)
         for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             col_mask = cols < n_proto
             mask = row_mask[:, None] & col_mask[None, :]
-            raw = tl.load(view_ptr + cols.to(tl.int64)[None, :] * t_stride_k, mask=mask, other=0.0).to(tl.float32)
+            raw = tl.load(view_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             center = tl.load(center_ptr + cols, mask=col_mask, other=0.0)
             y = tl.where(mask, (raw - center[None, :]) * inv_teacher_temp, float("-inf"))
             new_max = tl.maximum(run_max, tl.max(y, axis=1))
@@ -118,15 +136,14 @@ def _dino_stats_kernel(
         out = (t * n_splits + pid_split) * n_rows + rows
         tl.store(t_max_ptr + out, run_max, mask=row_mask)
         tl.store(t_sum_ptr + out, run_sum, mask=row_mask)
-        view_ptr += t_stride_view
-    view_ptr = s_ptr + rows.to(tl.int64)[:, None] * s_stride_row
     for s in range(n_student):
+        view_rows = _view_rows(s_addresses_ptr, s_row_strides_ptr, s, rows64, S_DTYPE, ALIGNED)
         run_max = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
         run_sum = tl.zeros([BLOCK_ROWS], tl.float32)
         for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             mask = row_mask[:, None] & (cols < n_proto)[None, :]
-            raw = tl.load(view_ptr + cols.to(tl.int64)[None, :] * s_stride_k, mask=mask, other=0.0).to(tl.float32)
+            raw = tl.load(view_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             y = tl.where(mask, raw * inv_student_temp, float("-inf"))
             new_max = tl.maximum(run_max, tl.max(y, axis=1))
             shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -135,19 +152,14 @@ def _dino_stats_kernel(
         out = (s * n_splits + pid_split) * n_rows + rows
         tl.store(s_max_ptr + out, run_max, mask=row_mask)
         tl.store(s_sum_ptr + out, run_sum, mask=row_mask)
-        view_ptr += s_stride_view
 
 
 @triton.jit
 def _dino_loss_grad_kernel(
-    t_ptr,
-    t_stride_view,
-    t_stride_row,
-    t_stride_k,
-    s_ptr,
-    s_stride_view,
-    s_stride_row,
-    s_stride_k,
+    t_addresses_ptr,
+    t_row_strides_ptr,
+    s_addresses_ptr,
+    s_row_strides_ptr,
     center_ptr,
     t_lse_ptr,
     s_lse_ptr,
@@ -162,6 +174,9 @@ def _dino_loss_grad_kernel(
     inv_teacher_temp,
     inv_student_temp,
     grad_scale,
+    T_DTYPE: tl.constexpr,
+    S_DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -175,30 +190,26 @@ def _dino_loss_grad_kernel(
     rows64 = rows.to(tl.int64)
     k_begin = pid_split * k_per_split
     acc = tl.zeros([BLOCK_ROWS, BLOCK_K], tl.float32)
-    teacher_rows = t_ptr + rows64[:, None] * t_stride_row
-    student_rows = s_ptr + rows64[:, None] * s_stride_row
+    # The gradient pointer advances by one view (grad_stride_view = B·K, an int64 argument when
+    # it needs one) per student: 64-bit pointer arithmetic, where view index x B·K could
+    # overflow int32.
     grad_rows = grad_ptr + rows64[:, None] * n_proto
     for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < n_proto
         mask = row_mask[:, None] & col_mask[None, :]
-        cols64 = cols.to(tl.int64)[None, :]
         center = tl.load(center_ptr + cols, mask=col_mask, other=0.0)
         prob_sum = tl.zeros([BLOCK_ROWS, BLOCK_K], tl.float32)
-        # View pointers advance by their stride (64-bit pointer arithmetic; view index x stride
-        # could overflow int32).
-        view_ptr = teacher_rows + cols64 * t_stride_k
         for t in range(n_teacher):
-            raw = tl.load(view_ptr, mask=mask, other=0.0).to(tl.float32)
+            view_rows = _view_rows(t_addresses_ptr, t_row_strides_ptr, t, rows64, T_DTYPE, ALIGNED)
+            raw = tl.load(view_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             lse = tl.load(t_lse_ptr + t * n_rows + rows, mask=row_mask, other=0.0)
             # Padding lanes: exp(-inf) = 0 (an unmasked exponent could overflow there).
             prob_sum += tl.exp(tl.where(mask, (raw - center[None, :]) * inv_teacher_temp - lse[:, None], float("-inf")))
-            view_ptr += t_stride_view
-        view_ptr = student_rows + cols64 * s_stride_k
-        same_ptr = teacher_rows + cols64 * t_stride_k
         out_ptr = grad_rows + cols[None, :]
         for s in range(n_student):
-            raw = tl.load(view_ptr, mask=mask, other=0.0).to(tl.float32)
+            view_rows = _view_rows(s_addresses_ptr, s_row_strides_ptr, s, rows64, S_DTYPE, ALIGNED)
+            raw = tl.load(view_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             lse = tl.load(s_lse_ptr + s * n_rows + rows, mask=row_mask, other=0.0)
             # Padding lanes: log_p = 0 and target = 0, so they add nothing and exp stays finite.
             log_p = tl.where(mask, raw * inv_student_temp - lse[:, None], 0.0)
@@ -207,7 +218,8 @@ def _dino_loss_grad_kernel(
             target = prob_sum
             if s < n_teacher:
                 # The same-index teacher is excluded: subtract its P (tile reloaded, from cache).
-                same = tl.load(same_ptr, mask=mask, other=0.0).to(tl.float32)
+                same_rows = _view_rows(t_addresses_ptr, t_row_strides_ptr, s, rows64, T_DTYPE, ALIGNED)
+                same = tl.load(same_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
                 same_lse = tl.load(t_lse_ptr + s * n_rows + rows, mask=row_mask, other=0.0)
                 target = prob_sum - tl.exp(
                     tl.where(mask, (same - center[None, :]) * inv_teacher_temp - same_lse[:, None], float("-inf"))
@@ -216,11 +228,35 @@ def _dino_loss_grad_kernel(
             if COMPUTE_GRAD:
                 grad = (matches * tl.exp(log_p) - target) * grad_scale
                 tl.store(out_ptr, grad.to(grad_ptr.dtype.element_ty), mask=mask)
-            view_ptr += s_stride_view
-            same_ptr += t_stride_view
             out_ptr += grad_stride_view
     total = tl.sum(tl.sum(acc, axis=1), axis=0)
     tl.store(loss_partial_ptr + pid_rows * tl.num_programs(1) + pid_split, -total)
+
+
+_TRITON_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+
+
+def _view_table(views: Sequence[Tensor], dtype: torch.dtype) -> Tuple[List[Tensor], Tensor, Tensor, bool]:
+    """The views as the kernels read them -- in place unless their dtype differs or K is not
+    contiguous -- with (V,) int64 tables of their addresses and row strides, and whether every
+    address and row stride allows 16-byte vector loads. The returned tensors must outlive the
+    launches."""
+    kept = []
+    for v in views:
+        v = v.detach().to(dtype)
+        if v.shape[1] > 1 and v.stride(1) != 1:
+            v = v.contiguous()
+        kept.append(v)
+    device = kept[0].device
+    addresses = torch.tensor([v.data_ptr() for v in kept], dtype=torch.int64, device=device)
+    row_strides = torch.tensor([v.stride(0) for v in kept], dtype=torch.int64, device=device)
+    aligned = all(v.data_ptr() % 16 == 0 and v.stride(0) % 16 == 0 for v in kept)
+    return kept, addresses, row_strides, aligned
 
 
 def _combine_partials(run_max: Tensor, run_sum: Tensor) -> Tensor:
@@ -247,10 +283,11 @@ class _DinoTritonFunction(torch.autograd.Function):
         input_dtypes = [v.dtype for v in views[n_teacher:]]
         teacher_dtype = _common_dtype(views[:n_teacher])
         student_dtype = _common_dtype(views[n_teacher:])
-        teacher = stack_views([v.detach().to(teacher_dtype) for v in views[:n_teacher]])
-        student = stack_views([v.detach().to(student_dtype) for v in views[n_teacher:]])
-        n_student, n_rows, n_proto = student.shape
-        device = student.device
+        teacher, t_addresses, t_row_strides, t_aligned = _view_table(views[:n_teacher], teacher_dtype)
+        student, s_addresses, s_row_strides, s_aligned = _view_table(views[n_teacher:], student_dtype)
+        n_student = len(student)
+        n_rows, n_proto = student[0].shape
+        device = student[0].device
         center = center.detach().reshape(-1).to(torch.float32).contiguous()
         n_terms = n_teacher * n_student - min(n_teacher, n_student)
 
@@ -262,19 +299,20 @@ class _DinoTritonFunction(torch.autograd.Function):
         k_per_split = triton.cdiv(k_blocks, splits) * block_k
         splits = triton.cdiv(n_proto, k_per_split)  # every split holds at least one column
         grid = (row_blocks, splits)
+        tables = (t_addresses, t_row_strides, s_addresses, s_row_strides, center)
+        dtypes = dict(T_DTYPE=_TRITON_DTYPES[teacher_dtype], S_DTYPE=_TRITON_DTYPES[student_dtype],
+                      ALIGNED=t_aligned and s_aligned)  # fmt: skip
 
         t_max = _new_buffer((n_teacher, splits, n_rows), dtype=torch.float32, device=device)
         t_sum = _new_buffer((n_teacher, splits, n_rows), dtype=torch.float32, device=device)
         s_max = _new_buffer((n_student, splits, n_rows), dtype=torch.float32, device=device)
         s_sum = _new_buffer((n_student, splits, n_rows), dtype=torch.float32, device=device)
         colsum = _new_buffer((row_blocks, n_proto), dtype=torch.float32, device=device) if with_colsum else t_max
-        strides = (*teacher.stride(), *student.stride())
         _dino_stats_kernel[grid](
-            teacher, *strides[:3], student, *strides[3:], center,
-            t_max, t_sum, s_max, s_sum, colsum,
+            *tables, t_max, t_sum, s_max, s_sum, colsum,
             n_teacher, n_student, n_rows, n_proto, k_per_split,
             1.0 / teacher_temp, 1.0 / student_temp,
-            WITH_COLSUM=with_colsum, BLOCK_ROWS=block_rows, BLOCK_K=block_k,
+            **dtypes, WITH_COLSUM=with_colsum, BLOCK_ROWS=block_rows, BLOCK_K=block_k,
         )  # fmt: skip
         t_lse = _combine_partials(t_max, t_sum).contiguous()
         s_lse = _combine_partials(s_max, s_sum).contiguous()
@@ -283,11 +321,10 @@ class _DinoTritonFunction(torch.autograd.Function):
         grads = _new_buffer((n_student, n_rows, n_proto), dtype=student_dtype, device=device) if compute_grad else t_lse
         loss_partial = _new_buffer((row_blocks * splits,), dtype=torch.float32, device=device)
         _dino_loss_grad_kernel[grid](
-            teacher, *strides[:3], student, *strides[3:], center,
-            t_lse, s_lse, grads, n_rows * n_proto, loss_partial,
+            *tables, t_lse, s_lse, grads, n_rows * n_proto, loss_partial,
             n_teacher, n_student, n_rows, n_proto, k_per_split,
             1.0 / teacher_temp, 1.0 / student_temp, 1.0 / (student_temp * n_terms * n_rows),
-            COMPUTE_GRAD=compute_grad, BLOCK_ROWS=block_rows, BLOCK_K=block_k,
+            **dtypes, COMPUTE_GRAD=compute_grad, BLOCK_ROWS=block_rows, BLOCK_K=block_k,
         )  # fmt: skip
         loss = loss_partial.sum() / (n_terms * n_rows)
         teacher_sum = colsum.sum(dim=0) if with_colsum else torch.zeros(n_proto, dtype=torch.float32, device=device)
