@@ -272,8 +272,8 @@ def plot_specs(all_rows: List[dict]) -> List[Tuple[str, str, str, List[dict], ob
 
 
 def draw_plots(results: dict, out_dir: str) -> List[Tuple[str, str]]:
-    """Write one PNG (time and peak memory side by side, log-log) per sweep; returns
-    (title, path) pairs."""
+    """Write one PNG per sweep (time with the roofline floor, and peak memory, side by side,
+    log-log); returns (title, path) pairs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -289,6 +289,9 @@ def draw_plots(results: dict, out_dir: str) -> List[Tuple[str, str]]:
             mem = [(p[0], p[2]) for p in points if p[2] is not None and p[2] > 0]
             if mem:
                 ax_mem.plot([m[0] for m in mem], [m[1] for m in mem], marker="o", label=impl)
+        floors = sorted({(x_of(r), r["floor_ms"]) for r in sel if r["floor_ms"] is not None})
+        if floors:
+            ax_time.plot([f[0] for f in floors], [f[1] for f in floors], "k--", label="roofline floor")
         for ax, ylabel in ((ax_time, "median time (ms)"), (ax_mem, "peak memory (MB)")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
