@@ -171,11 +171,13 @@ def test_launchers_write_every_output(device, config, dtype):
     assert torch.isfinite(lse).all() and torch.isfinite(row_loss).all()
 
     grad_one = torch.ones((), device=device)
-    dz = K.pair_lse_backward(z, z, pos_cos, lse, lse, grad_one, 2.0, 1.0 / r, n, 0, config,
-                             out=poisoned((r, d), torch.float32, device))
-    assert torch.isfinite(dz).all()
+    dz, coef = K.pair_lse_backward(z, z, pos_cos, lse, lse, grad_one, 2.0, 1.0 / r, n, 0, config,
+                                   out=poisoned((r, d), torch.float32, device),
+                                   positive_coef=poisoned((r,), torch.float32, device))
+    assert torch.isfinite(dz).all() and torch.isfinite(coef).all()
 
-    dx = K.l2_normalize_rows_backward(b, norms, dz, n, out=poisoned((n, d), dtype, device))
+    dx = K.l2_normalize_rows_backward(b, norms, dz, n, out=poisoned((n, d), dtype, device),
+                                      partner=z[:n], partner_coef=coef)
     assert torch.isfinite(dx).all()
 
     bank = _bank(23, d, device)
@@ -183,10 +185,13 @@ def test_launchers_write_every_output(device, config, dtype):
                                       lse=poisoned((n,), torch.float32, device),
                                       row_loss=poisoned((n,), torch.float32, device))
     assert torch.isfinite(q_lse).all() and torch.isfinite(q_loss).all()
-    dq, dk = K.infonce_backward(z[:n], z[n:], pos_cos, bank, q_lse, grad_one, 2.0, 1.0 / n, config,
-                                grad_q=poisoned((n, d), torch.float32, device),
-                                grad_k=poisoned((n, d), torch.float32, device))
-    assert torch.isfinite(dq).all() and torch.isfinite(dk).all()
+    dq, q_coef = K.infonce_backward(z[:n], pos_cos, bank, q_lse, grad_one, 2.0, 1.0 / n, config,
+                                    grad_q=poisoned((n, d), torch.float32, device),
+                                    positive_coef=poisoned((n,), torch.float32, device))
+    assert torch.isfinite(dq).all() and torch.isfinite(q_coef).all()
+    dk = K.l2_normalize_rows_backward(b, norms[n:], None, 0, out=poisoned((n, d), dtype, device),
+                                      partner=z[:n], partner_coef=q_coef)
+    assert torch.isfinite(dk).all()
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
@@ -200,8 +205,8 @@ def test_factored_backward_equals_two_exponential_form(device, temperature):
     assert K._factored_backward(1 / temperature, 2 * n)
     one = torch.ones((), device=device)
     args = (z, z, pos_cos, lse, lse, one, 1 / temperature, 1.0, n, 0)
-    torch.testing.assert_close(K.pair_lse_backward(*args, factored=True), K.pair_lse_backward(*args, factored=False),
-                               rtol=1e-5, atol=1e-5)
+    for factored, plain in zip(K.pair_lse_backward(*args, factored=True), K.pair_lse_backward(*args, factored=False)):
+        torch.testing.assert_close(factored, plain, rtol=1e-5, atol=1e-5)
     assert not K._factored_backward(100.0, 2 * n)
 
 

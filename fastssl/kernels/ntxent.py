@@ -116,6 +116,18 @@ def _load_tile(ptr, rows64, row_mask, stride_row, stride_col, k0, D, BLOCK_K: tl
 
 
 @triton.jit
+def _load_block(ptr, row_start, n_rows, k0, D, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows ``row_start .. +BLOCK_R`` of a contiguous (n_rows, D) buffer, features ``k0 ..``:
+    the int64 part of the address is one scalar, the in-tile offsets stay int32 (BLOCK_R·D
+    < 2**31), which keeps the per-element address math (and registers) of the hot loops small."""
+    r = tl.arange(0, BLOCK_R)
+    ks = k0 + tl.arange(0, BLOCK_K)
+    base = ptr + tl.cast(row_start, tl.int64) * D
+    mask = ((row_start + r) < n_rows)[:, None] & (ks < D)[None, :]
+    return tl.load(base + r[:, None] * D + ks[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _l2_normalize_fwd_kernel(
     X, stride_xm, stride_xd, Z, NORM, M, D, row_offset,
     EPS: tl.constexpr, BF16_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -146,10 +158,14 @@ def _l2_normalize_fwd_kernel(
 
 @triton.jit
 def _l2_normalize_bwd_kernel(
-    X, stride_xm, stride_xd, NORM, DZ, DX, M, D, row_offset,
-    EPS: tl.constexpr, BF16_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    X, stride_xm, stride_xd, NORM, DZ, DX, M, D, row_offset, PARTNER, PARTNER_COEF,
+    HAS_DZ: tl.constexpr, HAS_PARTNER: tl.constexpr, EPS: tl.constexpr, BF16_RTNE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """DX[i] = (dz - ẑ(ẑ·dz)) / ‖x‖ with dz = DZ[row_offset + i] (float32), ẑ recomputed from X.
+    """DX[i] = (dz - ẑ(ẑ·dz)) / ‖x‖ with dz = DZ[row_offset + i] (float32) -- plus, with a
+    partner, PARTNER_COEF[row_offset + i]·PARTNER[i] (the NT-Xent positive's term, see
+    ``_pair_lse_bwd_kernel``; PARTNER contiguous (M, D)) -- and ẑ recomputed from X. Without
+    DZ (HAS_DZ false: InfoNCE's key) dz is the partner term alone.
 
     Below the clamp (‖x‖ < EPS) the map is x/EPS, linear: the projection term vanishes."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -158,16 +174,28 @@ def _l2_normalize_bwd_kernel(
     src_rows64 = rows64 + row_offset
     norm = tl.load(NORM + src_rows64, mask=row_mask, other=1.0)
     clamped = tl.broadcast_to(tl.maximum(norm, EPS)[:, None], (BLOCK_M, BLOCK_D))
+    if HAS_PARTNER:
+        partner_coef = tl.load(PARTNER_COEF + src_rows64, mask=row_mask, other=0.0)
     projection = tl.zeros((BLOCK_M,), tl.float32)
     for d0 in range(0, D, BLOCK_D):
         x = _load_tile(X, rows64, row_mask, stride_xm, stride_xd, d0, D, BLOCK_D).to(tl.float32)
-        dz = _load_tile(DZ, src_rows64, row_mask, D, 1, d0, D, BLOCK_D)
+        if HAS_DZ:
+            dz = _load_tile(DZ, src_rows64, row_mask, D, 1, d0, D, BLOCK_D)
+        else:
+            dz = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        if HAS_PARTNER:
+            dz += partner_coef[:, None] * _load_tile(PARTNER, rows64, row_mask, D, 1, d0, D, BLOCK_D).to(tl.float32)
         projection += tl.sum(tl.div_rn(x, clamped) * dz, axis=1)
     projection = tl.where(norm >= EPS, projection, 0.0)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         x = _load_tile(X, rows64, row_mask, stride_xm, stride_xd, d0, D, BLOCK_D).to(tl.float32)
-        dz = _load_tile(DZ, src_rows64, row_mask, D, 1, d0, D, BLOCK_D)
+        if HAS_DZ:
+            dz = _load_tile(DZ, src_rows64, row_mask, D, 1, d0, D, BLOCK_D)
+        else:
+            dz = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        if HAS_PARTNER:
+            dz += partner_coef[:, None] * _load_tile(PARTNER, rows64, row_mask, D, 1, d0, D, BLOCK_D).to(tl.float32)
         dx = tl.div_rn(dz - tl.div_rn(x, clamped) * projection[:, None], clamped)
         tl.store(
             DX + rows64[:, None] * D + ds[None, :],
@@ -198,19 +226,19 @@ def _rowwise_cosine_kernel(
 
 @triton.jit
 def _logits_tile(
-    ZR, rows64, row_mask, a, ZC, cols64, col_mask, D,
+    ZR, row_start, R, a, ZC, n0, C, D,
     FP32_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
 ):
-    """ZR[rows]·ZC[cols]ᵀ (float32, unscaled); ``a`` is the row tile when SINGLE_K."""
+    """ZR[row_start:+BLOCK_M]·ZC[n0:+BLOCK_N]ᵀ (float32, unscaled); ``a`` is the row tile when SINGLE_K."""
     if SINGLE_K:
-        b = _load_tile(ZC, cols64, col_mask, D, 1, 0, D, BLOCK_K)
+        b = _load_block(ZC, n0, C, 0, D, BLOCK_N, BLOCK_K)
         s = _dot(a, tl.trans(b), FP32_IEEE)
     else:
         s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k0 in range(0, D, BLOCK_K):
-            a_k = _load_tile(ZR, rows64, row_mask, D, 1, k0, D, BLOCK_K)
-            b_k = _load_tile(ZC, cols64, col_mask, D, 1, k0, D, BLOCK_K)
+            a_k = _load_block(ZR, row_start, R, k0, D, BLOCK_M, BLOCK_K)
+            b_k = _load_block(ZC, n0, C, k0, D, BLOCK_N, BLOCK_K)
             s += _dot(a_k, tl.trans(b_k), FP32_IEEE)
     return s
 
@@ -231,13 +259,13 @@ def _pair_lse_fwd_kernel(
     the tiles, so in half precision the term that dominates the loss is not rounded through the
     stored ẑ. Without a positive (uniformity) the first tile holds a non-self column (C ≥ 2), so
     the running max is finite from the first tile on (no -inf - -inf)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_start = tl.program_id(0) * BLOCK_M
+    rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < R
-    rows64 = rows.to(tl.int64)
     self_cols = rows + col_offset
     sample = tl.where(rows < n_local, rows, rows - n_local)
     pos_cols = tl.where(rows < n_local, rows + n_local, rows - n_local) + col_offset
-    a = _load_tile(ZR, rows64, row_mask, D, 1, 0, D, BLOCK_K)
+    a = _load_block(ZR, row_start, R, 0, D, BLOCK_M, BLOCK_K)
     if HAS_POSITIVE:
         positive = tl.load(POS_COS + sample, mask=row_mask, other=0.0) * inv_temp
         m_i = positive
@@ -248,7 +276,7 @@ def _pair_lse_fwd_kernel(
     for n0 in range(0, C, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < C
-        s = _logits_tile(ZR, rows64, row_mask, a, ZC, cols.to(tl.int64), col_mask, D,
+        s = _logits_tile(ZR, row_start, R, a, ZC, n0, C, D,
                          FP32_IEEE, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K) * inv_temp
         keep = col_mask[None, :] & (cols[None, :] != self_cols[:, None])
         if HAS_POSITIVE:
@@ -265,48 +293,52 @@ def _pair_lse_fwd_kernel(
 
 @triton.jit
 def _pair_lse_bwd_kernel(
-    ZR, ZC, POS_COS, LSE_R, LSE_C, GRAD_LOSS, DZ,
+    ZR, ZC, POS_COS, LSE_R, LSE_C, GRAD_LOSS, DZ, POS_COEF,
     R, C, D, n_local, col_offset, inv_temp, grad_scale, lse_shift,
     HAS_POSITIVE: tl.constexpr, FACTORED: tl.constexpr, FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
 ):
-    """DZ[r] = g·grad_scale·Σ_{c≠self} H_rc ZC[c], H_rc = e^{S_rc - LSE_R[r]} + e^{S_rc - LSE_C[c]} - 2[c = pos(r)].
+    """dẑ_r = g·grad_scale·Σ_{c≠self} H_rc ZC[c], H_rc = e^{S_rc - LSE_R[r]} + e^{S_rc - LSE_C[c]} - 2[c = pos(r)],
+    written as DZ[r] (every column but the positive) and POS_COEF[r] = g·grad_scale·H_r,pos(r):
+    dẑ_r = DZ[r] + POS_COEF[r]·ẑ_partner(r), completed by the normalization's backward.
 
     g is read from GRAD_LOSS on the device (no host sync). The negatives' weights lie in [0, 2]
     and go to ``tl.dot`` in the input dtype (as FlashAttention's P); the positive's weight (near
     -2, the dominant term) is computed in float32 from the float32 positive logit, as in the
-    forward, and applied after the loop.
+    forward. Adding its ẑ_partner row here would cost a layout conversion into the accumulator
+    and spill registers; the normalization backward reads that row anyway at no cost.
 
     FACTORED: e^{S_rc - lse_c} = e^{S_rc - lse_r}·α_r·β_c with α_r = e^{lse_r - shift},
     β_c = e^{shift - lse_c}: one exponential per logit instead of two (the exponential unit, not
     the tensor cores, bounds this kernel). The launcher enables it only where no factor can
     overflow and e^{S - lse_r} cannot underflow while e^{S - lse_c} matters (see
     ``_factored_backward``)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_start = tl.program_id(0) * BLOCK_M
+    r = tl.arange(0, BLOCK_M)
+    rows = row_start + r
     row_mask = rows < R
-    rows64 = rows.to(tl.int64)
     self_cols = rows + col_offset
     sample = tl.where(rows < n_local, rows, rows - n_local)
     pos_cols = tl.where(rows < n_local, rows + n_local, rows - n_local) + col_offset
     lse_r = tl.load(LSE_R + rows, mask=row_mask, other=0.0)
     alpha_r = tl.exp(lse_r - lse_shift)
-    a = _load_tile(ZR, rows64, row_mask, D, 1, 0, D, BLOCK_K)
+    a = _load_block(ZR, row_start, R, 0, D, BLOCK_M, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+    dz_base = DZ + tl.cast(row_start, tl.int64) * D
     if not SINGLE_K:
         for k0 in range(0, D, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            tl.store(DZ + rows64[:, None] * D + ks[None, :], tl.zeros((BLOCK_M, BLOCK_K), tl.float32),
+            tl.store(dz_base + r[:, None] * D + ks[None, :], tl.zeros((BLOCK_M, BLOCK_K), tl.float32),
                      mask=row_mask[:, None] & (ks[None, :] < D))
         tl.debug_barrier()
     for n0 in range(0, C, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < C
-        cols64 = cols.to(tl.int64)
         if SINGLE_K:
-            b = _load_tile(ZC, cols64, col_mask, D, 1, 0, D, BLOCK_K)
+            b = _load_block(ZC, n0, C, 0, D, BLOCK_N, BLOCK_K)
             s = _dot(a, tl.trans(b), FP32_IEEE) * inv_temp
         else:
-            s = _logits_tile(ZR, rows64, row_mask, a, ZC, cols64, col_mask, D,
+            s = _logits_tile(ZR, row_start, R, a, ZC, n0, C, D,
                              FP32_IEEE, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K) * inv_temp
         lse_c = tl.load(LSE_C + cols, mask=col_mask, other=0.0)
         keep = row_mask[:, None] & col_mask[None, :] & (cols[None, :] != self_cols[:, None])
@@ -326,39 +358,38 @@ def _pair_lse_bwd_kernel(
             # barrier orders one tile's stores before the next tile's loads across warps.
             for k0 in range(0, D, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
-                b_k = _load_tile(ZC, cols64, col_mask, D, 1, k0, D, BLOCK_K)
-                dz_ptrs = DZ + rows64[:, None] * D + ks[None, :]
+                b_k = _load_block(ZC, n0, C, k0, D, BLOCK_N, BLOCK_K)
+                dz_ptrs = dz_base + r[:, None] * D + ks[None, :]
                 dz_mask = row_mask[:, None] & (ks[None, :] < D)
                 tl.store(dz_ptrs, tl.load(dz_ptrs, mask=dz_mask, other=0.0) + _dot(h, b_k, FP32_IEEE), mask=dz_mask)
             tl.debug_barrier()
     scale = tl.load(GRAD_LOSS).to(tl.float32) * grad_scale
-    pos_rows64 = pos_cols.to(tl.int64)
-    positive_weight = tl.zeros((BLOCK_M,), tl.float32)
     if HAS_POSITIVE:
         positive = tl.load(POS_COS + sample, mask=row_mask, other=0.0) * inv_temp
         lse_pos = tl.load(LSE_C + pos_cols, mask=row_mask, other=0.0)
         positive_weight = tl.exp(positive - lse_r) + tl.exp(positive - lse_pos) - 2.0
+        tl.store(POS_COEF + rows, positive_weight * scale, mask=row_mask)
     if SINGLE_K:
         ks = tl.arange(0, BLOCK_K)
-        if HAS_POSITIVE:
-            acc += positive_weight[:, None] * _load_tile(ZC, pos_rows64, row_mask, D, 1, 0, D, BLOCK_K).to(tl.float32)
-        tl.store(DZ + rows64[:, None] * D + ks[None, :], acc * scale, mask=row_mask[:, None] & (ks[None, :] < D))
+        tl.store(dz_base + r[:, None] * D + ks[None, :], acc * scale, mask=row_mask[:, None] & (ks[None, :] < D))
     else:
         for k0 in range(0, D, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            dz_ptrs = DZ + rows64[:, None] * D + ks[None, :]
+            dz_ptrs = dz_base + r[:, None] * D + ks[None, :]
             dz_mask = row_mask[:, None] & (ks[None, :] < D)
-            dz = tl.load(dz_ptrs, mask=dz_mask, other=0.0)
-            if HAS_POSITIVE:
-                dz += positive_weight[:, None] * _load_tile(ZC, pos_rows64, row_mask, D, 1, k0, D, BLOCK_K).to(tl.float32)
-            tl.store(dz_ptrs, dz * scale, mask=dz_mask)
+            tl.store(dz_ptrs, tl.load(dz_ptrs, mask=dz_mask, other=0.0) * scale, mask=dz_mask)
 
 
 @triton.jit
-def _bank_tile(BANK, stride_bank_row, stride_bank_col, cols64, col_mask, k0, D, DTYPE: tl.constexpr,
-               BF16_RTNE: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Bank rows in the queries' dtype (the reference casts the bank the same way)."""
-    b = _load_tile(BANK, cols64, col_mask, stride_bank_row, stride_bank_col, k0, D, BLOCK_K)
+def _bank_tile(BANK, n0, K, stride_bank_row, stride_bank_col, k0, D, DTYPE: tl.constexpr,
+               BF16_RTNE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Bank rows n0 .. +BLOCK_N in the queries' dtype (the reference casts the bank the same way).
+    In-tile offsets are int32: the launcher guarantees BLOCK_N·stride and D·stride < 2**31."""
+    c = tl.arange(0, BLOCK_N)
+    ks = k0 + tl.arange(0, BLOCK_K)
+    base = BANK + tl.cast(n0, tl.int64) * stride_bank_row
+    b = tl.load(base + c[:, None] * stride_bank_row + ks[None, :] * stride_bank_col,
+                mask=((n0 + c) < K)[:, None] & (ks < D)[None, :], other=0.0)
     if BF16_RTNE:
         b = _round_to(b.to(tl.float32), DTYPE, BF16_RTNE)
     else:
@@ -368,18 +399,18 @@ def _bank_tile(BANK, stride_bank_row, stride_bank_col, cols64, col_mask, k0, D, 
 
 @triton.jit
 def _bank_logits_tile(
-    ZQ, rows64, row_mask, a, BANK, stride_bank_row, stride_bank_col, cols64, col_mask, D,
+    ZQ, row_start, N, a, BANK, n0, K, stride_bank_row, stride_bank_col, D,
     FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
 ):
     if SINGLE_K:
-        b = _bank_tile(BANK, stride_bank_row, stride_bank_col, cols64, col_mask, 0, D, ZQ.dtype.element_ty, BF16_RTNE, BLOCK_K)
+        b = _bank_tile(BANK, n0, K, stride_bank_row, stride_bank_col, 0, D, ZQ.dtype.element_ty, BF16_RTNE, BLOCK_N, BLOCK_K)
         s = _dot(a, tl.trans(b), FP32_IEEE)
     else:
         s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k0 in range(0, D, BLOCK_K):
-            a_k = _load_tile(ZQ, rows64, row_mask, D, 1, k0, D, BLOCK_K)
-            b_k = _bank_tile(BANK, stride_bank_row, stride_bank_col, cols64, col_mask, k0, D, ZQ.dtype.element_ty, BF16_RTNE, BLOCK_K)
+            a_k = _load_block(ZQ, row_start, N, k0, D, BLOCK_M, BLOCK_K)
+            b_k = _bank_tile(BANK, n0, K, stride_bank_row, stride_bank_col, k0, D, ZQ.dtype.element_ty, BF16_RTNE, BLOCK_N, BLOCK_K)
             s += _dot(a_k, tl.trans(b_k), FP32_IEEE)
     return s
 
@@ -394,19 +425,17 @@ def _infonce_fwd_kernel(
     """LSE[i] = log(e^{s₊} + Σ_j e^{q̂_i·b_j/τ}), s₊ = POS_COS[i]/τ (float32 cosine of the inputs);
     ROW_LOSS[i] = LSE[i] - s₊. The online log-sum-exp starts from the positive (m = s₊, l = 1):
     always finite."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_start = tl.program_id(0) * BLOCK_M
+    rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < N
-    rows64 = rows.to(tl.int64)
     positive = tl.load(POS_COS + rows, mask=row_mask, other=0.0) * inv_temp
-    a = _load_tile(ZQ, rows64, row_mask, D, 1, 0, D, BLOCK_K)
+    a = _load_block(ZQ, row_start, N, 0, D, BLOCK_M, BLOCK_K)
     m_i = positive
     l_i = tl.full((BLOCK_M,), 1.0, tl.float32)
     for n0 in range(0, K, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < K
-        s = _bank_logits_tile(ZQ, rows64, row_mask, a, BANK, stride_bank_row, stride_bank_col,
-                              cols.to(tl.int64), col_mask, D, FP32_IEEE, BF16_RTNE, BLOCK_M, BLOCK_N, BLOCK_K,
-                              SINGLE_K) * inv_temp
+        col_mask = (n0 + tl.arange(0, BLOCK_N)) < K
+        s = _bank_logits_tile(ZQ, row_start, N, a, BANK, n0, K, stride_bank_row, stride_bank_col, D,
+                              FP32_IEEE, BF16_RTNE, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K) * inv_temp
         s = tl.where(col_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
@@ -418,36 +447,39 @@ def _infonce_fwd_kernel(
 
 @triton.jit
 def _infonce_bwd_kernel(
-    ZQ, ZK, POS_COS, BANK, stride_bank_row, stride_bank_col, LSE, GRAD_LOSS, DQ, DK,
+    ZQ, POS_COS, BANK, stride_bank_row, stride_bank_col, LSE, GRAD_LOSS, DQ, POS_COEF,
     N, K, D, inv_temp, grad_scale,
     FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
 ):
-    """dq̂_i = g·grad_scale·((p₊-1) k̂_i + Σ_j P_ij b_j), dk̂_i = g·grad_scale·(p₊-1) q̂_i (float32)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """dq̂_i = g·grad_scale·((p₊-1) k̂_i + Σ_j P_ij b_j), dk̂_i = g·grad_scale·(p₊-1) q̂_i, written as
+    DQ[i] = g·grad_scale·Σ_j P_ij b_j and POS_COEF[i] = g·grad_scale·(p₊-1): the normalization
+    backward adds the key (query) row times the coefficient, as for NT-Xent's positive."""
+    row_start = tl.program_id(0) * BLOCK_M
+    r = tl.arange(0, BLOCK_M)
+    rows = row_start + r
     row_mask = rows < N
-    rows64 = rows.to(tl.int64)
     lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
     positive = tl.load(POS_COS + rows, mask=row_mask, other=0.0) * inv_temp
     positive_weight = tl.exp(positive - lse) - 1.0
-    a = _load_tile(ZQ, rows64, row_mask, D, 1, 0, D, BLOCK_K)
+    a = _load_block(ZQ, row_start, N, 0, D, BLOCK_M, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+    dq_base = DQ + tl.cast(row_start, tl.int64) * D
     if not SINGLE_K:
         for k0 in range(0, D, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            tl.store(DQ + rows64[:, None] * D + ks[None, :], tl.zeros((BLOCK_M, BLOCK_K), tl.float32),
+            tl.store(dq_base + r[:, None] * D + ks[None, :], tl.zeros((BLOCK_M, BLOCK_K), tl.float32),
                      mask=row_mask[:, None] & (ks[None, :] < D))
         tl.debug_barrier()
     for n0 in range(0, K, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < K
-        cols64 = cols.to(tl.int64)
+        col_mask = (n0 + tl.arange(0, BLOCK_N)) < K
         if SINGLE_K:
-            b = _bank_tile(BANK, stride_bank_row, stride_bank_col, cols64, col_mask, 0, D, ZQ.dtype.element_ty, BF16_RTNE, BLOCK_K)
+            b = _bank_tile(BANK, n0, K, stride_bank_row, stride_bank_col, 0, D, ZQ.dtype.element_ty, BF16_RTNE,
+                           BLOCK_N, BLOCK_K)
             s = _dot(a, tl.trans(b), FP32_IEEE) * inv_temp
         else:
-            s = _bank_logits_tile(ZQ, rows64, row_mask, a, BANK, stride_bank_row, stride_bank_col,
-                                  cols64, col_mask, D, FP32_IEEE, BF16_RTNE, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K) * inv_temp
+            s = _bank_logits_tile(ZQ, row_start, N, a, BANK, n0, K, stride_bank_row, stride_bank_col, D,
+                                  FP32_IEEE, BF16_RTNE, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K) * inv_temp
         keep = row_mask[:, None] & col_mask[None, :]
         p = _round_to(tl.where(keep, tl.exp(s - lse[:, None]), 0.0), ZQ.dtype.element_ty, BF16_RTNE)
         if SINGLE_K:
@@ -455,30 +487,23 @@ def _infonce_bwd_kernel(
         else:
             for k0 in range(0, D, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
-                b_k = _bank_tile(BANK, stride_bank_row, stride_bank_col, cols64, col_mask, k0, D, ZQ.dtype.element_ty, BF16_RTNE, BLOCK_K)
-                dq_ptrs = DQ + rows64[:, None] * D + ks[None, :]
+                b_k = _bank_tile(BANK, n0, K, stride_bank_row, stride_bank_col, k0, D, ZQ.dtype.element_ty,
+                                 BF16_RTNE, BLOCK_N, BLOCK_K)
+                dq_ptrs = dq_base + r[:, None] * D + ks[None, :]
                 dq_mask = row_mask[:, None] & (ks[None, :] < D)
                 tl.store(dq_ptrs, tl.load(dq_ptrs, mask=dq_mask, other=0.0) + _dot(p, b_k, FP32_IEEE), mask=dq_mask)
             tl.debug_barrier()
     scale = tl.load(GRAD_LOSS).to(tl.float32) * grad_scale
+    tl.store(POS_COEF + rows, positive_weight * scale, mask=row_mask)
     if SINGLE_K:
         ks = tl.arange(0, BLOCK_K)
-        mask = row_mask[:, None] & (ks[None, :] < D)
-        k_hat = _load_tile(ZK, rows64, row_mask, D, 1, 0, D, BLOCK_K).to(tl.float32)
-        dq = (acc + positive_weight[:, None] * k_hat) * scale
-        dk = positive_weight[:, None] * a.to(tl.float32) * scale
-        tl.store(DQ + rows64[:, None] * D + ks[None, :], dq, mask=mask)
-        tl.store(DK + rows64[:, None] * D + ks[None, :], dk, mask=mask)
+        tl.store(dq_base + r[:, None] * D + ks[None, :], acc * scale, mask=row_mask[:, None] & (ks[None, :] < D))
     else:
         for k0 in range(0, D, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             mask = row_mask[:, None] & (ks[None, :] < D)
-            offsets = rows64[:, None] * D + ks[None, :]
-            k_hat = _load_tile(ZK, rows64, row_mask, D, 1, k0, D, BLOCK_K).to(tl.float32)
-            q_hat = _load_tile(ZQ, rows64, row_mask, D, 1, k0, D, BLOCK_K).to(tl.float32)
-            dq = tl.load(DQ + offsets, mask=mask, other=0.0)
-            tl.store(DQ + offsets, (dq + positive_weight[:, None] * k_hat) * scale, mask=mask)
-            tl.store(DK + offsets, positive_weight[:, None] * q_hat * scale, mask=mask)
+            offsets = r[:, None] * D + ks[None, :]
+            tl.store(dq_base + offsets, tl.load(dq_base + offsets, mask=mask, other=0.0) * scale, mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -570,6 +595,15 @@ def _emulate_rtne(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and triton_interpreter_enabled()
 
 
+def _int32_addressable(bank: Tensor, cfg: KernelConfig) -> Tensor:
+    """The bank kernels address within a tile in int32 (``_bank_tile``): copy the rare bank whose
+    strides would overflow that."""
+    limit = 2**31 - 1
+    if bank.stride(0) * cfg.block_n >= limit or bank.stride(1) * max(bank.shape[1], cfg.block_k) >= limit:
+        return bank.contiguous()
+    return bank
+
+
 def _norm_blocks(m: int, d: int) -> Tuple[int, int]:
     """(rows, features) per program of the row-wise kernels: ≤ 2048 elements on the GPU; under
     the interpreter, as many rows as fit 2**16 elements (its cost is per program)."""
@@ -604,17 +638,26 @@ def l2_normalize_rows(
 
 
 def l2_normalize_rows_backward(
-    x: Tensor, norms: Tensor, grad_z: Tensor, row_offset: int = 0, out: Optional[Tensor] = None
+    x: Tensor, norms: Tensor, grad_z: Optional[Tensor], row_offset: int = 0, out: Optional[Tensor] = None,
+    partner: Optional[Tensor] = None, partner_coef: Optional[Tensor] = None,
 ) -> Tensor:
-    """dx (x's shape and dtype, contiguous) from dẑ = ``grad_z[row_offset : row_offset + M]``."""
+    """dx (x's shape and dtype, contiguous) from dẑ = ``grad_z[row_offset : row_offset + M]``
+    (+ ``partner_coef[row_offset + i] · partner[i]`` with a partner (M, d), contiguous; without
+    ``grad_z``, that term alone)."""
     m, d = x.shape
     if out is None:
         out = torch.empty((m, d), dtype=x.dtype, device=x.device)
-    assert out.is_contiguous() and grad_z.is_contiguous() and grad_z.dtype == torch.float32
+    has_dz = grad_z is not None
+    assert out.is_contiguous() and (not has_dz or (grad_z.is_contiguous() and grad_z.dtype == torch.float32))
+    has_partner = partner is not None
+    assert has_dz or has_partner
+    if has_partner:
+        assert partner.is_contiguous() and partner.shape == x.shape and partner_coef is not None
     block_m, block_d = _norm_blocks(m, d)
     _l2_normalize_bwd_kernel[(triton.cdiv(m, block_m),)](
-        x, x.stride(0), x.stride(1), norms, grad_z, out, m, d, row_offset,
-        EPS=_NORM_EPS, BF16_RTNE=_emulate_rtne(out.dtype), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
+        x, x.stride(0), x.stride(1), norms, grad_z if has_dz else norms, out, m, d, row_offset,
+        partner if has_partner else norms, partner_coef if has_partner else norms,
+        HAS_DZ=has_dz, HAS_PARTNER=has_partner, EPS=_NORM_EPS, BF16_RTNE=_emulate_rtne(out.dtype), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
     )
     return out
 
@@ -673,28 +716,35 @@ def pair_lse_backward(
     z_rows: Tensor, z_cols: Tensor, pos_cos: Optional[Tensor], lse_rows: Tensor, lse_cols: Tensor,
     grad_loss: Tensor, inv_temp: float, grad_scale: float, n_local: int, col_offset: int,
     config: Optional[KernelConfig] = None, out: Optional[Tensor] = None, factored: Optional[bool] = None,
-) -> Tensor:
-    """dẑ rows (R, d) float32: ``grad_loss · grad_scale · Σ_c (e^{S-lse_r} + e^{S-lse_c} - 2[c = pos]) z_c``
-    (the positive term only with ``pos_cos``). ``lse_rows``/``lse_cols`` must be log-sum-exps
-    of these logits (or, for uniformity, the global one) for the factored form (default: where
-    it is exact, :func:`_factored_backward`)."""
+    positive_coef: Optional[Tensor] = None,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """dẑ rows: ``grad_loss · grad_scale · Σ_c (e^{S-lse_r} + e^{S-lse_c} - 2[c = pos]) z_c``.
+
+    Returns (out (R, d) float32, positive_coef (R,) float32 or None): with ``pos_cos`` the
+    positive column's term is left out of ``out`` and returned as a coefficient of the row's
+    partner ẑ_{r ± n} (see ``_pair_lse_bwd_kernel``). ``lse_rows``/``lse_cols`` must be
+    log-sum-exps of these logits (or, for uniformity, the global one) for the factored form
+    (default: where it is exact, :func:`_factored_backward`)."""
     r, d = z_rows.shape
     c = z_cols.shape[0]
     cfg = _resolve_config(config, d, z_rows.dtype)
     with_positive = pos_cos is not None
     if out is None:
         out = torch.empty((r, d), dtype=torch.float32, device=z_rows.device)
+    if with_positive and positive_coef is None:
+        positive_coef = torch.empty(r, dtype=torch.float32, device=z_rows.device)
     grad_loss = grad_loss.reshape(()).to(torch.float32).contiguous()
     if factored is None:
         factored = _factored_backward(inv_temp, c)
     _pair_lse_bwd_kernel[(triton.cdiv(r, cfg.block_m),)](
         z_rows, z_cols, pos_cos if with_positive else lse_rows, lse_rows, lse_cols, grad_loss, out,
+        positive_coef if with_positive else lse_rows,
         r, c, d, n_local, col_offset, float(inv_temp), float(grad_scale), math.log(max(c - 1, 1)),
         HAS_POSITIVE=with_positive, FACTORED=bool(factored), FP32_IEEE=_dot_in_fp32(z_rows.dtype), BF16_RTNE=_emulate_rtne(z_rows.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=cfg.single_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out
+    return out, (positive_coef if with_positive else None)
 
 
 def infonce_forward(
@@ -705,6 +755,7 @@ def infonce_forward(
     bank (K, d), any strides]."""
     n, d = q_hat.shape
     cfg = _resolve_config(config, d, q_hat.dtype)
+    bank = _int32_addressable(bank, cfg)
     if lse is None:
         lse = torch.empty(n, dtype=torch.float32, device=q_hat.device)
     if row_loss is None:
@@ -720,26 +771,28 @@ def infonce_forward(
 
 
 def infonce_backward(
-    q_hat: Tensor, k_hat: Tensor, pos_cos: Tensor, bank: Tensor, lse: Tensor, grad_loss: Tensor, inv_temp: float,
+    q_hat: Tensor, pos_cos: Tensor, bank: Tensor, lse: Tensor, grad_loss: Tensor, inv_temp: float,
     grad_scale: float, config: Optional[KernelConfig] = None,
-    grad_q: Optional[Tensor] = None, grad_k: Optional[Tensor] = None,
+    grad_q: Optional[Tensor] = None, positive_coef: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """(dq̂, dk̂), each (N, d) float32."""
+    """(dq̂ from the bank (N, d) float32, positive_coef (N,) float32): the full gradients are
+    dq̂ + coef·k̂ and dk̂ = coef·q̂ (added by the normalization backward)."""
     n, d = q_hat.shape
     cfg = _resolve_config(config, d, q_hat.dtype)
+    bank = _int32_addressable(bank, cfg)
     if grad_q is None:
         grad_q = torch.empty((n, d), dtype=torch.float32, device=q_hat.device)
-    if grad_k is None:
-        grad_k = torch.empty((n, d), dtype=torch.float32, device=q_hat.device)
+    if positive_coef is None:
+        positive_coef = torch.empty(n, dtype=torch.float32, device=q_hat.device)
     grad_loss = grad_loss.reshape(()).to(torch.float32).contiguous()
     _infonce_bwd_kernel[(triton.cdiv(n, cfg.block_m),)](
-        q_hat, k_hat, pos_cos, bank, bank.stride(0), bank.stride(1), lse, grad_loss, grad_q, grad_k,
+        q_hat, pos_cos, bank, bank.stride(0), bank.stride(1), lse, grad_loss, grad_q, positive_coef,
         n, bank.shape[0], d, float(inv_temp), float(grad_scale),
         FP32_IEEE=_dot_in_fp32(q_hat.dtype), BF16_RTNE=_emulate_rtne(q_hat.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=cfg.single_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return grad_q, grad_k
+    return grad_q, positive_coef
 
 
 # --------------------------------------------------------------------------------------------
@@ -777,10 +830,12 @@ class _NTXentTriton(torch.autograd.Function):
         inv_temp, n_local, col_offset, use_dist, config = ctx.meta
         z_cols = saved_cols if use_dist else z_rows
         # 1/(2n), this rank's row count: W × the global gradient when distributed (module doc).
-        grad_z = pair_lse_backward(z_rows, z_cols, pos_cos, lse, lse_cols, grad_loss, inv_temp,
-                                   inv_temp / (2 * n_local), n_local, col_offset, config)
-        grad0 = l2_normalize_rows_backward(out0, norms, grad_z, 0)
-        grad1 = l2_normalize_rows_backward(out1, norms, grad_z, n_local)
+        grad_z, positive_coef = pair_lse_backward(z_rows, z_cols, pos_cos, lse, lse_cols, grad_loss, inv_temp,
+                                                  inv_temp / (2 * n_local), n_local, col_offset, config)
+        # The positive's term: row i of view 0 pairs with row i of view 1 and vice versa.
+        grad0 = l2_normalize_rows_backward(out0, norms, grad_z, 0, partner=z_rows[n_local:], partner_coef=positive_coef)
+        grad1 = l2_normalize_rows_backward(out1, norms, grad_z, n_local, partner=z_rows[:n_local],
+                                           partner_coef=positive_coef)
         return grad0, grad1, None, None, None
 
 
@@ -801,11 +856,11 @@ class _InfoNCETriton(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
         query, key, negatives, q_hat, k_hat, q_norms, k_norms, pos_cos, lse = ctx.saved_tensors
         inv_temp, config = ctx.meta
-        grad_q_hat, grad_k_hat = infonce_backward(q_hat, k_hat, pos_cos, negatives, lse, grad_loss, inv_temp,
-                                                  inv_temp / query.shape[0], config)
+        grad_q_hat, positive_coef = infonce_backward(q_hat, pos_cos, negatives, lse, grad_loss, inv_temp,
+                                                     inv_temp / query.shape[0], config)
         return (
-            l2_normalize_rows_backward(query, q_norms, grad_q_hat),
-            l2_normalize_rows_backward(key, k_norms, grad_k_hat),
+            l2_normalize_rows_backward(query, q_norms, grad_q_hat, partner=k_hat, partner_coef=positive_coef),
+            l2_normalize_rows_backward(key, k_norms, None, partner=q_hat, partner_coef=positive_coef),
             None,
             None,
             None,
@@ -831,8 +886,8 @@ class _UniformityTriton(torch.autograd.Function):
         z, z_hat, norms, total_lse = ctx.saved_tensors
         t, config = ctx.meta
         lse = total_lse.expand(z.shape[0]).contiguous()
-        grad_z_hat = pair_lse_backward(z_hat, z_hat, None, lse, lse, grad_loss, 2.0 * t, 2.0 * t, z.shape[0], 0, config,
-                                       factored=False)
+        grad_z_hat, _ = pair_lse_backward(z_hat, z_hat, None, lse, lse, grad_loss, 2.0 * t, 2.0 * t, z.shape[0], 0,
+                                          config, factored=False)
         return l2_normalize_rows_backward(z, norms, grad_z_hat), None, None
 
 
