@@ -94,6 +94,7 @@ class _BarlowTwinsFunction(torch.autograd.Function):
             # ‖C‖² − Σ C_ii²: C has rank <= N, so the off-diagonal part is at least
             # (Σ C_ii)²/N − Σ C_ii², which keeps the subtraction well conditioned for N well below d.
             off_diag = torch.dot(gram_a.reshape(-1), gram_b.reshape(-1)) / (n * n) - _squared_norm(c_diag)
+            off_diag = off_diag.clamp_min(0)  # a sum of squares; rounding must not make it negative
             ctx.save_for_backward(z_a, z_b, mean_a, inv_std_a, mean_b, inv_std_b, c_diag, gram_a, gram_b)
         else:
             c = a.T @ b / n
@@ -180,7 +181,7 @@ class _VICRegFunction(torch.autograd.Function):
             if use_gram:
                 gram = x @ x.T
                 # rank(K) <= N keeps this difference well conditioned for N well below d
-                off = _squared_norm(gram) / ((n - 1) ** 2) - _squared_norm(var)
+                off = (_squared_norm(gram) / ((n - 1) ** 2) - _squared_norm(var)).clamp_min(0)
                 saved += [mean, var, std, gram]
             else:
                 k = x.T @ x / (n - 1)
