@@ -130,8 +130,8 @@ def test_dino_triton_non_finite_inputs_give_nan(device, bad, view):
 
 _MODULE = "fastssl.kernels.dino"
 _TABLES = {p: "*i64" for p in ["t_addresses_ptr", "t_row_strides_ptr", "s_addresses_ptr", "s_row_strides_ptr"]}
-_BF16 = {"T_DTYPE": "tl.bfloat16", "S_DTYPE": "tl.bfloat16"}
-_MIXED = {"T_DTYPE": "tl.float32", "S_DTYPE": "tl.float16"}
+_BF16 = {"T_DTYPE": "tl.bfloat16", "S_DTYPE": "tl.bfloat16", "T_ALIGN": 8, "S_ALIGN": 8, "K_ALIGN": 8}
+_MIXED = {"T_DTYPE": "tl.float32", "S_DTYPE": "tl.float16", "T_ALIGN": 4, "S_ALIGN": 1, "K_ALIGN": 1}
 
 
 @pytest.mark.slow
@@ -139,8 +139,9 @@ def test_dino_kernels_compile_for_sm90():
     """Compiled-mode check without a GPU (see test_sinkhorn_triton): both kernels, aligned and
     not, with one teacher view and one row specialized to constants, and a 64-bit view stride."""
     compile_for_sm90([
-        (_MODULE, "_dino_stats_kernel", _TABLES, {**_BF16, "ALIGNED": True, "WITH_COLSUM": True, "BLOCK_ROWS": 8, "BLOCK_K": 512, "n_teacher": 1, "n_rows": 1}, 4),
-        (_MODULE, "_dino_stats_kernel", _TABLES, {**_MIXED, "ALIGNED": False, "WITH_COLSUM": False, "BLOCK_ROWS": 2, "BLOCK_K": 16}, 4),
-        (_MODULE, "_dino_loss_grad_kernel", {**_TABLES, "grad_ptr": "*bf16", "grad_stride_view": "i64"}, {**_BF16, "ALIGNED": True, "COMPUTE_GRAD": True, "BLOCK_ROWS": 8, "BLOCK_K": 512, "n_teacher": 1, "n_rows": 1}, 4),
-        (_MODULE, "_dino_loss_grad_kernel", {**_TABLES, "grad_ptr": "*fp16"}, {**_MIXED, "ALIGNED": False, "COMPUTE_GRAD": False, "BLOCK_ROWS": 2, "BLOCK_K": 16}, 4),
+        (_MODULE, "_dino_stats_kernel", _TABLES, {**_BF16, "WITH_COLSUM": True, "BLOCK_ROWS": 8, "BLOCK_K": 512, "n_teacher": 1, "n_rows": 1}, 4),
+        (_MODULE, "_dino_stats_kernel", _TABLES, {**_MIXED, "WITH_COLSUM": False, "BLOCK_ROWS": 2, "BLOCK_K": 16}, 4),
+        (_MODULE, "_dino_loss_grad_kernel", {**_TABLES, "grad_ptr": "*bf16", "grad_stride_view": "i64"}, {**_BF16, "COMPUTE_GRAD": True, "BLOCK_ROWS": 8, "BLOCK_K": 512, "n_teacher": 1, "n_rows": 1}, 4),
+        (_MODULE, "_dino_loss_grad_kernel", {**_TABLES, "grad_ptr": "*fp16"}, {**_MIXED, "COMPUTE_GRAD": False, "BLOCK_ROWS": 2, "BLOCK_K": 16}, 4),
+        (_MODULE, "_dino_stats_kernel", _TABLES, {**_BF16, "WITH_COLSUM": True, "BLOCK_ROWS": 2, "BLOCK_K": 8, "k_units": 1}, 4),
     ])  # fmt: skip

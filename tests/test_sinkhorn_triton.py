@@ -164,7 +164,7 @@ def test_swav_triton_gradient_only_where_needed_and_no_grad_forward(device):
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_swav_triton_agrees_with_the_torch_backend_on_chunks_of_one_tensor(device):
-    # Crops that are chunks of one output tensor are read in place (no stacking copy).
+    # Crops that are chunks of one output tensor: views of one storage, read in place.
     scores = torch.randn(5 * 6, 11, device=device, requires_grad=True)
     crops = list(scores.chunk(5))
     values = [FS.swav_loss(crops[:2], crops[2:], backend=b) for b in ["triton", "torch"]]
@@ -173,21 +173,19 @@ def test_swav_triton_agrees_with_the_torch_backend_on_chunks_of_one_tensor(devic
     _assert_close(grads[0].cpu(), grads[1].cpu())
 
 
-def test_stack_views_reads_equally_spaced_chunks_in_place():
-    base = torch.randn(12, 5)
+def test_view_table_reads_views_in_place():
+    base = torch.randn(12, 32)
     chunks = list(base.chunk(3))
-    stacked = kernels.stack_views(chunks)
-    assert stacked.shape == (3, 4, 5) and stacked.data_ptr() == base.data_ptr()
-    assert torch.equal(stacked, torch.stack(chunks))
-    strided = list(torch.randn(12, 10)[:, ::2].chunk(3))
-    assert torch.equal(kernels.stack_views(strided), torch.stack(strided))
-    separate = [torch.randn(4, 5) for _ in range(3)]
-    copied = kernels.stack_views(separate)
-    assert torch.equal(copied, torch.stack(separate))
-    reversed_chunks = chunks[::-1]
-    assert torch.equal(kernels.stack_views(reversed_chunks), torch.stack(reversed_chunks))
-    assert kernels.stack_views([separate[0]]).shape == (1, 4, 5)
-
+    tensors, addresses, row_strides, aligned = kernels.view_table(chunks, torch.float32)
+    assert [t.data_ptr() for t in tensors] == [c.data_ptr() for c in chunks] == addresses.tolist()
+    assert row_strides.tolist() == [32, 32, 32] and addresses.dtype == torch.int64
+    assert aligned == (4 if all(c.data_ptr() % 16 == 0 for c in chunks) else 1)
+    # A strided K axis or another dtype is copied; an odd row stride clears the alignment flag.
+    strided = torch.randn(4, 10)[:, ::2]
+    tensors, addresses, row_strides, aligned = kernels.view_table([strided, chunks[0]], torch.bfloat16)
+    assert all(t.dtype == torch.bfloat16 and t.stride(1) == 1 for t in tensors)
+    assert torch.equal(tensors[0], strided.bfloat16())
+    assert row_strides.tolist() == [5, 32] and aligned == 1
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -263,13 +261,19 @@ def compile_for_sm90(specs) -> None:
 
 
 _MODULE = "fastssl.kernels.sinkhorn"
+_TABLE = {"addresses_ptr": "*i64", "row_strides_ptr": "*i64"}
+_BF16 = {"DTYPE": "tl.bfloat16", "ALIGN": 8, "K_ALIGN": 16}
+_FP16 = {"DTYPE": "tl.float16", "ALIGN": 1, "K_ALIGN": 1}
 SINKHORN_COMPILE_SPECS = [
-    (_MODULE, "_partial_lse_kernel", {"x_ptr": "*bf16"}, {"HAS_POTENTIAL": True, "BLOCK_KEEP": 128, "BLOCK_REDUCE": 32, "stride_keep": 1}, 4),
-    (_MODULE, "_partial_lse_kernel", {"stride_problem": "i64"}, {"HAS_POTENTIAL": False, "BLOCK_KEEP": 8, "BLOCK_REDUCE": 512, "stride_reduce": 1, "n_keep": 1}, 4),
-    (_MODULE, "_codes_kernel", {"x_ptr": "*bf16"}, {"BLOCK_ROWS": 8, "BLOCK_PROTO": 512, "stride_proto": 1, "n_problems": 1}, 4),
-    (_MODULE, "_sinkhorn_resident_kernel", {"x_ptr": "*fp16"}, {"BLOCK_SAMPLES": 128, "BLOCK_PROTO": 128, "stride_proto": 1, "iterations": 1}, 8),
-    (_MODULE, "_swav_ce_kernel", {"s_ptr": "*bf16", "grad_ptr": "*bf16"}, {"IS_HIGH": True, "COMPUTE_GRAD": True, "BLOCK_ROWS": 4, "BLOCK_PROTO": 1024, "stride_proto": 1, "n_rows": 1}, 4),
-    (_MODULE, "_swav_ce_kernel", {}, {"IS_HIGH": False, "COMPUTE_GRAD": False, "BLOCK_ROWS": 1, "BLOCK_PROTO": 16, "first_crop": 1}, 4),
+    (_MODULE, "_partial_lse_kernel", _TABLE, {**_BF16, "REDUCE_ROWS": True, "HAS_POTENTIAL": True, "BLOCK_KEEP": 128, "BLOCK_REDUCE": 32}, 4),
+    (_MODULE, "_partial_lse_kernel", _TABLE, {**_FP16, "REDUCE_ROWS": False, "HAS_POTENTIAL": False, "BLOCK_KEEP": 8, "BLOCK_REDUCE": 512, "n_rows": 1}, 4),
+    (_MODULE, "_codes_kernel", _TABLE, {**_BF16, "BLOCK_ROWS": 8, "BLOCK_PROTO": 512, "n_problems": 1}, 4),
+    (_MODULE, "_sinkhorn_resident_kernel", _TABLE, {**_FP16, "BLOCK_SAMPLES": 128, "BLOCK_PROTO": 128, "iterations": 1}, 8),
+    (_MODULE, "_swav_ce_kernel", {**_TABLE, "grad_ptr": "*bf16"}, {**_BF16, "COMPUTE_GRAD": True, "BLOCK_ROWS": 4, "BLOCK_PROTO": 1024, "n_rows": 1, "n_high": 1}, 4),
+    (_MODULE, "_swav_ce_kernel", _TABLE, {**_FP16, "COMPUTE_GRAD": False, "BLOCK_ROWS": 1, "BLOCK_PROTO": 16}, 4),
+    # K = 16: k_units = 1 arrives as a constant.
+    (_MODULE, "_partial_lse_kernel", _TABLE, {**_BF16, "REDUCE_ROWS": True, "HAS_POTENTIAL": False, "BLOCK_KEEP": 16, "BLOCK_REDUCE": 32, "k_units": 1}, 4),
+    (_MODULE, "_swav_ce_kernel", _TABLE, {**_BF16, "COMPUTE_GRAD": True, "BLOCK_ROWS": 4, "BLOCK_PROTO": 16, "k_units": 1}, 4),
 ]  # fmt: skip
 
 

@@ -44,14 +44,14 @@ shape T = 2, S = 12, B = 64, K = 65536, bf16, H100 at ~3 TB/s, ~60 TFLOP/s fp32,
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastssl.kernels.sinkhorn import _next_pow2, _target_programs
+from fastssl.kernels.sinkhorn import _TRITON_DTYPES, _next_pow2, _target_programs, k_align, view_base, view_table
 
 # Tile sizes (elements); tests shrink them to run multi-tile loops, masks and K splits on small
 # inputs.
@@ -64,15 +64,9 @@ _new_buffer = torch.empty
 
 
 @triton.jit
-def _view_rows(addresses_ptr, row_strides_ptr, view, rows64, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    """Pointers to the rows of view ``view`` (K contiguous): its address and row stride come
-    from the tables. ALIGNED (every address a multiple of 16 bytes, every row stride of 16
-    elements, checked by the launcher) lets the compiler vectorize the loads."""
-    base = tl.load(addresses_ptr + view).to(tl.pointer_type(DTYPE))
-    row_stride = tl.load(row_strides_ptr + view)
-    if ALIGNED:
-        base = tl.multiple_of(base, 16)
-        row_stride = tl.multiple_of(row_stride, 16)
+def _view_rows(addresses_ptr, row_strides_ptr, view, rows64, DTYPE: tl.constexpr, ALIGN: tl.constexpr):
+    """Pointers to the rows of view ``view`` of a :func:`~fastssl.kernels.sinkhorn.view_table`."""
+    base, row_stride = view_base(addresses_ptr, row_strides_ptr, view, DTYPE, ALIGN)
     return base + rows64[:, None] * row_stride
 
 
@@ -91,13 +85,15 @@ def _dino_stats_kernel(
     n_teacher,
     n_student,
     n_rows,
-    n_proto,
+    k_units,
     k_per_split,
     inv_teacher_temp,
     inv_student_temp,
     T_DTYPE: tl.constexpr,
     S_DTYPE: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    T_ALIGN: tl.constexpr,
+    S_ALIGN: tl.constexpr,
+    K_ALIGN: tl.constexpr,
     WITH_COLSUM: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -107,13 +103,16 @@ def _dino_stats_kernel(
     colsum[row block, k] = Σ_t Σ_rows t[row, k]."""
     pid_rows = tl.program_id(0)
     pid_split = tl.program_id(1)
+    # K = k_units·K_ALIGN: written as a product with a constant, the compiler knows that K-axis
+    # masks and row offsets are constant over K_ALIGN-wide groups and keeps 16-byte accesses.
+    n_proto = k_units * K_ALIGN
     n_splits = tl.num_programs(1)
     rows = pid_rows * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = rows < n_rows
     rows64 = rows.to(tl.int64)
     k_begin = pid_split * k_per_split
     for t in range(n_teacher):
-        view_rows = _view_rows(t_addresses_ptr, t_row_strides_ptr, t, rows64, T_DTYPE, ALIGNED)
+        view_rows = _view_rows(t_addresses_ptr, t_row_strides_ptr, t, rows64, T_DTYPE, T_ALIGN)
         run_max = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
         run_sum = tl.zeros([BLOCK_ROWS], tl.float32)
         for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
@@ -137,7 +136,7 @@ def _dino_stats_kernel(
         tl.store(t_max_ptr + out, run_max, mask=row_mask)
         tl.store(t_sum_ptr + out, run_sum, mask=row_mask)
     for s in range(n_student):
-        view_rows = _view_rows(s_addresses_ptr, s_row_strides_ptr, s, rows64, S_DTYPE, ALIGNED)
+        view_rows = _view_rows(s_addresses_ptr, s_row_strides_ptr, s, rows64, S_DTYPE, S_ALIGN)
         run_max = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
         run_sum = tl.zeros([BLOCK_ROWS], tl.float32)
         for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
@@ -169,14 +168,16 @@ def _dino_loss_grad_kernel(
     n_teacher,
     n_student,
     n_rows,
-    n_proto,
+    k_units,
     k_per_split,
     inv_teacher_temp,
     inv_student_temp,
     grad_scale,
     T_DTYPE: tl.constexpr,
     S_DTYPE: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    T_ALIGN: tl.constexpr,
+    S_ALIGN: tl.constexpr,
+    K_ALIGN: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -185,6 +186,9 @@ def _dino_loss_grad_kernel(
     grad[s] = (m_s P_s − Q_s)·grad_scale over the chunk (grad contiguous (S, B, K))."""
     pid_rows = tl.program_id(0)
     pid_split = tl.program_id(1)
+    # K = k_units·K_ALIGN: written as a product with a constant, the compiler knows that K-axis
+    # masks and row offsets are constant over K_ALIGN-wide groups and keeps 16-byte accesses.
+    n_proto = k_units * K_ALIGN
     rows = pid_rows * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = rows < n_rows
     rows64 = rows.to(tl.int64)
@@ -201,14 +205,14 @@ def _dino_loss_grad_kernel(
         center = tl.load(center_ptr + cols, mask=col_mask, other=0.0)
         prob_sum = tl.zeros([BLOCK_ROWS, BLOCK_K], tl.float32)
         for t in range(n_teacher):
-            view_rows = _view_rows(t_addresses_ptr, t_row_strides_ptr, t, rows64, T_DTYPE, ALIGNED)
+            view_rows = _view_rows(t_addresses_ptr, t_row_strides_ptr, t, rows64, T_DTYPE, T_ALIGN)
             raw = tl.load(view_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             lse = tl.load(t_lse_ptr + t * n_rows + rows, mask=row_mask, other=0.0)
             # Padding lanes: exp(-inf) = 0 (an unmasked exponent could overflow there).
             prob_sum += tl.exp(tl.where(mask, (raw - center[None, :]) * inv_teacher_temp - lse[:, None], float("-inf")))
         out_ptr = grad_rows + cols[None, :]
         for s in range(n_student):
-            view_rows = _view_rows(s_addresses_ptr, s_row_strides_ptr, s, rows64, S_DTYPE, ALIGNED)
+            view_rows = _view_rows(s_addresses_ptr, s_row_strides_ptr, s, rows64, S_DTYPE, S_ALIGN)
             raw = tl.load(view_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             lse = tl.load(s_lse_ptr + s * n_rows + rows, mask=row_mask, other=0.0)
             # Padding lanes: log_p = 0 and target = 0, so they add nothing and exp stays finite.
@@ -218,7 +222,7 @@ def _dino_loss_grad_kernel(
             target = prob_sum
             if s < n_teacher:
                 # The same-index teacher is excluded: subtract its P (tile reloaded, from cache).
-                same_rows = _view_rows(t_addresses_ptr, t_row_strides_ptr, s, rows64, T_DTYPE, ALIGNED)
+                same_rows = _view_rows(t_addresses_ptr, t_row_strides_ptr, s, rows64, T_DTYPE, T_ALIGN)
                 same = tl.load(same_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
                 same_lse = tl.load(t_lse_ptr + s * n_rows + rows, mask=row_mask, other=0.0)
                 target = prob_sum - tl.exp(
@@ -231,32 +235,6 @@ def _dino_loss_grad_kernel(
             out_ptr += grad_stride_view
     total = tl.sum(tl.sum(acc, axis=1), axis=0)
     tl.store(loss_partial_ptr + pid_rows * tl.num_programs(1) + pid_split, -total)
-
-
-_TRITON_DTYPES = {
-    torch.float16: tl.float16,
-    torch.bfloat16: tl.bfloat16,
-    torch.float32: tl.float32,
-    torch.float64: tl.float64,
-}
-
-
-def _view_table(views: Sequence[Tensor], dtype: torch.dtype) -> Tuple[List[Tensor], Tensor, Tensor, bool]:
-    """The views as the kernels read them -- in place unless their dtype differs or K is not
-    contiguous -- with (V,) int64 tables of their addresses and row strides, and whether every
-    address and row stride allows 16-byte vector loads. The returned tensors must outlive the
-    launches."""
-    kept = []
-    for v in views:
-        v = v.detach().to(dtype)
-        if v.shape[1] > 1 and v.stride(1) != 1:
-            v = v.contiguous()
-        kept.append(v)
-    device = kept[0].device
-    addresses = torch.tensor([v.data_ptr() for v in kept], dtype=torch.int64, device=device)
-    row_strides = torch.tensor([v.stride(0) for v in kept], dtype=torch.int64, device=device)
-    aligned = all(v.data_ptr() % 16 == 0 and v.stride(0) % 16 == 0 for v in kept)
-    return kept, addresses, row_strides, aligned
 
 
 def _combine_partials(run_max: Tensor, run_sum: Tensor) -> Tensor:
@@ -283,8 +261,8 @@ class _DinoTritonFunction(torch.autograd.Function):
         input_dtypes = [v.dtype for v in views[n_teacher:]]
         teacher_dtype = _common_dtype(views[:n_teacher])
         student_dtype = _common_dtype(views[n_teacher:])
-        teacher, t_addresses, t_row_strides, t_aligned = _view_table(views[:n_teacher], teacher_dtype)
-        student, s_addresses, s_row_strides, s_aligned = _view_table(views[n_teacher:], student_dtype)
+        teacher, t_addresses, t_row_strides, t_align = view_table(views[:n_teacher], teacher_dtype)
+        student, s_addresses, s_row_strides, s_align = view_table(views[n_teacher:], student_dtype)
         n_student = len(student)
         n_rows, n_proto = student[0].shape
         device = student[0].device
@@ -301,7 +279,7 @@ class _DinoTritonFunction(torch.autograd.Function):
         grid = (row_blocks, splits)
         tables = (t_addresses, t_row_strides, s_addresses, s_row_strides, center)
         dtypes = dict(T_DTYPE=_TRITON_DTYPES[teacher_dtype], S_DTYPE=_TRITON_DTYPES[student_dtype],
-                      ALIGNED=t_aligned and s_aligned)  # fmt: skip
+                      T_ALIGN=t_align, S_ALIGN=s_align, K_ALIGN=k_align(n_proto))  # fmt: skip
 
         t_max = _new_buffer((n_teacher, splits, n_rows), dtype=torch.float32, device=device)
         t_sum = _new_buffer((n_teacher, splits, n_rows), dtype=torch.float32, device=device)
@@ -310,7 +288,7 @@ class _DinoTritonFunction(torch.autograd.Function):
         colsum = _new_buffer((row_blocks, n_proto), dtype=torch.float32, device=device) if with_colsum else t_max
         _dino_stats_kernel[grid](
             *tables, t_max, t_sum, s_max, s_sum, colsum,
-            n_teacher, n_student, n_rows, n_proto, k_per_split,
+            n_teacher, n_student, n_rows, n_proto // k_align(n_proto), k_per_split,
             1.0 / teacher_temp, 1.0 / student_temp,
             **dtypes, WITH_COLSUM=with_colsum, BLOCK_ROWS=block_rows, BLOCK_K=block_k,
         )  # fmt: skip
@@ -322,7 +300,7 @@ class _DinoTritonFunction(torch.autograd.Function):
         loss_partial = _new_buffer((row_blocks * splits,), dtype=torch.float32, device=device)
         _dino_loss_grad_kernel[grid](
             *tables, t_lse, s_lse, grads, n_rows * n_proto, loss_partial,
-            n_teacher, n_student, n_rows, n_proto, k_per_split,
+            n_teacher, n_student, n_rows, n_proto // k_align(n_proto), k_per_split,
             1.0 / teacher_temp, 1.0 / student_temp, 1.0 / (student_temp * n_terms * n_rows),
             **dtypes, COMPUTE_GRAD=compute_grad, BLOCK_ROWS=block_rows, BLOCK_K=block_k,
         )  # fmt: skip

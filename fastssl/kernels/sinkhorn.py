@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 import functools
-from typing import Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -98,27 +98,42 @@ def _tile(n_contiguous: int, n_other: int) -> Tuple[int, int]:
     return block_contiguous, block_other
 
 
-def stack_views(tensors: Sequence[Tensor]) -> Tensor:
-    """A (V, B, K) tensor holding the V equally shaped (B, K) ``tensors``, without a copy when
-    they are equally spaced views of one storage (e.g. ``list(x.chunk(V))``), else stacked.
-    Read-only use: the result may alias the inputs."""
-    first = tensors[0]
-    if len(tensors) == 1:
-        return first.unsqueeze(0)
-    step = tensors[1].storage_offset() - first.storage_offset()
-    same_layout = all(
-        t.dtype == first.dtype
-        and t.device == first.device
-        and t.shape == first.shape
-        and t.stride() == first.stride()
-        and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
-        and t.storage_offset() - first.storage_offset() == i * step
-        for i, t in enumerate(tensors)
-    )
-    if same_layout and step >= 0:  # as_strided takes no negative stride
-        shape = (len(tensors),) + tuple(first.shape)
-        return first.as_strided(shape, (step,) + first.stride(), first.storage_offset())
-    return torch.stack(list(tensors))
+_TRITON_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+
+
+def k_align(n_proto: int) -> int:
+    """The largest power of two up to 16 that divides K (a compiler hint for K-axis masks)."""
+    return math.gcd(n_proto, 16)
+
+
+def view_table(views: Sequence[Tensor], dtype: torch.dtype) -> Tuple[List[Tensor], Tensor, Tensor, int]:
+    """Equally shaped (rows, K) tensors as the kernels read them: in place, through (V,) int64
+    tables of their addresses and row strides, instead of a stacked (V, rows, K) copy. A view is
+    copied only when its dtype differs from ``dtype`` or its K axis is strided.
+
+    Returns:
+        the tensors read (they must outlive the launches), the address table, the row-stride
+        table, and the alignment the kernels may promise the compiler: the elements per 16
+        bytes when every address is 16-byte aligned and every row stride a multiple of that
+        (16-byte vector loads), else 1.
+    """
+    kept = []
+    for v in views:
+        v = v.detach().to(dtype)
+        if v.shape[1] > 1 and v.stride(1) != 1:
+            v = v.contiguous()
+        kept.append(v)
+    device = kept[0].device
+    addresses = torch.tensor([v.data_ptr() for v in kept], dtype=torch.int64, device=device)
+    row_strides = torch.tensor([v.stride(0) for v in kept], dtype=torch.int64, device=device)
+    vector = max(1, 16 // kept[0].element_size())
+    aligned = all(v.data_ptr() % 16 == 0 and v.stride(0) % vector == 0 for v in kept)
+    return kept, addresses, row_strides, vector if aligned else 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,33 +142,56 @@ def stack_views(tensors: Sequence[Tensor]) -> Tensor:
 
 
 @triton.jit
+def view_base(addresses_ptr, row_strides_ptr, view, DTYPE: tl.constexpr, ALIGN: tl.constexpr):
+    """(pointer to element [0, 0], row stride) of view ``view`` of a :func:`view_table`. With
+    ALIGN > 1 (checked by :func:`view_table`) the compiler may use 16-byte vector loads."""
+    base = tl.load(addresses_ptr + view).to(tl.pointer_type(DTYPE))
+    row_stride = tl.load(row_strides_ptr + view)
+    if ALIGN > 1:
+        base = tl.multiple_of(base, 16)
+        row_stride = tl.multiple_of(row_stride, ALIGN)
+    return base, row_stride
+
+
+@triton.jit
 def _partial_lse_kernel(
-    x_ptr,
+    addresses_ptr,
+    row_strides_ptr,
     potential_ptr,
     max_out_ptr,
     sum_out_ptr,
-    n_keep,
-    n_reduce,
+    n_rows,
+    k_units,
     reduce_per_split,
-    stride_problem,
-    stride_keep,
-    stride_reduce,
     potential_stride_problem,
     out_stride_problem,
     out_stride_split,
     scale,
+    DTYPE: tl.constexpr,
+    ALIGN: tl.constexpr,
+    K_ALIGN: tl.constexpr,
+    REDUCE_ROWS: tl.constexpr,
     HAS_POTENTIAL: tl.constexpr,
     BLOCK_KEEP: tl.constexpr,
     BLOCK_REDUCE: tl.constexpr,
 ):
-    """For each kept index j, over one split of the reduced index i:
-    m_j = max_i y_ij and s_j = Σ_i exp(y_ij − m_j), y_ij = scale·x_ij − potential_i."""
+    """For each kept index j, over one split of the reduced index i of problem program_id(2):
+    m_j = max_i y_ij and s_j = Σ_i exp(y_ij − m_j), y_ij = scale·x_ij − potential_i. REDUCE_ROWS:
+    reduce over samples, keep prototypes; else reduce over prototypes, keep samples."""
     pid_keep = tl.program_id(0)
     pid_split = tl.program_id(1)
     pid_problem = tl.program_id(2)
+    # K = k_units·K_ALIGN: written as a product with a constant, the compiler knows that K-axis
+    # masks are constant over K_ALIGN-wide groups and keeps 16-byte loads.
+    if REDUCE_ROWS:
+        n_keep = k_units * K_ALIGN
+        n_reduce = n_rows
+    else:
+        n_keep = n_rows
+        n_reduce = k_units * K_ALIGN
+    base, row_stride = view_base(addresses_ptr, row_strides_ptr, pid_problem, DTYPE, ALIGN)
     keep = pid_keep * BLOCK_KEEP + tl.arange(0, BLOCK_KEEP)
     keep_mask = keep < n_keep
-    row_ptr = x_ptr + pid_problem.to(tl.int64) * stride_problem + keep.to(tl.int64)[:, None] * stride_keep
     run_max = tl.full([BLOCK_KEEP], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_KEEP], tl.float32)
     reduce_begin = pid_split * reduce_per_split
@@ -161,8 +199,11 @@ def _partial_lse_kernel(
         red = r0 + tl.arange(0, BLOCK_REDUCE)
         red_mask = red < n_reduce
         mask = keep_mask[:, None] & red_mask[None, :]
-        x = tl.load(row_ptr + red.to(tl.int64)[None, :] * stride_reduce, mask=mask, other=0.0).to(tl.float32)
-        y = x * scale
+        if REDUCE_ROWS:
+            ptrs = base + red.to(tl.int64)[None, :] * row_stride + keep[:, None]
+        else:
+            ptrs = base + keep.to(tl.int64)[:, None] * row_stride + red[None, :]
+        y = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * scale
         if HAS_POTENTIAL:
             pot = tl.load(potential_ptr + pid_problem * potential_stride_problem + red, mask=red_mask, other=0.0)
             y = y - pot[None, :]
@@ -179,71 +220,76 @@ def _partial_lse_kernel(
 
 @triton.jit
 def _codes_kernel(
-    x_ptr,
+    addresses_ptr,
+    row_strides_ptr,
     prototype_potential_ptr,
     sample_potential_ptr,
     out_ptr,
     n_problems,
     n_rows,
-    n_proto,
-    stride_problem,
-    stride_row,
-    stride_proto,
+    k_units,
     prototype_stride_problem,
     sample_stride_problem,
-    out_stride_row,
     scale,
+    DTYPE: tl.constexpr,
+    ALIGN: tl.constexpr,
+    K_ALIGN: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_PROTO: tl.constexpr,
 ):
-    """out[b, k] = Σ_h exp(scale·x[h, b, k] − a[h, k] − c[h, b]): the codes summed over problems."""
+    """out[b, k] = Σ_h exp(scale·x_h[b, k] − a[h, k] − c[h, b]): the codes summed over problems
+    (out contiguous)."""
+    # K = k_units·K_ALIGN: written as a product with a constant, the compiler knows that K-axis
+    # masks and row offsets are constant over K_ALIGN-wide groups and keeps 16-byte accesses.
+    n_proto = k_units * K_ALIGN
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.program_id(1) * BLOCK_PROTO + tl.arange(0, BLOCK_PROTO)
     row_mask = rows < n_rows
     col_mask = cols < n_proto
     mask = row_mask[:, None] & col_mask[None, :]
-    # The problem pointer advances by its stride (64-bit pointer arithmetic; problem index x
-    # stride could overflow int32).
-    problem_ptr = x_ptr + rows.to(tl.int64)[:, None] * stride_row + cols.to(tl.int64)[None, :] * stride_proto
     acc = tl.zeros([BLOCK_ROWS, BLOCK_PROTO], tl.float32)
     for h in range(n_problems):
-        x = tl.load(problem_ptr, mask=mask, other=0.0).to(tl.float32)
+        base, row_stride = view_base(addresses_ptr, row_strides_ptr, h, DTYPE, ALIGN)
+        x = tl.load(base + rows.to(tl.int64)[:, None] * row_stride + cols[None, :], mask=mask, other=0.0)
         a = tl.load(prototype_potential_ptr + h * prototype_stride_problem + cols, mask=col_mask, other=0.0)
         c = tl.load(sample_potential_ptr + h * sample_stride_problem + rows, mask=row_mask, other=0.0)
         # Padding lanes get exp(-inf) = 0 rather than an overflowing exp of a stray potential.
-        acc += tl.exp(tl.where(mask, x * scale - a[None, :] - c[:, None], float("-inf")))
-        problem_ptr += stride_problem
-    out = rows.to(tl.int64)[:, None] * out_stride_row + cols[None, :]
+        acc += tl.exp(tl.where(mask, x.to(tl.float32) * scale - a[None, :] - c[:, None], float("-inf")))
+    out = rows.to(tl.int64)[:, None] * n_proto + cols[None, :]
     tl.store(out_ptr + out, acc, mask=mask)
 
 
 @triton.jit
 def _sinkhorn_resident_kernel(
-    x_ptr,
+    addresses_ptr,
+    row_strides_ptr,
     prototype_potential_ptr,
     sample_potential_ptr,
     n_samples,
-    n_proto,
+    k_units,
     rows_out,
-    stride_problem,
-    stride_row,
-    stride_proto,
     scale,
     iterations,
+    DTYPE: tl.constexpr,
+    ALIGN: tl.constexpr,
+    K_ALIGN: tl.constexpr,
     BLOCK_SAMPLES: tl.constexpr,
     BLOCK_PROTO: tl.constexpr,
 ):
     """All iterations of one Sinkhorn problem whose (N, K) matrix fits one tile: the matrix is
     read once and stays in registers; writes a (K,) and the final c (rows_out,)."""
     pid = tl.program_id(0)
+    # K = k_units·K_ALIGN: written as a product with a constant, the compiler knows that K-axis
+    # masks and row offsets are constant over K_ALIGN-wide groups and keeps 16-byte accesses.
+    n_proto = k_units * K_ALIGN
+    base, row_stride = view_base(addresses_ptr, row_strides_ptr, pid, DTYPE, ALIGN)
     rows = tl.arange(0, BLOCK_SAMPLES)
     cols = tl.arange(0, BLOCK_PROTO)
     row_mask = rows < n_samples
     col_mask = cols < n_proto
     mask = row_mask[:, None] & col_mask[None, :]
-    offsets = rows.to(tl.int64)[:, None] * stride_row + cols.to(tl.int64)[None, :] * stride_proto
-    x = tl.load(x_ptr + pid.to(tl.int64) * stride_problem + offsets, mask=mask, other=0.0).to(tl.float32)
-    logits = x * scale
+    x = tl.load(base + rows.to(tl.int64)[:, None] * row_stride + cols[None, :], mask=mask, other=0.0)
+    logits = x.to(tl.float32) * scale
     sample_potential = tl.zeros([BLOCK_SAMPLES], tl.float32)
     prototype_potential = tl.zeros([BLOCK_PROTO], tl.float32)
     for _ in range(iterations):
@@ -265,68 +311,71 @@ def _sinkhorn_resident_kernel(
 
 @triton.jit
 def _swav_ce_kernel(
-    s_ptr,
-    stride_crop,
-    stride_row,
-    stride_proto,
+    addresses_ptr,
+    row_strides_ptr,
     targets_ptr,
     prototype_potential_ptr,
     sample_potential_ptr,
     weight_ptr,
     grad_ptr,
     loss_partial_ptr,
-    first_crop,
+    n_high,
     n_rows,
-    n_proto,
+    k_units,
     inv_temperature,
     inv_epsilon,
     grad_scale,
-    IS_HIGH: tl.constexpr,
+    DTYPE: tl.constexpr,
+    ALIGN: tl.constexpr,
+    K_ALIGN: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_PROTO: tl.constexpr,
 ):
-    """Crop v = first_crop + program_id(1), rows of program_id(0):
+    """Crop v = program_id(1), rows of program_id(0):
     loss_partial[v, pid] = −Σ_b Σ_k T[b, k] (x − lse), grad[v] = (w p − T)·grad_scale, with
-    T = targets − (the crop's own codes, recomputed from its scores, if IS_HIGH).
-    Buffers indexed by v (weights (V, B), grad (V, B, K), loss partials) are contiguous."""
+    T = targets − (the crop's own codes, recomputed from its scores, if v < n_high).
+    Weights (V, B), potentials (H, K) and (H, B), grad (V, B, K) are contiguous."""
     pid = tl.program_id(0)
-    crop = tl.program_id(1)
-    v = first_crop + crop
+    v = tl.program_id(1)
+    # K = k_units·K_ALIGN: written as a product with a constant, the compiler knows that K-axis
+    # masks and row offsets are constant over K_ALIGN-wide groups and keeps 16-byte accesses.
+    n_proto = k_units * K_ALIGN
+    base, row_stride = view_base(addresses_ptr, row_strides_ptr, v, DTYPE, ALIGN)
     rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = rows < n_rows
-    row_ptr = s_ptr + crop.to(tl.int64) * stride_crop + rows.to(tl.int64)[:, None] * stride_row
+    rows64 = rows.to(tl.int64)
+    row_ptr = base + rows64[:, None] * row_stride
     # Sweep 1: lse of x = s/τ per row, online and max-shifted.
     run_max = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_ROWS], tl.float32)
     for k0 in range(0, n_proto, BLOCK_PROTO):
         cols = k0 + tl.arange(0, BLOCK_PROTO)
         mask = row_mask[:, None] & (cols < n_proto)[None, :]
-        s = tl.load(row_ptr + cols.to(tl.int64)[None, :] * stride_proto, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(row_ptr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         x = tl.where(mask, s * inv_temperature, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(x, axis=1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
         run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
         run_max = new_max
     lse = tl.where(row_mask, run_max + tl.log(tl.where(row_mask, run_sum, 1.0)), 0.0)
-    weight = tl.load(weight_ptr + v.to(tl.int64) * n_rows + rows, mask=row_mask, other=0.0)
-    if IS_HIGH:
-        own_c = tl.load(sample_potential_ptr + crop * n_rows + rows, mask=row_mask, other=0.0)
+    weight = tl.load(weight_ptr + v * n_rows + rows, mask=row_mask, other=0.0)
+    is_high = v < n_high
+    # Used only when is_high; the index is clamped so that the load stays inside (H, B).
+    own_c = tl.load(sample_potential_ptr + tl.minimum(v, n_high - 1) * n_rows + rows, mask=row_mask, other=0.0)
     # Sweep 2: loss terms and gradient.
-    grad_row = grad_ptr + v.to(tl.int64) * n_rows * n_proto + rows.to(tl.int64)[:, None] * n_proto
+    grad_row = grad_ptr + v.to(tl.int64) * n_rows * n_proto + rows64[:, None] * n_proto
     acc = tl.zeros([BLOCK_ROWS, BLOCK_PROTO], tl.float32)
     for k0 in range(0, n_proto, BLOCK_PROTO):
         cols = k0 + tl.arange(0, BLOCK_PROTO)
         col_mask = cols < n_proto
         mask = row_mask[:, None] & col_mask[None, :]
-        s = tl.load(row_ptr + cols.to(tl.int64)[None, :] * stride_proto, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(row_ptr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         # Padding lanes: log_p = 0 and target = 0, so they add nothing and exp stays finite.
         log_p = tl.where(mask, s * inv_temperature - lse[:, None], 0.0)
-        target = tl.load(
-            targets_ptr + rows.to(tl.int64)[:, None] * n_proto + cols[None, :], mask=mask, other=0.0
-        )
-        if IS_HIGH:
-            own_a = tl.load(prototype_potential_ptr + crop * n_proto + cols, mask=col_mask, other=0.0)
+        target = tl.load(targets_ptr + rows64[:, None] * n_proto + cols[None, :], mask=mask, other=0.0)
+        if is_high:
+            own_a = tl.load(prototype_potential_ptr + v * n_proto + cols, mask=col_mask, other=0.0)
             own_log_q = tl.where(mask, s * inv_epsilon - own_a[None, :] - own_c[:, None], float("-inf"))
             target = target - tl.exp(own_log_q)
         acc += target * log_p
@@ -349,46 +398,67 @@ def _combine_partials(run_max: Tensor, run_sum: Tensor) -> Tensor:
     return shift.squeeze(1) + torch.log(total)
 
 
-def _logsumexp(x: Tensor, reduce_dim: int, potential: Optional[Tensor], scale: float, n_rows: int) -> Tensor:
-    """LSE of ``scale·x − potential`` over one axis of the (P, N, K) problems ``x``.
+class _Problems(NamedTuple):
+    """H Sinkhorn problems, (N, K) score matrices read through a :func:`view_table`."""
+
+    tensors: List[Tensor]
+    addresses: Tensor
+    row_strides: Tensor
+    align: int
+    dtype: torch.dtype
+
+    @staticmethod
+    def of(matrices: Sequence[Tensor], dtype: torch.dtype) -> "_Problems":
+        return _Problems(*view_table(matrices, dtype), dtype)
+
+    def launch_args(self) -> dict:
+        return dict(DTYPE=_TRITON_DTYPES[self.dtype], ALIGN=self.align, K_ALIGN=k_align(self.tensors[0].shape[1]))
+
+
+def _logsumexp(
+    problems: _Problems, reduce_rows: bool, potential: Optional[Tensor], scale: float, n_rows: int
+) -> Tensor:
+    """LSE of ``scale·x − potential`` over one axis of every problem.
 
     Args:
-        reduce_dim: 1 reduces over samples (returns (P, K)); 2 reduces over prototypes
-            (returns (P, n_rows)).
-        potential: (P, extent of the reduced axis) float32 contiguous, subtracted along it.
+        reduce_rows: True reduces over samples (returns (H, K)); False reduces over prototypes
+            (returns (H, n_rows)).
+        potential: (H, extent of the reduced axis) float32 contiguous, subtracted along it.
         n_rows: samples used (the first ``n_rows`` of N).
     """
-    n_problems, _, n_proto = x.shape
-    if reduce_dim == 1:
-        n_keep, n_reduce, stride_keep, stride_reduce = n_proto, n_rows, x.stride(2), x.stride(1)
-        block_keep, block_reduce = _tile(n_keep, n_reduce)
+    n_problems = len(problems.tensors)
+    n_proto = problems.tensors[0].shape[1]
+    device = problems.addresses.device
+    if reduce_rows:
+        n_keep, n_reduce = n_proto, n_rows
+        block_keep, block_reduce = _tile(n_proto, n_rows)
     else:
-        n_keep, n_reduce, stride_keep, stride_reduce = n_rows, n_proto, x.stride(1), x.stride(2)
-        block_reduce, block_keep = _tile(n_reduce, n_keep)
+        n_keep, n_reduce = n_rows, n_proto
+        block_reduce, block_keep = _tile(n_proto, n_rows)
     keep_blocks = triton.cdiv(n_keep, block_keep)
     reduce_blocks = triton.cdiv(n_reduce, block_reduce)
-    want = max(1, _target_programs(x.device) // (keep_blocks * n_problems))
+    want = max(1, _target_programs(device) // (keep_blocks * n_problems))
     splits = max(1, min(reduce_blocks, want, 65535))
     reduce_per_split = triton.cdiv(reduce_blocks, splits) * block_reduce
     splits = triton.cdiv(n_reduce, reduce_per_split)  # every split holds at least one element
-    run_max = _new_buffer((n_problems, splits, n_keep), dtype=torch.float32, device=x.device)
-    run_sum = _new_buffer((n_problems, splits, n_keep), dtype=torch.float32, device=x.device)
+    run_max = _new_buffer((n_problems, splits, n_keep), dtype=torch.float32, device=device)
+    run_sum = _new_buffer((n_problems, splits, n_keep), dtype=torch.float32, device=device)
     has_potential = potential is not None
     _partial_lse_kernel[(keep_blocks, splits, n_problems)](
-        x,
+        problems.addresses,
+        problems.row_strides,
         potential if has_potential else run_max,
         run_max,
         run_sum,
-        n_keep,
-        n_reduce,
+        n_rows,
+        n_proto // k_align(n_proto),
         reduce_per_split,
-        x.stride(0),
-        stride_keep,
-        stride_reduce,
         potential.stride(0) if has_potential else 0,
         splits * n_keep,
         n_keep,
         scale,
+        **problems.launch_args(),
+        REDUCE_ROWS=reduce_rows,
         HAS_POTENTIAL=has_potential,
         BLOCK_KEEP=block_keep,
         BLOCK_REDUCE=block_reduce,
@@ -397,12 +467,12 @@ def _logsumexp(x: Tensor, reduce_dim: int, potential: Optional[Tensor], scale: f
 
 
 def _sinkhorn_potentials(
-    x: Tensor, rows_out: int, iterations: int, epsilon: float, gather_distributed: bool
+    problems: _Problems, rows_out: int, iterations: int, epsilon: float, gather_distributed: bool
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Potentials of the codes q[h, b, k] = exp(x[h, b, k]/ε − a[h, k] − c[h, b]).
+    """Potentials of the codes q[h, b, k] = exp(x_h[b, k]/ε − a[h, k] − c[h, b]).
 
     Args:
-        x: (H, N, K) scores, any strides, any float dtype.
+        problems: H (N, K) score matrices.
         rows_out: the codes are wanted for the first ``rows_out`` samples.
     Returns:
         a (H, K), c (H, rows_out) and the codes' row sums (H, rows_out), all float32
@@ -410,35 +480,36 @@ def _sinkhorn_potentials(
     """
     scale = 1.0 / epsilon
     distributed_on = gather_distributed and distributed.is_distributed()
-    n_problems, n_samples, n_proto = x.shape
+    n_problems = len(problems.tensors)
+    n_samples, n_proto = problems.tensors[0].shape
+    device = problems.addresses.device
     if iterations == 0:
         # q = N_global·exp(L − LSE_{b,k} L): lightly's division by the global sum, times B.
-        row_lse = _logsumexp(x, 2, None, scale, n_samples)  # (H, N)
+        row_lse = _logsumexp(problems, False, None, scale, n_samples)  # (H, N)
         log_total = torch.logsumexp(row_lse, dim=1, keepdim=True)
         if distributed_on:
             log_total = all_reduce_logsumexp(log_total)
         n_global = n_samples * (distributed.world_size() if distributed_on else 1)
         sample_potential = (log_total - math.log(n_global)).expand(n_problems, rows_out).contiguous()
-        prototype_potential = torch.zeros(n_problems, n_proto, dtype=torch.float32, device=x.device)
+        prototype_potential = torch.zeros(n_problems, n_proto, dtype=torch.float32, device=device)
         row_sums = torch.exp(row_lse[:, :rows_out] - sample_potential)
         return prototype_potential, sample_potential, row_sums
-    row_sums = torch.ones(n_problems, rows_out, dtype=torch.float32, device=x.device)
+    row_sums = torch.ones(n_problems, rows_out, dtype=torch.float32, device=device)
     block_samples, block_proto = _next_pow2(n_samples), _next_pow2(n_proto)
     if not distributed_on and block_samples * block_proto <= _RESIDENT_ELEMENTS:
-        prototype_potential = _new_buffer((n_problems, n_proto), dtype=torch.float32, device=x.device)
-        sample_potential = _new_buffer((n_problems, rows_out), dtype=torch.float32, device=x.device)
+        prototype_potential = _new_buffer((n_problems, n_proto), dtype=torch.float32, device=device)
+        sample_potential = _new_buffer((n_problems, rows_out), dtype=torch.float32, device=device)
         _sinkhorn_resident_kernel[(n_problems,)](
-            x,
+            problems.addresses,
+            problems.row_strides,
             prototype_potential,
             sample_potential,
             n_samples,
-            n_proto,
+            n_proto // k_align(n_proto),
             rows_out,
-            x.stride(0),
-            x.stride(1),
-            x.stride(2),
             scale,
             iterations,
+            **problems.launch_args(),
             BLOCK_SAMPLES=block_samples,
             BLOCK_PROTO=block_proto,
             num_warps=8,
@@ -446,39 +517,38 @@ def _sinkhorn_potentials(
         return prototype_potential, sample_potential, row_sums
     sample_potential: Optional[Tensor] = None  # c = 0: the global normalization cancels
     for it in range(iterations):
-        prototype_potential = _logsumexp(x, 1, sample_potential, scale, n_samples)
+        prototype_potential = _logsumexp(problems, True, sample_potential, scale, n_samples)
         if distributed_on:
             prototype_potential = all_reduce_logsumexp(prototype_potential)
         if it + 1 < iterations:
-            sample_potential = _logsumexp(x, 2, prototype_potential, scale, n_samples)
+            sample_potential = _logsumexp(problems, False, prototype_potential, scale, n_samples)
     # The last column normalization, needed for the codes' rows only.
-    sample_potential = _logsumexp(x, 2, prototype_potential, scale, rows_out)
+    sample_potential = _logsumexp(problems, False, prototype_potential, scale, rows_out)
     return prototype_potential.contiguous(), sample_potential.contiguous(), row_sums
 
 
 def _sum_of_codes(
-    x: Tensor, rows_out: int, prototype_potential: Tensor, sample_potential: Tensor, epsilon: float
+    problems: _Problems, rows_out: int, prototype_potential: Tensor, sample_potential: Tensor, epsilon: float
 ) -> Tensor:
     """Σ_h q[h] over the first ``rows_out`` samples: (rows_out, K) float32."""
-    n_problems, _, n_proto = x.shape
-    out = _new_buffer((rows_out, n_proto), dtype=torch.float32, device=x.device)
+    n_proto = problems.tensors[0].shape[1]
+    device = problems.addresses.device
+    out = _new_buffer((rows_out, n_proto), dtype=torch.float32, device=device)
     block_proto, block_rows = _tile(n_proto, rows_out)
     grid = (triton.cdiv(rows_out, block_rows), triton.cdiv(n_proto, block_proto))
     _codes_kernel[grid](
-        x,
+        problems.addresses,
+        problems.row_strides,
         prototype_potential,
         sample_potential,
         out,
-        n_problems,
+        len(problems.tensors),
         rows_out,
-        n_proto,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
+        n_proto // k_align(n_proto),
         prototype_potential.stride(0),
         sample_potential.stride(0),
-        out.stride(0),
         1.0 / epsilon,
+        **problems.launch_args(),
         BLOCK_ROWS=block_rows,
         BLOCK_PROTO=block_proto,
     )
@@ -494,10 +564,12 @@ def sinkhorn_triton(scores: Tensor, iterations: int, epsilon: float, gather_dist
     Returns:
         (B, K) float32 codes.
     """
-    x = scores.detach().unsqueeze(0)
+    problems = _Problems.of([scores], scores.dtype)
     rows = scores.shape[0]
-    prototype_potential, sample_potential, _ = _sinkhorn_potentials(x, rows, iterations, epsilon, gather_distributed)
-    return _sum_of_codes(x, rows, prototype_potential, sample_potential, epsilon)
+    prototype_potential, sample_potential, _ = _sinkhorn_potentials(
+        problems, rows, iterations, epsilon, gather_distributed
+    )
+    return _sum_of_codes(problems, rows, prototype_potential, sample_potential, epsilon)
 
 
 # --------------------------------------------------------------------------------------------
@@ -517,18 +589,24 @@ class _SwavTritonFunction(torch.autograd.Function):
         dtype = input_dtypes[0]
         for other in input_dtypes[1:]:
             dtype = torch.promote_types(dtype, other)
-        crops = [c.detach().to(dtype) for c in crops]
+        crop_table = _Problems.of(crops, dtype)
         n_crops = len(crops)
         batch, n_proto = crops[0].shape
         device = crops[0].device
         if queue is None:
-            high = stack_views(crops[:n_high])
+            # The high-resolution crops themselves are the Sinkhorn problems: the first H
+            # entries of the crops' table.
+            problems = _Problems(
+                crop_table.tensors[:n_high], crop_table.addresses[:n_high], crop_table.row_strides[:n_high],
+                crop_table.align, dtype,
+            )  # fmt: skip
         else:
-            high = torch.stack([torch.cat([h, q.detach().to(dtype)]) for h, q in zip(crops[:n_high], queue)])
+            scores = [torch.cat([h, q.detach().to(dtype)]) for h, q in zip(crop_table.tensors[:n_high], queue)]
+            problems = _Problems.of(scores, dtype)
         prototype_potential, sample_potential, row_sums = _sinkhorn_potentials(
-            high, batch, iterations, epsilon, gather_distributed
+            problems, batch, iterations, epsilon, gather_distributed
         )
-        targets = _sum_of_codes(high, batch, prototype_potential, sample_potential, epsilon)
+        targets = _sum_of_codes(problems, batch, prototype_potential, sample_potential, epsilon)
         # w_v = Σ_k T_v[b, k]: all codes' row sums minus the crop's own.
         total_row_sums = row_sums.sum(dim=0, keepdim=True)
         own_row_sums = torch.cat([row_sums, row_sums.new_zeros(n_crops - n_high, batch)])
@@ -540,32 +618,26 @@ class _SwavTritonFunction(torch.autograd.Function):
         loss_partial = _new_buffer((n_crops, row_blocks), dtype=torch.float32, device=device)
         grads = _new_buffer((n_crops, batch, n_proto), dtype=dtype, device=device) if compute_grad else targets
         normalizer = n_high * (n_crops - 1) * batch
-        groups = [(0, high, True)]
-        if n_crops > n_high:
-            groups.append((n_high, stack_views(crops[n_high:]), False))
-        for first_crop, source, is_high in groups:
-            _swav_ce_kernel[(row_blocks, source.shape[0])](
-                source,
-                source.stride(0),
-                source.stride(1),
-                source.stride(2),
-                targets,
-                prototype_potential,
-                sample_potential,
-                weights,
-                grads,
-                loss_partial,
-                first_crop,
-                batch,
-                n_proto,
-                1.0 / temperature,
-                1.0 / epsilon,
-                1.0 / (temperature * normalizer),
-                IS_HIGH=is_high,
-                COMPUTE_GRAD=compute_grad,
-                BLOCK_ROWS=block_rows,
-                BLOCK_PROTO=block_proto,
-            )
+        _swav_ce_kernel[(row_blocks, n_crops)](
+            crop_table.addresses,
+            crop_table.row_strides,
+            targets,
+            prototype_potential,
+            sample_potential,
+            weights,
+            grads,
+            loss_partial,
+            n_high,
+            batch,
+            n_proto // k_align(n_proto),
+            1.0 / temperature,
+            1.0 / epsilon,
+            1.0 / (temperature * normalizer),
+            **crop_table.launch_args(),
+            COMPUTE_GRAD=compute_grad,
+            BLOCK_ROWS=block_rows,
+            BLOCK_PROTO=block_proto,
+        )
         ctx.input_dtypes = input_dtypes
         ctx.compute_grad = compute_grad
         if compute_grad:
