@@ -24,11 +24,14 @@ Swapped prediction. Codes carry no gradient, so the loss over the V crops is
 with targets T_v = Σ_{i<H} q_i − [v < H] q_v and ∂L/∂s_v = (w_v p_v − T_v)/(τ H (V−1) B),
 p_v = softmax(x_v), w_v = Σ_k T_v[b, k] (= H − [v < H] once the codes are normalized).
 :func:`_codes_kernel` writes Σ_i q_i once (float32, (B, K)); :func:`_swav_ce_kernel` runs one
-program per (crop, row block) -- one launch for the high-resolution crops, one for the others --
-in two sweeps over its rows (online LSE, then loss terms and gradient), a high-resolution crop
-recomputing its own codes from its scores instead of reading them. The gradient is written in
-the forward; the backward only scales it. Crops that are equally spaced views of one tensor
-(e.g. ``x.chunk(V)``) are read in place; others are stacked once.
+program per (crop, row block), all crops in one launch, in two sweeps over its rows (online LSE,
+then loss terms and gradient), a high-resolution crop recomputing its own codes from its scores
+instead of reading them. The gradient is written in the forward; the backward only scales it.
+
+The crops are separate tensors (one per view, as models produce them); every kernel reads them
+in place through (V,) tables of addresses and row strides (:func:`view_table`), never through a
+stacked copy. Only with a queue is each high-resolution crop concatenated with its queue once,
+as the Sinkhorn problem.
 
 Cost, per loss call, with e bytes per input element, N = B + Q rows per Sinkhorn problem and I
 iterations (prediction for the benchmark shape B = 4096, K = 3000, I = 3, H = V = 2, Q = 0,
@@ -40,16 +43,17 @@ per clock)):
 * FLOPs: Sinkhorn 2 I H N K x ~5 (scale, shift, max, exp, add), codes H B K x ~4, loss
   V B K x ~15 (two sweeps): 0.74 + 0.10 + 0.37 = 1.2 GFLOP -> 20 µs of fp32 ALU;
 * exponentials: 2 I H N K + H B K + ~3 V B K = 0.25·10⁹ -> 66 µs, the binding floor;
-* this implementation moves more: the stacked copy of the high crops (2 H N K e, unless
-  they are views of one tensor and Q = 0), 2 I + 1 sweeps over it, the float32 target matrix (written once, read V times: 4 B K (V + 1)) and two
-  reads of every crop: ~0.74 GB at this shape (part of it from the 50 MB L2) -> predicted
-  150-250 µs for forward + backward, against several milliseconds for the eager reference.
+* this implementation moves more: 2 I sweeps over the H problems (6 x 49 MB here, partly
+  from the 50 MB L2), the codes pass (49 MB read, 49 MB float32 written), two sweeps over every
+  crop (98 MB), the float32 targets read once per crop (98 MB) and the gradients (49 MB):
+  ~0.64 GB -> predicted 150-220 µs for forward + backward, against several milliseconds for
+  the eager reference.
 """
 
 from __future__ import annotations
 
-import math
 import functools
+import math
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
