@@ -858,13 +858,6 @@ def test_dino_needs_two_views_like_lightly() -> None:
         fastssl.DINOLoss(output_dim=4)(views, views)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lightly's DINOLoss has a public update_center(teacher_out) method: center <- "
-    "m*center + (1-m)*teacher_out.mean(dim=(0, 1), keepdim=True) (all-reduced when distributed), "
-    "for the stacked (views, batch, dim) teacher output; its tests call it directly, also with a "
-    "(batch, dim) tensor. fastssl's DINOLoss has no such method (AttributeError)",
-)
 def test_dino_update_center_method() -> None:
     theirs, ours = _both("DINOLoss", output_dim=6, center_momentum=0.7)
     for shape in [(2, 6), (3, 4, 6)]:
