@@ -30,34 +30,45 @@ Kernels:
    Σ_j C_ij G_ij. :func:`_cross_backward_kernel` -- (N, d) tiles of B̂Gᵀ, ÂG (or X_v K_off) with the
    gradient formula in the epilogue.
 
+Precision. Half-precision inputs are standardized in fp32 and must be rounded to enter tensor
+cores. The forward products take each operand as hi + lo (two half values; hi·hi + hi·lo + lo·hi)
+so that the loss value is good to ~16 bits, not to the 8 of a bf16 operand: the loss is a sum of
+squares of these products, and a user comparing backends sees the same number. The backward
+products use single-rounded operands (their error is that of PyTorch's own half-precision
+gradients), except that on the gram path with 2N > d the stored Gram enters as hi + lo too:
+there the diagonal part that the gradient subtracts from G·Ṽ is a large share of it. fp32
+inputs use IEEE fp32 products throughout.
+
 Cost (2 flops per multiply-add; e bytes per input element). Minimum for the loss itself:
 
-* Barlow Twins gram: 2N²d forward (two symmetric Grams), 4N²d backward (G_b Â, G_a B̂) = 6N²d;
-  cross: 2Nd² + 4Nd² = 6Nd².  VICReg gram: 2N²d + 4N²d = 6N²d; cross: 2Nd² + 4Nd² = 6Nd².
-* bytes: read both views in the forward and in the backward, write both gradients: 6Nd·e
-  (plus the N×N Grams, 2·N²·4 written and read, on the gram path).
+* gram (N < d): 2N²d forward (two symmetric Grams), 4N²d backward (two (N×N)·(N×d) products):
+  6N²d for either loss. cross (N >= d): Barlow Twins 2Nd² + 4Nd², VICReg 2Nd² (two symmetric
+  d×d) + 4Nd²: 6Nd².
+* bytes: read both views in the forward and in the backward, write both gradients: 6Nd·e (plus
+  the N×N Grams, 2·N²·4 written and read, on the gram path).
 
-This implementation: column statistics read 2Nd·e once per call. Barlow Twins gram: 2N²d
-forward, 2 × 4N²d backward (the batch-norm column sums need the full G_b Â before any
-gradient element can be finished, so the product is computed twice rather than stored in an
-fp32 (N, d) scratch): 10N²d. Barlow Twins cross: 2Nd² + 2Nd² (recomputed C) + 4Nd² = 8Nd².
-VICReg gram: 6N²d (the minimum; its centering backward vanishes since 1ᵀX = 0). VICReg cross:
-2Nd² + 2Nd² + 4Nd² = 8Nd².
+This implementation, half inputs (fp32: forward products ×1/3, no hi + lo Gram):
+
+* column statistics: 2Nd·e read once per call;
+* Barlow Twins gram: forward 3·2N²d, backward 2 × 4N²d (the batch-norm column sums need all of
+  G_b Â before any gradient element is final, so the product is computed twice instead of
+  storing an fp32 (N, d) scratch), ×2 for the hi + lo Gram when 2N > d: 14N²d (2N <= d);
+* VICReg gram: 3·2N²d + 4N²d = 10N²d (its centering backward vanishes: 1ᵀX = 0, one pass);
+* cross, either loss: forward 3·2Nd², backward: d×d matrix 2Nd² + products 4Nd² = 12Nd².
 
 Predictions on an H100 (~990 TFLOP/s bf16 dense, ~60 TFLOP/s fp32, ~3 TB/s), bf16, forward +
-backward:
+backward, Barlow Twins (VICReg in brackets):
 
-* N = 256, d = 8192 (gram): floor max(6N²d = 3.2 GFLOP -> 3.3 µs, 6Nd·e + 8N² = 26 MB -> 8.7 µs)
-  = 8.7 µs, bandwidth-bound; this implementation 10N²d = 5.4 GFLOP (5.5 µs) and ~7 reads of
-  the 8.4 MB of inputs (mostly from the 50 MB L2) over 6 launches: predicted 40-60 µs, most of
-  it launch latency and the tile loops' short trip counts.
-* N = 2048, d = 8192 (gram): floor max(6N²d = 206 GFLOP -> 208 µs, 201 MB -> 67 µs) = 208 µs,
-  compute-bound; this implementation 10N²d = 344 GFLOP -> 350 µs at peak, predicted
-  0.5-0.6 ms at the ~65 % of peak that 64×64 tiles reach.
-* VICReg at the same shapes: floor as above; this implementation 6N²d: predicted 25-40 µs and
-  0.3-0.35 ms.
-* fp32 inputs run the products on the fp32 pipe (~60 TFLOP/s): N = 2048, d = 8192 Barlow
-  Twins 344 GFLOP -> ~6 ms (the fp32 eager reference needs 825 GFLOP on the same pipe).
+* N = 256, d = 8192: floor max(6N²d = 3.2 GFLOP -> 3.3 µs, 6Nd·e + 8N² = 26 MB -> 8.7 µs)
+  = 8.7 µs, bandwidth-bound. This implementation: 14N²d = 7.5 GFLOP [10N²d = 5.4] and ~10
+  passes over the 8.4 MB of inputs (mostly from the 50 MB L2) in 6 [4] launches: predicted
+  40-60 µs [30-45 µs], launch latency and short tile loops dominating; no d×d buffer.
+* N = 2048, d = 8192: floor max(6N²d = 206 GFLOP -> 208 µs, 201 MB -> 67 µs) = 208 µs,
+  compute-bound. This implementation: 14N²d = 481 GFLOP [344] -> 0.49 ms [0.35 ms] at peak,
+  predicted 0.7-0.8 ms [0.5-0.6 ms] at the ~65 % of peak that 64×64 tiles reach: 25-30 %
+  [35-40 %] of the floor. Extra memory: the two N×N fp32 Grams (32 MB).
+* fp32 inputs run the products on the FMA pipe: N = 2048, d = 8192 Barlow Twins 10N²d =
+  344 GFLOP -> 6-12 ms (the fp32 eager reference runs 825 GFLOP of SGEMM on the same pipe).
 """
 
 from __future__ import annotations
@@ -71,14 +82,20 @@ from torch import Tensor
 
 from fastssl.decorrelation import BATCH_NORM_EPS, _barlow_twins_torch, _use_gram, _vicreg_torch
 
-# Tile sides. On CUDA: 64 × 64 output tiles, a reduction step of 32, statistics over 64 × 64.
-# The interpreter runs each program as NumPy calls (~0.1-0.5 ms per operation, and tl.dot as a
-# non-BLAS loop), so there tiles are fitted to the extents: the smallest power of two >= the
-# extent, within [16, 256] (reduction steps within [16, 128]). Tests set _FORCED_TILES = (tile,
-# reduction step) to run multi-tile loops and masks on small inputs.
-_CUDA_TILES = (64, 32, 64, 64)
+# Tile sides. On CUDA: 64 × 64 output tiles with a reduction step of 32 (fp16/bf16) or 16
+# (fp32, whose IEEE products run on the FMA pipe with operands in registers), 8 warps; sizes
+# chosen so that ptxas (sm_90) allocates every kernel without, or with at most a few dozen
+# bytes of, register spills. Column statistics: 64 × 64 with 4 warps. The interpreter runs each
+# program as NumPy calls (~0.1-0.5 ms per operation, and tl.dot as a non-BLAS loop), so there
+# tiles are fitted to the extents: the smallest power of two >= the extent, within [16, 256]
+# (reduction steps within [16, 128]). Tests set _FORCED_TILES = (tile, reduction step) to run
+# multi-tile loops and masks on small inputs.
+_CUDA_TILE = 64
+_CUDA_STEP = {torch.float32: 16, torch.float16: 32, torch.bfloat16: 32}
+_CUDA_STATS_TILE = 64
+_MATMUL_WARPS = 8
+_STATS_WARPS = 4
 _FORCED_TILES: Optional[Tuple[int, int]] = None
-_NUM_WARPS = 4
 
 # Buffers the kernels fully overwrite are allocated through this; tests replace it with a
 # NaN-filled allocation to check that every element is written.
@@ -89,21 +106,21 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _tile(device: torch.device, extent: int) -> int:
-    """Side of an output tile along an axis of ``extent`` elements."""
+def _tile(z: Tensor, extent: int) -> int:
+    """Side of an output tile along an axis of ``extent`` elements, for input ``z``."""
     if _FORCED_TILES is not None:
         return _FORCED_TILES[0]
-    if device.type == "cuda":
-        return _CUDA_TILES[0]
+    if z.device.type == "cuda":
+        return _CUDA_TILE
     return min(256, max(16, _next_pow2(extent)))
 
 
-def _step(device: torch.device, extent: int) -> int:
-    """Reduction step along an axis of ``extent`` elements."""
+def _step(z: Tensor, extent: int) -> int:
+    """Reduction step along an axis of ``extent`` elements, for input ``z``."""
     if _FORCED_TILES is not None:
         return _FORCED_TILES[1]
-    if device.type == "cuda":
-        return _CUDA_TILES[1]
+    if z.device.type == "cuda":
+        return _CUDA_STEP[z.dtype]
     return min(128, max(16, _next_pow2(extent)))
 
 
@@ -132,8 +149,8 @@ def _emulate_bf16(z: Tensor) -> bool:
 # --------------------------------------------------------------------------------------------
 #
 # Under the interpreter every call of a @triton.jit helper costs milliseconds (the language
-# module is patched anew per call), so the tile loops load and standardize inline; the one
-# helper in a loop, _bf16_rtne, runs on the interpreter's bfloat16 lane only.
+# module is patched anew per call), so the tile loops load and standardize inline; the helpers
+# called in loops (_split_operand, _bf16_rtne) serve half-precision inputs only.
 
 
 @triton.jit
@@ -813,9 +830,9 @@ def column_stats(z_a: Tensor, z_b: Tensor, row_splits: int | None = None) -> Ten
     """
     n, d = z_a.shape
     if z_a.device.type == "cuda":
-        stats_block_n, stats_block_d = _CUDA_TILES[2:]
+        stats_block_n = stats_block_d = _CUDA_STATS_TILE
     else:
-        stats_block_n, stats_block_d = _step(z_a.device, n), 2 * _tile(z_a.device, d)
+        stats_block_n, stats_block_d = _step(z_a, n), 2 * _tile(z_a, d)
     col_blocks = triton.cdiv(d, stats_block_d)
     row_blocks = triton.cdiv(n, stats_block_n)
     if row_splits is None:
@@ -826,7 +843,7 @@ def column_stats(z_a: Tensor, z_b: Tensor, row_splits: int | None = None) -> Ten
     partial = _new_buffer((row_splits, 6, d), dtype=torch.float32, device=z_a.device)
     _column_stats_kernel[(col_blocks, row_splits)](
         z_a, z_a.stride(0), z_a.stride(1), z_b, z_b.stride(0), z_b.stride(1), partial, n, d, rows_per_split,
-        BLOCK_N=stats_block_n, BLOCK_D=stats_block_d, num_warps=_NUM_WARPS,
+        BLOCK_N=stats_block_n, BLOCK_D=stats_block_d, num_warps=_STATS_WARPS,
     )  # fmt: skip
     if row_splits == 1:
         return partial[0]
@@ -860,7 +877,7 @@ def gram_forward(
         gram (2, N, N) float32 = (G_a, G_b)/d if ``store_gram``, else (2, 0).
     """
     n, d = z_a.shape
-    block, block_k = _tile(z_a.device, n), _step(z_a.device, d)
+    block, block_k = _tile(z_a, n), _step(z_a, d)
     blocks = triton.cdiv(n, block)
     device = z_a.device
     partial = _new_buffer((blocks, blocks), dtype=torch.float32, device=device)
@@ -869,7 +886,7 @@ def gram_forward(
     _gram_forward_kernel[(blocks, blocks)](
         *_views(z_a, z_b), shift, scale, *(gram if store_gram else (partial, partial)), partial, diag, n, d, 1.0 / d,
         VICREG=vicreg, STORE_GRAM=store_gram, SPLIT=z_a.dtype != torch.float32, BLOCK=block, BLOCK_K=block_k,
-        DOT_PRECISION=_dot_precision(device), EMULATE_BF16=_emulate_bf16(z_a), num_warps=_NUM_WARPS,
+        DOT_PRECISION=_dot_precision(device), EMULATE_BF16=_emulate_bf16(z_a), num_warps=_MATMUL_WARPS,
     )  # fmt: skip
     return partial, diag, gram
 
@@ -878,14 +895,14 @@ def cross_forward(z_a: Tensor, z_b: Tensor, shift: Tensor, scale: Tensor, vicreg
     """d×d tiles reduced to the loss in the tile. Returns (nb, nb) float32 partial sums of
     Σ(1−C_ii)² + λΣ_{i≠j}C_ij² (Barlow Twins) or Σ_{i≠j} K_a² + K_b² (VICReg)."""
     n, d = z_a.shape
-    block, block_k = _tile(z_a.device, d), _step(z_a.device, n)
+    block, block_k = _tile(z_a, d), _step(z_a, n)
     blocks = triton.cdiv(d, block)
     partial = _new_buffer((blocks, blocks), dtype=torch.float32, device=z_a.device)
     _cross_tile_kernel[(blocks, blocks)](
         *_views(z_a, z_b), shift, scale, partial, partial, partial, partial, partial, n, d, inv_norm, lambda_param,
         VICREG=vicreg, BACKWARD=False, SPLIT=z_a.dtype != torch.float32, BLOCK=block, BLOCK_K=block_k,
         DOT_PRECISION=_dot_precision(z_a.device), EMULATE_BF16=_emulate_bf16(z_a),
-        num_warps=_NUM_WARPS,
+        num_warps=_MATMUL_WARPS,
     )  # fmt: skip
     return partial
 
@@ -898,7 +915,7 @@ def cross_backward_matrix(
     Twins, G as (1, d, d)), or the off-diagonal (K_a, K_b) (VICReg, (2, d, d); the sums are
     returned as ``mat`` itself and mean nothing)."""
     n, d = z_a.shape
-    block, block_k = _tile(z_a.device, d), _step(z_a.device, n)
+    block, block_k = _tile(z_a, d), _step(z_a, n)
     blocks = triton.cdiv(d, block)
     device = z_a.device
     mat = _new_buffer((2, d, d) if vicreg else (1, d, d), dtype=torch.float32, device=device)
@@ -910,7 +927,7 @@ def cross_backward_matrix(
     _cross_tile_kernel[(blocks, blocks)](
         *_views(z_a, z_b), shift, scale, mat, mat[0], mat[-1], row_sum, col_sum, n, d, inv_norm, lambda_param,
         VICREG=vicreg, BACKWARD=True, SPLIT=False, BLOCK=block, BLOCK_K=block_k,
-        DOT_PRECISION=_dot_precision(device), EMULATE_BF16=_emulate_bf16(z_a), num_warps=_NUM_WARPS,
+        DOT_PRECISION=_dot_precision(device), EMULATE_BF16=_emulate_bf16(z_a), num_warps=_MATMUL_WARPS,
     )  # fmt: skip
     return mat, row_sum, col_sum
 
@@ -933,7 +950,7 @@ def gram_backward(
     ``finalize`` (VICReg always), else the Barlow Twins batch-norm column sums (two (nb, d)
     float32 partials over row blocks)."""
     n, d = z_a.shape
-    block_m, block_n, block_k = _tile(z_a.device, n), _tile(z_a.device, d), _step(z_a.device, n)
+    block_m, block_n, block_k = _tile(z_a, n), _tile(z_a, d), _step(z_a, n)
     row_blocks = triton.cdiv(n, block_m)
     device = z_a.device
     if finalize:
@@ -946,7 +963,7 @@ def gram_backward(
         *_views(z_a, z_b), shift, scale, gram_for_a, gram_for_b, vec, grad_loss, out_a, out_b, n, d,
         *coefficients, VICREG=vicreg, FINALIZE=finalize, SPLIT_GRAM=z_a.dtype != torch.float32 and 2 * n > d,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        DOT_PRECISION=_dot_precision(device), EMULATE_BF16=_emulate_bf16(z_a), num_warps=_NUM_WARPS,
+        DOT_PRECISION=_dot_precision(device), EMULATE_BF16=_emulate_bf16(z_a), num_warps=_MATMUL_WARPS,
     )  # fmt: skip
     return out_a, out_b
 
@@ -967,14 +984,14 @@ def cross_backward(
     ``vec`` and ``coefficients`` (c1, c2): see :func:`_gradient_epilogue`). Returns the two
     input gradients, (N, d) in the input dtype."""
     n, d = z_a.shape
-    block_m, block_n, block_k = _tile(z_a.device, n), _tile(z_a.device, d), _step(z_a.device, d)
+    block_m, block_n, block_k = _tile(z_a, n), _tile(z_a, d), _step(z_a, d)
     out_a = _new_buffer((n, d), dtype=z_a.dtype, device=z_a.device)
     out_b = _new_buffer((n, d), dtype=z_b.dtype, device=z_b.device)
     _cross_backward_kernel[(triton.cdiv(n, block_m), triton.cdiv(d, block_n))](
         *_views(z_a, z_b), shift, scale, mat_a, mat_a.stride(0), mat_a.stride(1), mat_b, mat_b.stride(0),
         mat_b.stride(1), vec, grad_loss, out_a, out_b, n, d, *coefficients,
         VICREG=vicreg, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION=_dot_precision(z_a.device),
-        EMULATE_BF16=_emulate_bf16(z_a), num_warps=_NUM_WARPS,
+        EMULATE_BF16=_emulate_bf16(z_a), num_warps=_MATMUL_WARPS,
     )  # fmt: skip
     return out_a, out_b
 
