@@ -58,8 +58,8 @@ class TrainConfig:
     num_test: int = 1000
     test_fraction: float = 0.2
     # schedule and optimizer
-    epochs: int = 8
-    batch_size: int = 256
+    epochs: int = 5
+    batch_size: int = 128
     optimizer: str = "adamw"
     lr: Optional[float] = None
     weight_decay: Optional[float] = None
@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", choices=DATASETS, help=f"data set (default {d.dataset}: generated, no download)")
     g.add_argument("--data-path", help="folder (ImageFolder layout) or CIFAR archive/folder for --dataset folder/cifar10/cifar100")
     g.add_argument("--backbone", choices=BACKBONES, help=f"encoder (default {d.backbone})")
-    g.add_argument("--width", type=int, help="base channel width of the backbone (default: 32 tiny_cnn, 64 resnets)")
+    g.add_argument("--width", type=int, help="base channel width of the backbone (default: 16 tiny_cnn, 64 resnets)")
     g.add_argument("--image-size", type=int, help="side of the training images (default: the data set's)")
     g.add_argument("--num-train", type=int, help=f"images generated for training (shapes; default {d.num_train})")
     g.add_argument("--num-test", type=int, help=f"held-out images generated (shapes; default {d.num_test})")

@@ -282,16 +282,18 @@ def _data_on_device(data: ImageData, device: torch.device) -> Dict[str, Tensor]:
 def run(cfg: TrainConfig) -> Dict[str, Any]:
     """Train and evaluate as configured; returns the summary (also written to summary.json)."""
     ctx = setup_context(cfg)
+    threads = torch.get_num_threads()
     try:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         return _run(cfg, ctx)
     finally:
+        torch.set_num_threads(threads)
         if ctx.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _run(cfg: TrainConfig, ctx: Context) -> Dict[str, Any]:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     _seed_everything(cfg.seed)
     wall_start = time.perf_counter()
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from fastssl.train.config import TrainConfig
 
-DEFAULT_LR = {"sgd": 0.06, "lars": 0.3, "adamw": 2e-3}
+DEFAULT_LR = {"sgd": 0.06, "lars": 0.3, "adamw": 4e-3}
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "lars": 1e-6, "adamw": 1e-4}
 
 
