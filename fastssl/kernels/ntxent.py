@@ -23,15 +23,20 @@ Pipeline (NT-Xent, R = 2N rows of d features, C = R columns, or the gathered 2WN
    deterministic. e^{S_km - lse_m} = e^{S_km - lse_k}·e^{lse_k - c}·e^{c - lse_m} costs no
    second exponential where the factors cannot overflow. Accumulates in registers when d fits
    one BLOCK_K tile (``SINGLE_K``); for larger d the program owns its rows of a float32 scratch
-   and read-modify-writes them per d-chunk (still deterministic).
-4. ``_l2_normalize_bwd_kernel`` -- dx = (dẑ - ẑ(ẑ·dẑ))/‖x‖ in the input dtype.
+   and read-modify-writes them per d-chunk (still deterministic). The positive's term
+   (weight ≈ -2, float32) leaves the kernel as one coefficient per row.
+4. ``_l2_normalize_bwd_kernel`` -- adds coefficient × ẑ_{p(k)}, then dx = (dẑ - ẑ(ẑ·dẑ))/‖x‖ in
+   the input dtype.
 
 InfoNCE is the one-directional variant (queries × [own key; bank], no self-exclusion, no
 gradient to the bank): ``_infonce_fwd_kernel`` / ``_infonce_bwd_kernel``. Uniformity reuses the
 pair kernels without the positive: S = 2t ẑẑᵀ, log-mean-exp over i ≠ j, minus 2t.
 
-All pointer offsets are int64 (R·d passes 2**31 at R = 2**19, d = 4096); the grid is 1-D over
-row blocks (at most 2**31 - 1 programs), so any N the memory allows is launched. Kernels use only
+Addresses: every row block's base offset is int64 (R·d passes 2**31 at R = 2**19, d = 4096),
+offsets inside a tile int32 (at most BLOCK·d), which keeps the hot loops' address arithmetic
+narrow; the row-wise kernels use int64 throughout. The grid is 1-D over row blocks (at most
+2**31 - 1 programs), so any N the memory allows is launched. The default tiles compile for sm_90
+without register spills (``default_config``). Kernels use only
 ``tl.load/store`` with masks, ``tl.dot``, ``tl.trans``, reductions, ``tl.exp/log``,
 ``tl.where``, ``tl.debug_barrier``: Triton 3.6 (GPU) and 3.9 (interpreter) both have them.
 
@@ -535,28 +540,31 @@ class KernelConfig:
 
 
 def default_config(d: int, dtype: torch.dtype) -> KernelConfig:
-    """Tiles for feature dimension ``d``: FlashAttention-2-like shapes on H100, the whole row in
-    one tile up to d = 256 (half) / 128 (float32), d-chunks of 64 / 32 beyond. Under the
-    interpreter, whose cost is per operation and program rather than per element, the largest
-    tiles that stay small in memory."""
+    """Tiles for feature dimension ``d`` and operand ``dtype``.
+
+    GPU: FlashAttention-2-like shapes, 8 warps, chosen so that ptxas (sm_90) allocates every
+    forward and backward kernel without register spills (checked by compiling for sm_90 and
+    reading ``ptxas -v``): half operands keep the whole row in one register tile up to d = 256
+    and walk d in chunks of 64 beyond; float32 operands (IEEE products on the FMA units, which
+    hold both operands in registers) keep one tile up to d = 64 and walk chunks of 32 beyond.
+    Under the interpreter, whose cost is per operation and program rather than per element, the
+    largest tiles that stay small in memory."""
     block_d = max(16, triton.next_power_of_2(d))
     if triton_interpreter_enabled():
         if block_d <= 256:
             return KernelConfig(64, 128, block_d, True)
         return KernelConfig(64, 128, 256, False)
     if dtype in (torch.float16, torch.bfloat16):
-        if block_d <= 64:
-            return KernelConfig(128, 64, block_d, True, num_warps=4, num_stages=3)
         if block_d <= 128:
             return KernelConfig(128, 64, block_d, True, num_warps=8, num_stages=2)
         if block_d <= 256:
-            return KernelConfig(64, 64, block_d, True, num_warps=8, num_stages=2)
-        return KernelConfig(64, 64, 64, False, num_warps=4, num_stages=2)
+            return KernelConfig(64, 32, block_d, True, num_warps=8, num_stages=2)
+        return KernelConfig(64, 64, 64, False, num_warps=8, num_stages=2)
+    if block_d <= 16:
+        return KernelConfig(64, 64, block_d, True, num_warps=8, num_stages=2)
     if block_d <= 64:
-        return KernelConfig(64, 64, block_d, True, num_warps=4, num_stages=2)
-    if block_d <= 128:
-        return KernelConfig(64, 32, block_d, True, num_warps=4, num_stages=2)
-    return KernelConfig(64, 64, 32, False, num_warps=4, num_stages=2)
+        return KernelConfig(64, 32, block_d, True, num_warps=8, num_stages=2)
+    return KernelConfig(64, 64, 32, False, num_warps=8, num_stages=2)
 
 
 # Up to this d the pair kernels keep ẑ in float32 for half inputs. Rounding ẑ to bf16 moves a
