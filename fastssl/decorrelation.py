@@ -45,9 +45,9 @@ def _use_gram(n: int, d: int, path: str) -> bool:
     return n < d
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for float32 and half inputs, float64 for float64 inputs."""
-    return torch.promote_types(dtype, torch.float32)
+def _accumulation_dtype(z_a: Tensor, z_b: Tensor) -> torch.dtype:
+    """float32 for float32 and half inputs, float64 when either view is float64."""
+    return torch.promote_types(torch.promote_types(z_a.dtype, z_b.dtype), torch.float32)
 
 
 def _squared_norm(m: Tensor) -> Tensor:
@@ -85,7 +85,7 @@ class _BarlowTwinsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z_a: Tensor, z_b: Tensor, lambda_param: float, use_gram: bool) -> Tensor:  # type: ignore[override]
         n, d = z_a.shape
-        acc = _accumulation_dtype(z_a.dtype)
+        acc = _accumulation_dtype(z_a, z_b)
         a, mean_a, inv_std_a = _standardize(z_a, acc, BATCH_NORM_EPS)
         b, mean_b, inv_std_b = _standardize(z_b, acc, BATCH_NORM_EPS)
         if use_gram:
@@ -166,7 +166,7 @@ class _VICRegFunction(torch.autograd.Function):
         ctx, z_a: Tensor, z_b: Tensor, lambda_param: float, mu_param: float, nu_param: float, eps: float, use_gram: bool
     ) -> Tensor:
         n, d = z_a.shape
-        acc = _accumulation_dtype(z_a.dtype)
+        acc = _accumulation_dtype(z_a, z_b)
         za, zb = z_a.to(acc), z_b.to(acc)
         invariance = _squared_norm(za - zb) / (n * d)
         saved = [z_a, z_b]
@@ -218,7 +218,7 @@ class _VICRegFunction(torch.autograd.Function):
                 d_x = torch.addmm(d_x, x, m, alpha=cov_coef)
             d_z = d_x - d_x.mean(dim=0)
             d_z = d_z + d_inv if view == 0 else d_z - d_inv
-            grads.append((d_z * scale).to(z_a.dtype))
+            grads.append((d_z * scale).to((z_a, z_b)[view].dtype))
         return grads[0], grads[1], None, None, None, None, None
 
 

@@ -113,6 +113,22 @@ def test_float64_inputs_accumulate_in_float64(path):
         torch.testing.assert_close(value, expected.float())
 
 
+@pytest.mark.parametrize("path", ["gram", "cross"])
+def test_mixed_dtypes_give_gradients_in_each_views_dtype(path):
+    a, b = awkward_inputs(7, 12)
+    b = b.bfloat16()
+    for ours, ref in [(_bt(path), _bt_ref()), (_vicreg(path), _vicreg_ref())]:
+        xa, xb = a.clone().requires_grad_(), b.clone().requires_grad_()
+        value = ours(xa, xb)
+        value.backward()
+        assert value.dtype == torch.float32 and xa.grad.dtype == torch.float32 and xb.grad.dtype == torch.bfloat16
+        ya, yb = a.double().requires_grad_(), b.double().requires_grad_()
+        expected = ref(ya, yb)
+        expected.backward()
+        torch.testing.assert_close(value, expected.float())
+        torch.testing.assert_close(xa.grad, ya.grad.float(), rtol=1e-4, atol=1e-6)
+
+
 def test_auto_picks_the_smaller_side():
     assert decorrelation._use_gram(16, 8192, "auto")
     assert decorrelation._use_gram(127, 128, "auto")

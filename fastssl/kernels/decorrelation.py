@@ -829,7 +829,7 @@ def column_stats(z_a: Tensor, z_b: Tensor, row_splits: int | None = None) -> Ten
         (6, d) float32: mean_a, mean_b, M2_a = Σ(a−ā)², M2_b, Σ(a−ā)(b−b̄), Σ(a−b)².
     """
     n, d = z_a.shape
-    if z_a.device.type == "cuda":
+    if z_a.device.type == "cuda" and _FORCED_TILES is None:
         stats_block_n = stats_block_d = _CUDA_STATS_TILE
     else:
         stats_block_n, stats_block_d = _step(z_a, n), 2 * _tile(z_a, d)
