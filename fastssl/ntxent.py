@@ -5,7 +5,8 @@ optimized PyTorch path and the drop-in :class:`NTXentLoss` module. The Triton ke
 The optimized PyTorch path never forms the 2N×2N similarity matrix. Rows are processed in
 chunks of at most ``_MAX_CHUNK_ELEMENTS`` logits; the forward keeps one log-sum-exp per row and
 the backward recomputes each chunk's logits from the normalized embeddings and that stored
-log-sum-exp (FlashAttention's recipe), so memory is O(N·d + chunk·N).
+log-sum-exp (FlashAttention's recipe), so memory is O(N·d + chunk·N). When all logits fit in
+one chunk, the forward's chunk is kept for the backward instead (same bound, one product less).
 
 Backward algebra. For one NT-Xent row k, :math:`\partial\ell_k/\partial S_{km} = p_{km} -
 [m = p(k)]` with :math:`p_{km} = e^{S_{km} - \mathrm{lse}_k}` over :math:`m \ne k`. With
@@ -109,14 +110,17 @@ def _pair_lse_forward(
     col_offset: int,
     with_positive: bool,
     chunk_rows: Optional[int],
-) -> Tuple[Tensor, Optional[Tensor]]:
+) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Per-row log-sum-exp of ``S = z_rows z_colsᵀ · inv_temp`` over all columns but self.
 
-    Returns (lse (R,), positive logits (R,) or None). Memory: one chunk of logits at a time.
+    Returns (lse (R,), positive logits (R,) or None, the self-masked logits (R, C) when they
+    form a single chunk, else None). Memory: one chunk of logits at a time; a single chunk is
+    returned so that the backward can reuse it instead of recomputing it, within the same bound.
     """
     n_rows = z_rows.shape[0]
     chunk = _rows_per_chunk(z_cols.shape[0], chunk_rows)
     lse_parts, pos_parts = [], []
+    logits = None
     for start in range(0, n_rows, chunk):
         stop = min(n_rows, start + chunk)
         logits = (z_rows[start:stop] @ z_cols.T).mul_(inv_temp)
@@ -126,7 +130,17 @@ def _pair_lse_forward(
         logits.scatter_(1, self_cols[:, None], float("-inf"))
         lse_parts.append(torch.logsumexp(logits, dim=1))
     positives = torch.cat(pos_parts) if with_positive else None
-    return torch.cat(lse_parts), positives
+    single_chunk = logits if chunk >= n_rows else None
+    return torch.cat(lse_parts), positives, single_chunk
+
+
+def _exp_factorizable(inv_temp: float, n_cols: int) -> bool:
+    """Whether e^{S_km - lse_m} may be computed as e^{S_km - lse_k}·e^{lse_k - c}·e^{c - lse_m}.
+
+    Every logit lies in ±1/|τ|, every lse in ±1/|τ| + [0, log C]: with c = log(C-1) no factor
+    exceeds e^{1/|τ| + log C}, and e^{S - lse_k} stays above e^{-(2/|τ| + log C)}, far from
+    float32's underflow while that bound is below 80."""
+    return 2.0 * abs(inv_temp) + math.log(max(n_cols, 2)) < 80.0
 
 
 def _pair_lse_backward(
@@ -139,18 +153,35 @@ def _pair_lse_backward(
     col_offset: int,
     with_positive: bool,
     chunk_rows: Optional[int],
+    saved_logits: Optional[Tensor] = None,
 ) -> Tensor:
     r""":math:`\sum_m (e^{S_{km}-\mathrm{lse}_k} + e^{S_{km}-\mathrm{lse}_m}) z_m - 2 z_{p(k)}` per row k
-    (self excluded; the positive term only ``with_positive``), unscaled. See the module doc."""
-    n_rows = z_rows.shape[0]
-    chunk = _rows_per_chunk(z_cols.shape[0], chunk_rows)
+    (self excluded; the positive term only ``with_positive``), unscaled. See the module doc.
+
+    ``saved_logits``: the forward's single chunk of self-masked logits (no recomputation).
+    The second exponential is a product of row and column scalars where that is exact
+    (:func:`_exp_factorizable`): one exponential per logit instead of two."""
+    n_rows, n_cols = z_rows.shape[0], z_cols.shape[0]
+    chunk = n_rows if saved_logits is not None else _rows_per_chunk(n_cols, chunk_rows)
+    factored = _exp_factorizable(inv_temp, n_cols)
+    shift = math.log(max(n_cols - 1, 1))
+    col_factor = (shift - lse_cols).exp() if factored else None
     parts = []
     for start in range(0, n_rows, chunk):
         stop = min(n_rows, start + chunk)
-        logits = (z_rows[start:stop] @ z_cols.T).mul_(inv_temp)
-        row_weights = (logits - lse_rows[start:stop, None]).exp_()
-        weights = logits.sub_(lse_cols[None, :]).exp_().add_(row_weights)
-        del row_weights
+        if saved_logits is not None:
+            weights = saved_logits - lse_rows[start:stop, None]
+        else:
+            weights = (z_rows[start:stop] @ z_cols.T).mul_(inv_temp).sub_(lse_rows[start:stop, None])
+        if factored:
+            # e^{S-lse_k}·(1 + e^{lse_k - c}·e^{c - lse_m})
+            weights.exp_()
+            weights.mul_(torch.outer((lse_rows[start:stop] - shift).exp(), col_factor).add_(1.0))
+        else:
+            # e^{S-lse_m} = e^{(S-lse_k) + lse_k - lse_m}
+            other = weights.clone().add_(lse_rows[start:stop, None]).sub_(lse_cols[None, :]).exp_()
+            weights.exp_().add_(other)
+            del other
         self_cols, pos_cols = _pair_columns(start, stop, n_local, col_offset, z_rows.device)
         weights.scatter_(1, self_cols[:, None], 0.0)
         if with_positive:
@@ -179,22 +210,23 @@ class _NTXentTorch(torch.autograd.Function):
             col_offset = distributed.rank() * 2 * n_local
         else:
             z_cols, col_offset = z_rows, 0
-        lse, positives = _pair_lse_forward(z_rows, z_cols, inv_temp, n_local, col_offset, True, chunk_rows)
+        lse, positives, logits = _pair_lse_forward(z_rows, z_cols, inv_temp, n_local, col_offset, True, chunk_rows)
         assert positives is not None
         lse_cols = distributed.gather_no_grad(lse) if use_dist else lse
-        ctx.save_for_backward(out0, out1, norms, lse, lse_cols, z_cols if use_dist else None)
+        ctx.save_for_backward(out0, out1, norms, lse, lse_cols, z_cols if use_dist else None, logits)
         ctx.meta = (inv_temp, n_local, col_offset, chunk_rows, use_dist)
         return (lse - positives).mean().float()
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
-        out0, out1, norms, lse, lse_cols, saved_cols = ctx.saved_tensors
+        out0, out1, norms, lse, lse_cols, saved_cols, logits = ctx.saved_tensors
         inv_temp, n_local, col_offset, chunk_rows, use_dist = ctx.meta
         acc = norms.dtype
         x = torch.cat([out0.to(acc), out1.to(acc)])
         z_rows = x / norms.clamp_min(_NORM_EPS)[:, None]
         z_cols = saved_cols if use_dist else z_rows
-        grad_z = _pair_lse_backward(z_rows, z_cols, lse, lse_cols, inv_temp, n_local, col_offset, True, chunk_rows)
+        grad_z = _pair_lse_backward(z_rows, z_cols, lse, lse_cols, inv_temp, n_local, col_offset, True, chunk_rows,
+                                    saved_logits=logits)
         # 1/(2n): the row count of this rank, which makes the distributed gradient W × the global one.
         grad_z = grad_z * (grad_loss.to(acc) * (inv_temp / (2 * n_local)))
         grad_x = _normalize_backward(z_rows, norms, grad_z)
@@ -285,7 +317,7 @@ class _UniformityTorch(torch.autograd.Function):
         acc = _acc_dtype(z.dtype)
         n = z.shape[0]
         z_hat, norms = _normalize_forward(z, acc)
-        row_lse, _ = _pair_lse_forward(z_hat, z_hat, 2.0 * t, n, 0, False, chunk_rows)
+        row_lse, _, _ = _pair_lse_forward(z_hat, z_hat, 2.0 * t, n, 0, False, chunk_rows)
         total_lse = torch.logsumexp(row_lse, dim=0)
         ctx.save_for_backward(z, norms, total_lse)
         ctx.meta = (t, chunk_rows)

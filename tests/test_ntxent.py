@@ -14,6 +14,7 @@ import sys
 import tempfile
 import types
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -70,6 +71,35 @@ def test_ntxent_torch_matches_reference(n, d, dtype, small_chunks):
             lambda x, y: reference.ntxent_loss(x, y, temperature),
             [a, b],
         )
+
+
+@pytest.mark.parametrize("temperature", [0.3, -1.0, 0.01])
+@pytest.mark.parametrize("n,d", [(1, 3), (3, 129), (40, 7)])
+def test_ntxent_torch_single_chunk_matches_reference(n, d, temperature):
+    """Without the small-chunk fixture the logits form one chunk, which the backward reuses;
+    τ = 0.01 (2/|τ| = 200) takes the two-exponential form of the backward."""
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = awkward_inputs(n, d, dtype=dtype, non_contiguous=True)
+        assert_matches_reference(
+            lambda x, y: FS.ntxent_loss(x, y, temperature, backend="torch"),
+            lambda x, y: reference.ntxent_loss(x, y, temperature),
+            [a, b],
+        )
+
+
+@pytest.mark.parametrize("temperature", [0.3, 0.01])
+def test_factored_and_two_exponential_backward_agree(temperature):
+    z = F.normalize(torch.randn(30, 6, dtype=torch.float64), dim=1)
+    lse, _, logits = ntxent._pair_lse_forward(z, z, 1 / temperature, 15, 0, True, None)
+    args = (z, z, lse, lse, 1 / temperature, 15, 0, True, 7)
+    factored = ntxent._pair_lse_backward(*args)
+    recomputed_one_chunk = ntxent._pair_lse_backward(*args, saved_logits=logits)
+    factorizable = ntxent._exp_factorizable(1 / temperature, 30)
+    assert factorizable == (temperature > 0.1)
+    with mock.patch.object(ntxent, "_exp_factorizable", lambda *_: not factorizable):
+        other_form = ntxent._pair_lse_backward(*args)
+    torch.testing.assert_close(factored, other_form, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(factored, recomputed_one_chunk, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
