@@ -9,10 +9,12 @@ import os
 import socket
 import subprocess
 import sys
-import warnings
+import tarfile
 
+import numpy as np
 import pytest
 import torch
+from test_train_units import _write_cifar10, _write_png
 
 from fastssl.train import plots
 from fastssl.train.cli import main
@@ -150,6 +152,38 @@ def test_clear_errors(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     assert "error:" in err and message in err
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def _tiny_data_args(out):
+    argv = ["--output-dir", str(out), "--epochs", "1"] + TINY
+    for flag in ("--num-train", "--num-test"):
+        i = argv.index(flag)
+        del argv[i : i + 2]
+    return argv
+
+
+def test_user_data_sets_train_end_to_end(tmp_path):
+    rng = np.random.default_rng(0)
+    _write_cifar10(tmp_path / "c" / "cifar-10-batches-py", rng)
+    tarball = tmp_path / "cifar.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(tmp_path / "c", arcname=".")
+    argv = _tiny_data_args(tmp_path / "cifar") + ["--dataset", "cifar10", "--data-path", str(tarball), "--batch-size", "4"]
+    assert main(argv) == 0
+    records = read_metrics(str(tmp_path / "cifar"))
+    assert [r["epoch"] for r in records] == [0, 1] and math.isfinite(records[1]["loss"])
+    assert "linear_probe_top1" in records[1]
+    pytest.importorskip("sklearn")
+    assert main(_tiny_data_args(tmp_path / "digits") + ["--dataset", "digits", "--batch-size", "64"]) == 0
+    assert len(read_metrics(str(tmp_path / "digits"))) == 2
+    pytest.importorskip("PIL")
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(6):
+            _write_png(tmp_path / "imgs" / cls / f"{i}.png", rng.integers(0, 255, size=(20, 24, 3), dtype=np.uint8))
+    argv = _tiny_data_args(tmp_path / "folder") + ["--dataset", "folder", "--data-path", str(tmp_path / "imgs"), "--batch-size", "4"]
+    assert main(argv) == 0
+    assert len(read_metrics(str(tmp_path / "folder"))) == 2
 
 
 def test_plots_written_or_skipped_with_a_warning(tmp_path, monkeypatch):

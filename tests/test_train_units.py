@@ -3,10 +3,8 @@ optimizers and schedules, evaluation."""
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import os
 import pickle
 import tarfile
 

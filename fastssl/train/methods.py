@@ -23,7 +23,7 @@ simsiam                 projector F-2F-2F-2F with BN on the output, predictor 2F
 barlow_twins, vicreg    projector F-4F-4F-4F [8192-8192-8192]
 swav                    projector F-2F-128, L2-normalized, prototypes (normalized rows)
 wmse                    projector F-2F-64 [1024-64]
-dino                    head F-2F-2F-256 (GELU), L2 norm, weight-normed K prototypes
+dino                    head F-2F-2F-min(256,F) (GELU), L2 norm, weight-normed K prototypes
                         [2048-2048-256, K = 65536], EMA teacher, multi-crop
 center_penalty          projector F-F-128 and Jha et al.'s invariance + center penalty
 ======================  =================================================================
@@ -41,7 +41,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fastssl
-from fastssl import distributed
 from fastssl.train.config import ConfigError, TrainConfig
 from fastssl.train.models import DINOHead, NormalizedLinear, build_backbone, mlp
 
