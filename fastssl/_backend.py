@@ -3,7 +3,8 @@
 Three implementations exist for each loss (see DESIGN):
 
 * ``"reference"`` -- the textbook formula in :mod:`fastssl.reference`;
-* ``"torch"``     -- optimized pure PyTorch in :mod:`fastssl.ops`, the default on CPU;
+* ``"torch"``     -- optimized pure PyTorch in each family's module (``fastssl/<family>.py``),
+  the default on CPU;
 * ``"triton"``    -- fused kernels in :mod:`fastssl.kernels`, the default on CUDA.
 
 ``"auto"`` resolves to ``"triton"`` for CUDA tensors when Triton imports and the family has a

@@ -366,7 +366,7 @@ def uniformity(z: Tensor, t: float = 2.0) -> Tensor:
     if n < 2:
         return z.new_tensor(float("nan"))
     z = F.normalize(z, dim=1)
-    sq_dist = torch.cdist(z, z).pow(2)
+    sq_dist = (z[:, None, :] - z[None, :, :]).pow(2).sum(dim=-1)
     distinct = ~torch.eye(n, dtype=torch.bool, device=z.device)
     return torch.logsumexp(-t * sq_dist[distinct], dim=0) - math.log(n * (n - 1))
 
