@@ -259,6 +259,8 @@ def _gram_forward_kernel(
     scale_ptr,
     gram_a_ptr,
     gram_b_ptr,
+    gram_diag_a_ptr,
+    gram_diag_b_ptr,
     partial_ptr,
     diag_ptr,
     n_rows,
@@ -279,7 +281,9 @@ def _gram_forward_kernel(
     off the diagonal for the mirrored tile; 0 for q < p. Diagonal tiles also write their row
     block's column sums, diag[p] = Σ_b â b̂ (Barlow Twins) or (Σ_b â², Σ_b b̂²) (VICReg): the
     diagonal of the d×d matrix, subtracted from the norm. With STORE_GRAM, gram_a and gram_b
-    (N, N) get the Grams times ``gram_scale``. SPLIT (half inputs): operands as hi + lo.
+    (N, N) get the Grams times ``gram_scale`` with their diagonal set to 0, and gram_diag_a,
+    gram_diag_b (N,) that diagonal: the backward multiplies the two parts separately (see
+    :func:`_gram_backward_kernel`). SPLIT (half inputs): operands as hi + lo.
     """
     pid_p = tl.program_id(0)
     pid_q = tl.program_id(1)
@@ -346,13 +350,19 @@ def _gram_forward_kernel(
     tl.store(partial_ptr + pid_p * n_blocks + pid_q, part * weight)
     if STORE_GRAM:
         mask = valid_p[:, None] & valid_q[None, :]
+        on_diagonal = rows_p[:, None] == rows_q[None, :]
+        if pid_p == pid_q:
+            tl.store(gram_diag_a_ptr + rows_p, tl.sum(tl.where(on_diagonal, acc_a, 0.0), axis=1) * gram_scale, mask=valid_p)
+            tl.store(gram_diag_b_ptr + rows_p, tl.sum(tl.where(on_diagonal, acc_b, 0.0), axis=1) * gram_scale, mask=valid_p)
+        off_a = tl.where(on_diagonal, 0.0, acc_a) * gram_scale
+        off_b = tl.where(on_diagonal, 0.0, acc_b) * gram_scale
         offsets = rows_p[:, None].to(tl.int64) * n_rows + rows_q[None, :]
-        tl.store(gram_a_ptr + offsets, acc_a * gram_scale, mask=mask)
-        tl.store(gram_b_ptr + offsets, acc_b * gram_scale, mask=mask)
+        tl.store(gram_a_ptr + offsets, off_a, mask=mask)
+        tl.store(gram_b_ptr + offsets, off_b, mask=mask)
         if pid_p != pid_q:
             mirrored = rows_q[None, :].to(tl.int64) * n_rows + rows_p[:, None]
-            tl.store(gram_a_ptr + mirrored, acc_a * gram_scale, mask=mask)
-            tl.store(gram_b_ptr + mirrored, acc_b * gram_scale, mask=mask)
+            tl.store(gram_a_ptr + mirrored, off_a, mask=mask)
+            tl.store(gram_b_ptr + mirrored, off_b, mask=mask)
 
 
 @triton.jit
@@ -516,6 +526,8 @@ def _gradient_epilogue(
     acc_b,
     diag_a,
     diag_b,
+    gram_diag_a,
+    gram_diag_b,
     a_ptr,
     a_stride_n,
     a_stride_d,
@@ -544,21 +556,26 @@ def _gradient_epilogue(
 ):
     """The rest of the gradient formula on an (N, d) tile of the products ``acc_a``, ``acc_b``.
 
-    ``diag_a``, ``diag_b`` (gram path): per column, the diagonal part of the products, which the
-    formulas remove (see :func:`_gram_backward_kernel`). Â, B̂ are (z − shift)·scale.
+    Gram path (see :func:`_gram_backward_kernel`): ``acc`` holds the products with the Grams'
+    off-diagonal entries, ``gram_diag_*`` (per row) their diagonal, which is applied here to the
+    unrounded view; ``diag_*`` (per column) the sums S_j = Σ_k P_kj Ṽ_kj for the d×d-diagonal
+    part of the products, P_pj·(S_j + P_pj(V_pj − Ṽ_pj)) once the row's own term is the exact one.
+    Â, B̂ are (z − shift)·scale; Ã, B̃ the same rounded to the input dtype.
 
-    Barlow Twins. Gram path, acc = (G_b Ã, G_a B̃)/d:
-        δ_a = c1·acc_a − c2·B̂·diag_a + B̂·vec[0]       (c1 = 2λd/N², c2 = 2λ/N², vec[0] = 2(C_jj − 1)/N)
+    Barlow Twins. Gram path, T_a = (G_b Ã)/d with its diagonal term exact:
+        δ_a = c1·T_a − c2·B̂·(S_a + B̂(Â − Ã)) + B̂·vec[0]   (c1 = 2λd/N², c2 = 2λ/N², vec[0] = 2(C_jj − 1)/N)
     Cross path, acc = (B̃Gᵀ, ÃG): δ_a = c1·acc_a (c1 = 1/N). Then
         not FINALIZE: out_a[row block] = Σ_rows δ_a Â     (partial column sums)
         FINALIZE:     ∂L/∂z_a = go·r_a·(δ_a − Â·vec[1])   (vec[1] = w_a = mean_b δ_a Â, r = scale)
     and the same with a and b swapped (vec[2] = w_b).
-    VICReg, with X = z − shift and cov_a = c3·acc_a − c4·X_a·diag_a (gram path, acc = G_a X̃_a/d,
-    c3 = d/(N−1), c4 = 1/(N−1)) or cov_a = acc_a (cross path, acc = X̃_a K_off,a):
+    VICReg, with X = z − shift and cov_a = c3·T_a − c4·X_a·(S_a + X_a(X_a − X̃_a)) (gram path,
+    T_a = G_a X̃_a/d with its diagonal term exact, c3 = d/(N−1), c4 = 1/(N−1)) or cov_a = acc_a
+    (cross path, acc = X̃_a K_off,a):
         ∂L/∂z_a = go·(c1(z_a − z_b) + vec[0]·X_a + c2·cov_a)
     with c1 = 2λ/(Nd), c2 = 4ν/(d(N−1)), vec[0] the hinge factor −μ[σ<1]/(2d(N−1)σ); for b: −c1,
     vec[1]. The centering's own backward adds nothing: every column of X sums to 0.
     """
+    DTYPE = a_ptr.dtype.element_ty
     col_mask = cols < n_cols
     mask = (rows < n_rows)[:, None] & col_mask[None, :]
     rows64 = rows[:, None].to(tl.int64)
@@ -575,8 +592,16 @@ def _gradient_epilogue(
         hinge_b = tl.load(vec_ptr + n_cols + cols, mask=col_mask, other=0.0)[None, :]
         invariance = c1 * (z_a - z_b)
         if GRAM:
-            cov_a = c3 * acc_a - c4 * x_a * diag_a[None, :]
-            cov_b = c3 * acc_b - c4 * x_b * diag_b[None, :]
+            if EMULATE_BF16:
+                x_a_seen = _bf16_rtne(x_a)
+                x_b_seen = _bf16_rtne(x_b)
+            else:
+                x_a_seen = x_a.to(DTYPE).to(tl.float32)
+                x_b_seen = x_b.to(DTYPE).to(tl.float32)
+            t_a = acc_a + gram_diag_a[:, None] * x_a
+            t_b = acc_b + gram_diag_b[:, None] * x_b
+            cov_a = c3 * t_a - c4 * x_a * (diag_a[None, :] + x_a * (x_a - x_a_seen))
+            cov_b = c3 * t_b - c4 * x_b * (diag_b[None, :] + x_b * (x_b - x_b_seen))
         else:
             cov_a = acc_a
             cov_b = acc_b
@@ -593,12 +618,21 @@ def _gradient_epilogue(
         scale_b = tl.load(scale_ptr + n_cols + cols, mask=col_mask, other=0.0)[None, :]
         hat_a = tl.where(mask, (z_a - shift_a) * scale_a, 0.0)
         hat_b = tl.where(mask, (z_b - shift_b) * scale_b, 0.0)
-        delta_a = c1 * acc_a
-        delta_b = c1 * acc_b
         if GRAM:
+            if EMULATE_BF16:
+                hat_a_seen = _bf16_rtne(hat_a)
+                hat_b_seen = _bf16_rtne(hat_b)
+            else:
+                hat_a_seen = hat_a.to(DTYPE).to(tl.float32)
+                hat_b_seen = hat_b.to(DTYPE).to(tl.float32)
             diag_grad = tl.load(vec_ptr + cols, mask=col_mask, other=0.0)[None, :]
-            delta_a += hat_b * (diag_grad - c2 * diag_a[None, :])
-            delta_b += hat_a * (diag_grad - c2 * diag_b[None, :])
+            t_a = acc_a + gram_diag_a[:, None] * hat_a
+            t_b = acc_b + gram_diag_b[:, None] * hat_b
+            delta_a = c1 * t_a + hat_b * (diag_grad - c2 * (diag_a[None, :] + hat_b * (hat_a - hat_a_seen)))
+            delta_b = c1 * t_b + hat_a * (diag_grad - c2 * (diag_b[None, :] + hat_a * (hat_b - hat_b_seen)))
+        else:
+            delta_a = c1 * acc_a
+            delta_b = c1 * acc_b
         if FINALIZE:
             w_a = tl.load(vec_ptr + n_cols + cols, mask=col_mask, other=0.0)[None, :]
             w_b = tl.load(vec_ptr + 2 * n_cols + cols, mask=col_mask, other=0.0)[None, :]
@@ -629,6 +663,8 @@ def _gram_backward_kernel(
     scale_ptr,
     gram_for_a_ptr,
     gram_for_b_ptr,
+    gram_diag_for_a_ptr,
+    gram_diag_for_b_ptr,
     vec_ptr,
     go_ptr,
     out_a_ptr,
@@ -652,6 +688,11 @@ def _gram_backward_kernel(
     :func:`_gradient_epilogue`. Barlow Twins passes (G_b, G_a), VICReg (G_a, G_b): N×N fp32
     Grams of the fp32 views V_v (standardized or centered), scaled by 1/d; Ṽ is V rounded to
     the input dtype.
+
+    The Grams come without their diagonal, which the epilogue applies to the unrounded V: for
+    N ≪ d, G ≈ (d/N)·tr-scaled identity, G·V is nearly parallel to V, and the batch-norm
+    projection (Barlow Twins) or the diagonal subtraction (VICReg) removes most of it; a G_pp
+    applied to a rounded Ṽ_pj would leave its rounding error, d·2⁻⁹·|V|, as the gradient.
 
     Both losses need these products without their d×d-diagonal part: with G = P Pᵀ (P the
     partner view: B̂ for a in Barlow Twins, X_a itself in VICReg), G Ṽ = P (Pᵀ Ṽ), whose
@@ -722,10 +763,12 @@ def _gram_backward_kernel(
                 g_b_lo = g_b_lo.to(DTYPE)
             acc_a = tl.dot(g_a_lo, v_a_op, acc_a, input_precision=DOT_PRECISION)
             acc_b = tl.dot(g_b_lo, v_b_op, acc_b, input_precision=DOT_PRECISION)
+    gram_diag_a = tl.load(gram_diag_for_a_ptr + rows_p, mask=valid_p, other=0.0)
+    gram_diag_b = tl.load(gram_diag_for_b_ptr + rows_p, mask=valid_p, other=0.0)
     _gradient_epilogue(
-        acc_a, acc_b, diag_a, diag_b, a_ptr, a_stride_n, a_stride_d, b_ptr, b_stride_n, b_stride_d,
-        shift_ptr, scale_ptr, vec_ptr, go_ptr, out_a_ptr, out_b_ptr, rows_p, cols, pid_p, n_rows, n_cols,
-        c1, c2, c3, c4, VICREG, True, FINALIZE, EMULATE_BF16,
+        acc_a, acc_b, diag_a, diag_b, gram_diag_a, gram_diag_b, a_ptr, a_stride_n, a_stride_d, b_ptr,
+        b_stride_n, b_stride_d, shift_ptr, scale_ptr, vec_ptr, go_ptr, out_a_ptr, out_b_ptr, rows_p, cols,
+        pid_p, n_rows, n_cols, c1, c2, c3, c4, VICREG, True, FINALIZE, EMULATE_BF16,
     )  # fmt: skip
 
 
@@ -809,11 +852,12 @@ def _cross_backward_kernel(
         else:
             acc_a = tl.dot(v_b, m_a, acc_a, input_precision=DOT_PRECISION)
             acc_b = tl.dot(v_a, m_b, acc_b, input_precision=DOT_PRECISION)
-    no_diagonal = tl.zeros([BLOCK_N], dtype=tl.float32)
+    no_columns = tl.zeros([BLOCK_N], dtype=tl.float32)
+    no_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
     _gradient_epilogue(
-        acc_a, acc_b, no_diagonal, no_diagonal, a_ptr, a_stride_n, a_stride_d, b_ptr, b_stride_n, b_stride_d,
-        shift_ptr, scale_ptr, vec_ptr, go_ptr, out_a_ptr, out_b_ptr, rows, cols, pid_p, n_rows, n_cols,
-        c1, c2, 1.0, 0.0, VICREG, False, True, EMULATE_BF16,
+        acc_a, acc_b, no_columns, no_columns, no_rows, no_rows, a_ptr, a_stride_n, a_stride_d, b_ptr,
+        b_stride_n, b_stride_d, shift_ptr, scale_ptr, vec_ptr, go_ptr, out_a_ptr, out_b_ptr, rows, cols,
+        pid_p, n_rows, n_cols, c1, c2, 1.0, 0.0, VICREG, False, True, EMULATE_BF16,
     )  # fmt: skip
 
 
@@ -866,15 +910,16 @@ def _views(z_a: Tensor, z_b: Tensor) -> Tuple:
 
 def gram_forward(
     z_a: Tensor, z_b: Tensor, shift: Tensor, scale: Tensor, vicreg: bool, store_gram: bool
-) -> Tuple[Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """N×N Gram tiles of the standardized (Barlow Twins) or centered (VICReg) views.
 
     Args:
         z_a, z_b: (N, d) inputs; shift, scale: (2, d) float32 (per view, per column).
     Returns:
         partial (nb, nb) float32 whose sum is ⟨G_a, G_b⟩ (Barlow Twins) or ‖G_a‖² + ‖G_b‖²;
-        diag (nb, d) or (nb, 2, d) column sums of ã·b̃ or (ã², b̃²) per row block;
-        gram (2, N, N) float32 = (G_a, G_b)/d if ``store_gram``, else (2, 0).
+        diag (nb, d) or (nb, 2, d) column sums of â·b̂ or (â², b̂²) per row block;
+        gram (2, N, N) float32 = (G_a, G_b)/d without their diagonal and gram_diag (2, N) that
+        diagonal, if ``store_gram`` (else empty).
     """
     n, d = z_a.shape
     block, block_k = _tile(z_a, n), _step(z_a, d)
@@ -882,13 +927,15 @@ def gram_forward(
     device = z_a.device
     partial = _new_buffer((blocks, blocks), dtype=torch.float32, device=device)
     diag = _new_buffer((blocks, 2, d) if vicreg else (blocks, d), dtype=torch.float32, device=device)
-    gram = _new_buffer((2, n, n) if store_gram else (2, 0), dtype=torch.float32, device=device)
+    gram = _new_buffer((2, n, n) if store_gram else (2, 0, 0), dtype=torch.float32, device=device)
+    gram_diag = _new_buffer((2, n) if store_gram else (2, 0), dtype=torch.float32, device=device)
+    stores = (gram[0], gram[1], gram_diag[0], gram_diag[1]) if store_gram else (partial,) * 4
     _gram_forward_kernel[(blocks, blocks)](
-        *_views(z_a, z_b), shift, scale, *(gram if store_gram else (partial, partial)), partial, diag, n, d, 1.0 / d,
+        *_views(z_a, z_b), shift, scale, *stores, partial, diag, n, d, 1.0 / d,
         VICREG=vicreg, STORE_GRAM=store_gram, SPLIT=z_a.dtype != torch.float32, BLOCK=block, BLOCK_K=block_k,
         DOT_PRECISION=_dot_precision(device), EMULATE_BF16=_emulate_bf16(z_a), num_warps=_MATMUL_WARPS,
     )  # fmt: skip
-    return partial, diag, gram
+    return partial, diag, gram, gram_diag
 
 
 def cross_forward(z_a: Tensor, z_b: Tensor, shift: Tensor, scale: Tensor, vicreg: bool, inv_norm: float, lambda_param: float) -> Tensor:
@@ -939,6 +986,8 @@ def gram_backward(
     scale: Tensor,
     gram_for_a: Tensor,
     gram_for_b: Tensor,
+    gram_diag_for_a: Tensor,
+    gram_diag_for_b: Tensor,
     vec: Tensor,
     grad_loss: Tensor,
     coefficients: Tuple[float, float, float, float],
@@ -960,7 +1009,8 @@ def gram_backward(
         out_a = _new_buffer((row_blocks, d), dtype=torch.float32, device=device)
         out_b = _new_buffer((row_blocks, d), dtype=torch.float32, device=device)
     _gram_backward_kernel[(row_blocks, triton.cdiv(d, block_n))](
-        *_views(z_a, z_b), shift, scale, gram_for_a, gram_for_b, vec, grad_loss, out_a, out_b, n, d,
+        *_views(z_a, z_b), shift, scale, gram_for_a, gram_for_b, gram_diag_for_a, gram_diag_for_b, vec,
+        grad_loss, out_a, out_b, n, d,
         *coefficients, VICREG=vicreg, FINALIZE=finalize, SPLIT_GRAM=z_a.dtype != torch.float32 and 2 * n > d,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_PRECISION=_dot_precision(device), EMULATE_BF16=_emulate_bf16(z_a), num_warps=_MATMUL_WARPS,
@@ -1018,9 +1068,9 @@ class _BarlowTwinsTriton(torch.autograd.Function):
         shift = torch.stack([mean_a, mean_b])
         c_diag = co * inv_std[0] * inv_std[1] / n
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        gram = None
+        gram = gram_diag = None
         if use_gram:
-            partial, diag, gram = gram_forward(z_a, z_b, shift, inv_std, vicreg=False, store_gram=needs_grad)
+            partial, diag, gram, gram_diag = gram_forward(z_a, z_b, shift, inv_std, vicreg=False, store_gram=needs_grad)
             # ‖C‖² − Σ C_ii², the diagonal summed from the same tiles as the Grams
             diag_of_products = diag.sum(0) / n
             off_diag = partial.sum() / (n * n) - torch.dot(diag_of_products, diag_of_products)
@@ -1029,7 +1079,7 @@ class _BarlowTwinsTriton(torch.autograd.Function):
         else:
             loss = cross_forward(z_a, z_b, shift, inv_std, vicreg=False, inv_norm=1.0 / n, lambda_param=lambda_param).sum()
         if needs_grad:
-            saved = [z_a, z_b, shift, inv_std, c_diag] + ([gram] if use_gram else [])
+            saved = [z_a, z_b, shift, inv_std, c_diag] + ([gram, gram_diag] if use_gram else [])
             ctx.save_for_backward(*saved)
         ctx.lambda_param, ctx.use_gram = lambda_param, use_gram
         return loss
@@ -1042,12 +1092,12 @@ class _BarlowTwinsTriton(torch.autograd.Function):
         n, d = z_a.shape
         go = _upstream(grad_loss)
         if ctx.use_gram:
-            (gram,) = ctx.saved_tensors[5:]
+            gram, gram_diag = ctx.saved_tensors[5:]
             # δ_a = (2λ/N²)(G_b Â − its diagonal part) + B̂·2(C_jj − 1)/N; the stored Grams carry 1/d
             diag_grad = 2 * (c_diag - 1) / n
             vec = torch.stack([diag_grad, torch.zeros_like(diag_grad), torch.zeros_like(diag_grad)])
             coefficients = (2 * lam * d / (n * n), 2 * lam / (n * n), 0.0, 0.0)
-            args = (z_a, z_b, shift, inv_std, gram[1], gram[0])
+            args = (z_a, z_b, shift, inv_std, gram[1], gram[0], gram_diag[1], gram_diag[0])
             sums_a, sums_b = gram_backward(*args, vec, go, coefficients, vicreg=False, finalize=False)
             # batch-norm's w = mean_b(δ Â) per column, from the row-block partial sums
             vec[1] = sums_a.sum(0) / n
@@ -1079,9 +1129,9 @@ class _VICRegTriton(torch.autograd.Function):
         variance = torch.relu(1 - std).mean(dim=1).sum()
         ones = torch.ones_like(shift)
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        gram = None
+        gram = gram_diag = None
         if use_gram:
-            partial, diag, gram = gram_forward(z_a, z_b, shift, ones, vicreg=True, store_gram=needs_grad)
+            partial, diag, gram, gram_diag = gram_forward(z_a, z_b, shift, ones, vicreg=True, store_gram=needs_grad)
             k_diag = diag.sum(0) / (n - 1)  # (2, d): diag K of each view, summed from the Grams' tiles
             off = (partial.sum() / ((n - 1) ** 2) - (k_diag * k_diag).sum()).clamp_min(0)
         else:
@@ -1089,7 +1139,7 @@ class _VICRegTriton(torch.autograd.Function):
         covariance = off / d
         if needs_grad:
             hinge = torch.where(std < 1, -0.5 * mu_param / (d * (n - 1)) / std, torch.zeros_like(std))
-            saved = [z_a, z_b, shift, ones, hinge] + ([gram] if use_gram else [])
+            saved = [z_a, z_b, shift, ones, hinge] + ([gram, gram_diag] if use_gram else [])
             ctx.save_for_backward(*saved)
         ctx.hyper = (lambda_param, nu_param, use_gram)
         return lambda_param * invariance + mu_param * 0.5 * variance + nu_param * covariance
@@ -1104,10 +1154,11 @@ class _VICRegTriton(torch.autograd.Function):
         invariance_coef = 2 * lam / (n * d)
         cov_coef = 4 * nu / (d * (n - 1))
         if use_gram:
-            (gram,) = ctx.saved_tensors[5:]
+            gram, gram_diag = ctx.saved_tensors[5:]
             coefficients = (invariance_coef, cov_coef, d / (n - 1), 1 / (n - 1))  # the stored Grams carry 1/d
             return gram_backward(
-                z_a, z_b, shift, ones, gram[0], gram[1], hinge, go, coefficients, vicreg=True, finalize=True
+                z_a, z_b, shift, ones, gram[0], gram[1], gram_diag[0], gram_diag[1], hinge, go, coefficients,
+                vicreg=True, finalize=True,
             ) + (None,) * 5
         k_off, _, _ = cross_backward_matrix(z_a, z_b, shift, ones, vicreg=True, inv_norm=1.0 / (n - 1), lambda_param=0.0)
         grads = cross_backward(
