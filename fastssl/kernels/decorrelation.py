@@ -16,10 +16,11 @@ Kernels:
    invariance), merged chunk by chunk with Chan's parallel update (no E[x²]−E[x]²
    cancellation); rows are split over a second grid axis and the splits merged in PyTorch.
 2. Gram path (N < d, never a d×d buffer):
-   :func:`_gram_forward_kernel` -- N×N tiles of G_a = ÃÃᵀ and G_b = B̃B̃ᵀ (upper triangle only,
+   :func:`_gram_forward_kernel` -- N×N tiles of G_a = ÂÂᵀ and G_b = B̂B̂ᵀ (upper triangle only,
    the Grams are symmetric), reduced in the tile to ⟨G_a, G_b⟩ (Barlow Twins) or
    ‖G_a‖² + ‖G_b‖² (VICReg), plus the diagonal of the d×d matrix from column sums of the
-   same tiles; the Grams are kept (N×N, fp32) only when a gradient is needed.
+   same tiles; the Grams are kept (N×N fp32, their own diagonal apart) only when a gradient
+   is needed.
    :func:`_gram_backward_kernel` -- (N, d) tiles of G·Ṽ, with the whole gradient formula in the
    epilogue (VICReg: one pass; Barlow Twins: a first pass for the batch-norm column sums
    Σ_b (∂L/∂Â)_bj Â_bj, then the gradient).
@@ -34,10 +35,12 @@ Precision. Half-precision inputs are standardized in fp32 and must be rounded to
 cores. The forward products take each operand as hi + lo (two half values; hi·hi + hi·lo + lo·hi)
 so that the loss value is good to ~16 bits, not to the 8 of a bf16 operand: the loss is a sum of
 squares of these products, and a user comparing backends sees the same number. The backward
-products use single-rounded operands (their error is that of PyTorch's own half-precision
-gradients), except that on the gram path with 2N > d the stored Gram enters as hi + lo too:
-there the diagonal part that the gradient subtracts from G·Ṽ is a large share of it. fp32
-inputs use IEEE fp32 products throughout.
+products use single-rounded operands, with two exceptions on the gram path, where most of
+G·Ṽ cancels in the gradient: the Grams' own diagonal (~√(d/N) times the rest when N ≪ d) is
+applied in fp32 to the unrounded views, and with 2N > d the Gram enters as hi + lo. Measured
+against float64 with nearly equal views (a converged model), the bf16 Barlow Twins gradients
+are then ~10× closer than PyTorch's own bf16 ones (VICReg: 2-3×). fp32 inputs use IEEE fp32
+products throughout.
 
 Cost (2 flops per multiply-add; e bytes per input element). Minimum for the loss itself:
 
