@@ -6,7 +6,8 @@ after that epoch's evaluation, with everything the next epoch reads -- model and
 weights, loss buffers (DINO center, MoCo bank, SwAV queue), optimizer state, step counter,
 and every random state (python, numpy, torch CPU/CUDA, the data-order generator and each
 process's augmentation generator). A resumed run therefore continues bit for bit where the
-uninterrupted one would have gone (same device, thread count and world size).
+uninterrupted one would have gone (same device and world size; on CPU with one thread --
+PyTorch's multi-threaded reductions may change the last bits from run to run).
 """
 
 from __future__ import annotations
