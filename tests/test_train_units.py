@@ -432,3 +432,37 @@ def test_embedding_metrics_flag_collapse():
     assert collapsed["center_vector_norm"] > 0.99 and collapsed["std_of_l2_normalized"] < 1e-3
     spectrum = E.covariance_spectrum(torch.randn(50, 6))
     assert spectrum.shape == (6,) and (spectrum[:-1] >= spectrum[1:]).all()
+
+
+@pytest.mark.parametrize("method, weight", [("swav", "prototypes.weight"), ("dino", "head.last_layer.weight")])
+def test_prototypes_are_frozen_for_the_first_epochs(method, weight):
+    torch.manual_seed(0)
+    cfg = TrainConfig(method=method, width=4, prototypes=8, freeze_prototypes_epochs=2)
+    m = build_method(cfg, 3, 64)
+    views = [torch.randn(8, 3, 16, 16) for _ in range(3)]
+    param = m.get_parameter(weight)
+    for epoch, frozen in ((0, True), (1, True), (2, False)):
+        m.zero_grad(set_to_none=True)
+        m(views, epoch).backward()
+        assert param.grad is not None and param.grad.abs().sum() > 0
+        m.after_backward(epoch)
+        assert (param.grad is None) == frozen
+
+
+def test_swav_queue_keeps_the_newest_embeddings_first():
+    torch.manual_seed(0)
+    m = build_method(TrainConfig(method="swav", width=4, prototypes=8, queue_size=12), 3, 64)
+    dim = m.queue.shape[2]
+    m.embed = lambda z: z  # feed embeddings directly: the queue content is then known exactly
+    batches = [[F.normalize(torch.randn(5, dim), dim=1) for _ in range(2)] for _ in range(3)]
+    for i, views in enumerate(batches):
+        m(views, 1)
+        assert int(m.queue_filled) == 5 * (i + 1)
+    for view in range(2):
+        expected = torch.cat([batches[2][view], batches[1][view], batches[0][view][:2]])
+        torch.testing.assert_close(m.queue[view], expected)
+    # Once full, the queue's scores join Sinkhorn: the loss differs from a queue-less one.
+    with_queue = m(batches[0], 1)
+    m.queue_filled.zero_()
+    without = m(batches[0], 1)
+    assert not torch.isclose(with_queue, without)
