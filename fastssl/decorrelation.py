@@ -83,7 +83,9 @@ class _BarlowTwinsFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z_a: Tensor, z_b: Tensor, lambda_param: float, use_gram: bool) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, z_a: Tensor, z_b: Tensor, lambda_param: float, use_gram: bool
+    ) -> Tensor:
         n, d = z_a.shape
         acc = _accumulation_dtype(z_a, z_b)
         a, mean_a, inv_std_a = _standardize(z_a, acc, BATCH_NORM_EPS)
@@ -163,7 +165,14 @@ class _VICRegFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, z_a: Tensor, z_b: Tensor, lambda_param: float, mu_param: float, nu_param: float, eps: float, use_gram: bool
+        ctx,
+        z_a: Tensor,
+        z_b: Tensor,
+        lambda_param: float,
+        mu_param: float,
+        nu_param: float,
+        eps: float,
+        use_gram: bool,
     ) -> Tensor:
         n, d = z_a.shape
         acc = _accumulation_dtype(z_a, z_b)

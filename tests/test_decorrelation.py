@@ -171,7 +171,9 @@ def test_upstream_gradient_scales_the_input_gradient():
 # --------------------------------------------------------------------------------------------
 
 
-def _off_diagonal_squares_float64(left: torch.Tensor, right: torch.Tensor, symmetric: bool, chunk: int = 1024) -> float:
+def _off_diagonal_squares_float64(
+    left: torch.Tensor, right: torch.Tensor, symmetric: bool, chunk: int = 1024
+) -> float:
     """Σ_{i≠j} (leftᵀ right)_ij² summed entry by entry in float64, one block of rows at a time
     (so that d = 8192 needs a few MB); for a symmetric product only the blocks on and above the
     diagonal are formed."""
@@ -325,7 +327,10 @@ def test_matches_lightly(path, n, d, monkeypatch):
         (fastssl.BarlowTwinsLoss(backend="torch", path=path), bt.BarlowTwinsLoss()),
         (fastssl.BarlowTwinsLoss(0.3, backend="torch", path=path), bt.BarlowTwinsLoss(0.3)),
         (fastssl.VICRegLoss(backend="torch", path=path), vic.VICRegLoss()),
-        (fastssl.VICRegLoss(1.0, 2.0, 3.0, eps=1e-3, backend="torch", path=path), vic.VICRegLoss(1.0, 2.0, 3.0, eps=1e-3)),
+        (
+            fastssl.VICRegLoss(1.0, 2.0, 3.0, eps=1e-3, backend="torch", path=path),
+            vic.VICRegLoss(1.0, 2.0, 3.0, eps=1e-3),
+        ),
     ]
     for ours, theirs in cases:
         assert_matches_reference(ours, lambda x, y: theirs(x, y), [a.float(), b.float()])

@@ -355,8 +355,10 @@ def _gram_forward_kernel(
         mask = valid_p[:, None] & valid_q[None, :]
         on_diagonal = rows_p[:, None] == rows_q[None, :]
         if pid_p == pid_q:
-            tl.store(gram_diag_a_ptr + rows_p, tl.sum(tl.where(on_diagonal, acc_a, 0.0), axis=1) * gram_scale, mask=valid_p)
-            tl.store(gram_diag_b_ptr + rows_p, tl.sum(tl.where(on_diagonal, acc_b, 0.0), axis=1) * gram_scale, mask=valid_p)
+            diag_a = tl.sum(tl.where(on_diagonal, acc_a, 0.0), axis=1)
+            diag_b = tl.sum(tl.where(on_diagonal, acc_b, 0.0), axis=1)
+            tl.store(gram_diag_a_ptr + rows_p, diag_a * gram_scale, mask=valid_p)
+            tl.store(gram_diag_b_ptr + rows_p, diag_b * gram_scale, mask=valid_p)
         off_a = tl.where(on_diagonal, 0.0, acc_a) * gram_scale
         off_b = tl.where(on_diagonal, 0.0, acc_b) * gram_scale
         offsets = rows_p[:, None].to(tl.int64) * n_rows + rows_q[None, :]
@@ -566,7 +568,8 @@ def _gradient_epilogue(
     Â, B̂ are (z − shift)·scale; Ã, B̃ the same rounded to the input dtype.
 
     Barlow Twins. Gram path, T_a = (G_b Ã)/d with its diagonal term exact:
-        δ_a = c1·T_a − c2·B̂·(S_a + B̂(Â − Ã)) + B̂·vec[0]   (c1 = 2λd/N², c2 = 2λ/N², vec[0] = 2(C_jj − 1)/N)
+        δ_a = c1·T_a − c2·B̂·(S_a + B̂(Â − Ã)) + B̂·vec[0]
+    with c1 = 2λd/N², c2 = 2λ/N², vec[0] = 2(C_jj − 1)/N.
     Cross path, acc = (B̃Gᵀ, ÃG): δ_a = c1·acc_a (c1 = 1/N). Then
         not FINALIZE: out_a[row block] = Σ_rows δ_a Â     (partial column sums)
         FINALIZE:     ∂L/∂z_a = go·r_a·(δ_a − Â·vec[1])   (vec[1] = w_a = mean_b δ_a Â, r = scale)
@@ -941,7 +944,9 @@ def gram_forward(
     return partial, diag, gram, gram_diag
 
 
-def cross_forward(z_a: Tensor, z_b: Tensor, shift: Tensor, scale: Tensor, vicreg: bool, inv_norm: float, lambda_param: float) -> Tensor:
+def cross_forward(
+    z_a: Tensor, z_b: Tensor, shift: Tensor, scale: Tensor, vicreg: bool, inv_norm: float, lambda_param: float
+) -> Tensor:
     """d×d tiles reduced to the loss in the tile. Returns (nb, nb) float32 partial sums of
     Σ(1−C_ii)² + λΣ_{i≠j}C_ij² (Barlow Twins) or Σ_{i≠j} K_a² + K_b² (VICReg)."""
     n, d = z_a.shape
@@ -1063,7 +1068,9 @@ class _BarlowTwinsTriton(torch.autograd.Function):
     r"""Barlow Twins on the kernels above (formulas in :class:`fastssl.decorrelation._BarlowTwinsFunction`)."""
 
     @staticmethod
-    def forward(ctx, z_a: Tensor, z_b: Tensor, lambda_param: float, use_gram: bool) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, z_a: Tensor, z_b: Tensor, lambda_param: float, use_gram: bool
+    ) -> Tensor:
         n, d = z_a.shape
         stats = column_stats(z_a, z_b)
         mean_a, mean_b, m2_a, m2_b, co = stats[0], stats[1], stats[2], stats[3], stats[4]
@@ -1073,14 +1080,17 @@ class _BarlowTwinsTriton(torch.autograd.Function):
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         gram = gram_diag = None
         if use_gram:
-            partial, diag, gram, gram_diag = gram_forward(z_a, z_b, shift, inv_std, vicreg=False, store_gram=needs_grad)
+            partial, diag, gram, gram_diag = gram_forward(
+                z_a, z_b, shift, inv_std, vicreg=False, store_gram=needs_grad
+            )
             # ‖C‖² − Σ C_ii², the diagonal summed from the same tiles as the Grams
             diag_of_products = diag.sum(0) / n
             off_diag = partial.sum() / (n * n) - torch.dot(diag_of_products, diag_of_products)
             off_diag = off_diag.clamp_min(0)  # a sum of squares; rounding must not make it negative
             loss = torch.dot(1 - c_diag, 1 - c_diag) + lambda_param * off_diag
         else:
-            loss = cross_forward(z_a, z_b, shift, inv_std, vicreg=False, inv_norm=1.0 / n, lambda_param=lambda_param).sum()
+            partial = cross_forward(z_a, z_b, shift, inv_std, False, inv_norm=1.0 / n, lambda_param=lambda_param)
+            loss = partial.sum()
         if needs_grad:
             saved = [z_a, z_b, shift, inv_std, c_diag] + ([gram, gram_diag] if use_gram else [])
             ctx.save_for_backward(*saved)
@@ -1112,7 +1122,9 @@ class _BarlowTwinsTriton(torch.autograd.Function):
             )
             dl_dc = mat[0]
             vec = torch.stack([torch.zeros_like(c_diag), row_sum.sum(0) / n, col_sum.sum(0) / n])
-            grad_a, grad_b = cross_backward(z_a, z_b, shift, inv_std, dl_dc.T, dl_dc, vec, go, (1.0 / n, 0.0), vicreg=False)
+            grad_a, grad_b = cross_backward(
+                z_a, z_b, shift, inv_std, dl_dc.T, dl_dc, vec, go, (1.0 / n, 0.0), vicreg=False
+            )
         return grad_a, grad_b, None, None
 
 
@@ -1121,7 +1133,14 @@ class _VICRegTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, z_a: Tensor, z_b: Tensor, lambda_param: float, mu_param: float, nu_param: float, eps: float, use_gram: bool
+        ctx,
+        z_a: Tensor,
+        z_b: Tensor,
+        lambda_param: float,
+        mu_param: float,
+        nu_param: float,
+        eps: float,
+        use_gram: bool,
     ) -> Tensor:
         n, d = z_a.shape
         stats = column_stats(z_a, z_b)
@@ -1163,7 +1182,7 @@ class _VICRegTriton(torch.autograd.Function):
                 z_a, z_b, shift, ones, gram[0], gram[1], gram_diag[0], gram_diag[1], hinge, go, coefficients,
                 vicreg=True, finalize=True,
             ) + (None,) * 5
-        k_off, _, _ = cross_backward_matrix(z_a, z_b, shift, ones, vicreg=True, inv_norm=1.0 / (n - 1), lambda_param=0.0)
+        k_off, _, _ = cross_backward_matrix(z_a, z_b, shift, ones, True, inv_norm=1.0 / (n - 1), lambda_param=0.0)
         grads = cross_backward(
             z_a, z_b, shift, ones, k_off[0], k_off[1], hinge, go, (invariance_coef, cov_coef), vicreg=True
         )
