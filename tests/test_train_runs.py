@@ -133,6 +133,14 @@ def test_byol_ablations_and_loss_args_run(tmp_path):
     assert json.loads((tmp_path / "b" / "config.json").read_text())["loss_args"] == {"mu_param": 0}
 
 
+@pytest.mark.parametrize("precision, method", [("bf16", m) for m in METHODS] + [("fp16", "simclr"), ("fp16", "barlow_twins")])
+def test_mixed_precision_paths(tmp_path, precision, method):
+    # On CPU these exercise the autocast (and, for fp16, gradient-scaler) code used on GPUs:
+    # networks in half precision, the losses fed half-precision embeddings outside autocast.
+    records = _train(tmp_path, method, "--epochs", "1", "--precision", precision)
+    assert math.isfinite(records[-1]["loss"])
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

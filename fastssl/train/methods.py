@@ -115,6 +115,13 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
         tb.copy_(ob)
 
 
+def full_precision_loss(reference: Tensor):
+    """Context that switches autocast off around a loss call. The losses take half-precision
+    inputs as they come and accumulate in float32 themselves; autocast would recast the
+    products inside their custom autograd functions (and mix dtypes in their backward)."""
+    return torch.autocast(device_type=reference.device.type, enabled=False)
+
+
 def _frozen_copy(module: nn.Module) -> nn.Module:
     target = copy.deepcopy(module)
     for p in target.parameters():
@@ -176,7 +183,8 @@ class SimCLR(Method):
 
     def forward(self, views: List[Tensor], epoch: int) -> Tensor:
         z0, z1 = self.embed(views[0]), self.embed(views[1])
-        return self.criterion(z0, z1)
+        with full_precision_loss(z0):
+            return self.criterion(z0, z1)
 
 
 class MoCo(Method):
@@ -201,7 +209,8 @@ class MoCo(Method):
         query = self.embed(views[0])
         with torch.no_grad():
             key = self.key_projector(self.key_backbone(views[1]))
-        return self.criterion(query, key)
+        with full_precision_loss(query):
+            return self.criterion(query, key)
 
     def after_step(self, progress: float) -> None:
         m = cosine_momentum(self.ema_momentum, progress)
@@ -247,7 +256,8 @@ class BYOL(Method):
     def forward(self, views: List[Tensor], epoch: int) -> Tensor:
         p0, p1 = (self.predictor(self.embed(v)) for v in views[:2])
         t0, t1 = self._targets(views[:2])
-        return 0.5 * (self.criterion(p0, t1) + self.criterion(p1, t0))
+        with full_precision_loss(p0):
+            return 0.5 * (self.criterion(p0, t1) + self.criterion(p1, t0))
 
     def after_step(self, progress: float) -> None:
         m = cosine_momentum(self.ema_momentum, progress)
@@ -275,7 +285,8 @@ class SimSiam(Method):
         p0, p1 = self.predictor(z0), self.predictor(z1)
         if not self.cfg.no_stop_gradient:
             z0, z1 = z0.detach(), z1.detach()
-        return 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
+        with full_precision_loss(p0):
+            return 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
 
 
 class Decorrelation(Method):
@@ -290,7 +301,9 @@ class Decorrelation(Method):
         self.criterion = _build_loss(cfg, {}, world_size > 1)
 
     def forward(self, views: List[Tensor], epoch: int) -> Tensor:
-        return self.criterion(self.embed(views[0]), self.embed(views[1]))
+        z_a, z_b = self.embed(views[0]), self.embed(views[1])
+        with full_precision_loss(z_a):
+            return self.criterion(z_a, z_b)
 
 
 class BarlowTwins(Decorrelation):
@@ -339,7 +352,8 @@ class SwAV(Method):
                 current = torch.stack([z.detach() for z in embeddings[:2]]).to(self.queue.dtype)
                 self.queue.copy_(torch.cat([current, self.queue], dim=1)[:, :size])
                 self.queue_filled.add_(current.shape[1])
-        return self.criterion(scores[:2], scores[2:], queue_scores)
+        with full_precision_loss(scores[0]):
+            return self.criterion(scores[:2], scores[2:], queue_scores)
 
     def after_backward(self, epoch: int) -> None:
         if epoch < self.cfg.freeze_prototypes_epochs:
@@ -373,7 +387,9 @@ class WMSE(Method):
             )
 
     def forward(self, views: List[Tensor], epoch: int) -> Tensor:
-        return self.criterion(torch.cat([self.embed(views[0]), self.embed(views[1])], dim=0))
+        z = torch.cat([self.embed(views[0]), self.embed(views[1])], dim=0)
+        with full_precision_loss(z):
+            return self.criterion(z)
 
 
 class DINO(Method):
@@ -408,7 +424,8 @@ class DINO(Method):
         with torch.no_grad():
             teacher = [self.teacher_head(self.teacher_backbone(v)) for v in views[:2]]
         student = [self.embed(v) for v in views]
-        return self.criterion(teacher, student, epoch=epoch)
+        with full_precision_loss(student[0]):
+            return self.criterion(teacher, student, epoch=epoch)
 
     def after_backward(self, epoch: int) -> None:
         if epoch < self.cfg.freeze_prototypes_epochs:
@@ -432,7 +449,9 @@ class CenterPenalty(Method):
         self.criterion = _build_loss(cfg, {}, world_size > 1)
 
     def forward(self, views: List[Tensor], epoch: int) -> Tensor:
-        return self.criterion(self.embed(views[0]), self.embed(views[1]))
+        z_a, z_b = self.embed(views[0]), self.embed(views[1])
+        with full_precision_loss(z_a):
+            return self.criterion(z_a, z_b)
 
 
 METHOD_CLASSES = {
