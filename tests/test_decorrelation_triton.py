@@ -162,6 +162,32 @@ def test_float64_and_mixed_dtypes(device):
     torch.testing.assert_close(value, _vicreg_ref()(a.float(), b.bfloat16().float()))
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Dynamo on the lru_cache in backend resolution
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_torch_compile_fullgraph_keeps_the_kernels_whole(device):
+    # The kernels run as torch.library custom ops: Dynamo records each as one node (no graph
+    # break, no tracing into the launchers); aot_eager also runs their fake (shape) functions
+    # and the registered backward.
+    def both(x, y):
+        return decorrelation.barlow_twins_loss(x, y, 0.1, backend="triton") + decorrelation.vicreg_loss(
+            x, y, *VICREG_HYPER, backend="triton"
+        )
+
+    for n, d in [(6, 10), (10, 6)]:  # gram and cross paths
+        torch._dynamo.reset()
+        a, b = awkward_inputs(n, d, device=device)
+        compiled = torch.compile(both, fullgraph=True, backend="aot_eager")
+        xa, xb = a.clone().requires_grad_(), b.clone().requires_grad_()
+        value = compiled(xa, xb)
+        value.backward()
+        ya, yb = a.clone().requires_grad_(), b.clone().requires_grad_()
+        expected = both(ya, yb)
+        expected.backward()
+        torch.testing.assert_close(value, expected)
+        torch.testing.assert_close(xa.grad, ya.grad)
+        torch.testing.assert_close(xb.grad, yb.grad)
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy, under the interpreter, on inf − inf
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("path", ["gram", "cross"])

@@ -340,11 +340,12 @@ def _gram_forward_kernel(
             acc_a = tl.dot(a_p, tl.trans(a_q), acc_a, input_precision=DOT_PRECISION)
             acc_b = tl.dot(b_p, tl.trans(b_q), acc_b, input_precision=DOT_PRECISION)
         if pid_p == pid_q:
+            diag_row = pid_p.to(tl.int64) * n_cols
             if VICREG:
-                tl.store(diag_ptr + (2 * pid_p) * n_cols + cols, tl.sum(a_p * a_p, axis=0), mask=col_mask)
-                tl.store(diag_ptr + (2 * pid_p + 1) * n_cols + cols, tl.sum(b_p * b_p, axis=0), mask=col_mask)
+                tl.store(diag_ptr + 2 * diag_row + cols, tl.sum(a_p * a_p, axis=0), mask=col_mask)
+                tl.store(diag_ptr + 2 * diag_row + n_cols + cols, tl.sum(b_p * b_p, axis=0), mask=col_mask)
             else:
-                tl.store(diag_ptr + pid_p * n_cols + cols, tl.sum(a_p * b_p, axis=0), mask=col_mask)
+                tl.store(diag_ptr + diag_row + cols, tl.sum(a_p * b_p, axis=0), mask=col_mask)
     weight = tl.where(pid_p == pid_q, 1.0, 2.0)
     if VICREG:
         part = tl.sum(tl.sum(acc_a * acc_a, axis=1), axis=0) + tl.sum(tl.sum(acc_b * acc_b, axis=1), axis=0)
@@ -1055,7 +1056,10 @@ def cross_backward(
 
 
 # --------------------------------------------------------------------------------------------
-# autograd.Functions
+# Operators: forward and backward are torch.library custom ops with a registered autograd
+# formula, so that torch.compile keeps each as one opaque node (no graph break, no tracing into
+# the launchers) and autograd still connects them. The forward returns, beside the loss, what
+# its backward needs (per-column statistics, the N×N Grams); those outputs carry no gradient.
 # --------------------------------------------------------------------------------------------
 
 
@@ -1064,129 +1068,221 @@ def _upstream(grad_loss: Tensor) -> Tensor:
     return grad_loss.detach().to(torch.float32).reshape(1).contiguous()
 
 
-class _BarlowTwinsTriton(torch.autograd.Function):
-    r"""Barlow Twins on the kernels above (formulas in :class:`fastssl.decorrelation._BarlowTwinsFunction`)."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx, z_a: Tensor, z_b: Tensor, lambda_param: float, use_gram: bool
-    ) -> Tensor:
-        n, d = z_a.shape
-        stats = column_stats(z_a, z_b)
-        mean_a, mean_b, m2_a, m2_b, co = stats[0], stats[1], stats[2], stats[3], stats[4]
-        inv_std = torch.rsqrt(torch.stack([m2_a, m2_b]) / n + BATCH_NORM_EPS)
-        shift = torch.stack([mean_a, mean_b])
-        c_diag = co * inv_std[0] * inv_std[1] / n
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        gram = gram_diag = None
-        if use_gram:
-            partial, diag, gram, gram_diag = gram_forward(
-                z_a, z_b, shift, inv_std, vicreg=False, store_gram=needs_grad
-            )
-            # ‖C‖² − Σ C_ii², the diagonal summed from the same tiles as the Grams
-            diag_of_products = diag.sum(0) / n
-            off_diag = partial.sum() / (n * n) - torch.dot(diag_of_products, diag_of_products)
-            off_diag = off_diag.clamp_min(0)  # a sum of squares; rounding must not make it negative
-            loss = torch.dot(1 - c_diag, 1 - c_diag) + lambda_param * off_diag
-        else:
-            partial = cross_forward(z_a, z_b, shift, inv_std, False, inv_norm=1.0 / n, lambda_param=lambda_param)
-            loss = partial.sum()
-        if needs_grad:
-            saved = [z_a, z_b, shift, inv_std, c_diag] + ([gram, gram_diag] if use_gram else [])
-            ctx.save_for_backward(*saved)
-        ctx.lambda_param, ctx.use_gram = lambda_param, use_gram
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
-        z_a, z_b, shift, inv_std, c_diag = ctx.saved_tensors[:5]
-        lam = ctx.lambda_param
-        n, d = z_a.shape
-        go = _upstream(grad_loss)
-        if ctx.use_gram:
-            gram, gram_diag = ctx.saved_tensors[5:]
-            # δ_a = (2λ/N²)(G_b Â − its diagonal part) + B̂·2(C_jj − 1)/N; the stored Grams carry 1/d
-            diag_grad = 2 * (c_diag - 1) / n
-            vec = torch.stack([diag_grad, torch.zeros_like(diag_grad), torch.zeros_like(diag_grad)])
-            coefficients = (2 * lam * d / (n * n), 2 * lam / (n * n), 0.0, 0.0)
-            args = (z_a, z_b, shift, inv_std, gram[1], gram[0], gram_diag[1], gram_diag[0])
-            sums_a, sums_b = gram_backward(*args, vec, go, coefficients, vicreg=False, finalize=False)
-            # batch-norm's w = mean_b(δ Â) per column, from the row-block partial sums
-            vec[1] = sums_a.sum(0) / n
-            vec[2] = sums_b.sum(0) / n
-            grad_a, grad_b = gram_backward(*args, vec, go, coefficients, vicreg=False, finalize=True)
-        else:
-            mat, row_sum, col_sum = cross_backward_matrix(
-                z_a, z_b, shift, inv_std, vicreg=False, inv_norm=1.0 / n, lambda_param=lam
-            )
-            dl_dc = mat[0]
-            vec = torch.stack([torch.zeros_like(c_diag), row_sum.sum(0) / n, col_sum.sum(0) / n])
-            grad_a, grad_b = cross_backward(
-                z_a, z_b, shift, inv_std, dl_dc.T, dl_dc, vec, go, (1.0 / n, 0.0), vicreg=False
-            )
-        return grad_a, grad_b, None, None
+def _empty(like: Tensor, *shape: int) -> Tensor:
+    return like.new_empty(shape, dtype=torch.float32)
 
 
-class _VICRegTriton(torch.autograd.Function):
-    r"""VICReg on the kernels above (formulas in :class:`fastssl.decorrelation._VICRegFunction`)."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
-        z_a: Tensor,
-        z_b: Tensor,
-        lambda_param: float,
-        mu_param: float,
-        nu_param: float,
-        eps: float,
-        use_gram: bool,
-    ) -> Tensor:
-        n, d = z_a.shape
-        stats = column_stats(z_a, z_b)
-        shift = stats[0:2].contiguous()
-        var = stats[2:4] / (n - 1)
-        std = torch.sqrt(var + eps)
-        invariance = stats[5].sum() / (n * d)
-        variance = torch.relu(1 - std).mean(dim=1).sum()
-        ones = torch.ones_like(shift)
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        gram = gram_diag = None
-        if use_gram:
-            partial, diag, gram, gram_diag = gram_forward(z_a, z_b, shift, ones, vicreg=True, store_gram=needs_grad)
-            k_diag = diag.sum(0) / (n - 1)  # (2, d): diag K of each view, summed from the Grams' tiles
-            off = (partial.sum() / ((n - 1) ** 2) - (k_diag * k_diag).sum()).clamp_min(0)
-        else:
-            off = cross_forward(z_a, z_b, shift, ones, vicreg=True, inv_norm=1.0 / (n - 1), lambda_param=0.0).sum()
-        covariance = off / d
-        if needs_grad:
-            hinge = torch.where(std < 1, -0.5 * mu_param / (d * (n - 1)) / std, torch.zeros_like(std))
-            saved = [z_a, z_b, shift, ones, hinge] + ([gram, gram_diag] if use_gram else [])
-            ctx.save_for_backward(*saved)
-        ctx.hyper = (lambda_param, nu_param, use_gram)
-        return lambda_param * invariance + mu_param * 0.5 * variance + nu_param * covariance
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
-        z_a, z_b, shift, ones, hinge = ctx.saved_tensors[:5]
-        lam, nu, use_gram = ctx.hyper
-        n, d = z_a.shape
-        go = _upstream(grad_loss)
-        invariance_coef = 2 * lam / (n * d)
-        cov_coef = 4 * nu / (d * (n - 1))
-        if use_gram:
-            gram, gram_diag = ctx.saved_tensors[5:]
-            coefficients = (invariance_coef, cov_coef, d / (n - 1), 1 / (n - 1))  # the stored Grams carry 1/d
-            return gram_backward(
-                z_a, z_b, shift, ones, gram[0], gram[1], gram_diag[0], gram_diag[1], hinge, go, coefficients,
-                vicreg=True, finalize=True,
-            ) + (None,) * 5
-        k_off, _, _ = cross_backward_matrix(z_a, z_b, shift, ones, True, inv_norm=1.0 / (n - 1), lambda_param=0.0)
-        grads = cross_backward(
-            z_a, z_b, shift, ones, k_off[0], k_off[1], hinge, go, (invariance_coef, cov_coef), vicreg=True
+def _barlow_twins_forward(
+    z_a: Tensor, z_b: Tensor, lambda_param: float, use_gram: bool, keep_for_backward: bool
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns the loss and, for the backward, shift = column means (2, d), inv_std (2, d),
+    C's diagonal (d,) and, on the gram path with ``keep_for_backward``, the Grams (2, N, N)
+    without their diagonal and that diagonal (2, N) (else empty)."""
+    n, d = z_a.shape
+    stats = column_stats(z_a, z_b)
+    mean_a, mean_b, m2_a, m2_b, co = stats[0], stats[1], stats[2], stats[3], stats[4]
+    inv_std = torch.rsqrt(torch.stack([m2_a, m2_b]) / n + BATCH_NORM_EPS)
+    shift = torch.stack([mean_a, mean_b])
+    c_diag = co * inv_std[0] * inv_std[1] / n
+    gram, gram_diag = _empty(z_a, 2, 0, 0), _empty(z_a, 2, 0)
+    if use_gram:
+        partial, diag, gram, gram_diag = gram_forward(
+            z_a, z_b, shift, inv_std, vicreg=False, store_gram=keep_for_backward
         )
-        return grads + (None,) * 5
+        # ‖C‖² − Σ C_ii², the diagonal summed from the same tiles as the Grams
+        diag_of_products = diag.sum(0) / n
+        off_diag = partial.sum() / (n * n) - torch.dot(diag_of_products, diag_of_products)
+        off_diag = off_diag.clamp_min(0)  # a sum of squares; rounding must not make it negative
+        loss = torch.dot(1 - c_diag, 1 - c_diag) + lambda_param * off_diag
+    else:
+        partial = cross_forward(z_a, z_b, shift, inv_std, False, inv_norm=1.0 / n, lambda_param=lambda_param)
+        loss = partial.sum()
+    return loss, shift, inv_std, c_diag, gram, gram_diag
+
+
+def _barlow_twins_backward(
+    grad_loss: Tensor,
+    z_a: Tensor,
+    z_b: Tensor,
+    shift: Tensor,
+    inv_std: Tensor,
+    c_diag: Tensor,
+    gram: Tensor,
+    gram_diag: Tensor,
+    lambda_param: float,
+    use_gram: bool,
+) -> Tuple[Tensor, Tensor]:
+    """The two input gradients (formulas in :class:`fastssl.decorrelation._BarlowTwinsFunction`)."""
+    lam = lambda_param
+    n, d = z_a.shape
+    go = _upstream(grad_loss)
+    if use_gram:
+        # δ_a = (2λ/N²)(G_b Â − its diagonal part) + B̂·2(C_jj − 1)/N; the stored Grams carry 1/d
+        diag_grad = 2 * (c_diag - 1) / n
+        vec = torch.stack([diag_grad, torch.zeros_like(diag_grad), torch.zeros_like(diag_grad)])
+        coefficients = (2 * lam * d / (n * n), 2 * lam / (n * n), 0.0, 0.0)
+        args = (z_a, z_b, shift, inv_std, gram[1], gram[0], gram_diag[1], gram_diag[0])
+        sums_a, sums_b = gram_backward(*args, vec, go, coefficients, vicreg=False, finalize=False)
+        # batch-norm's w = mean_b(δ Â) per column, from the row-block partial sums
+        vec[1] = sums_a.sum(0) / n
+        vec[2] = sums_b.sum(0) / n
+        return gram_backward(*args, vec, go, coefficients, vicreg=False, finalize=True)
+    mat, row_sum, col_sum = cross_backward_matrix(z_a, z_b, shift, inv_std, False, inv_norm=1.0 / n, lambda_param=lam)
+    dl_dc = mat[0]
+    vec = torch.stack([torch.zeros_like(c_diag), row_sum.sum(0) / n, col_sum.sum(0) / n])
+    return cross_backward(z_a, z_b, shift, inv_std, dl_dc.T, dl_dc, vec, go, (1.0 / n, 0.0), vicreg=False)
+
+
+def _vicreg_forward(
+    z_a: Tensor,
+    z_b: Tensor,
+    lambda_param: float,
+    mu_param: float,
+    nu_param: float,
+    eps: float,
+    use_gram: bool,
+    keep_for_backward: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns the loss and, for the backward, shift = column means (2, d), the hinge factors
+    −μ[σ<1]/(2d(N−1)σ) (2, d) and, on the gram path with ``keep_for_backward``, the Grams
+    (2, N, N) without their diagonal and that diagonal (2, N) (else empty)."""
+    n, d = z_a.shape
+    stats = column_stats(z_a, z_b)
+    shift = stats[0:2].contiguous()
+    var = stats[2:4] / (n - 1)
+    std = torch.sqrt(var + eps)
+    invariance = stats[5].sum() / (n * d)
+    variance = torch.relu(1 - std).mean(dim=1).sum()
+    ones = torch.ones_like(shift)
+    gram, gram_diag = _empty(z_a, 2, 0, 0), _empty(z_a, 2, 0)
+    if use_gram:
+        partial, diag, gram, gram_diag = gram_forward(
+            z_a, z_b, shift, ones, vicreg=True, store_gram=keep_for_backward
+        )
+        k_diag = diag.sum(0) / (n - 1)  # (2, d): diag K of each view, summed from the Grams' tiles
+        off = (partial.sum() / ((n - 1) ** 2) - (k_diag * k_diag).sum()).clamp_min(0)
+    else:
+        off = cross_forward(z_a, z_b, shift, ones, vicreg=True, inv_norm=1.0 / (n - 1), lambda_param=0.0).sum()
+    covariance = off / d
+    # ½μ · hinge'(σ) · ∂σ/∂x per column, 0 where the hinge is flat (σ >= 1, as relu's gradient at 0)
+    hinge = torch.where(std < 1, -0.5 * mu_param / (d * (n - 1)) / std, torch.zeros_like(std))
+    loss = lambda_param * invariance + mu_param * 0.5 * variance + nu_param * covariance
+    return loss, shift, hinge, gram, gram_diag
+
+
+def _vicreg_backward(
+    grad_loss: Tensor,
+    z_a: Tensor,
+    z_b: Tensor,
+    shift: Tensor,
+    hinge: Tensor,
+    gram: Tensor,
+    gram_diag: Tensor,
+    lambda_param: float,
+    nu_param: float,
+    use_gram: bool,
+) -> Tuple[Tensor, Tensor]:
+    """The two input gradients (formulas in :class:`fastssl.decorrelation._VICRegFunction`)."""
+    n, d = z_a.shape
+    go = _upstream(grad_loss)
+    ones = torch.ones_like(shift)
+    invariance_coef = 2 * lambda_param / (n * d)
+    cov_coef = 4 * nu_param / (d * (n - 1))
+    if use_gram:
+        coefficients = (invariance_coef, cov_coef, d / (n - 1), 1 / (n - 1))  # the stored Grams carry 1/d
+        return gram_backward(
+            z_a, z_b, shift, ones, gram[0], gram[1], gram_diag[0], gram_diag[1], hinge, go, coefficients,
+            vicreg=True, finalize=True,
+        )  # fmt: skip
+    k_off, _, _ = cross_backward_matrix(z_a, z_b, shift, ones, True, inv_norm=1.0 / (n - 1), lambda_param=0.0)
+    return cross_backward(z_a, z_b, shift, ones, k_off[0], k_off[1], hinge, go, (invariance_coef, cov_coef), vicreg=True)
+
+
+_barlow_twins_op = torch.library.custom_op(
+    "fastssl::decorrelation_barlow_twins",
+    _barlow_twins_forward,
+    mutates_args=(),
+    schema="(Tensor z_a, Tensor z_b, float lambda_param, bool use_gram, bool keep_for_backward) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+_barlow_twins_backward_op = torch.library.custom_op(
+    "fastssl::decorrelation_barlow_twins_backward",
+    _barlow_twins_backward,
+    mutates_args=(),
+    schema="(Tensor grad_loss, Tensor z_a, Tensor z_b, Tensor shift, Tensor inv_std, Tensor c_diag, "
+    "Tensor gram, Tensor gram_diag, float lambda_param, bool use_gram) -> (Tensor, Tensor)",
+)
+_vicreg_op = torch.library.custom_op(
+    "fastssl::decorrelation_vicreg",
+    _vicreg_forward,
+    mutates_args=(),
+    schema="(Tensor z_a, Tensor z_b, float lambda_param, float mu_param, float nu_param, float eps, "
+    "bool use_gram, bool keep_for_backward) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+_vicreg_backward_op = torch.library.custom_op(
+    "fastssl::decorrelation_vicreg_backward",
+    _vicreg_backward,
+    mutates_args=(),
+    schema="(Tensor grad_loss, Tensor z_a, Tensor z_b, Tensor shift, Tensor hinge, Tensor gram, "
+    "Tensor gram_diag, float lambda_param, float nu_param, bool use_gram) -> (Tensor, Tensor)",
+)
+
+
+def _stored_grams(z: Tensor, use_gram: bool, keep: bool) -> Tuple[Tensor, Tensor]:
+    n = z.shape[0] if use_gram and keep else 0
+    return _empty(z, 2, n, n), _empty(z, 2, n)
+
+
+@_barlow_twins_op.register_fake
+def _(z_a, z_b, lambda_param, use_gram, keep_for_backward):
+    d = z_a.shape[1]
+    return (_empty(z_a), _empty(z_a, 2, d), _empty(z_a, 2, d), _empty(z_a, d)) + _stored_grams(
+        z_a, use_gram, keep_for_backward
+    )
+
+
+@_vicreg_op.register_fake
+def _(z_a, z_b, lambda_param, mu_param, nu_param, eps, use_gram, keep_for_backward):
+    d = z_a.shape[1]
+    return (_empty(z_a), _empty(z_a, 2, d), _empty(z_a, 2, d)) + _stored_grams(z_a, use_gram, keep_for_backward)
+
+
+@_barlow_twins_backward_op.register_fake
+def _(grad_loss, z_a, z_b, *rest):
+    return z_a.new_empty(z_a.shape), z_b.new_empty(z_b.shape)
+
+
+@_vicreg_backward_op.register_fake
+def _(grad_loss, z_a, z_b, *rest):
+    return z_a.new_empty(z_a.shape), z_b.new_empty(z_b.shape)
+
+
+def _barlow_twins_setup(ctx, inputs, output) -> None:
+    z_a, z_b, lambda_param, use_gram, _ = inputs
+    _, shift, inv_std, c_diag, gram, gram_diag = output
+    ctx.save_for_backward(z_a, z_b, shift, inv_std, c_diag, gram, gram_diag)
+    ctx.lambda_param, ctx.use_gram = lambda_param, use_gram
+
+
+def _barlow_twins_gradient(ctx, grad_loss, *_auxiliary):
+    grads = _barlow_twins_backward_op(grad_loss, *ctx.saved_tensors, ctx.lambda_param, ctx.use_gram)
+    return grads[0], grads[1], None, None, None
+
+
+def _vicreg_setup(ctx, inputs, output) -> None:
+    z_a, z_b, lambda_param, _, nu_param, _, use_gram, _ = inputs
+    _, shift, hinge, gram, gram_diag = output
+    ctx.save_for_backward(z_a, z_b, shift, hinge, gram, gram_diag)
+    ctx.lambda_param, ctx.nu_param, ctx.use_gram = lambda_param, nu_param, use_gram
+
+
+def _vicreg_gradient(ctx, grad_loss, *_auxiliary):
+    grads = _vicreg_backward_op(grad_loss, *ctx.saved_tensors, ctx.lambda_param, ctx.nu_param, ctx.use_gram)
+    return grads[0], grads[1], None, None, None, None, None, None
+
+
+_barlow_twins_op.register_autograd(_barlow_twins_gradient, setup_context=_barlow_twins_setup)
+_vicreg_op.register_autograd(_vicreg_gradient, setup_context=_vicreg_setup)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1217,7 +1313,8 @@ def barlow_twins_loss_triton(z_a: Tensor, z_b: Tensor, lambda_param: float, path
     if z_a.dtype == torch.float64:
         return _barlow_twins_torch(z_a, z_b, lambda_param, path)
     n, d = z_a.shape
-    return _BarlowTwinsTriton.apply(z_a, z_b, float(lambda_param), _use_gram(n, d, path))
+    keep = torch.is_grad_enabled() and (z_a.requires_grad or z_b.requires_grad)
+    return _barlow_twins_op(z_a, z_b, float(lambda_param), _use_gram(n, d, path), keep)[0]
 
 
 def vicreg_loss_triton(
@@ -1235,6 +1332,6 @@ def vicreg_loss_triton(
     if z_a.dtype == torch.float64:
         return _vicreg_torch(z_a, z_b, lambda_param, mu_param, nu_param, eps, path)
     n, d = z_a.shape
-    return _VICRegTriton.apply(
-        z_a, z_b, float(lambda_param), float(mu_param), float(nu_param), float(eps), _use_gram(n, d, path)
-    )
+    keep = torch.is_grad_enabled() and (z_a.requires_grad or z_b.requires_grad)
+    hyper = (float(lambda_param), float(mu_param), float(nu_param), float(eps))
+    return _vicreg_op(z_a, z_b, *hyper, _use_gram(n, d, path), keep)[0]
