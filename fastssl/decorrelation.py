@@ -92,7 +92,7 @@ class _BarlowTwinsFunction(torch.autograd.Function):
         b, mean_b, inv_std_b = _standardize(z_b, acc, BATCH_NORM_EPS)
         if use_gram:
             gram_a, gram_b = a @ a.T, b @ b.T
-            c_diag = torch.einsum("bi,bi->i", a, b) / n
+            c_diag = (a * b).sum(dim=0) / n
             # ‖C‖² − Σ C_ii²: C has rank <= N, so the off-diagonal part is at least
             # (Σ C_ii)²/N − Σ C_ii², which keeps the subtraction well conditioned for N well below d.
             off_diag = torch.dot(gram_a.reshape(-1), gram_b.reshape(-1)) / (n * n) - _squared_norm(c_diag)
@@ -184,7 +184,7 @@ class _VICRegFunction(torch.autograd.Function):
         for z in (za, zb):
             mean = z.mean(dim=0)
             x = z - mean
-            var = torch.einsum("bi,bi->i", x, x) / (n - 1)
+            var = (x * x).sum(dim=0) / (n - 1)
             std = torch.sqrt(var + eps)
             variance = variance + torch.relu(1 - std).mean()
             if use_gram:
