@@ -72,6 +72,13 @@ backward, Barlow Twins (VICReg in brackets):
   [35-40 %] of the floor. Extra memory: the two N×N fp32 Grams (32 MB).
 * fp32 inputs run the products on the FMA pipe: N = 2048, d = 8192 Barlow Twins 10N²d =
   344 GFLOP -> 6-12 ms (the fp32 eager reference runs 825 GFLOP of SGEMM on the same pipe).
+
+``benchmarks/roofline.py`` counts the floor its own way (Gram products as full products, the
+inputs read once: min(6Nd², 8N²d) for Barlow Twins, 8Nd·min(N, d) for VICReg, 4Nd·e bytes),
+against the measured matmul and copy rates of the run. At peak rates that gives, bf16:
+N = 256, d = 8192: max(4.3 GFLOP -> 4.3 µs, 16.8 MB -> 5.6 µs) = 5.6 µs; N = 2048, d = 8192:
+275 GFLOP -> 278 µs. Predicted fractions of that floor: ~10-15 % at N = 256 (launch- and
+latency-bound), ~35-40 % [50-55 %] at N = 2048.
 """
 
 from __future__ import annotations
