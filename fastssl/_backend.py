@@ -16,7 +16,9 @@ only under ``TRITON_INTERPRET=1`` -- that is how the test-suite exercises them w
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
+from typing import Callable, Optional
 
 import torch
 
@@ -31,15 +33,14 @@ def check_backend_name(backend: str) -> str:
     return backend
 
 
-@functools.lru_cache(maxsize=None)
+# Whether Triton is installed, decided once without importing it (import fastssl stays light,
+# and torch.compile sees a constant instead of a cached function call).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """True when ``import triton`` works (it does not on macOS/Windows CPU wheels)."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the platform
-        return False
-    return True
+    """True when Triton is installed (it is not on macOS/Windows CPU wheels)."""
+    return _TRITON_INSTALLED
 
 
 def triton_interpreter_enabled() -> bool:
@@ -81,3 +82,32 @@ def resolve_backend(backend: str, tensor: torch.Tensor, has_triton_kernel: bool 
                 f"kernels on {tensor.device.type} tensors through the Triton interpreter"
             )
     return backend
+
+
+def _first_tensor(args: tuple) -> Optional[torch.Tensor]:
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            return arg
+        if isinstance(arg, (list, tuple)) and arg and isinstance(arg[0], torch.Tensor):
+            return arg[0]
+    return None
+
+
+def outside_autocast(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Run a loss with autocast disabled on its inputs' device.
+
+    The losses choose their own precision (half-precision operands where safe, float32
+    accumulation, float32 result). Under an enclosing ``torch.autocast`` region PyTorch would
+    recast their internal matrix products to half precision, and tensors saved for a
+    hand-written backward would come back in a dtype the backward does not expect.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        first = _first_tensor(args)
+        if first is None or not torch.is_autocast_enabled(first.device.type):
+            return fn(*args, **kwargs)
+        with torch.autocast(device_type=first.device.type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper

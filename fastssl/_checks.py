@@ -12,6 +12,12 @@ from typing import Sequence
 
 import torch
 
+def _compiling() -> bool:
+    """Under torch.compile, scalar hyperparameters may be traced symbolically; they were checked
+    when the module was built (and are checked in eager calls), so the trace skips the checks."""
+    return torch.compiler.is_compiling()
+
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -85,6 +91,8 @@ def check_tensor_list(
 
 def check_finite(name: str, value: object) -> float:
     """A finite real number (bool rejected)."""
+    if _compiling():
+        return value  # type: ignore[return-value]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = float(value)
@@ -96,6 +104,8 @@ def check_finite(name: str, value: object) -> float:
 
 
 def check_positive(name: str, value: object, allow_zero: bool = False) -> float:
+    if _compiling():
+        return value  # type: ignore[return-value]
     value = check_finite(name, value)
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
@@ -105,6 +115,8 @@ def check_positive(name: str, value: object, allow_zero: bool = False) -> float:
 
 def check_nonzero(name: str, value: object, tiny: float = 1e-8) -> float:
     """A finite number with ``|value| >= tiny`` (temperatures; negative ones are allowed)."""
+    if _compiling():
+        return value  # type: ignore[return-value]
     value = check_finite(name, value)
     if abs(value) < tiny:
         raise ValueError(f"{name} must satisfy abs({name}) >= {tiny}, got {value}")
@@ -126,6 +138,8 @@ def check_int(name: str, value: object, minimum: int = 0) -> int:
 
 def check_probability(name: str, value: object) -> float:
     """A number in [0, 1] (momenta)."""
+    if _compiling():
+        return value  # type: ignore[return-value]
     value = check_finite(name, value)
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value}")

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from fastssl import distributed, reference
-from fastssl._backend import check_backend_name, resolve_backend
+from fastssl._backend import check_backend_name, outside_autocast, resolve_backend
 from fastssl._checks import check_distributed_available, check_finite, check_pair, check_positive
 
 PATHS = ("auto", "gram", "cross")
@@ -249,6 +249,7 @@ def _check_path(path: str) -> str:
     return path
 
 
+@outside_autocast
 def barlow_twins_loss(
     z_a: Tensor,
     z_b: Tensor,
@@ -286,6 +287,7 @@ def barlow_twins_loss(
     return _barlow_twins_torch(z_a, z_b, lambda_param, path)
 
 
+@outside_autocast
 def vicreg_loss(
     z_a: Tensor,
     z_b: Tensor,

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fastssl import reference
-from fastssl._backend import check_backend_name, resolve_backend
+from fastssl._backend import check_backend_name, outside_autocast, resolve_backend
 from fastssl._checks import check_int, check_nonzero, check_probability, check_tensor_list
 
 # --------------------------------------------------------------------------------------------
@@ -102,6 +102,9 @@ def _dino_torch_with_colsum(
     teacher: Sequence[Tensor], student: Sequence[Tensor], center: Tensor, teacher_temp: float, student_temp: float
 ) -> Tuple[Tensor, Tensor]:
     """Loss (0-d float32) and the (K,) float32 sum of the teacher outputs over views and batch."""
+    # The teacher gets no gradient; detaching also gives the Function distinct inputs when the
+    # same tensor is passed as a teacher and a student view (which torch.compile requires).
+    teacher = [t.detach() for t in teacher]
     return _DinoTorchFunction.apply(center, teacher_temp, student_temp, len(teacher), *teacher, *student)
 
 
@@ -137,6 +140,7 @@ def _check_views(teacher_out: Sequence[Tensor], student_out: Sequence[Tensor], c
         )
 
 
+@outside_autocast
 def dino_loss(
     teacher_out: Sequence[Tensor],
     student_out: Sequence[Tensor],

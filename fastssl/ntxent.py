@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastssl import distributed, reference
-from fastssl._backend import check_backend_name, resolve_backend
+from fastssl._backend import check_backend_name, outside_autocast, resolve_backend
 from fastssl._checks import (
     check_distributed_available,
     check_finite,
@@ -350,6 +350,7 @@ def _triton_dtype_ok(*tensors: Tensor) -> bool:
     return all(x.dtype != torch.float64 for x in tensors)
 
 
+@outside_autocast
 def ntxent_loss(
     out0: Tensor,
     out1: Tensor,
@@ -383,6 +384,7 @@ def ntxent_loss(
     return _ntxent_torch(out0, out1, temperature, gather_distributed)
 
 
+@outside_autocast
 def infonce_loss(
     query: Tensor,
     key: Tensor,
@@ -424,6 +426,7 @@ def infonce_loss(
     return distributed.global_mean(loss) if gather_distributed else loss
 
 
+@outside_autocast
 def uniformity_loss(z: Tensor, t: float = 2.0, *, backend: str = "auto") -> Tensor:
     r"""Uniformity (Wang & Isola): :math:`\log\frac{1}{n(n-1)}\sum_{i\ne j} e^{-t\|\hat z_i-\hat z_j\|^2}`.
 
@@ -522,16 +525,17 @@ class NTXentLoss(nn.Module):
     def _enqueue(self, keys: Tensor) -> None:
         if self.gather_distributed:
             keys = distributed.gather_no_grad(keys)
-        size = self.memory_bank_size
-        ptr = int(self.bank_ptr)
-        # lightly's ring buffer: a batch that reaches the end fills it and wraps to 0
-        # (the part that does not fit is dropped).
-        if ptr + keys.shape[0] >= size:
-            self.bank[ptr:] = keys[: size - ptr].to(self.bank.dtype)
-            self.bank_ptr.zero_()
-        else:
-            self.bank[ptr : ptr + keys.shape[0]] = keys.to(self.bank.dtype)
-            self.bank_ptr[0] = ptr + keys.shape[0]
+        # lightly's ring buffer: the batch is written at the pointer; a batch that reaches the end
+        # fills it and the pointer wraps to 0 (the part that does not fit is dropped). Written
+        # with tensor ops only (no int(ptr) host sync), so the step compiles without a graph
+        # break; it touches the whole bank once, as the snapshot in forward already does.
+        size, batch = self.memory_bank_size, keys.shape[0]
+        ptr = self.bank_ptr[0]
+        offset = torch.arange(size, device=self.bank.device) - ptr
+        in_batch = (offset >= 0) & (offset < batch)
+        incoming = keys.to(self.bank.dtype)[offset.clamp(0, batch - 1)]
+        self.bank.copy_(torch.where(in_batch[:, None], incoming, self.bank))
+        self.bank_ptr.copy_(torch.where(ptr + batch >= size, torch.zeros_like(ptr), ptr + batch).reshape(1))
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         if self.memory_bank_size == 0:

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastssl import distributed, reference
-from fastssl._backend import check_backend_name, resolve_backend
+from fastssl._backend import check_backend_name, outside_autocast, resolve_backend
 from fastssl._checks import check_distributed_available, check_finite, check_pair, check_positive
 
 
+@outside_autocast
 def negative_cosine_similarity(
     x0: Tensor, x1: Tensor, dim: int = 1, eps: float = 1e-8, *, backend: str = "auto"
 ) -> Tensor:
@@ -46,6 +47,7 @@ def negative_cosine_similarity(
     return reference.negative_cosine_similarity(x0.to(acc), x1.to(acc), dim=dim, eps=eps).float()
 
 
+@outside_autocast
 def byol_loss(prediction: Tensor, target: Tensor, *, backend: str = "auto") -> Tensor:
     r"""BYOL's :math:`\mathrm{mean}_b\,(2 - 2\cos(p_b, z_b))` for (N, d) inputs. Detach the target yourself."""
     check_pair("prediction", prediction, "target", target)
@@ -54,6 +56,7 @@ def byol_loss(prediction: Tensor, target: Tensor, *, backend: str = "auto") -> T
     return reference.byol_loss(prediction.to(acc), target.to(acc)).float()
 
 
+@outside_autocast
 def center_penalty_loss(
     z_a: Tensor,
     z_b: Tensor,

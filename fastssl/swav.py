@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fastssl import distributed, reference
-from fastssl._backend import check_backend_name, resolve_backend
+from fastssl._backend import check_backend_name, outside_autocast, resolve_backend
 from fastssl._checks import (
     check_distributed_available,
     check_int,
@@ -154,6 +154,7 @@ def _swav_torch(
 # --------------------------------------------------------------------------------------------
 
 
+@outside_autocast
 def sinkhorn(
     scores: Tensor,
     iterations: int = 3,
@@ -186,6 +187,7 @@ def sinkhorn(
     return _sinkhorn_torch(scores, iterations, epsilon, gather_distributed)
 
 
+@outside_autocast
 def swav_loss(
     high_resolution_outputs: Sequence[Tensor],
     low_resolution_outputs: Sequence[Tensor] = (),

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastssl import reference
-from fastssl._backend import check_backend_name, resolve_backend
+from fastssl._backend import check_backend_name, outside_autocast, resolve_backend
 from fastssl._checks import check_finite, check_int, check_probability, check_tensor
 
 WHITENINGS = ("cholesky", "zca")
@@ -449,6 +449,7 @@ def _wmse_loop(
 # --------------------------------------------------------------------------------------------
 
 
+@outside_autocast
 def wmse_loss(
     input: Tensor,
     num_samples: int = 2,

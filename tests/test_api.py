@@ -3,6 +3,7 @@ NaN propagation, and the predictive losses (SimSiam, BYOL, center penalty)."""
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 
@@ -281,3 +282,58 @@ def test_losses_return_float32_scalars_for_half_inputs():
         FS.dino_loss([a, b], [b, a]),
     ]:
         assert value.dtype == torch.float32 and value.dim() == 0 and math.isfinite(value.item())
+
+
+# --------------------------------------------------------------------------------------------
+# Autocast and torch.compile of a model that uses the losses
+# --------------------------------------------------------------------------------------------
+
+MODULE_CASES = [
+    ("ntxent", lambda: fastssl.NTXentLoss(), lambda za, zb: (za, zb)),
+    ("moco", lambda: fastssl.NTXentLoss(memory_bank_size=(32, 16)), lambda za, zb: (za, zb)),
+    ("barlow_twins", lambda: fastssl.BarlowTwinsLoss(), lambda za, zb: (za, zb)),
+    ("vicreg", lambda: fastssl.VICRegLoss(), lambda za, zb: (za, zb)),
+    ("swav", lambda: fastssl.SwaVLoss(), lambda za, zb: ([za, zb], [])),
+    ("dino", lambda: fastssl.DINOLoss(output_dim=16), lambda za, zb: ([za, zb], [zb, za])),
+    ("negcos", lambda: fastssl.NegativeCosineSimilarity(), lambda za, zb: (za, zb.detach())),
+    ("center_penalty", lambda: fastssl.CenterPenaltyLoss(), lambda za, zb: (za, zb)),
+]
+
+
+@pytest.mark.parametrize("name,factory,args", MODULE_CASES, ids=[c[0] for c in MODULE_CASES])
+def test_losses_under_autocast_match_the_half_precision_call(name, factory, args):
+    # Under autocast the projector emits bfloat16; the loss must run (forward and backward) and
+    # give what it gives on the same bfloat16 embeddings outside autocast.
+    head = torch.nn.Linear(8, 16)
+    x = torch.randn(12, 8)
+    loss_fn = factory()
+    twin = copy.deepcopy(loss_fn)  # same state (memory bank, center) for the plain call
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        za, zb = head(x), head(x + 0.1 * torch.randn_like(x))
+        value = loss_fn(*args(za, zb))
+    value.backward()
+    assert value.dtype == torch.float32 and head.weight.grad is not None
+    assert torch.isfinite(head.weight.grad).all()
+    plain = twin(*args(za.detach(), zb.detach()))
+    assert value.item() == pytest.approx(plain.item(), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_model_with_every_loss_has_no_graph_break():
+    # DESIGN §3: torch.compile of a model that uses the losses works without graph breaks.
+    torch._dynamo.reset()
+    for name, factory, args in MODULE_CASES:
+        head = torch.nn.Linear(8, 16)
+        loss_fn = factory()
+        twin = copy.deepcopy(loss_fn)  # stateful losses (bank, center): eager twin, same state
+
+        def step(x, loss_fn, head=head, args=args):
+            return loss_fn(*args(head(x), head(x.flip(0))))
+
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        for _ in range(2):  # the second call sees the updated bank / center
+            x = torch.randn(12, 8)
+            value = compiled(x, loss_fn)
+            value.backward()
+            assert torch.isfinite(value), name
+            assert value.item() == pytest.approx(step(x, twin).item(), rel=1e-4, abs=1e-6), name
