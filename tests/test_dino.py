@@ -4,10 +4,6 @@ center EMA)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,43 +13,19 @@ import fastssl.functional as FS
 from fastssl import dino as dino_module
 from fastssl import reference
 
+import _lightly
 from _helpers import assert_matches_reference, awkward_inputs
 
 VIEW_COUNTS = [(2, 2), (2, 5), (1, 2), (3, 1)]
 
 
 def load_lightly_dino():
-    """lightly's ``dino_loss`` module, loaded from its source file: ``import lightly.loss`` (and
-    ``lightly.models``) need torchvision, so the two packages it imports from are stubbed with
-    lightly's own ``center.py`` while it loads. Skips when lightly is not installed."""
-    spec = importlib.util.find_spec("lightly")
-    if spec is None or spec.origin is None:
-        pytest.skip("lightly is not installed")
-    root = Path(spec.origin).parent
-
-    def load(name: str, path: Path) -> types.ModuleType:
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        return module
-
-    stub_names = ["lightly.models", "lightly.models.modules", "lightly.models.modules.center"]
-    saved = {name: sys.modules.get(name) for name in stub_names}
-    try:
-        center = load("lightly.models.modules.center", root / "models" / "modules" / "center.py")
-        models = types.ModuleType("lightly.models")
-        modules = types.ModuleType("lightly.models.modules")
-        modules.center = center
-        models.modules = modules
-        sys.modules.update({"lightly.models": models, "lightly.models.modules": modules,
-                            "lightly.models.modules.center": center})  # fmt: skip
-        return load("_lightly_dino_loss", root / "loss" / "dino_loss.py")
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
+    """lightly's loss classes (``.DINOLoss``), loaded without torchvision by ``tests/_lightly.py``;
+    skips when lightly is not installed."""
+    lightly = _lightly.load()
+    if lightly is None:
+        pytest.skip("lightly is not installed or not importable")
+    return lightly
 
 
 def dino_fns(n_teacher: int, center: torch.Tensor, teacher_temp: float, student_temp: float, backend: str):

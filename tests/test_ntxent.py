@@ -6,14 +6,10 @@ Every value and input gradient is checked against :mod:`fastssl.reference` run i
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import socket
-import sys
 import tempfile
-import types
-from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -27,6 +23,7 @@ from torch.utils._pytree import tree_flatten
 import fastssl
 import fastssl.functional as FS
 from fastssl import ntxent, reference
+import _lightly
 from _helpers import assert_matches_reference, awkward_inputs
 
 TEMPERATURES = (0.1, 1.0, 7.0, -1.0)
@@ -347,43 +344,12 @@ def test_module_bank_gradients_match_reference():
 
 
 @pytest.fixture
-def lightly_ntxent(monkeypatch):
-    """lightly's ``NTXentLoss`` class, loaded from its source file.
-
-    ``import lightly.loss`` needs torchvision (absent here); the loss only needs the memory
-    bank module, whose one torchvision-dependent import (``lightly.models.utils``) serves the
-    distributed path alone. Stub that package in ``sys.modules`` for the duration of the test
-    and load the two source files by path."""
-    spec = importlib.util.find_spec("lightly")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("lightly is not installed")
-    root = Path(next(iter(spec.submodule_search_locations)))
-    loss_file, bank_file = root / "loss" / "ntx_ent_loss.py", root / "models" / "modules" / "memory_bank.py"
-    if not (loss_file.exists() and bank_file.exists()):
-        pytest.skip("lightly's NTXentLoss sources not found")
-
-    def not_available(*_args, **_kwargs):
-        raise RuntimeError("lightly.models.utils is stubbed in this test (single process only)")
-
-    models_utils = types.ModuleType("lightly.models.utils")
-    models_utils.concat_all_gather = not_available
-    models = types.ModuleType("lightly.models")
-    models.__path__ = []
-    models.utils = models_utils
-    modules_pkg = types.ModuleType("lightly.models.modules")
-    modules_pkg.__path__ = []
-    for name, module in [("lightly.models", models), ("lightly.models.utils", models_utils), ("lightly.models.modules", modules_pkg)]:
-        monkeypatch.setitem(sys.modules, name, module)
-
-    def load(name, path):
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        monkeypatch.setitem(sys.modules, name, module)
-        module_spec.loader.exec_module(module)
-        return module
-
-    load("lightly.models.modules.memory_bank", bank_file)
-    return load("_lightly_ntx_ent_loss", loss_file).NTXentLoss
+def lightly_ntxent():
+    """lightly's ``NTXentLoss`` class (loaded without torchvision by ``tests/_lightly.py``)."""
+    lightly = _lightly.load()
+    if lightly is None:
+        pytest.skip("lightly is not installed or not importable")
+    return lightly.NTXentLoss
 
 
 def _value_and_grads(module, a, b):
