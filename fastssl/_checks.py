@@ -18,6 +18,14 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+class BatchShapeError(ValueError, AssertionError):
+    """A batch too small for the statistic, or two views of different shapes.
+
+    A ``ValueError`` (fastssl's convention) that is also an ``AssertionError``, because lightly's
+    losses assert these conditions and drop-in callers may catch that type.
+    """
+
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -43,7 +51,7 @@ def check_tensor(name: str, x: object, ndim: int | None = 2, min_rows: int = 1) 
     if x.dim() >= 2 and x.shape[-1] == 0:
         raise ValueError(f"{name} has an empty feature dimension (shape {tuple(x.shape)})")
     if x.shape[0] < min_rows:
-        raise ValueError(
+        raise BatchShapeError(
             f"{name} needs a batch of at least {min_rows} samples for this statistic, "
             f"got shape {tuple(x.shape)}"
         )
@@ -56,7 +64,7 @@ def check_pair(name_a: str, a: object, name_b: str, b: object, min_rows: int = 1
     check_tensor(name_b, b, min_rows=min_rows)
     assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
     if a.shape != b.shape:
-        raise ValueError(
+        raise BatchShapeError(
             f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and "
             f"{tuple(b.shape)}"
         )

@@ -636,12 +636,6 @@ def test_vicreg_bad_batch_is_value_error(shapes) -> None:
         fastssl.VICRegLoss()(a, b)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lightly's tests expect AssertionError from VICRegLoss for a batch of one or unequal "
-    "shapes; fastssl raises a plain ValueError. An error class deriving from both ValueError and "
-    "AssertionError would satisfy DESIGN §3 and lightly's callers",
-)
 def test_vicreg_bad_batch_also_catchable_as_lightly_error() -> None:
     with pytest.raises(AssertionError):
         fastssl.VICRegLoss()(torch.randn(1, 32), torch.randn(1, 32))
