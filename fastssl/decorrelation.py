@@ -303,7 +303,9 @@ def vicreg_loss(
     r"""VICReg loss (see :func:`fastssl.reference.vicreg_loss`).
 
     Args:
-        z_a, z_b: (N, d) projections of two views, N >= 2.
+        z_a, z_b: (N, d) projections of two views, N >= 2; or (N, ..., d) as lightly accepts
+            (VICRegL's local features): the loss is then the mean over the middle positions of
+            the (N, d) loss at each position, which is lightly's formula term by term.
         lambda_param, mu_param, nu_param: weights of invariance, variance and covariance.
         eps: added to the variance under the square root.
         gather_distributed: all three terms over the global batch (DESIGN §3).
@@ -311,6 +313,21 @@ def vicreg_loss(
     Returns:
         0-d float32 loss.
     """
+    if isinstance(z_a, Tensor) and isinstance(z_b, Tensor) and z_a.dim() > 2 and z_a.shape == z_b.shape:
+        # Invariance (a mean over all entries), variance (a mean over positions and features) and
+        # covariance (a mean over positions) are all position means of the 2-D terms.
+        if z_a.numel() == 0:
+            raise ValueError(f"z_a and z_b are empty (shape {tuple(z_a.shape)})")
+        per_position = zip(
+            z_a.reshape(z_a.shape[0], -1, z_a.shape[-1]).unbind(1),
+            z_b.reshape(z_b.shape[0], -1, z_b.shape[-1]).unbind(1),
+        )
+        losses = [
+            vicreg_loss(a, b, lambda_param, mu_param, nu_param, eps,
+                        gather_distributed=gather_distributed, backend=backend, path=path)
+            for a, b in per_position
+        ]  # fmt: skip
+        return torch.stack(losses).mean()
     check_pair("z_a", z_a, "z_b", z_b, min_rows=2)
     lambda_param = check_finite("lambda_param", lambda_param)
     mu_param = check_finite("mu_param", mu_param)

@@ -412,3 +412,16 @@ def test_torch_compile_fullgraph_captures_the_torch_path():
 @pytest.mark.slow
 def test_torch_compile_fullgraph_inductor():
     _check_compiled("inductor", "auto")
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_vicreg_on_inputs_with_positions_is_the_mean_over_positions(backend):
+    # lightly's VICRegLoss takes (batch, ..., dim) inputs (VICRegL's local features).
+    a, b = torch.randn(5, 2, 3, 7, dtype=torch.float64), torch.randn(5, 2, 3, 7, dtype=torch.float64)
+    expected = torch.stack(
+        [reference.vicreg_loss(a[:, i, j], b[:, i, j]) for i in range(2) for j in range(3)]
+    ).mean()
+    value = fastssl.VICRegLoss(backend=backend)(a, b)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        fastssl.VICRegLoss(backend=backend)(a[:1], b[:1])
