@@ -476,6 +476,49 @@ def _parse_bank_size(memory_bank_size: Union[int, Sequence[int]]) -> Tuple[int, 
     return size, dim
 
 
+class MemoryBank(nn.Module):
+    """Ring buffer of normalized keys, the negatives of MoCo's InfoNCE (lightly's
+    ``MemoryBankModule``: same buffer names, same initial draws, same update rule).
+
+    Buffers: ``bank`` (size, dim), allocated on the first batch when ``dim`` is not given, and
+    ``bank_ptr`` (1,), the next row to write. Neither is persistent (as lightly).
+    """
+
+    bank: Tensor
+    bank_ptr: Tensor
+
+    def __init__(self, size: int, dim: Optional[int] = None, gather_distributed: bool = False) -> None:
+        super().__init__()
+        self.size = size
+        self.gather_distributed = gather_distributed
+        self.register_buffer("bank", torch.empty(0), persistent=False)
+        self.register_buffer("bank_ptr", torch.zeros(1, dtype=torch.long), persistent=False)
+        if size > 0 and dim is not None:
+            self.allocate(dim, torch.device("cpu"))
+
+    @torch.no_grad()
+    def allocate(self, dim: int, device: torch.device) -> None:
+        # Same draws as lightly's MemoryBankModule, so a seeded run gives the same bank.
+        self.bank = F.normalize(torch.randn(self.size, dim), dim=-1).to(device)
+        self.bank_ptr = torch.zeros(1, dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def enqueue(self, keys: Tensor) -> None:
+        if self.gather_distributed:
+            keys = distributed.gather_no_grad(keys)
+        # lightly's ring buffer: the batch is written at the pointer; a batch that reaches the end
+        # fills it and the pointer wraps to 0 (the part that does not fit is dropped). Written
+        # with tensor ops only (no int(ptr) host sync), so the step compiles without a graph
+        # break; it touches the whole bank once, as the snapshot in forward already does.
+        size, batch = self.size, keys.shape[0]
+        ptr = self.bank_ptr[0]
+        offset = torch.arange(size, device=self.bank.device) - ptr
+        in_batch = (offset >= 0) & (offset < batch)
+        incoming = keys.to(self.bank.dtype)[offset.clamp(0, batch - 1)]
+        self.bank.copy_(torch.where(in_batch[:, None], incoming, self.bank))
+        self.bank_ptr.copy_(torch.where(ptr + batch >= size, torch.zeros_like(ptr), ptr + batch).reshape(1))
+
+
 class NTXentLoss(nn.Module):
     """Drop-in for ``lightly.loss.NTXentLoss``: SimCLR's NT-Xent, or MoCo's InfoNCE with a bank.
 
@@ -488,13 +531,11 @@ class NTXentLoss(nn.Module):
         backend: ``"auto" | "triton" | "torch" | "reference"`` (env ``FASTSSL_BACKEND``).
 
     Forward ``(out0, out1)``, each (N, d). With a bank, ``out0`` are the queries and ``out1``
-    the keys; the bank (normalized keys of earlier batches) provides the negatives and is
-    updated with ``out1`` whenever ``out0`` requires a gradient (lightly's rule, which keeps
-    the bank fixed during evaluation). Returns a 0-d float32 loss.
+    the keys; the bank (normalized keys of earlier batches, ``self.memory_bank.bank`` as in
+    lightly, also reachable as ``self.bank``) provides the negatives and is updated with
+    ``out1`` whenever ``out0`` requires a gradient (lightly's rule, which keeps the bank fixed
+    during evaluation). Returns a 0-d float32 loss.
     """
-
-    bank: Tensor
-    bank_ptr: Tensor
 
     def __init__(
         self,
@@ -509,33 +550,15 @@ class NTXentLoss(nn.Module):
         self.gather_distributed = gather_distributed
         self.backend = check_backend_name(backend)
         self.memory_bank_size, bank_dim = _parse_bank_size(memory_bank_size)
-        self.register_buffer("bank", torch.empty(0), persistent=False)
-        self.register_buffer("bank_ptr", torch.zeros(1, dtype=torch.long), persistent=False)
-        if self.memory_bank_size > 0 and bank_dim is not None:
-            self._init_bank(bank_dim, torch.device("cpu"))
+        self.memory_bank = MemoryBank(self.memory_bank_size, bank_dim, gather_distributed)
 
-    @torch.no_grad()
-    def _init_bank(self, dim: int, device: torch.device) -> None:
-        # Same draws as lightly's MemoryBankModule, so a seeded run gives the same bank.
-        bank = F.normalize(torch.randn(self.memory_bank_size, dim), dim=-1)
-        self.bank = bank.to(device)
-        self.bank_ptr = torch.zeros(1, dtype=torch.long, device=device)
+    @property
+    def bank(self) -> Tensor:
+        return self.memory_bank.bank
 
-    @torch.no_grad()
-    def _enqueue(self, keys: Tensor) -> None:
-        if self.gather_distributed:
-            keys = distributed.gather_no_grad(keys)
-        # lightly's ring buffer: the batch is written at the pointer; a batch that reaches the end
-        # fills it and the pointer wraps to 0 (the part that does not fit is dropped). Written
-        # with tensor ops only (no int(ptr) host sync), so the step compiles without a graph
-        # break; it touches the whole bank once, as the snapshot in forward already does.
-        size, batch = self.memory_bank_size, keys.shape[0]
-        ptr = self.bank_ptr[0]
-        offset = torch.arange(size, device=self.bank.device) - ptr
-        in_batch = (offset >= 0) & (offset < batch)
-        incoming = keys.to(self.bank.dtype)[offset.clamp(0, batch - 1)]
-        self.bank.copy_(torch.where(in_batch[:, None], incoming, self.bank))
-        self.bank_ptr.copy_(torch.where(ptr + batch >= size, torch.zeros_like(ptr), ptr + batch).reshape(1))
+    @property
+    def bank_ptr(self) -> Tensor:
+        return self.memory_bank.bank_ptr
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         if self.memory_bank_size == 0:
@@ -547,21 +570,21 @@ class NTXentLoss(nn.Module):
                 backend=self.backend,
             )
         check_pair("out0", out0, "out1", out1)
-        if self.bank.numel() == 0:
-            self._init_bank(out0.shape[1], out0.device)
-        if self.bank.shape[1] != out0.shape[1]:
+        bank = self.memory_bank
+        if bank.bank.numel() == 0:
+            bank.allocate(out0.shape[1], out0.device)
+        if bank.bank.shape[1] != out0.shape[1]:
             raise ValueError(
-                f"out0 has {out0.shape[1]} features but the memory bank stores {self.bank.shape[1]}"
+                f"out0 has {out0.shape[1]} features but the memory bank stores {bank.bank.shape[1]}"
             )
-        if self.bank.device != out0.device:
-            self.bank = self.bank.to(out0.device)
-            self.bank_ptr = self.bank_ptr.to(out0.device)
+        if bank.bank.device != out0.device:
+            bank.to(out0.device)
         # The loss keeps the bank for its backward, so it gets a snapshot: the enqueue below
         # writes into the buffer in place.
-        negatives = self.bank.clone()
+        negatives = bank.bank.clone()
         if out0.requires_grad:
             # As lightly: the keys are normalized in their own dtype, then stored in the bank's.
-            self._enqueue(F.normalize(out1.detach(), dim=1))
+            bank.enqueue(F.normalize(out1.detach(), dim=1))
         return infonce_loss(
             out0,
             out1,

@@ -210,13 +210,7 @@ def test_state_dict_loads_across(name: str) -> None:
         torch.testing.assert_close(ours.state_dict()[key], value)
 
 
-_BUFFER_GAPS = {
-    "NTXentLoss": (
-        "lightly keeps the bank in a MemoryBankModule submodule: buffers memory_bank.bank and "
-        "memory_bank.bank_ptr (code reads loss_fn.memory_bank.bank); fastssl registers them on the "
-        "loss itself as bank and bank_ptr"
-    ),
-}
+_BUFFER_GAPS: dict = {}
 
 
 @pytest.mark.parametrize("name", _class_names_marking(_BUFFER_GAPS))

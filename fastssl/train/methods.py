@@ -223,8 +223,8 @@ class MoCo(Method):
 
     def load_local_state(self, state: Dict[str, Any]) -> None:
         device = next(self.parameters()).device
-        self.criterion.bank = state["bank"].to(device)
-        self.criterion.bank_ptr = state["bank_ptr"].to(device)
+        self.criterion.memory_bank.bank = state["bank"].to(device)
+        self.criterion.memory_bank.bank_ptr = state["bank_ptr"].to(device)
 
 
 class BYOL(Method):
