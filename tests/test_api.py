@@ -100,7 +100,10 @@ def test_pairwise_losses_reject_bad_inputs(name, fn):
     with pytest.raises(ValueError, match="same shape"):
         fn(torch.randn(4, 3), torch.randn(4, 5))
     with pytest.raises(ValueError, match=r"\(batch_size, dim\)"):
-        fn(torch.randn(4, 3, 2), torch.randn(4, 3, 2))
+        fn(torch.randn(4), torch.randn(4))
+    if name != "vicreg":  # VICReg takes lightly's (batch, ..., dim) form as well
+        with pytest.raises(ValueError, match=r"\(batch_size, dim\)"):
+            fn(torch.randn(4, 3, 2), torch.randn(4, 3, 2))
     with pytest.raises(ValueError, match="empty batch"):
         fn(torch.randn(0, 3), torch.randn(0, 3))
     with pytest.raises(ValueError, match="empty feature"):
