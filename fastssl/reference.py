@@ -374,3 +374,31 @@ def uniformity(z: Tensor, t: float = 2.0) -> Tensor:
 def alignment(z_a: Tensor, z_b: Tensor, alpha: float = 2.0) -> Tensor:
     r""":math:`\mathbb{E}_b\|\hat z_a^{(b)} - \hat z_b^{(b)}\|^\alpha`."""
     return (F.normalize(z_a, dim=1) - F.normalize(z_b, dim=1)).norm(dim=1).pow(alpha).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# Contrastive extensions: DCL, DCLW, DirectCLR, MACL, DetCon, SupCon, KoLeo
+# --------------------------------------------------------------------------------------------
+
+# (end of contrastive extensions)
+
+
+# --------------------------------------------------------------------------------------------
+# Prototype extensions: iBOT, iBOT++, CAPI, MSN, PMSN
+# --------------------------------------------------------------------------------------------
+
+# (end of prototype extensions)
+
+
+# --------------------------------------------------------------------------------------------
+# Decorrelation and spectral extensions: TiCo, FroSSL, VICRegL, MMCR, EMP-SSL, CKA
+# --------------------------------------------------------------------------------------------
+
+# (end of spectral extensions)
+
+
+# --------------------------------------------------------------------------------------------
+# Distribution matching: SIGReg, LeJEPA, LeWM, VISReg
+# --------------------------------------------------------------------------------------------
+
+# (end of distribution-matching extensions)

@@ -1,6 +1,6 @@
 r"""W-MSE: whitening of sub-batches (Cholesky, or ZCA) followed by the normalized MSE between
 views; functional API, batched PyTorch path and the drop-in :class:`WMSELoss`. The CUDA C++
-whitening kernel lives in ``fastssl/csrc`` and is loaded by :mod:`fastssl.kernels.wmse_cuda`;
+whitening kernel lives in ``csrc/`` (installed as ``fastssl.csrc``) and is loaded by :mod:`fastssl.kernels.wmse_cuda`;
 it serves Cholesky whitening of CUDA tensors with d <= 256 (eager mode). ZCA whitening needs an
 eigendecomposition, which stays in this PyTorch path (batched ``eigh``), as do float64 inputs,
 larger d and compiled graphs.

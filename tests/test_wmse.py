@@ -25,7 +25,7 @@ from fastssl import reference, wmse
 from fastssl.kernels import wmse_cuda
 from _helpers import HALF, assert_matches_reference
 
-CSRC = Path(wmse.__file__).resolve().parent / "csrc"
+CSRC = wmse_cuda.CSRC
 
 
 def _views(bs: int, d: int, num_samples: int, dtype=torch.float32, device="cpu", non_contiguous=False) -> torch.Tensor:

@@ -1,5 +1,5 @@
 r"""Loader, launcher and ``autograd.Function`` of the CUDA C++ W-MSE whitening kernel
-(``fastssl/csrc/wmse_whitening.cu``).
+(``csrc/wmse_whitening.cu``, installed as ``fastssl.csrc``).
 
 Build. The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (nvcc
 and ninja needed; the result is cached in torch's extension directory). When it cannot be
@@ -38,7 +38,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+import fastssl.csrc as _csrc_package
+
+# The sources live in the top-level ``csrc/`` of the repository, installed as ``fastssl.csrc``.
+CSRC = Path(_csrc_package.__file__).resolve().parent
 SOURCES = ("wmse_whitening.cpp", "wmse_whitening.cu")
 EXTENSION_NAME = "fastssl_wmse_whitening"
 
