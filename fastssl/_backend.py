@@ -18,7 +18,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from typing import Callable, Optional
+import warnings
+from typing import Callable, Optional, Set, TypeVar
 
 import torch
 
@@ -82,6 +83,55 @@ def resolve_backend(backend: str, tensor: torch.Tensor, has_triton_kernel: bool 
                 f"kernels on {tensor.device.type} tensors through the Triton interpreter"
             )
     return backend
+
+
+def triton_requested_explicitly(backend: str) -> bool:
+    """Whether the caller (argument or ``FASTSSL_BACKEND``) asked for ``"triton"`` by name."""
+    if backend == "auto":
+        backend = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
+    return backend == "triton"
+
+
+_T = TypeVar("_T")
+_FALLBACK_WARNED: Set[str] = set()
+
+
+def triton_with_fallback(
+    kernel: str, backend: str, run_triton: Callable[[], _T], run_torch: Callable[[], _T]
+) -> _T:
+    """Run a Triton path; under ``"auto"`` fall back to the torch path if it cannot run.
+
+    A kernel that fails to compile or launch (an unsupported GPU, a Triton version the kernel
+    was not written for, a driver error) must not end a training run that asked for nothing in
+    particular: with ``backend="auto"`` the error is reported once per kernel as a
+    ``RuntimeWarning`` naming the kernel and the error, and ``run_torch()`` gives the result.
+    With ``backend="triton"`` (argument or ``FASTSSL_BACKEND``) the error propagates.
+    Out-of-memory errors always propagate (the torch path would need more memory, not less),
+    and inside ``torch.compile`` tracing the Triton path is used as is.
+
+    Args:
+        kernel: name shown in the warning, e.g. ``"ntxent"``.
+        backend: the backend argument as the caller passed it (before resolution).
+        run_triton: zero-argument callable running the Triton path.
+        run_torch: zero-argument callable running the torch path on the same inputs.
+    """
+    if triton_requested_explicitly(backend) or torch.compiler.is_compiling():
+        return run_triton()
+    try:
+        return run_triton()
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as error:  # compile errors, launch failures: whatever Triton raises
+        if kernel not in _FALLBACK_WARNED:
+            _FALLBACK_WARNED.add(kernel)
+            warnings.warn(
+                f"fastssl: the Triton kernel for {kernel} failed ({type(error).__name__}: "
+                f"{error}); using the torch path instead. Pass backend='triton' to see the "
+                "error raised.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return run_torch()
 
 
 def _first_tensor(args: tuple) -> Optional[torch.Tensor]:
