@@ -11,7 +11,7 @@ from fastssl.dino import DINOLoss
 from fastssl.ntxent import NTXentLoss
 from fastssl.predictive import CenterPenaltyLoss, NegativeCosineSimilarity
 from fastssl.swav import SwaVLoss
-from fastssl.wmse import WMSELoss
+from fastssl.wmse import Whitening2d, WMSELoss
 
 __version__ = "0.1.0"
 
@@ -24,4 +24,5 @@ __all__ = [
     "SwaVLoss",
     "VICRegLoss",
     "WMSELoss",
+    "Whitening2d",
 ]
