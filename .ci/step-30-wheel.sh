@@ -28,8 +28,8 @@ print(f"wheel holds {len(names)} files, the kernels and CUDA sources included")
 PY
 
 python -m venv "$work/venv"
-"$work/venv/bin/python" -m pip install -q torch==2.13.0 2>&1 | grep -v "^WARNING" || true
-"$work/venv/bin/python" -m pip install -q "$wheel" 2>&1 | grep -v "^WARNING" || true
+"$work/venv/bin/python" -m pip install -q torch==2.13.0
+"$work/venv/bin/python" -m pip install -q "$wheel"
 (cd "$work" && "$work/venv/bin/python" - <<'PY'
 import importlib.util
 import torch
