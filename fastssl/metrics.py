@@ -1,9 +1,13 @@
-r"""Collapse diagnostics, cheap enough to log every step (seeds 000, 001, 003).
+r"""Collapse diagnostics, cheap enough to log every step.
+
+The spectral measures follow the dimensional-collapse literature (Jing et al. 2022; Garrido
+et al. 2023, RankMe), the center vector Jha et al. 2024, alignment and uniformity Wang & Isola
+2020, the per-feature spread of normalized outputs Chen & He 2021 (SimSiam, Fig. 2).
 
 Every function takes an (N, d) tensor of embeddings (rows are samples) and returns a 0-d
 float32 tensor, except :func:`explained_variance` (a 1-d curve of length d).
 
-Spectral metrics use the biased covariance of the rows as given (seed 001):
+Spectral metrics use the biased covariance of the rows as given:
 
 .. math:: \Sigma = \tfrac1N Z^\top Z - \bar z\bar z^\top \in \mathbb{R}^{d\times d}.
 
@@ -12,6 +16,8 @@ spectrum is computed on the smaller side (never a d×d matrix when N < d), in fl
 spectral metrics are diagnostics and carry no gradient. :func:`center_vector_norm`,
 :func:`alignment`, :func:`uniformity` and :func:`std_of_l2_normalized` L2-normalize the rows
 first and stay differentiable (Wang & Isola use alignment and uniformity as losses).
+
+Non-finite embeddings give NaN (never a number that reads as collapse or health).
 """
 
 from __future__ import annotations
@@ -42,10 +48,14 @@ def _small_side_covariance(z: Tensor) -> Tensor:
 
 def covariance_eigenvalues(z: Tensor) -> Tensor:
     """All d eigenvalues of Σ in descending order (the ``d - min(N, d)`` structural zeros included),
-    clamped at 0 (tiny negative values are round-off). float64 for moderate sizes."""
+    clamped at 0 (tiny negative values are round-off). float64 for moderate sizes. All NaN when
+    ``z`` holds a NaN or an infinity."""
     check_tensor("z", z)
     d = z.shape[1]
-    evals = torch.linalg.eigvalsh(_small_side_covariance(z)).clamp_min(0).flip(0)
+    cov = _small_side_covariance(z)
+    if not bool(torch.isfinite(cov).all()):  # eigvalsh raises on non-finite input
+        return torch.full((d,), float("nan"), dtype=cov.dtype, device=z.device)
+    evals = torch.linalg.eigvalsh(cov).clamp_min(0).flip(0)
     if evals.numel() < d:
         evals = torch.cat([evals, evals.new_zeros(d - evals.numel())])
     return evals
@@ -53,20 +63,26 @@ def covariance_eigenvalues(z: Tensor) -> Tensor:
 
 def stable_rank(z: Tensor) -> Tensor:
     r"""Stable rank :math:`(\mathrm{tr}\,\Sigma)^2/\|\Sigma\|_F^2 \in [1, d]`: scale-invariant, → 1 when one
-    eigenvalue dominates. Needs no eigendecomposition. A fully collapsed batch (Σ = 0) gives 0."""
+    eigenvalue dominates. Needs no eigendecomposition. A fully collapsed batch (Σ = 0) gives 0,
+    non-finite embeddings NaN."""
     check_tensor("z", z)
     cov = _small_side_covariance(z)
     trace = torch.diagonal(cov).sum()
     frob_sq = (cov * cov).sum()
+    # frob_sq is NaN for non-finite input: the first branch then gives NaN too.
     rank = torch.where(frob_sq > 0, trace * trace / frob_sq.clamp_min(1e-300), torch.zeros_like(trace))
+    rank = torch.where(torch.isfinite(frob_sq), rank, torch.full_like(rank, float("nan")))
     return rank.float()
 
 
 def entropy_rank(z: Tensor) -> Tensor:
     r"""Entropy (effective) rank :math:`\exp(-\sum_i \sigma_i\log\sigma_i)`, :math:`\sigma_i = \lambda_i/\sum_j\lambda_j`.
-    Equals d iff all eigenvalues are equal, 1 iff one is nonzero; 0 for Σ = 0."""
+    Equals d iff all eigenvalues are equal, 1 iff one is nonzero; 0 for Σ = 0, NaN for
+    non-finite embeddings."""
     evals = covariance_eigenvalues(z)
     total = evals.sum()
+    if not bool(torch.isfinite(total)):
+        return torch.full((), float("nan"), dtype=torch.float32, device=z.device)
     if total <= 0:
         return torch.zeros((), dtype=torch.float32, device=z.device)
     p = evals / total
@@ -75,10 +91,17 @@ def entropy_rank(z: Tensor) -> Tensor:
 
 
 def eigenvalue_log_ratio(z: Tensor) -> Tensor:
-    r""":math:`\log(\lambda_1/\lambda_d)`, large under dimensional collapse; ``inf`` when Σ is singular
-    (always the case for N ≤ d), NaN for Σ = 0."""
+    r""":math:`\log(\lambda_1/\lambda_r)` over the eigenvalues a batch of N rows can make nonzero:
+    :math:`r = \min(d, N - 1)` (centering removes one direction, so for N ≤ d the ``d - N + 1``
+    smallest eigenvalues are zero by construction and are left out). Large under dimensional
+    collapse; ``inf`` when Σ has fewer than r nonzero eigenvalues, NaN for Σ = 0, for N = 1 and
+    for non-finite embeddings."""
     evals = covariance_eigenvalues(z)
-    return (torch.log(evals[0]) - torch.log(evals[-1])).float()
+    n, d = z.shape
+    structural_rank = min(d, n - 1)
+    if structural_rank < 1:
+        return torch.full((), float("nan"), dtype=torch.float32, device=z.device)
+    return (torch.log(evals[0]) - torch.log(evals[structural_rank - 1])).float()
 
 
 def explained_variance(z: Tensor) -> Tensor:

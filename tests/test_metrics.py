@@ -44,11 +44,31 @@ def test_eigenvalue_log_ratio_full_rank_and_singular():
     z = torch.randn(200, 4) * torch.tensor([4.0, 2.0, 1.0, 0.5])
     lam = _eigs(z)
     assert M.eigenvalue_log_ratio(z).item() == pytest.approx(math.log(lam[0] / lam[-1]), rel=1e-5)
-    assert M.eigenvalue_log_ratio(torch.randn(3, 10)).item() == math.inf
+    # Singular beyond the structure: a rank-2 batch of 50 rows in 4 dimensions.
+    assert M.eigenvalue_log_ratio(torch.randn(50, 2) @ torch.randn(2, 4)).item() == math.inf
+
+
+def test_eigenvalue_log_ratio_when_n_is_at_most_d_uses_the_nonzero_eigenvalues():
+    # 5 centered rows span at most 4 directions of R^10: the ratio is over those 4.
+    z = torch.randn(5, 10, dtype=torch.float64)
+    zc = z - z.mean(0)
+    lam = torch.linalg.eigvalsh(zc @ zc.T / 5).flip(0)
+    assert M.eigenvalue_log_ratio(z).item() == pytest.approx(math.log(lam[0] / lam[3]), rel=1e-6)
+    assert math.isnan(M.eigenvalue_log_ratio(torch.randn(1, 10)).item())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_spectral_metrics_give_nan_for_non_finite_embeddings(bad):
+    z = torch.randn(16, 8)
+    z[3, 2] = bad
+    for metric in (M.stable_rank, M.entropy_rank, M.eigenvalue_log_ratio):
+        assert math.isnan(metric(z).item()), metric.__name__
+    assert torch.isnan(M.covariance_eigenvalues(z)).all()
+    assert torch.isnan(M.explained_variance(z)).all()
 
 
 def test_stable_rank_is_scale_invariant_and_flags_a_dominated_spectrum():
-    # Seed 001, exercise 1: srank(αΣ) = srank(Σ); one dominant eigenvalue → srank → 1.
+    # srank(αΣ) = srank(Σ); one dominant eigenvalue → srank → 1.
     z = torch.randn(256, 32)
     assert M.stable_rank(7.5 * z).item() == pytest.approx(M.stable_rank(z).item(), rel=1e-6)
     basis = torch.linalg.qr(torch.randn(32, 32))[0]
