@@ -6,11 +6,22 @@
 >>> import fastssl.reference                # textbook formulas, the tests' oracle
 """
 
+from fastssl.contrastive import (
+    DCLLoss,
+    DCLWLoss,
+    DetConBLoss,
+    DetConSLoss,
+    DirectCLRLoss,
+    KoLeoLoss,
+    MACLLoss,
+    SupConLoss,
+)
 from fastssl.decorrelation import BarlowTwinsLoss, VICRegLoss
 from fastssl.dino import DINOLoss
 from fastssl.ntxent import NTXentLoss
 from fastssl.predictive import CenterPenaltyLoss, NegativeCosineSimilarity
 from fastssl.swav import SwaVLoss
+from fastssl.spectral import EMPSSLLoss, FroSSLLoss, MMCRLoss, PatchKernelAlignmentLoss, TiCoLoss
 from fastssl.wmse import Whitening2d, WMSELoss
 
 __version__ = "0.1.0"
@@ -18,11 +29,24 @@ __version__ = "0.1.0"
 __all__ = [
     "BarlowTwinsLoss",
     "CenterPenaltyLoss",
+    "DCLLoss",
+    "DCLWLoss",
+    "DetConBLoss",
+    "DetConSLoss",
+    "DirectCLRLoss",
+    "KoLeoLoss",
+    "MACLLoss",
+    "SupConLoss",
     "DINOLoss",
     "NTXentLoss",
     "NegativeCosineSimilarity",
     "SwaVLoss",
     "VICRegLoss",
     "WMSELoss",
+    "EMPSSLLoss",
+    "FroSSLLoss",
+    "MMCRLoss",
+    "PatchKernelAlignmentLoss",
+    "TiCoLoss",
     "Whitening2d",
 ]

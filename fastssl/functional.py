@@ -6,10 +6,22 @@ with their family: :mod:`fastssl.ntxent`, :mod:`fastssl.decorrelation`, :mod:`fa
 :mod:`fastssl.dino`, :mod:`fastssl.wmse`, :mod:`fastssl.predictive`.
 """
 
+from fastssl.contrastive import (
+    dcl_loss,
+    dclw_loss,
+    detcon_b_loss,
+    detcon_s_loss,
+    directclr_loss,
+    koleo_loss,
+    macl_loss,
+    negative_mises_fisher_weights,
+    supcon_loss,
+)
 from fastssl.decorrelation import barlow_twins_loss, vicreg_loss
 from fastssl.dino import dino_center_update, dino_loss
 from fastssl.ntxent import infonce_loss, ntxent_loss
 from fastssl.predictive import byol_loss, center_penalty_loss, negative_cosine_similarity
+from fastssl.spectral import emp_ssl_loss, frossl_loss, mmcr_loss, patch_kernel_alignment_loss, tico_loss
 from fastssl.swav import sinkhorn, swav_loss
 from fastssl.wmse import wmse_loss
 
@@ -17,8 +29,22 @@ __all__ = [
     "barlow_twins_loss",
     "byol_loss",
     "center_penalty_loss",
+    "dcl_loss",
+    "dclw_loss",
+    "detcon_b_loss",
+    "detcon_s_loss",
+    "directclr_loss",
+    "koleo_loss",
+    "macl_loss",
+    "negative_mises_fisher_weights",
+    "supcon_loss",
     "dino_center_update",
     "dino_loss",
+    "emp_ssl_loss",
+    "frossl_loss",
+    "mmcr_loss",
+    "patch_kernel_alignment_loss",
+    "tico_loss",
     "infonce_loss",
     "negative_cosine_similarity",
     "ntxent_loss",

@@ -380,12 +380,352 @@ def alignment(z_a: Tensor, z_b: Tensor, alpha: float = 2.0) -> Tensor:
 # Contrastive extensions: DCL, DCLW, DirectCLR, MACL, DetCon, SupCon, KoLeo
 # --------------------------------------------------------------------------------------------
 
+
+def _two_view_logits(out0: Tensor, out1: Tensor, temperature) -> tuple:
+    """``Z = [ẑ⁰; ẑ¹]`` (2N, d), ``S = ZZᵀ/τ`` and the column of each row's positive, ``k ± N``."""
+    n = out0.shape[0]
+    z = F.normalize(torch.cat([out0, out1], dim=0), dim=1)
+    logits = z @ z.T / temperature
+    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return z, logits, positives
+
+
+def negative_mises_fisher_weights(out0: Tensor, out1: Tensor, sigma: float = 0.5) -> Tensor:
+    r"""DCLW's positive weights (Yeh et al. 2022, Eq. 7): :math:`w_i = 2 - N\,\mathrm{softmax}_i(
+    \hat z^{(0)}_i\cdot\hat z^{(1)}_i/\sigma)`, the softmax taken over the batch; detached.
+    The inputs are used as given (DCL passes normalized embeddings)."""
+    similarity = (out0.detach() * out1.detach()).sum(dim=1) / sigma
+    return 2 - out0.shape[0] * torch.softmax(similarity, dim=0)
+
+
+def dcl_loss(out0: Tensor, out1: Tensor, temperature: float = 0.1, weight_fn=None) -> Tensor:
+    r"""Decoupled contrastive learning (Yeh et al. 2022, Eq. 6): NT-Xent with the positive
+    removed from the denominator, averaged over both views' rows.
+
+    .. math:: \ell_k = -w_k S_{k,p(k)} + \log\sum_{m\notin\{k,\,p(k)\}} e^{S_{km}}, \qquad
+              L = \frac{1}{2N}\sum_{k=1}^{2N}\ell_k,
+
+    with :math:`S = ZZ^\top/\tau` as in :func:`ntxent_loss`. ``weight_fn(ẑ⁰, ẑ¹)`` gives the
+    weights of view 0's rows and ``weight_fn(ẑ¹, ẑ⁰)`` those of view 1's (1 without it).
+    """
+    n = out0.shape[0]
+    z, logits, positives = _two_view_logits(out0, out1, temperature)
+    rows = torch.arange(2 * n, device=z.device)
+    positive_logits = logits[rows, positives]
+    excluded = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    excluded[rows, positives] = True
+    negative_lse = torch.logsumexp(logits.masked_fill(excluded, float("-inf")), dim=1)
+    if weight_fn is not None:
+        weights = torch.cat([weight_fn(z[:n], z[n:]), weight_fn(z[n:], z[:n])])
+        positive_logits = weights * positive_logits
+    return (negative_lse - positive_logits).mean()
+
+
+def dclw_loss(out0: Tensor, out1: Tensor, temperature: float = 0.1, sigma: float = 0.5) -> Tensor:
+    """DCL weighted by :func:`negative_mises_fisher_weights` (Yeh et al. 2022, DCLW)."""
+    return dcl_loss(out0, out1, temperature, lambda a, b: negative_mises_fisher_weights(a, b, sigma))
+
+
+def directclr_loss(out0: Tensor, out1: Tensor, loss_dim: int = 64, temperature: float = 0.5) -> Tensor:
+    """DirectCLR (Jing et al. 2022): NT-Xent on the first ``loss_dim`` features of the flattened
+    representation, without a projection head."""
+    return ntxent_loss(out0.flatten(1)[:, :loss_dim], out1.flatten(1)[:, :loss_dim], temperature)
+
+
+def macl_loss(z0: Tensor, z1: Tensor, temperature: float = 0.1, alpha: float = 0.5, A_0: float = 0.0,
+              eps: float = 1e-8) -> Tensor:
+    r"""Model-aware contrastive loss (Huang et al. 2023, MACL).
+
+    The temperature follows the alignment magnitude :math:`A`, the mean positive cosine
+    (detached): :math:`\tau_A = \tau\,(1 + \alpha(A - A_0))`. With :math:`P_k` the softmax
+    probability of row k's positive among all other rows (NT-Xent's row at temperature
+    :math:`\tau_A`) and the detached reweighting :math:`V_k = 1/(1 - P_k + \epsilon)`:
+
+    .. math:: L = -\frac{1}{2N}\sum_k V_k \log P_k.
+    """
+    n = z0.shape[0]
+    z = F.normalize(torch.cat([z0, z1], dim=0), dim=1)
+    cosine = z @ z.T
+    rows = torch.arange(2 * n, device=z.device)
+    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    positive_cosine = cosine[rows, positives]
+    alignment = positive_cosine.detach().mean()
+    adaptive_temperature = temperature * (1 + alpha * (alignment - A_0))
+    logits = cosine.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    log_prob = torch.log_softmax(logits / adaptive_temperature, dim=1)[rows, positives]
+    reweight = 1.0 / (1.0 - log_prob.exp() + eps)
+    return -(reweight.detach() * log_prob).mean()
+
+
+def supcon_loss(out0: Tensor, out1: Tensor, labels: Optional[Tensor] = None, temperature: float = 0.5,
+                rescale: bool = True) -> Tensor:
+    r"""Supervised contrastive loss :math:`\mathcal{L}^{sup}_{out}` (Khosla et al. 2020, Eq. 2)
+    over the 2N embeddings of two views.
+
+    Row k's positives :math:`P(k)` are every other row with the same label (its other view
+    included); the denominator runs over every row but k:
+
+    .. math:: L = \frac{c}{2N}\sum_k \frac{-1}{|P(k)|}\sum_{p\in P(k)}
+              \log\frac{e^{S_{kp}}}{\sum_{m\ne k} e^{S_{km}}}, \qquad c = \tau \text{ if rescale else } 1.
+
+    Without labels every sample is its own class, and the loss is NT-Xent (times c).
+    """
+    n = out0.shape[0]
+    z, logits, _ = _two_view_logits(out0, out1, temperature)
+    if labels is None:
+        labels = torch.arange(n, device=z.device)
+    y = torch.cat([labels, labels])
+    self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    positive = (y[:, None] == y[None, :]) & ~self_mask
+    log_prob = torch.log_softmax(logits.masked_fill(self_mask, float("-inf")), dim=1)
+    mean_log_prob = log_prob.masked_fill(~positive, 0.0).sum(dim=1) / positive.sum(dim=1)
+    loss = -mean_log_prob.mean()
+    return loss * temperature if rescale else loss
+
+
+def _detcon_direction(pred: Tensor, target_other: Tensor, target_same: Tensor, mask: Tensor,
+                      mask_other: Tensor, temperature: float) -> Tensor:
+    """One view's half of DetCon: rows are its B·M predicted regions, columns every target region
+    of the other view (positives: same image, same mask id) and of its own view (the same image's
+    regions with the row's mask id are left out of the denominator)."""
+    b, m, d = pred.shape
+    p = F.normalize(pred, dim=2).reshape(b * m, d)
+    other = F.normalize(target_other, dim=2).reshape(b * m, d)
+    same = F.normalize(target_same, dim=2).reshape(b * m, d)
+    image = torch.arange(b, device=pred.device).repeat_interleave(m)
+    same_image = image[:, None] == image[None, :]
+    region, region_other = mask.reshape(-1), mask_other.reshape(-1)
+    positive = same_image & (region[:, None] == region_other[None, :])
+    excluded = same_image & (region[:, None] == region[None, :])
+    logits = torch.cat([p @ other.T, (p @ same.T).masked_fill(excluded, float("-inf"))], dim=1) / temperature
+    log_prob = torch.log_softmax(logits, dim=1)[:, : b * m]
+    n_positive = positive.sum(dim=1)
+    mean_log_prob = log_prob.masked_fill(~positive, 0.0).sum(dim=1) / n_positive.clamp_min(1)
+    # Row (b, i) is weighted by 1 / (number of regions of its image and view sharing its mask id).
+    area = (mask[:, :, None] == mask[:, None, :]).sum(dim=2).reshape(-1)
+    weight = (n_positive > 0).to(log_prob.dtype) / area
+    return -(weight * mean_log_prob).mean()
+
+
+def detcon_b_loss(pred_view0: Tensor, pred_view1: Tensor, target_view0: Tensor, target_view1: Tensor,
+                  mask_view0: Tensor, mask_view1: Tensor, temperature: float = 0.1) -> Tensor:
+    r"""DetCon-B (Hénaff et al. 2021): a multi-positive contrastive loss over mask-pooled region
+    features (B, M, d), symmetrized over the two views.
+
+    Row (b, i) of view v scores its prediction against every target region of both views. Its
+    positives are the other view's regions of the same image with the same mask id (uniform
+    soft label 1/#positives); the same view's regions of the same image with that mask id are
+    removed from the denominator. Row (b, i) is weighted by
+    :math:`[\#\mathrm{pos}>0] / \#\{j: m_{bj} = m_{bi}\}` (its own view's masks), rows are
+    averaged over the B·M rows of each view, and the two views' losses are added.
+    """
+    return _detcon_direction(pred_view0, target_view1, target_view0, mask_view0, mask_view1, temperature) + \
+        _detcon_direction(pred_view1, target_view0, target_view1, mask_view1, mask_view0, temperature)
+
+
+def detcon_s_loss(view0: Tensor, view1: Tensor, mask_view0: Tensor, mask_view1: Tensor,
+                  temperature: float = 0.1) -> Tensor:
+    """DetCon-S (Hénaff et al. 2021, SimCLR-based): DetCon-B with predictions = targets."""
+    return detcon_b_loss(view0, view1, view0, view1, mask_view0, mask_view1, temperature)
+
+
+def koleo_loss(x: Tensor, p: float = 2, eps: float = 1e-8) -> Tensor:
+    r"""Kozachenko–Leonenko entropy regularizer (Sablayrolles et al. 2019; DINOv2):
+
+    .. math:: L = -\frac{1}{N}\sum_i \log(\|\hat x_i - \hat x_{n(i)} + \epsilon\|_p + \epsilon),
+
+    where :math:`n(i)` is the nearest other row by cosine similarity. The ε added to the
+    difference (``F.pairwise_distance``) keeps the loss and its gradient finite for duplicate rows.
+    """
+    x = F.normalize(x, p=2, dim=-1, eps=eps)
+    cosine = (x @ x.T).masked_fill(torch.eye(x.shape[0], dtype=torch.bool, device=x.device), -2.0)
+    neighbor = cosine.argmax(dim=1)
+    distance = F.pairwise_distance(x, x[neighbor], p=p, eps=eps)
+    return -(distance + eps).log().mean()
+
+
 # (end of contrastive extensions)
 
 
 # --------------------------------------------------------------------------------------------
 # Prototype extensions: iBOT, iBOT++, CAPI, MSN, PMSN
 # --------------------------------------------------------------------------------------------
+
+
+def weighted_soft_target_cross_entropy(
+    teacher: Tensor, student: Tensor, weights: Tensor, center: Tensor, teacher_temp: float, student_temp: float
+) -> Tensor:
+    r""":math:`\sum_i w_i\,\big(-\mathrm{softmax}((t_i - c)/\tau_t)\cdot\log\mathrm{softmax}(s_i/\tau_s)\big)`,
+    teacher row i paired with student row i (iBOT's masked-patch term); the teacher is detached.
+
+    Args:
+        teacher, student: (R, K); weights: (R,); center: (K,).
+    """
+    q = F.softmax((teacher.detach() - center.reshape(1, -1)) / teacher_temp, dim=-1)
+    log_p = F.log_softmax(student / student_temp, dim=-1)
+    return (weights * -(q * log_p).sum(dim=-1)).sum()
+
+
+def ibot_patch_loss(
+    teacher_out: Tensor, student_out: Tensor, mask: Tensor, center: Tensor, teacher_temp: float = 0.04,
+    student_temp: float = 0.1,
+) -> Tensor:
+    r"""iBOT's masked-image-modelling loss (Zhou et al. 2022, Eq. 2) with DINOv2's weighting:
+
+    .. math:: L = \frac1B\sum_b\frac{1}{\max(n_b,1)}\sum_{i\in\mathrm{masked}(b)}
+              -\mathrm{softmax}\Big(\frac{t_i - c}{\tau_t}\Big)\cdot\log\mathrm{softmax}\Big(\frac{s_i}{\tau_s}\Big)
+
+    Args:
+        teacher_out, student_out: (M, K), the M masked patches in the mask's row-major order.
+        mask: boolean (B, H, W) or (B, N) with M entries set; center: (K,) or (1, K).
+    """
+    flat = mask.reshape(mask.shape[0], -1)
+    counts = flat.sum(dim=1, keepdim=True).clamp(min=1).to(student_out.dtype)
+    weights = (1.0 / counts).expand_as(flat)[flat] / mask.shape[0]
+    return weighted_soft_target_cross_entropy(teacher_out, student_out, weights, center, teacher_temp, student_temp)
+
+
+def ibot_plus_plus_patch_loss(
+    teacher_out: Tensor, student_out: Tensor, mask: Optional[Tensor], center: Tensor, teacher_temp: float = 0.04,
+    student_temp: float = 0.1, visible_loss_weight: float = 1.0,
+) -> Tensor:
+    r"""iBOT++ (TIPSv2): the iBOT cross-entropy on every token, per image
+    :math:`\bar\ell^{\,m}_b + w_v\,\bar\ell^{\,v}_b` (means over masked and visible tokens, each
+    count at least 1), averaged over images; without a mask the mean over all tokens.
+
+    Args:
+        teacher_out, student_out: (B, N, K), or (B·N, K) with the mask giving B.
+        mask: None or (B, H, W) / (B, N), 1 = masked.
+    """
+    batch = teacher_out.shape[0] if teacher_out.dim() == 3 else mask.shape[0]
+    teacher_flat, student_flat = teacher_out.reshape(-1, teacher_out.shape[-1]), student_out.reshape(-1, student_out.shape[-1])
+    tokens = teacher_flat.shape[0] // batch
+    q = F.softmax((teacher_flat.detach() - center.reshape(1, -1)) / teacher_temp, dim=-1)
+    ce = -(q * F.log_softmax(student_flat / student_temp, dim=-1)).sum(dim=-1).view(batch, tokens)
+    if mask is None:
+        return ce.mean()
+    masked = mask.reshape(batch, tokens).to(ce.dtype)
+    visible = 1.0 - masked
+    masked_mean = (ce * masked).sum(dim=1) / masked.sum(dim=1).clamp(min=1.0)
+    visible_mean = (ce * visible).sum(dim=1) / visible.sum(dim=1).clamp(min=1.0)
+    return (masked_mean + visible_loss_weight * visible_mean).mean()
+
+
+@torch.no_grad()
+def capi_sinkhorn(logits: Tensor, iterations: int = 3, epsilon: float = 1e-8, gather_distributed: bool = False) -> Tensor:
+    r"""CAPI's position-wise Sinkhorn-Knopp (Darcet et al. 2025, Sec. 3.2), as CAPI's code and
+    lightly write it: per token position, :math:`Q = \exp(X - \max_b X)` over (batch, clusters),
+    then ``iterations`` times: divide by the sum over the batch (+ε), by the sum over the
+    clusters (+ε). Sums over the batch include every rank's when ``gather_distributed``.
+
+    Args:
+        logits: (B, T, K), already divided by the teacher temperature.
+    Returns:
+        (B, T, K) assignments.
+    """
+    all_reduce = gather_distributed and torch.distributed.is_available() and torch.distributed.is_initialized()
+    q = logits.transpose(0, 1)
+    shift = torch.amax(q, dim=1, keepdim=True)
+    if all_reduce:
+        torch.distributed.all_reduce(shift, op=torch.distributed.ReduceOp.MAX)
+    q = torch.exp(q - shift)
+    for _ in range(iterations):
+        over_batch = q.sum(dim=1, keepdim=True)
+        if all_reduce:
+            torch.distributed.all_reduce(over_batch)
+        q = q / (over_batch + epsilon)
+        q = q / (q.sum(dim=2, keepdim=True) + epsilon)
+    return q.transpose(0, 1)
+
+
+def capi_loss(
+    teacher_logits: Tensor, student_logits: Tensor, teacher_index: Optional[Tensor] = None,
+    teacher_temperature: float = 0.06, student_temperature: float = 0.12, sinkhorn_iterations: int = 3,
+    gather_distributed: bool = False,
+) -> Tensor:
+    r"""CAPI's loss: :math:`\mathrm{mean}_{b,p}\,-q_{b,\iota(b,p)}\cdot\log\mathrm{softmax}(s_{b,p}/\tau_s)`
+    with :math:`q` = :func:`capi_sinkhorn` of the teacher logits / τ_t and ι the teacher index
+    (the identity without one)."""
+    q = capi_sinkhorn(teacher_logits.detach() / teacher_temperature, sinkhorn_iterations, 1e-8, gather_distributed)
+    if teacher_index is not None:
+        q = torch.gather(q, 1, teacher_index.unsqueeze(-1).expand(-1, -1, q.shape[-1]))
+    return -(q * F.log_softmax(student_logits / student_temperature, dim=-1)).sum(dim=-1).mean()
+
+
+@torch.no_grad()
+def msn_sinkhorn(probabilities: Tensor, iterations: int = 3, gather_distributed: bool = False) -> Tensor:
+    r"""MSN's Sinkhorn-Knopp on target probabilities (B, K) (Assran et al. 2022, App.; MSN's
+    ``distributed_sinkhorn``): normalize to sum 1, then ``iterations`` times every prototype to
+    1/K (sums over all ranks' targets when ``gather_distributed``) and every target to 1/B;
+    finally scaled so each target row sums to 1. Probability domain, as the paper's code."""
+    if iterations <= 0:
+        return probabilities
+    all_reduce = gather_distributed and torch.distributed.is_available() and torch.distributed.is_initialized()
+    b, k = probabilities.shape
+    q = probabilities.T
+    total = q.sum()
+    if all_reduce:
+        torch.distributed.all_reduce(total)
+    q = q / total
+    for _ in range(iterations):
+        per_prototype = q.sum(dim=1, keepdim=True)
+        if all_reduce:
+            torch.distributed.all_reduce(per_prototype)
+        q = q / per_prototype / k
+        q = q / q.sum(dim=0, keepdim=True) / b
+    return (q * b).T
+
+
+def mean_entropy_regularization(mean_probs: Tensor) -> Tensor:
+    r"""MSN's mean-entropy maximisation term :math:`\sum_k m_k\log m_k + \log K` (= log K − H(m))."""
+    return torch.xlogy(mean_probs, mean_probs).sum() + math.log(mean_probs.shape[0])
+
+
+def prior_kl_regularization(mean_probs: Tensor, prior: Tensor) -> Tensor:
+    r"""PMSN's :math:`\mathrm{KL}(\pi\,\|\,m) = \sum_k \pi_k(\log\pi_k - \log m_k)` (Assran et al. 2023)."""
+    prior = prior.to(device=mean_probs.device)
+    return F.kl_div(mean_probs.log(), prior, reduction="sum")
+
+
+def msn_cross_entropy_and_mean_probs(
+    anchors: Tensor, targets: Tensor, prototypes: Tensor, temperature: float = 0.1, sinkhorn_iterations: int = 3,
+    target_sharpen_temperature: float = 0.25, gather_distributed: bool = False,
+) -> tuple:
+    r"""MSN's two ingredients (Assran et al. 2022, Eq. 2–4): with :math:`p_i = \mathrm{softmax}(
+    \hat a_i\hat P^\top/\tau)` and the targets' :math:`q = \mathrm{Sinkhorn}(\mathrm{sharpen}(
+    \mathrm{softmax}(\hat t\hat P^\top/\tau), T))` (no gradient), repeated over the V anchor views,
+    returns :math:`(\frac{1}{VB}\sum_i -q_{i \bmod B}\cdot\log p_i,\; m = \mathrm{mean}_i\,p_i)`."""
+    views = anchors.shape[0] // targets.shape[0]
+    anchors_n, prototypes_n = F.normalize(anchors, dim=1), F.normalize(prototypes, dim=1)
+    log_p = F.log_softmax(anchors_n @ prototypes_n.T / temperature, dim=1)
+    with torch.no_grad():
+        targets_n = F.normalize(targets, dim=1)
+        probs = F.softmax(targets_n @ prototypes_n.T / temperature, dim=1)
+        sharpened = probs ** (1.0 / target_sharpen_temperature)
+        sharpened = sharpened / sharpened.sum(dim=1, keepdim=True)
+        q = msn_sinkhorn(sharpened, sinkhorn_iterations, gather_distributed).repeat(views, 1)
+    return -(q * log_p).sum(dim=1).mean(), log_p.exp().mean(dim=0)
+
+
+def msn_loss(
+    anchors: Tensor, targets: Tensor, prototypes: Tensor, temperature: float = 0.1, sinkhorn_iterations: int = 3,
+    regularization_weight: float = 1.0, target_sharpen_temperature: float = 0.25, regularization=None,
+) -> Tensor:
+    r"""MSN (PMSN with ``regularization`` = a prior's KL): the cross-entropy of
+    :func:`msn_cross_entropy_and_mean_probs` plus ``regularization_weight`` × R(m) when the weight
+    is positive; R defaults to :func:`mean_entropy_regularization`.
+
+    Args:
+        anchors: (V·B, D), view-major; targets: (B, D); prototypes: (K, D).
+        regularization: callable of the mean anchor probabilities m (K,).
+    """
+    ce, mean_probs = msn_cross_entropy_and_mean_probs(
+        anchors, targets, prototypes, temperature, sinkhorn_iterations, target_sharpen_temperature
+    )
+    if regularization_weight > 0:
+        regularization = mean_entropy_regularization if regularization is None else regularization
+        ce = ce + regularization_weight * regularization(mean_probs)
+    return ce
 
 # (end of prototype extensions)
 
@@ -394,11 +734,292 @@ def alignment(z_a: Tensor, z_b: Tensor, alpha: float = 2.0) -> Tensor:
 # Decorrelation and spectral extensions: TiCo, FroSSL, VICRegL, MMCR, EMP-SSL, CKA
 # --------------------------------------------------------------------------------------------
 
+
+def tico_loss(
+    z_a: Tensor, z_b: Tensor, covariance: Optional[Tensor] = None, beta: float = 0.9, rho: float = 8.0
+) -> tuple:
+    r"""TiCo (Zhu et al. 2022, Alg. 1): transformation invariance plus covariance contrast.
+
+    With row-normalized views :math:`\hat Z_a, \hat Z_b` and the running covariance
+    :math:`C = \beta C_{\mathrm{old}} + (1-\beta)\,\mathrm{sg}(\hat Z_a^\top\hat Z_a)/N`,
+
+    .. math:: L = 1 - \frac1N\sum_i \hat z_{a,i}\cdot\hat z_{b,i}
+              + \frac{\rho}{N}\sum_i \hat z_{a,i}^\top C\,\hat z_{a,i}
+
+    Returns ``(loss, C)``; ``covariance=None`` starts from zeros (lightly's first call).
+    """
+    z_a = F.normalize(z_a, dim=1)
+    z_b = F.normalize(z_b, dim=1)
+    batch_covariance = (z_a.T @ z_a).detach() / z_a.shape[0]
+    if covariance is None:
+        covariance = torch.zeros_like(batch_covariance)
+    c = beta * covariance + (1 - beta) * batch_covariance
+    invariance = 1 - (z_a * z_b).sum(dim=1).mean()
+    contrast = rho * ((z_a @ c) * z_a).sum(dim=1).mean()
+    return invariance + contrast, c.detach()
+
+
+def frossl_loss(z_views: Sequence[Tensor], invariance_weight: float = 1.0) -> Tensor:
+    r"""FroSSL (Skean et al. 2024, Alg. 1): per view, columns L2-normalized over the batch,
+    :math:`K_v = \hat Z_v^\top\hat Z_v/\mathrm{tr}(\hat Z_v^\top\hat Z_v)` (d×d; the trace enters as a
+    constant, as in the paper's code) and
+
+    .. math:: L = \sum_v \log\|K_v\|_F^2 + w\,V d\,\sum_v \mathrm{MSE}(\hat Z_v, \bar Z)
+
+    with :math:`\bar Z` the mean of the normalized views.
+    """
+    views = [F.normalize(z, p=2, dim=0) for z in z_views]
+    mean_view = torch.stack(views).mean(dim=0)
+    n_views, d = len(views), views[0].shape[1]
+    total = 0.0
+    for z in views:
+        cov = z.T @ z
+        cov = cov / torch.trace(cov).detach()
+        total = total + torch.log((cov**2).sum()) + invariance_weight * n_views * d * F.mse_loss(z, mean_view)
+    return total
+
+
+def nuclear_norm(x: Tensor) -> Tensor:
+    r""":math:`\|X\|_* = \sum_i\sigma_i(X)` over the last two dimensions."""
+    return torch.linalg.svdvals(x).sum(dim=-1)
+
+
+def mmcr_loss(online: Tensor, momentum: Tensor, lmda: float = 5e-3) -> Tensor:
+    r"""MMCR (Yerxa et al. 2023, Eq. 2 with lightly's local term): with the 2k views of sample b
+    stacked as :math:`Z_b` (2k×d) and the centroids :math:`C = [\bar z_b]_b` (B×d),
+
+    .. math:: L = -\|C\|_* + \frac{\lambda}{B}\sum_b\|Z_b\|_*
+    """
+    z = torch.cat([online, momentum], dim=1)
+    return -nuclear_norm(z.mean(dim=1)) + lmda * nuclear_norm(z).sum() / online.shape[0]
+
+
+def emp_ssl_loss(z_views: Sequence[Tensor], tcr_eps: float = 0.2, inv_coef: float = 200.0) -> Tensor:
+    r"""EMP-SSL (Tong et al. 2023, Eq. 3-4): total coding rate plus invariance to the mean view,
+
+    .. math:: L = \frac{1}{2V}\sum_v\log\det\Big(I_d + \frac{d}{N\epsilon}Z_v^\top Z_v\Big)
+              - \lambda\,\frac{1}{VN}\sum_{v,i}\cos(z_{v,i}, \bar z_i)
+
+    (ε unsquared, as the authors' code and lightly).
+    """
+    z = torch.stack(list(z_views))
+    _, n, d = z.shape
+    eye = torch.eye(d, dtype=z.dtype, device=z.device)
+    tcr = 0.5 * torch.logdet(eye + d / (n * tcr_eps) * z.transpose(1, 2) @ z).mean()
+    invariance = -F.cosine_similarity(z, z.mean(dim=0, keepdim=True), dim=-1).mean()
+    return tcr + inv_coef * invariance
+
+
+def double_centered_kernel(features: Tensor, valid: Tensor) -> Tensor:
+    r"""Mask-aware :math:`HKH` of :math:`K = XX^\top` (B, N, N): row, column and total means over
+    the valid tokens only; entries of an ignored token are zero."""
+    kernel = features @ features.transpose(-2, -1)
+    n = valid.sum(dim=-1).clamp(min=1.0)
+    row_mean = (kernel * valid[:, None, :]).sum(dim=-1) / n[:, None]
+    col_mean = (kernel * valid[:, :, None]).sum(dim=1) / n[:, None]
+    total = (kernel * valid[:, None, :] * valid[:, :, None]).sum(dim=(1, 2)) / (n * n)
+    centered = kernel - row_mean[:, :, None] - col_mean[:, None, :] + total[:, None, None]
+    return centered * valid[:, :, None] * valid[:, None, :]
+
+
+def patch_kernel_alignment_loss(student: Tensor, teacher: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+    r"""PaKa (2025): one minus the linear CKA of the student's and teacher's token kernels, per image,
+
+    .. math:: \mathrm{CKA} = \frac{\langle HK_sH, HK_tH\rangle_F}
+              {\sqrt{\max(\|HK_sH\|_F^2,\epsilon)}\sqrt{\max(\|HK_tH\|_F^2,\epsilon)}},\quad \epsilon = 10^{-6}
+
+    averaged over the images with at least two valid tokens (0 when there is none). The teacher
+    is detached. ``valid``: (B, N) weights, 1 for a token that counts (default: all).
+    """
+    teacher = teacher.detach()
+    if valid is None:
+        valid = student.new_ones(student.shape[:2])
+    valid = valid.to(student.dtype)
+    k_s = double_centered_kernel(student, valid)
+    k_t = double_centered_kernel(teacher, valid)
+    hsic_st = (k_s * k_t).sum(dim=(1, 2))
+    hsic_ss = (k_s * k_s).sum(dim=(1, 2))
+    hsic_tt = (k_t * k_t).sum(dim=(1, 2))
+    cka = hsic_st / (hsic_ss.clamp_min(1e-6).sqrt() * hsic_tt.clamp_min(1e-6).sqrt())
+    valid_image = (valid.sum(dim=-1) >= 2).to(cka.dtype)
+    return ((1 - cka) * valid_image).sum() / valid_image.sum().clamp(min=1.0)
+
+
+def nearest_neighbor_pairs(inputs: Tensor, candidates: Tensor, distances: Tensor, num_matches: int) -> tuple:
+    r"""VICRegL's matching (Bardes et al. 2022, Sec. 3.2): each input position's nearest candidate
+    (by ``distances`` (B, P, Q)), then the ``num_matches`` pairs of smallest distance, in order of
+    increasing distance. Returns the matched inputs and candidates, each (B, num_matches, d)."""
+    if num_matches is None or num_matches == -1 or num_matches > inputs.shape[1]:
+        num_matches = inputs.shape[1]
+    # topk, as lightly and the authors' code: ties (regular grids) resolve the same way.
+    nearest_distance, nearest = distances.topk(k=1, dim=2, largest=False)
+    nearest_distance, nearest = nearest_distance[..., 0], nearest[..., 0]
+    order = nearest_distance.topk(k=num_matches, dim=1, largest=False).indices
+    matched_inputs = torch.gather(inputs, 1, order[..., None].expand(-1, -1, inputs.shape[2]))
+    matched_candidates = torch.gather(
+        candidates, 1, torch.gather(nearest, 1, order)[..., None].expand(-1, -1, candidates.shape[2])
+    )
+    return matched_inputs, matched_candidates
+
+
+def vicreg_per_position(z_a: Tensor, z_b: Tensor, lambda_param: float, mu_param: float, nu_param: float,
+                        eps: float = 1e-4) -> Tensor:  # fmt: skip
+    r"""VICReg of (B, ..., d) views as lightly generalizes it: the invariance over every entry,
+    the variance hinge and the covariance term per position (over the batch), averaged."""
+    positions = z_a.reshape(z_a.shape[0], -1, z_a.shape[-1]).unbind(1), z_b.reshape(z_b.shape[0], -1, z_b.shape[-1]).unbind(1)
+    var = torch.stack([0.5 * (vicreg_variance(a, eps) + vicreg_variance(b, eps)) for a, b in zip(*positions)]).mean()
+    cov = torch.stack([vicreg_covariance(a) + vicreg_covariance(b) for a, b in zip(*positions)]).mean()
+    return lambda_param * F.mse_loss(z_a, z_b) + mu_param * var + nu_param * cov
+
+
+def vicregl_loss(
+    global_view_features: Sequence[tuple],
+    global_view_grids: Sequence[Tensor],
+    local_view_features: Optional[Sequence[tuple]] = None,
+    local_view_grids: Optional[Sequence[Tensor]] = None,
+    lambda_param: float = 25.0,
+    mu_param: float = 25.0,
+    nu_param: float = 1.0,
+    alpha: float = 0.75,
+    eps: float = 1e-4,
+    num_matches: tuple = (20, 4),
+) -> Tensor:
+    r"""VICRegL (Bardes et al. 2022, Eq. 1-4) as its authors' code computes it:
+    :math:`\alpha\,L_{\mathrm{global}} + (1-\alpha)\,L_{\mathrm{local}}`.
+
+    * global: λ·mean MSE over the pairs (global view a, any other view b) + μ·mean variance hinge
+      + ν·mean covariance term over all views' global embeddings;
+    * local: for each such pair, VICReg (covariance weight ν/2) between the ``num_matches[0]``
+      nearest (a→b) and ``num_matches[1]`` nearest (b→a) feature-map positions, matched once by
+      feature distance and once by grid distance, each direction weighted ½, averaged over pairs.
+    """
+    features = list(global_view_features) + list(local_view_features or [])
+    grids = list(global_view_grids) + list(local_view_grids or [])
+    n_global = len(global_view_features)
+    # pairs (a, b): a global view and any other view (a tensor passed twice is not paired with itself)
+    pairs = [(a, b) for a in range(n_global) for b in range(len(features)) if features[b][0] is not features[a][0]]
+    inv = torch.stack([F.mse_loss(features[a][0], features[b][0]) for a, b in pairs]).mean()
+    var = torch.stack([vicreg_variance(f[0], eps) for f in features]).mean()
+    cov = torch.stack([vicreg_covariance(f[0]) for f in features]).mean()
+    global_loss = lambda_param * inv + mu_param * var + nu_param * cov
+
+    def vicreg(x, y):
+        return vicreg_per_position(x, y, lambda_param, mu_param, 0.5 * nu_param, eps)
+
+    local_pairs = [(a, b) for a in range(n_global) for b in range(len(features))
+                   if b >= n_global or features[b][1] is not features[a][1]]  # fmt: skip
+    local = []
+    for a, b in local_pairs:
+        za, zb = features[a][1].flatten(1, 2), features[b][1].flatten(1, 2)
+        ga, gb = grids[a].flatten(1, 2), grids[b].flatten(1, 2)
+        for da, db in ((torch.cdist(za, zb), torch.cdist(zb, za)), (torch.cdist(ga, gb), torch.cdist(gb, ga))):
+            local.append(0.5 * vicreg(*nearest_neighbor_pairs(za, zb, da, num_matches[0]))
+                         + 0.5 * vicreg(*nearest_neighbor_pairs(zb, za, db, num_matches[1])))  # fmt: skip
+    local_loss = torch.stack(local).sum() / len(local_pairs)
+    return alpha * global_loss + (1 - alpha) * local_loss
+
 # (end of spectral extensions)
 
 
 # --------------------------------------------------------------------------------------------
 # Distribution matching: SIGReg, LeJEPA, LeWM, VISReg
 # --------------------------------------------------------------------------------------------
+
+
+def sigreg_frequencies(knots: int = 17, t_max: float = 3.0) -> tuple:
+    r"""The Epps-Pulley grid of SIGReg: frequencies :math:`t_k = k\,t_{max}/(K-1)`, the standard
+    normal characteristic function :math:`\phi(t) = e^{-t^2/2}` there, and the trapezoid weights
+    over :math:`[-t_{max}, t_{max}]` (doubled, the integrand being even) times φ."""
+    t = torch.linspace(0, t_max, knots, dtype=torch.float32)
+    dt = t_max / (knots - 1)
+    weights = torch.full((knots,), 2 * dt, dtype=torch.float32)
+    weights[[0, -1]] = dt
+    phi = torch.exp(-t.square() / 2.0)
+    return t, phi, weights * phi
+
+
+def sigreg_loss(proj: Tensor, directions: Tensor, knots: int = 17, t_max: float = 3.0) -> Tensor:
+    r"""SIGReg (Balestriero & LeCun 2025, LeJEPA Alg. 1): project the N samples of each leading
+    index onto the unit columns of ``directions`` (d, S), then for every slice s
+
+    .. math:: T_s = N\int w(t)\,\Big|\frac1N\sum_n e^{i t x_{ns}} - \phi(t)\Big|^2 dt
+
+    by the trapezoid rule on the grid of :func:`sigreg_frequencies`; the mean over slices and
+    leading indices. ``proj``: (..., N, d).
+    """
+    t, phi, weights = (x.to(device=proj.device, dtype=proj.dtype) for x in sigreg_frequencies(knots, t_max))
+    n = proj.shape[-2]
+    x_t = (proj @ directions)[..., None] * t  # (..., N, S, K), every angle materialized
+    cos_mean = x_t.cos().mean(dim=-3)
+    sin_mean = x_t.sin().mean(dim=-3)
+    error = (cos_mean - phi).square() + sin_mean.square()
+    return (n * (error @ weights)).mean()
+
+
+def lejepa_invariance(all_proj: Tensor, global_proj: Tensor) -> Tensor:
+    r"""Mean squared distance of every view (V, N, d) to the centroid of the global views."""
+    return (global_proj.mean(dim=0) - all_proj).square().mean()
+
+
+def lejepa_loss(
+    local_proj: Tensor, global_proj: Tensor, directions: Tensor, lambda_param: float = 0.05,
+    knots: int = 17, t_max: float = 3.0,
+) -> Tensor:  # fmt: skip
+    r"""LeJEPA (Balestriero & LeCun 2025, Eq. 9): with every view :math:`A = [G; L]`,
+    :math:`\lambda\,\mathrm{SIGReg}(A) + (1-\lambda)\,\mathrm{MSE}(A, \bar G)`."""
+    all_proj = torch.cat([global_proj, local_proj], dim=0)
+    return lambda_param * sigreg_loss(all_proj, directions, knots, t_max) + (1 - lambda_param) * lejepa_invariance(
+        all_proj, global_proj
+    )
+
+
+def lewm_loss(
+    predicted: Tensor, target: Tensor, embeddings: Tensor, directions: Tensor, lambda_param: float = 0.1,
+    normalize: bool = False, knots: int = 17, t_max: float = 3.0,
+) -> Tensor:  # fmt: skip
+    r"""LeWM (LeWorldModel 2026): next-embedding MSE to the detached target (both layer-normalized
+    when ``normalize``) plus λ·SIGReg of the (B, T, d) embeddings, one statistic per time step
+    over the batch."""
+    target = target.detach()
+    if normalize:
+        predicted = F.layer_norm(predicted, predicted.shape[-1:])
+        target = F.layer_norm(target, target.shape[-1:])
+    sigreg = sigreg_loss(embeddings.flatten(1, -2).transpose(0, 1), directions, knots, t_max)
+    return (predicted - target).square().mean() + lambda_param * sigreg
+
+
+def gaussian_quantiles(n: int, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+    r""":math:`\Phi^{-1}(i/(n+1))`, i = 1..n (computed in float32, then cast)."""
+    positions = torch.arange(1, n + 1, dtype=torch.float32, device=device) / (n + 1)
+    return torch.special.ndtri(positions).to(dtype)
+
+
+def visreg_components(
+    local_proj: Tensor, global_proj: Tensor, slices: Tensor, lambda_param: float = 0.9,
+    lambda_scale: float = 1.0, lambda_shape: float = 1.0, lambda_center: float = 1.0, eps: float = 1e-4,
+) -> tuple:  # fmt: skip
+    r"""VISReg (Wu et al. 2026, Alg. 1) on all views :math:`Z` (V, N, d): returns
+    ``(total, pred, scale, shape, center)`` with
+
+    * pred: the LeJEPA invariance to the global views' centroid;
+    * scale: :math:`\mathrm{mean}(1-\sigma)^2` of the biased per-feature std over the batch;
+    * shape: sliced 2-Wasserstein to N(0,1): the views standardized with a stop-gradient on σ,
+      projected on the unit columns of ``slices`` (d, S), sorted over the batch and compared with
+      :func:`gaussian_quantiles`, mean squared difference;
+    * center: mean squared batch mean;
+    * total: :math:`(1-\lambda)\,\mathrm{pred} + \lambda(\lambda_{sc}\,\mathrm{scale}
+      + \lambda_{sh}\,\mathrm{shape} + \lambda_{c}\,\mathrm{center})`.
+    """
+    proj = torch.cat([global_proj, local_proj], dim=0)
+    pred = lejepa_invariance(proj, global_proj)
+    std = proj.std(dim=-2, unbiased=False, keepdim=True)
+    scale = (1.0 - std).square().mean()
+    z_norm = (proj - proj.mean(dim=-2, keepdim=True)) / (std.detach() + eps)
+    projections = (z_norm @ slices).sort(dim=-2).values
+    quantiles = gaussian_quantiles(proj.shape[-2], proj.dtype, proj.device)[:, None]
+    shape = (projections - quantiles).square().mean()
+    center = proj.mean(dim=-2).square().mean()
+    total = (1 - lambda_param) * pred + lambda_param * (lambda_scale * scale + lambda_shape * shape + lambda_center * center)
+    return total, pred, scale, shape, center
 
 # (end of distribution-matching extensions)
