@@ -21,7 +21,6 @@ from fastssl.dino import DINOLoss
 from fastssl.ntxent import NTXentLoss
 from fastssl.predictive import CenterPenaltyLoss, NegativeCosineSimilarity
 from fastssl.swav import SwaVLoss
-from fastssl.spectral import EMPSSLLoss, FroSSLLoss, MMCRLoss, PatchKernelAlignmentLoss, TiCoLoss
 from fastssl.wmse import Whitening2d, WMSELoss
 
 __version__ = "0.1.0"
@@ -43,10 +42,5 @@ __all__ = [
     "SwaVLoss",
     "VICRegLoss",
     "WMSELoss",
-    "EMPSSLLoss",
-    "FroSSLLoss",
-    "MMCRLoss",
-    "PatchKernelAlignmentLoss",
-    "TiCoLoss",
     "Whitening2d",
 ]
