@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -804,99 +804,237 @@ def infonce_backward(
 
 
 # --------------------------------------------------------------------------------------------
-# autograd Functions
+# Operators: every Triton path is a forward and a backward ``torch.library`` custom op with a
+# registered autograd formula and fake (shape) functions, so ``torch.compile`` records each as
+# one opaque node -- no graph break, no tracing into the launchers -- and autograd still
+# connects them. The forward returns, beside the loss, what its backward needs; those outputs
+# carry no gradient. A custom op may not return an alias of an input or of another output:
+# where the backward would reuse a tensor (the columns are the rows outside distributed runs),
+# the forward returns an empty placeholder instead.
 # --------------------------------------------------------------------------------------------
 
 
-class _NTXentTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, out0: Tensor, out1: Tensor, temperature: float, gather_distributed: bool, config: Optional[KernelConfig]) -> Tensor:  # type: ignore[override]
-        n_local, d = out0.shape
-        n_rows = 2 * n_local
-        z_dtype = operand_dtype(d, torch.promote_types(out0.dtype, out1.dtype), config)
-        z_rows = torch.empty((n_rows, d), dtype=z_dtype, device=out0.device)
-        norms = torch.empty(n_rows, dtype=torch.float32, device=out0.device)
-        l2_normalize_rows(out0, z_rows, norms, 0)
-        l2_normalize_rows(out1, z_rows, norms, n_local)
-        use_dist = gather_distributed and distributed.is_distributed()
-        if use_dist:
-            z_cols = distributed.gather_no_grad(z_rows)
-            col_offset = distributed.rank() * n_rows
-        else:
-            z_cols, col_offset = z_rows, 0
-        inv_temp = 1.0 / temperature
-        pos_cos = rowwise_cosine(out0, out1, norms[:n_local], norms[n_local:])
-        lse, row_loss = pair_lse_forward(z_rows, z_cols, pos_cos, inv_temp, n_local, col_offset, config)
-        lse_cols = distributed.gather_no_grad(lse) if use_dist else lse
-        ctx.save_for_backward(out0, out1, z_rows, norms, pos_cos, lse, lse_cols, z_cols if use_dist else None)
-        ctx.meta = (inv_temp, n_local, col_offset, use_dist, config)
-        return row_loss.sum() / n_rows
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
-        out0, out1, z_rows, norms, pos_cos, lse, lse_cols, saved_cols = ctx.saved_tensors
-        inv_temp, n_local, col_offset, use_dist, config = ctx.meta
-        z_cols = saved_cols if use_dist else z_rows
-        # 1/(2n), this rank's row count: W × the global gradient when distributed (module doc).
-        grad_z, positive_coef = pair_lse_backward(z_rows, z_cols, pos_cos, lse, lse_cols, grad_loss, inv_temp,
-                                                  inv_temp / (2 * n_local), n_local, col_offset, config)
-        # The positive's term: row i of view 0 pairs with row i of view 1 and vice versa.
-        grad0 = l2_normalize_rows_backward(out0, norms, grad_z, 0, partner=z_rows[n_local:], partner_coef=positive_coef)
-        grad1 = l2_normalize_rows_backward(out1, norms, grad_z, n_local, partner=z_rows[:n_local],
-                                           partner_coef=positive_coef)
-        return grad0, grad1, None, None, None
+def _config_to_ints(config: Optional[KernelConfig]) -> List[int]:
+    """A :class:`KernelConfig` as the ``int[]`` an operator schema can carry ([] = the default)."""
+    if config is None:
+        return []
+    fp32 = -1 if config.fp32_operands is None else int(config.fp32_operands)
+    return [config.block_m, config.block_n, config.block_k, int(config.single_k), config.num_warps,
+            config.num_stages, fp32]
 
 
-class _InfoNCETriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, query: Tensor, key: Tensor, negatives: Tensor, temperature: float, config: Optional[KernelConfig]) -> Tensor:  # type: ignore[override]
-        dtype = operand_dtype(query.shape[1], torch.promote_types(query.dtype, key.dtype), config)
-        q_hat, q_norms = l2_normalize_rows(query, dtype=dtype)
-        k_hat, k_norms = l2_normalize_rows(key, dtype=dtype)
-        inv_temp = 1.0 / temperature
-        pos_cos = rowwise_cosine(query, key, q_norms, k_norms)
-        lse, row_loss = infonce_forward(q_hat, pos_cos, negatives, inv_temp, config)
-        ctx.save_for_backward(query, key, negatives, q_hat, k_hat, q_norms, k_norms, pos_cos, lse)
-        ctx.meta = (inv_temp, config)
-        return row_loss.sum() / query.shape[0]
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
-        query, key, negatives, q_hat, k_hat, q_norms, k_norms, pos_cos, lse = ctx.saved_tensors
-        inv_temp, config = ctx.meta
-        grad_q_hat, positive_coef = infonce_backward(q_hat, pos_cos, negatives, lse, grad_loss, inv_temp,
-                                                     inv_temp / query.shape[0], config)
-        return (
-            l2_normalize_rows_backward(query, q_norms, grad_q_hat, partner=k_hat, partner_coef=positive_coef),
-            l2_normalize_rows_backward(key, k_norms, None, partner=q_hat, partner_coef=positive_coef),
-            None,
-            None,
-            None,
-        )
+def _config_from_ints(ints: Sequence[int]) -> Optional[KernelConfig]:
+    if len(ints) == 0:
+        return None
+    block_m, block_n, block_k, single_k, num_warps, num_stages, fp32 = (int(v) for v in ints)
+    return KernelConfig(block_m, block_n, block_k, bool(single_k), num_warps, num_stages,
+                        None if fp32 < 0 else bool(fp32))
 
 
-class _UniformityTriton(torch.autograd.Function):
-    """U = LSE_{i≠j}(2t ẑ_i·ẑ_j) - 2t - log n(n-1); backward through the pair kernel with both
-    log-sum-exp vectors set to the global LSE T: dẑ_i = g·2t·Σ_{j≠i} 2e^{S_ij - T} ẑ_j."""
+def _float32(like: Tensor, *shape: int) -> Tensor:
+    return like.new_empty(shape, dtype=torch.float32)
 
-    @staticmethod
-    def forward(ctx, z: Tensor, t: float, config: Optional[KernelConfig]) -> Tensor:  # type: ignore[override]
-        n = z.shape[0]
-        z_hat, norms = l2_normalize_rows(z, dtype=operand_dtype(z.shape[1], z.dtype, config))
-        row_lse, _ = pair_lse_forward(z_hat, z_hat, None, 2.0 * t, n, 0, config)
-        total_lse = torch.logsumexp(row_lse, dim=0)
-        ctx.save_for_backward(z, z_hat, norms, total_lse)
-        ctx.meta = (t, config)
-        return total_lse - 2.0 * t - math.log(n * (n - 1))
 
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
-        z, z_hat, norms, total_lse = ctx.saved_tensors
-        t, config = ctx.meta
-        lse = total_lse.expand(z.shape[0]).contiguous()
-        grad_z_hat, _ = pair_lse_backward(z_hat, z_hat, None, lse, lse, grad_loss, 2.0 * t, 2.0 * t, z.shape[0], 0,
-                                          config, factored=False)
-        return l2_normalize_rows_backward(z, norms, grad_z_hat), None, None
+def _ntxent_forward(
+    out0: Tensor, out1: Tensor, inv_temp: float, gather_distributed: bool, config_ints: List[int]
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (loss, ẑ rows (2n, d), ‖x‖ (2n,), positive cosines (n,), lse (2n,), and in a
+    distributed run the gathered ẑ columns and lse (else empty))."""
+    config = _config_from_ints(config_ints)
+    n_local, d = out0.shape
+    n_rows = 2 * n_local
+    z_dtype = operand_dtype(d, torch.promote_types(out0.dtype, out1.dtype), config)
+    z_rows = torch.empty((n_rows, d), dtype=z_dtype, device=out0.device)
+    norms = _float32(out0, n_rows)
+    l2_normalize_rows(out0, z_rows, norms, 0)
+    l2_normalize_rows(out1, z_rows, norms, n_local)
+    use_dist = gather_distributed and distributed.is_distributed()
+    if use_dist:
+        z_cols = distributed.gather_no_grad(z_rows)
+        col_offset = distributed.rank() * n_rows
+    else:
+        z_cols, col_offset = z_rows, 0
+    pos_cos = rowwise_cosine(out0, out1, norms[:n_local], norms[n_local:])
+    lse, row_loss = pair_lse_forward(z_rows, z_cols, pos_cos, inv_temp, n_local, col_offset, config)
+    if use_dist:
+        lse_cols = distributed.gather_no_grad(lse)
+    else:
+        z_cols, lse_cols = z_rows.new_empty((0, d)), _float32(out0, 0)
+    return row_loss.mean(), z_rows, norms, pos_cos, lse, z_cols, lse_cols
+
+
+def _ntxent_backward(
+    grad_loss: Tensor, out0: Tensor, out1: Tensor, z_rows: Tensor, norms: Tensor, pos_cos: Tensor,
+    lse: Tensor, z_cols: Tensor, lse_cols: Tensor, inv_temp: float, config_ints: List[int],
+) -> Tuple[Tensor, Tensor]:
+    config = _config_from_ints(config_ints)
+    n_local = out0.shape[0]
+    distributed_run = z_cols.shape[0] > 0
+    col_offset = distributed.rank() * 2 * n_local if distributed_run else 0
+    if not distributed_run:
+        z_cols, lse_cols = z_rows, lse
+    # 1/(2n), this rank's row count: W × the global gradient when distributed (module doc).
+    grad_z, positive_coef = pair_lse_backward(z_rows, z_cols, pos_cos, lse, lse_cols, grad_loss, inv_temp,
+                                              inv_temp / (2 * n_local), n_local, col_offset, config)
+    # The positive's term: row i of view 0 pairs with row i of view 1 and vice versa.
+    grad0 = l2_normalize_rows_backward(out0, norms, grad_z, 0, partner=z_rows[n_local:], partner_coef=positive_coef)
+    grad1 = l2_normalize_rows_backward(out1, norms, grad_z, n_local, partner=z_rows[:n_local],
+                                       partner_coef=positive_coef)
+    return grad0, grad1
+
+
+def _infonce_forward(
+    query: Tensor, key: Tensor, negatives: Tensor, inv_temp: float, config_ints: List[int]
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (loss, q̂, k̂, ‖q‖, ‖k‖, positive cosines, lse)."""
+    config = _config_from_ints(config_ints)
+    dtype = operand_dtype(query.shape[1], torch.promote_types(query.dtype, key.dtype), config)
+    q_hat, q_norms = l2_normalize_rows(query, dtype=dtype)
+    k_hat, k_norms = l2_normalize_rows(key, dtype=dtype)
+    pos_cos = rowwise_cosine(query, key, q_norms, k_norms)
+    lse, row_loss = infonce_forward(q_hat, pos_cos, negatives, inv_temp, config)
+    return row_loss.mean(), q_hat, k_hat, q_norms, k_norms, pos_cos, lse
+
+
+def _infonce_backward(
+    grad_loss: Tensor, query: Tensor, key: Tensor, negatives: Tensor, q_hat: Tensor, k_hat: Tensor,
+    q_norms: Tensor, k_norms: Tensor, pos_cos: Tensor, lse: Tensor, inv_temp: float, config_ints: List[int],
+) -> Tuple[Tensor, Tensor]:
+    config = _config_from_ints(config_ints)
+    grad_q_hat, positive_coef = infonce_backward(q_hat, pos_cos, negatives, lse, grad_loss, inv_temp,
+                                                 inv_temp / query.shape[0], config)
+    grad_q = l2_normalize_rows_backward(query, q_norms, grad_q_hat, partner=k_hat, partner_coef=positive_coef)
+    grad_k = l2_normalize_rows_backward(key, k_norms, None, partner=q_hat, partner_coef=positive_coef)
+    return grad_q, grad_k
+
+
+def _uniformity_forward(z: Tensor, t: float, config_ints: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """U = LSE_{i≠j}(2t ẑ_i·ẑ_j) - 2t - log n(n-1). Returns (U, ẑ, ‖z‖, the global LSE (0-d))."""
+    config = _config_from_ints(config_ints)
+    n = z.shape[0]
+    z_hat, norms = l2_normalize_rows(z, dtype=operand_dtype(z.shape[1], z.dtype, config))
+    row_lse, _ = pair_lse_forward(z_hat, z_hat, None, 2.0 * t, n, 0, config)
+    total_lse = torch.logsumexp(row_lse, dim=0)
+    return total_lse - (2.0 * t + math.log(n * (n - 1))), z_hat, norms, total_lse
+
+
+def _uniformity_backward(
+    grad_loss: Tensor, z: Tensor, z_hat: Tensor, norms: Tensor, total_lse: Tensor, t: float, config_ints: List[int]
+) -> Tensor:
+    """dẑ_i = g·2t·Σ_{j≠i} 2e^{S_ij - T} ẑ_j: the pair kernel with both log-sum-exps set to T."""
+    config = _config_from_ints(config_ints)
+    lse = total_lse.expand(z.shape[0]).contiguous()
+    grad_z_hat, _ = pair_lse_backward(z_hat, z_hat, None, lse, lse, grad_loss, 2.0 * t, 2.0 * t, z.shape[0], 0,
+                                      config, factored=False)
+    return l2_normalize_rows_backward(z, norms, grad_z_hat)
+
+
+_ntxent_op = torch.library.custom_op(
+    "fastssl::ntxent_triton", _ntxent_forward, mutates_args=(),
+    schema="(Tensor out0, Tensor out1, float inv_temp, bool gather_distributed, int[] config) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+_ntxent_backward_op = torch.library.custom_op(
+    "fastssl::ntxent_triton_backward", _ntxent_backward, mutates_args=(),
+    schema="(Tensor grad_loss, Tensor out0, Tensor out1, Tensor z_rows, Tensor norms, Tensor pos_cos, "
+    "Tensor lse, Tensor z_cols, Tensor lse_cols, float inv_temp, int[] config) -> (Tensor, Tensor)",
+)
+_infonce_op = torch.library.custom_op(
+    "fastssl::infonce_triton", _infonce_forward, mutates_args=(),
+    schema="(Tensor query, Tensor key, Tensor negatives, float inv_temp, int[] config) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+_infonce_backward_op = torch.library.custom_op(
+    "fastssl::infonce_triton_backward", _infonce_backward, mutates_args=(),
+    schema="(Tensor grad_loss, Tensor query, Tensor key, Tensor negatives, Tensor q_hat, Tensor k_hat, "
+    "Tensor q_norms, Tensor k_norms, Tensor pos_cos, Tensor lse, float inv_temp, int[] config) -> (Tensor, Tensor)",
+)
+_uniformity_op = torch.library.custom_op(
+    "fastssl::uniformity_triton", _uniformity_forward, mutates_args=(),
+    schema="(Tensor z, float t, int[] config) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+_uniformity_backward_op = torch.library.custom_op(
+    "fastssl::uniformity_triton_backward", _uniformity_backward, mutates_args=(),
+    schema="(Tensor grad_loss, Tensor z, Tensor z_hat, Tensor norms, Tensor total_lse, float t, int[] config) -> Tensor",
+)
+
+
+@_ntxent_op.register_fake
+def _(out0, out1, inv_temp, gather_distributed, config_ints):
+    n_local, d = out0.shape
+    z_dtype = operand_dtype(d, torch.promote_types(out0.dtype, out1.dtype), _config_from_ints(config_ints))
+    n_rows = 2 * n_local
+    n_cols = n_rows * distributed.world_size() if gather_distributed and distributed.is_distributed() else 0
+    z_rows = out0.new_empty((n_rows, d), dtype=z_dtype)
+    return (_float32(out0), z_rows, _float32(out0, n_rows), _float32(out0, n_local), _float32(out0, n_rows),
+            out0.new_empty((n_cols, d), dtype=z_dtype), _float32(out0, n_cols))
+
+
+@_ntxent_backward_op.register_fake
+def _(grad_loss, out0, out1, *rest):
+    return out0.new_empty(out0.shape), out1.new_empty(out1.shape)
+
+
+@_infonce_op.register_fake
+def _(query, key, negatives, inv_temp, config_ints):
+    n, d = query.shape
+    dtype = operand_dtype(d, torch.promote_types(query.dtype, key.dtype), _config_from_ints(config_ints))
+    return (_float32(query), query.new_empty((n, d), dtype=dtype), query.new_empty((n, d), dtype=dtype),
+            _float32(query, n), _float32(query, n), _float32(query, n), _float32(query, n))
+
+
+@_infonce_backward_op.register_fake
+def _(grad_loss, query, key, *rest):
+    return query.new_empty(query.shape), key.new_empty(key.shape)
+
+
+@_uniformity_op.register_fake
+def _(z, t, config_ints):
+    n, d = z.shape
+    dtype = operand_dtype(d, z.dtype, _config_from_ints(config_ints))
+    return _float32(z), z.new_empty((n, d), dtype=dtype), _float32(z, n), _float32(z)
+
+
+@_uniformity_backward_op.register_fake
+def _(grad_loss, z, *rest):
+    return z.new_empty(z.shape)
+
+
+def _ntxent_setup(ctx, inputs, output) -> None:
+    out0, out1, inv_temp, _, config_ints = inputs
+    ctx.save_for_backward(out0, out1, *output[1:])
+    ctx.inv_temp, ctx.config_ints = inv_temp, config_ints
+
+
+def _ntxent_gradient(ctx, grad_loss, *_auxiliary):
+    grads = _ntxent_backward_op(grad_loss, *ctx.saved_tensors, ctx.inv_temp, ctx.config_ints)
+    return grads[0], grads[1], None, None, None
+
+
+def _infonce_setup(ctx, inputs, output) -> None:
+    query, key, negatives, inv_temp, config_ints = inputs
+    ctx.save_for_backward(query, key, negatives, *output[1:])
+    ctx.inv_temp, ctx.config_ints = inv_temp, config_ints
+
+
+def _infonce_gradient(ctx, grad_loss, *_auxiliary):
+    grads = _infonce_backward_op(grad_loss, *ctx.saved_tensors, ctx.inv_temp, ctx.config_ints)
+    return grads[0], grads[1], None, None, None
+
+
+def _uniformity_setup(ctx, inputs, output) -> None:
+    z, t, config_ints = inputs
+    ctx.save_for_backward(z, *output[1:])
+    ctx.t, ctx.config_ints = t, config_ints
+
+
+def _uniformity_gradient(ctx, grad_loss, *_auxiliary):
+    return _uniformity_backward_op(grad_loss, *ctx.saved_tensors, ctx.t, ctx.config_ints), None, None
+
+
+_ntxent_op.register_autograd(_ntxent_gradient, setup_context=_ntxent_setup)
+_infonce_op.register_autograd(_infonce_gradient, setup_context=_infonce_setup)
+_uniformity_op.register_autograd(_uniformity_gradient, setup_context=_uniformity_setup)
 
 
 # --------------------------------------------------------------------------------------------
@@ -908,27 +1046,67 @@ def ntxent_loss_triton(
     out0: Tensor, out1: Tensor, temperature: float, gather_distributed: bool = False, *,
     config: Optional[KernelConfig] = None,
 ) -> Tensor:
-    """NT-Xent through the kernels. out0, out1: (N, d) float32/float16/bfloat16, any strides.
-    Returns a 0-d float32 loss; gradients in the inputs' dtypes."""
+    """NT-Xent through the kernels (SimCLR, Chen et al. 2020, eq. 1).
+
+    Args:
+        out0, out1: (N, d) float32/float16/bfloat16 views, any strides.
+        temperature: τ, any non-zero float.
+        gather_distributed: negatives from every rank (the loss is then the global mean).
+        config: tile shape (None: :func:`default_config`).
+    Returns:
+        0-d float32 loss; gradients in the inputs' dtypes.
+
+    Example::
+
+        a, b = torch.randn(256, 128, device="cuda"), torch.randn(256, 128, device="cuda")
+        loss = ntxent_loss_triton(a.requires_grad_(), b, 0.5)
+        loss.backward()
+    """
     _check_kernel_dtype("out0", out0)
     _check_kernel_dtype("out1", out1)
-    loss = _NTXentTriton.apply(out0, out1, float(temperature), bool(gather_distributed), config)
+    loss = _ntxent_op(out0, out1, 1.0 / float(temperature), bool(gather_distributed), _config_to_ints(config))[0]
     return distributed.global_mean(loss) if gather_distributed else loss
 
 
 def infonce_loss_triton(
     query: Tensor, key: Tensor, negatives: Tensor, temperature: float, *, config: Optional[KernelConfig] = None
 ) -> Tensor:
-    """InfoNCE through the kernels. query, key: (N, d); negatives: (K, d) bank, no gradient."""
+    """InfoNCE through the kernels (MoCo, He et al. 2020, eq. 1).
+
+    Args:
+        query, key: (N, d) float32/float16/bfloat16, any strides.
+        negatives: (K, d) bank (any strides, its rows used as given); no gradient.
+        temperature: τ, any non-zero float.
+    Returns:
+        0-d float32 loss.
+
+    Example::
+
+        q, k = torch.randn(256, 128, device="cuda"), torch.randn(256, 128, device="cuda")
+        bank = torch.nn.functional.normalize(torch.randn(65536, 128, device="cuda"), dim=1)
+        loss = infonce_loss_triton(q.requires_grad_(), k, bank, 0.2)
+    """
     _check_kernel_dtype("query", query)
     _check_kernel_dtype("key", key)
     _check_kernel_dtype("negatives", negatives)
-    return _InfoNCETriton.apply(query, key, negatives.detach(), float(temperature), config)
+    return _infonce_op(query, key, negatives.detach(), 1.0 / float(temperature), _config_to_ints(config))[0]
 
 
 def uniformity_triton(z: Tensor, t: float = 2.0, *, config: Optional[KernelConfig] = None) -> Tensor:
-    """Uniformity of the rows of z (N, d), N ≥ 2 (NaN below, as the reference). 0-d float32."""
+    """Uniformity (Wang & Isola 2020, eq. 3) of the rows of z (N, d) through the kernels.
+
+    Args:
+        z: (N, d) float32/float16/bfloat16, any strides; NaN for N < 2 (as the reference).
+        t: kernel scale.
+    Returns:
+        0-d float32 value.
+
+    Example::
+
+        z = torch.randn(4096, 128, device="cuda", requires_grad=True)
+        uniformity_triton(z).backward()
+    """
     _check_kernel_dtype("z", z)
     if z.shape[0] < 2:
         return torch.full((), float("nan"), dtype=torch.float32, device=z.device)
-    return _UniformityTriton.apply(z, float(t), config)
+    return _uniformity_op(z, float(t), _config_to_ints(config))[0]

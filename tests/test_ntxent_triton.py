@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import fastssl
 import fastssl.functional as FS
 from fastssl import reference
+from fastssl.ntxent import uniformity_loss
 from _helpers import TRITON_DEVICES, assert_matches_reference, awkward_inputs, poisoned
 
 K = pytest.importorskip("fastssl.kernels.ntxent")
@@ -290,6 +291,49 @@ def test_public_api_and_module_on_triton(device):
     a64, b64 = a.double(), b.double()
     assert FS.ntxent_loss(a64, b64, backend="triton").item() == pytest.approx(
         reference.ntxent_loss(a64, b64).item(), rel=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Dynamo's notes on lru_cache'd helpers
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("bank_size", [0, 20], ids=["simclr", "moco"])
+def test_torch_compile_fullgraph_keeps_the_kernels_whole(device, bank_size):
+    """The kernels are torch.library custom ops: Dynamo records each as one node (fullgraph
+    fails on any graph break), aot_eager runs their fake functions and registered backward.
+    Two steps with a bank: the second sees the keys the first enqueued."""
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    head = torch.nn.Linear(6, 5).to(device)
+    twin_head = torch.nn.Linear(6, 5).to(device)
+    twin_head.load_state_dict(head.state_dict())
+    loss_fn = fastssl.NTXentLoss(0.3, memory_bank_size=(bank_size, 5) if bank_size else 0, backend="triton").to(device)
+    twin_fn = fastssl.NTXentLoss(0.3, memory_bank_size=(bank_size, 5) if bank_size else 0, backend="triton").to(device)
+    twin_fn.load_state_dict(loss_fn.state_dict())
+    if bank_size:
+        twin_fn.memory_bank.bank.copy_(loss_fn.memory_bank.bank)
+
+    def step(x, head, loss_fn):
+        return loss_fn(head(x), head(x.flip(0) + 0.5))
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        x = torch.randn(7, 6, device=device)
+        value = compiled(x, head, loss_fn)
+        value.backward()
+        expected = step(x, twin_head, twin_fn)
+        expected.backward()
+        torch.testing.assert_close(value, expected)
+        torch.testing.assert_close(head.weight.grad, twin_head.weight.grad)
+        if bank_size:
+            torch.testing.assert_close(loss_fn.memory_bank.bank, twin_fn.memory_bank.bank)
+    uniformity = torch.compile(lambda z: uniformity_loss(head(z), backend="triton"), fullgraph=True,
+                               backend="aot_eager")
+    z = torch.randn(9, 6, device=device)
+    value = uniformity(z)
+    value.backward()
+    expected = uniformity_loss(twin_head(z), backend="triton")
+    expected.backward()
+    torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(head.weight.grad, twin_head.weight.grad)
 
 
 def test_kernel_argument_errors():
