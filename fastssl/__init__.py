@@ -20,6 +20,8 @@ from fastssl.decorrelation import BarlowTwinsLoss, VICRegLoss
 from fastssl.dino import DINOLoss
 from fastssl.ntxent import NTXentLoss
 from fastssl.predictive import CenterPenaltyLoss, NegativeCosineSimilarity
+from fastssl.prototype import CAPILoss, IBOTPatchLoss, IBOTPlusPlusPatchLoss, MSNLoss, PMSNCustomLoss, PMSNLoss
+from fastssl.lightly_patch import patch_lightly, unpatch_lightly
 from fastssl.swav import SwaVLoss
 from fastssl.wmse import Whitening2d, WMSELoss
 
@@ -36,6 +38,14 @@ __all__ = [
     "KoLeoLoss",
     "MACLLoss",
     "SupConLoss",
+    "CAPILoss",
+    "IBOTPatchLoss",
+    "IBOTPlusPlusPatchLoss",
+    "MSNLoss",
+    "PMSNCustomLoss",
+    "PMSNLoss",
+    "patch_lightly",
+    "unpatch_lightly",
     "DINOLoss",
     "NTXentLoss",
     "NegativeCosineSimilarity",

@@ -21,12 +21,26 @@ from fastssl.decorrelation import barlow_twins_loss, vicreg_loss
 from fastssl.dino import dino_center_update, dino_loss
 from fastssl.ntxent import infonce_loss, ntxent_loss
 from fastssl.predictive import byol_loss, center_penalty_loss, negative_cosine_similarity
+from fastssl.prototype import (
+    capi_loss,
+    capi_sinkhorn,
+    ibot_patch_loss,
+    ibot_plus_plus_patch_loss,
+    msn_loss,
+    pmsn_loss,
+)
 from fastssl.swav import sinkhorn, swav_loss
 from fastssl.wmse import wmse_loss
 
 __all__ = [
     "barlow_twins_loss",
     "byol_loss",
+    "capi_loss",
+    "capi_sinkhorn",
+    "ibot_patch_loss",
+    "ibot_plus_plus_patch_loss",
+    "msn_loss",
+    "pmsn_loss",
     "center_penalty_loss",
     "dcl_loss",
     "dclw_loss",

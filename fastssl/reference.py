@@ -551,6 +551,182 @@ def koleo_loss(x: Tensor, p: float = 2, eps: float = 1e-8) -> Tensor:
 # Prototype extensions: iBOT, iBOT++, CAPI, MSN, PMSN
 # --------------------------------------------------------------------------------------------
 
+
+def weighted_soft_target_cross_entropy(
+    teacher: Tensor, student: Tensor, weights: Tensor, center: Tensor, teacher_temp: float, student_temp: float
+) -> Tensor:
+    r""":math:`\sum_i w_i\,\big(-\mathrm{softmax}((t_i - c)/\tau_t)\cdot\log\mathrm{softmax}(s_i/\tau_s)\big)`,
+    teacher row i paired with student row i (iBOT's masked-patch term); the teacher is detached.
+
+    Args:
+        teacher, student: (R, K); weights: (R,); center: (K,).
+    """
+    q = F.softmax((teacher.detach() - center.reshape(1, -1)) / teacher_temp, dim=-1)
+    log_p = F.log_softmax(student / student_temp, dim=-1)
+    return (weights * -(q * log_p).sum(dim=-1)).sum()
+
+
+def ibot_patch_loss(
+    teacher_out: Tensor, student_out: Tensor, mask: Tensor, center: Tensor, teacher_temp: float = 0.04,
+    student_temp: float = 0.1,
+) -> Tensor:
+    r"""iBOT's masked-image-modelling loss (Zhou et al. 2022, Eq. 2) with DINOv2's weighting:
+
+    .. math:: L = \frac1B\sum_b\frac{1}{\max(n_b,1)}\sum_{i\in\mathrm{masked}(b)}
+              -\mathrm{softmax}\Big(\frac{t_i - c}{\tau_t}\Big)\cdot\log\mathrm{softmax}\Big(\frac{s_i}{\tau_s}\Big)
+
+    Args:
+        teacher_out, student_out: (M, K), the M masked patches in the mask's row-major order.
+        mask: boolean (B, H, W) or (B, N) with M entries set; center: (K,) or (1, K).
+    """
+    flat = mask.reshape(mask.shape[0], -1)
+    counts = flat.sum(dim=1, keepdim=True).clamp(min=1).to(student_out.dtype)
+    weights = (1.0 / counts).expand_as(flat)[flat] / mask.shape[0]
+    return weighted_soft_target_cross_entropy(teacher_out, student_out, weights, center, teacher_temp, student_temp)
+
+
+def ibot_plus_plus_patch_loss(
+    teacher_out: Tensor, student_out: Tensor, mask: Optional[Tensor], center: Tensor, teacher_temp: float = 0.04,
+    student_temp: float = 0.1, visible_loss_weight: float = 1.0,
+) -> Tensor:
+    r"""iBOT++ (TIPSv2): the iBOT cross-entropy on every token, per image
+    :math:`\bar\ell^{\,m}_b + w_v\,\bar\ell^{\,v}_b` (means over masked and visible tokens, each
+    count at least 1), averaged over images; without a mask the mean over all tokens.
+
+    Args:
+        teacher_out, student_out: (B, N, K), or (B·N, K) with the mask giving B.
+        mask: None or (B, H, W) / (B, N), 1 = masked.
+    """
+    batch = teacher_out.shape[0] if teacher_out.dim() == 3 else mask.shape[0]
+    teacher_flat, student_flat = teacher_out.reshape(-1, teacher_out.shape[-1]), student_out.reshape(-1, student_out.shape[-1])
+    tokens = teacher_flat.shape[0] // batch
+    q = F.softmax((teacher_flat.detach() - center.reshape(1, -1)) / teacher_temp, dim=-1)
+    ce = -(q * F.log_softmax(student_flat / student_temp, dim=-1)).sum(dim=-1).view(batch, tokens)
+    if mask is None:
+        return ce.mean()
+    masked = mask.reshape(batch, tokens).to(ce.dtype)
+    visible = 1.0 - masked
+    masked_mean = (ce * masked).sum(dim=1) / masked.sum(dim=1).clamp(min=1.0)
+    visible_mean = (ce * visible).sum(dim=1) / visible.sum(dim=1).clamp(min=1.0)
+    return (masked_mean + visible_loss_weight * visible_mean).mean()
+
+
+@torch.no_grad()
+def capi_sinkhorn(logits: Tensor, iterations: int = 3, epsilon: float = 1e-8, gather_distributed: bool = False) -> Tensor:
+    r"""CAPI's position-wise Sinkhorn-Knopp (Darcet et al. 2025, Sec. 3.2), as CAPI's code and
+    lightly write it: per token position, :math:`Q = \exp(X - \max_b X)` over (batch, clusters),
+    then ``iterations`` times: divide by the sum over the batch (+ε), by the sum over the
+    clusters (+ε). Sums over the batch include every rank's when ``gather_distributed``.
+
+    Args:
+        logits: (B, T, K), already divided by the teacher temperature.
+    Returns:
+        (B, T, K) assignments.
+    """
+    all_reduce = gather_distributed and torch.distributed.is_available() and torch.distributed.is_initialized()
+    q = logits.transpose(0, 1)
+    shift = torch.amax(q, dim=1, keepdim=True)
+    if all_reduce:
+        torch.distributed.all_reduce(shift, op=torch.distributed.ReduceOp.MAX)
+    q = torch.exp(q - shift)
+    for _ in range(iterations):
+        over_batch = q.sum(dim=1, keepdim=True)
+        if all_reduce:
+            torch.distributed.all_reduce(over_batch)
+        q = q / (over_batch + epsilon)
+        q = q / (q.sum(dim=2, keepdim=True) + epsilon)
+    return q.transpose(0, 1)
+
+
+def capi_loss(
+    teacher_logits: Tensor, student_logits: Tensor, teacher_index: Optional[Tensor] = None,
+    teacher_temperature: float = 0.06, student_temperature: float = 0.12, sinkhorn_iterations: int = 3,
+    gather_distributed: bool = False,
+) -> Tensor:
+    r"""CAPI's loss: :math:`\mathrm{mean}_{b,p}\,-q_{b,\iota(b,p)}\cdot\log\mathrm{softmax}(s_{b,p}/\tau_s)`
+    with :math:`q` = :func:`capi_sinkhorn` of the teacher logits / τ_t and ι the teacher index
+    (the identity without one)."""
+    q = capi_sinkhorn(teacher_logits.detach() / teacher_temperature, sinkhorn_iterations, 1e-8, gather_distributed)
+    if teacher_index is not None:
+        q = torch.gather(q, 1, teacher_index.unsqueeze(-1).expand(-1, -1, q.shape[-1]))
+    return -(q * F.log_softmax(student_logits / student_temperature, dim=-1)).sum(dim=-1).mean()
+
+
+@torch.no_grad()
+def msn_sinkhorn(probabilities: Tensor, iterations: int = 3, gather_distributed: bool = False) -> Tensor:
+    r"""MSN's Sinkhorn-Knopp on target probabilities (B, K) (Assran et al. 2022, App.; MSN's
+    ``distributed_sinkhorn``): normalize to sum 1, then ``iterations`` times every prototype to
+    1/K (sums over all ranks' targets when ``gather_distributed``) and every target to 1/B;
+    finally scaled so each target row sums to 1. Probability domain, as the paper's code."""
+    if iterations <= 0:
+        return probabilities
+    all_reduce = gather_distributed and torch.distributed.is_available() and torch.distributed.is_initialized()
+    b, k = probabilities.shape
+    q = probabilities.T
+    total = q.sum()
+    if all_reduce:
+        torch.distributed.all_reduce(total)
+    q = q / total
+    for _ in range(iterations):
+        per_prototype = q.sum(dim=1, keepdim=True)
+        if all_reduce:
+            torch.distributed.all_reduce(per_prototype)
+        q = q / per_prototype / k
+        q = q / q.sum(dim=0, keepdim=True) / b
+    return (q * b).T
+
+
+def mean_entropy_regularization(mean_probs: Tensor) -> Tensor:
+    r"""MSN's mean-entropy maximisation term :math:`\sum_k m_k\log m_k + \log K` (= log K − H(m))."""
+    return torch.xlogy(mean_probs, mean_probs).sum() + math.log(mean_probs.shape[0])
+
+
+def prior_kl_regularization(mean_probs: Tensor, prior: Tensor) -> Tensor:
+    r"""PMSN's :math:`\mathrm{KL}(\pi\,\|\,m) = \sum_k \pi_k(\log\pi_k - \log m_k)` (Assran et al. 2023)."""
+    prior = prior.to(device=mean_probs.device)
+    return F.kl_div(mean_probs.log(), prior, reduction="sum")
+
+
+def msn_cross_entropy_and_mean_probs(
+    anchors: Tensor, targets: Tensor, prototypes: Tensor, temperature: float = 0.1, sinkhorn_iterations: int = 3,
+    target_sharpen_temperature: float = 0.25, gather_distributed: bool = False,
+) -> tuple:
+    r"""MSN's two ingredients (Assran et al. 2022, Eq. 2–4): with :math:`p_i = \mathrm{softmax}(
+    \hat a_i\hat P^\top/\tau)` and the targets' :math:`q = \mathrm{Sinkhorn}(\mathrm{sharpen}(
+    \mathrm{softmax}(\hat t\hat P^\top/\tau), T))` (no gradient), repeated over the V anchor views,
+    returns :math:`(\frac{1}{VB}\sum_i -q_{i \bmod B}\cdot\log p_i,\; m = \mathrm{mean}_i\,p_i)`."""
+    views = anchors.shape[0] // targets.shape[0]
+    anchors_n, prototypes_n = F.normalize(anchors, dim=1), F.normalize(prototypes, dim=1)
+    log_p = F.log_softmax(anchors_n @ prototypes_n.T / temperature, dim=1)
+    with torch.no_grad():
+        targets_n = F.normalize(targets, dim=1)
+        probs = F.softmax(targets_n @ prototypes_n.T / temperature, dim=1)
+        sharpened = probs ** (1.0 / target_sharpen_temperature)
+        sharpened = sharpened / sharpened.sum(dim=1, keepdim=True)
+        q = msn_sinkhorn(sharpened, sinkhorn_iterations, gather_distributed).repeat(views, 1)
+    return -(q * log_p).sum(dim=1).mean(), log_p.exp().mean(dim=0)
+
+
+def msn_loss(
+    anchors: Tensor, targets: Tensor, prototypes: Tensor, temperature: float = 0.1, sinkhorn_iterations: int = 3,
+    regularization_weight: float = 1.0, target_sharpen_temperature: float = 0.25, regularization=None,
+) -> Tensor:
+    r"""MSN (PMSN with ``regularization`` = a prior's KL): the cross-entropy of
+    :func:`msn_cross_entropy_and_mean_probs` plus ``regularization_weight`` × R(m) when the weight
+    is positive; R defaults to :func:`mean_entropy_regularization`.
+
+    Args:
+        anchors: (V·B, D), view-major; targets: (B, D); prototypes: (K, D).
+        regularization: callable of the mean anchor probabilities m (K,).
+    """
+    ce, mean_probs = msn_cross_entropy_and_mean_probs(
+        anchors, targets, prototypes, temperature, sinkhorn_iterations, target_sharpen_temperature
+    )
+    if regularization_weight > 0:
+        regularization = mean_entropy_regularization if regularization is None else regularization
+        ce = ce + regularization_weight * regularization(mean_probs)
+    return ce
+
 # (end of prototype extensions)
 
 

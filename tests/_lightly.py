@@ -45,6 +45,13 @@ CLASSES: Dict[str, tuple] = {
     "DetConSLoss": ("lightly.loss.detcon_loss", "DetConSLoss"),
     "DetConBLoss": ("lightly.loss.detcon_loss", "DetConBLoss"),
     "KoLeoLoss": ("lightly.loss.koleo_loss", "KoLeoLoss"),
+    "IBOTPatchLoss": ("lightly.loss.ibot_loss", "IBOTPatchLoss"),
+    "IBOTPlusPlusPatchLoss": ("lightly.loss.ibot_loss", "IBOTPlusPlusPatchLoss"),
+    "CAPILoss": ("lightly.loss.capi_loss", "CAPILoss"),
+    "capi_sinkhorn_knopp": ("lightly.loss.capi_loss", "sinkhorn_knopp"),
+    "MSNLoss": ("lightly.loss.msn_loss", "MSNLoss"),
+    "PMSNLoss": ("lightly.loss.pmsn_loss", "PMSNLoss"),
+    "PMSNCustomLoss": ("lightly.loss.pmsn_loss", "PMSNCustomLoss"),
 }
 
 # Packages whose __init__ must not run: it imports torchvision (and timm-based models).
