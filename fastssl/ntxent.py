@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastssl import distributed, reference
-from fastssl._backend import check_backend_name, outside_autocast, resolve_backend
+from fastssl._backend import check_backend_name, outside_autocast, resolve_backend, triton_with_fallback
 from fastssl._checks import (
     check_distributed_available,
     check_finite,
@@ -345,6 +345,13 @@ def _uniformity_torch(z: Tensor, t: float, chunk_rows: Optional[int] = None) -> 
 # --------------------------------------------------------------------------------------------
 
 
+def _kernels():
+    """The Triton module, imported on first use (``import fastssl`` needs no Triton)."""
+    from fastssl.kernels import ntxent as kernels
+
+    return kernels
+
+
 def _triton_dtype_ok(*tensors: Tensor) -> bool:
     """The kernels take float32/float16/bfloat16; float64 runs on the PyTorch path."""
     return all(x.dtype != torch.float64 for x in tensors)
@@ -378,9 +385,13 @@ def ntxent_loss(
             out0, out1 = distributed.gather(out0), distributed.gather(out1)
         return reference.ntxent_loss(out0, out1, temperature).float()
     if impl == "triton" and _triton_dtype_ok(out0, out1):
-        from fastssl.kernels.ntxent import ntxent_loss_triton
-
-        return ntxent_loss_triton(out0, out1, temperature, gather_distributed=gather_distributed)
+        # A kernel that cannot compile or launch here falls back to the torch path under "auto".
+        return triton_with_fallback(
+            "ntxent",
+            backend,
+            lambda: _kernels().ntxent_loss_triton(out0, out1, temperature, gather_distributed=gather_distributed),
+            lambda: _ntxent_torch(out0, out1, temperature, gather_distributed),
+        )
     return _ntxent_torch(out0, out1, temperature, gather_distributed)
 
 
@@ -418,9 +429,12 @@ def infonce_loss(
     if impl == "reference":
         loss = reference.infonce_loss(query, key, negatives, temperature).float()
     elif impl == "triton" and _triton_dtype_ok(query, key):
-        from fastssl.kernels.ntxent import infonce_loss_triton
-
-        loss = infonce_loss_triton(query, key, negatives, temperature)
+        loss = triton_with_fallback(
+            "infonce",
+            backend,
+            lambda: _kernels().infonce_loss_triton(query, key, negatives, temperature),
+            lambda: _infonce_torch(query, key, negatives, temperature),
+        )
     else:
         loss = _infonce_torch(query, key, negatives, temperature)
     return distributed.global_mean(loss) if gather_distributed else loss
@@ -449,9 +463,9 @@ def uniformity_loss(z: Tensor, t: float = 2.0, *, backend: str = "auto") -> Tens
     if impl == "reference":
         return reference.uniformity(z, t).float()
     if impl == "triton" and _triton_dtype_ok(z):
-        from fastssl.kernels.ntxent import uniformity_triton
-
-        return uniformity_triton(z, t)
+        return triton_with_fallback(
+            "uniformity", backend, lambda: _kernels().uniformity_triton(z, t), lambda: _uniformity_torch(z, t)
+        )
     return _uniformity_torch(z, t)
 
 

@@ -8,6 +8,7 @@ reference; output buffers poisoned with NaN before every launch.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -334,6 +335,38 @@ def test_torch_compile_fullgraph_keeps_the_kernels_whole(device, bank_size):
     expected.backward()
     torch.testing.assert_close(value, expected)
     torch.testing.assert_close(head.weight.grad, twin_head.weight.grad)
+
+
+@pytest.mark.parametrize("family", ["ntxent", "infonce", "uniformity"])
+def test_auto_falls_back_to_torch_when_a_kernel_fails(family, monkeypatch):
+    """Under "auto" a kernel that fails to compile or launch gives the torch result with one
+    warning naming the kernel; an explicit backend="triton" raises the error."""
+    from fastssl import _backend, ntxent
+
+    def failing_launch(*args, **kwargs):
+        raise RuntimeError("simulated launch failure")
+
+    for launcher in ("pair_lse_forward", "infonce_forward"):
+        monkeypatch.setattr(K, launcher, failing_launch)
+    monkeypatch.setattr(_backend, "_FALLBACK_WARNED", set())
+    # "auto" picks the kernels for CUDA tensors: make it do so for these CPU tensors.
+    monkeypatch.setattr(ntxent, "resolve_backend", lambda backend, tensor: "triton")
+    a, b = _inputs(6, 5, torch.float32, "cpu")
+    bank = _bank(11, 5, "cpu")
+    call = {
+        "ntxent": lambda backend: FS.ntxent_loss(a, b, 0.3, backend=backend),
+        "infonce": lambda backend: FS.infonce_loss(a, b, bank, 0.3, backend=backend),
+        "uniformity": lambda backend: uniformity_loss(a, backend=backend),
+    }[family]
+    with pytest.warns(RuntimeWarning, match=f"kernel for {family} failed.*simulated launch failure"):
+        first = call("auto")
+    expected = call("torch")
+    torch.testing.assert_close(first, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per kernel: the second failure is silent
+        torch.testing.assert_close(call("auto"), expected)
+    with pytest.raises(RuntimeError, match="simulated launch failure"):
+        call("triton")
 
 
 def test_kernel_argument_errors():
