@@ -23,6 +23,7 @@ from fastssl.predictive import CenterPenaltyLoss, NegativeCosineSimilarity
 from fastssl.prototype import CAPILoss, IBOTPatchLoss, IBOTPlusPlusPatchLoss, MSNLoss, PMSNCustomLoss, PMSNLoss
 from fastssl.lightly_patch import patch_lightly, unpatch_lightly
 from fastssl.swav import SwaVLoss
+from fastssl.spectral import EMPSSLLoss, FroSSLLoss, MMCRLoss, PatchKernelAlignmentLoss, TiCoLoss
 from fastssl.wmse import Whitening2d, WMSELoss
 
 __version__ = "0.1.0"
@@ -53,4 +54,9 @@ __all__ = [
     "VICRegLoss",
     "WMSELoss",
     "Whitening2d",
+    "EMPSSLLoss",
+    "FroSSLLoss",
+    "MMCRLoss",
+    "PatchKernelAlignmentLoss",
+    "TiCoLoss",
 ]

@@ -1,5 +1,6 @@
-r"""Barlow Twins and VICReg: functional API, optimized PyTorch path and the drop-in modules.
-The Triton kernels live in :mod:`fastssl.kernels.decorrelation`.
+r"""Barlow Twins and VICReg: functional API, optimized PyTorch path, the choice between it and
+the Triton kernels (:mod:`fastssl.kernels.decorrelation`, imported only when they run), and the
+drop-in modules.
 """
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from fastssl import distributed, reference
-from fastssl._backend import check_backend_name, outside_autocast, resolve_backend
+from fastssl._backend import (
+    check_backend_name,
+    outside_autocast,
+    resolve_backend,
+    triton_requested_explicitly,
+    triton_with_fallback,
+)
 from fastssl._checks import check_distributed_available, check_finite, check_pair, check_positive
 
 PATHS = ("auto", "gram", "cross")
@@ -239,6 +246,67 @@ def _vicreg_torch(
 
 
 # --------------------------------------------------------------------------------------------
+# Which implementation runs: the Triton kernels or the torch path (cuBLAS)
+# --------------------------------------------------------------------------------------------
+#
+# A cost model of both, forward + backward, in the units of an H100/H200 (2 flops per
+# multiply-add; rates as measured or derated from the data sheet):
+#
+#   torch path: every product in float32 (half inputs are upcast to accumulate), through
+#     cuBLAS SGEMM at ~50 TFLOP/s (TF32 tensor cores at ~300 when allow_tf32), FLOPs
+#     gram 8N²d (two full Grams, two (N×N)·(N×d) products), cross 6Nd² (Barlow Twins) or
+#     8Nd² (VICReg: two d×d), plus ~40 eager launches at ~5 µs each (statistics, casts,
+#     reductions, the batch-norm backward).
+#   Triton path: gram forward 2N²d (two symmetric Grams, upper tiles) × 3 for half inputs
+#     (hi·hi + lo·hi + hi·lo), backward 4N²d (×2 when 2N > d: the Gram's lo part); cross
+#     forward 2Nd² × 3, backward 4Nd². Half inputs on tensor cores at ~40 % of 790 TFLOP/s
+#     (64×64 tiles, short K loops), float32 IEEE products on the FMA pipe at ~25 TFLOP/s
+#     (TF32: ~150), plus 6 launches at ~4 µs.
+#
+# The rule: under "auto" the Triton path runs unless the model predicts the torch path faster.
+# With these constants that happens for float32 inputs once the products dominate the
+# launches: at N = 2048, d = 8192 float32 the torch path's 275 GFLOP of SGEMM (5.5 ms) beats
+# 206 GFLOP on the FMA pipe (8.2 ms); half inputs stay on Triton at every shape (N = 2048,
+# d = 8192 bf16: 0.9 ms against 5.5 ms) and so does float32 at N = 256, d = 8192 (0.17 ms
+# against 0.29 ms: launch-bound). An explicit backend="triton" always runs the kernels.
+_TORCH_FP32_RATE, _TORCH_TF32_RATE = 50e12, 300e12
+_TRITON_HALF_RATE, _TRITON_FP32_RATE, _TRITON_TF32_RATE = 0.4 * 790e12, 25e12, 150e12
+_TORCH_LAUNCHES, _TRITON_LAUNCHES = 40, 6
+_TORCH_LAUNCH_S, _TRITON_LAUNCH_S = 5e-6, 4e-6
+
+
+def predicted_seconds(n: int, d: int, dtype: torch.dtype, use_gram: bool, vicreg: bool, tf32: bool = False):
+    """(torch path, Triton path) forward + backward seconds on an H100/H200 by the cost model
+    above; ``tf32``: ``torch.backends.cuda.matmul.allow_tf32``."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    if use_gram:
+        torch_flops = 8 * n * n * d
+        triton_flops = 2 * n * n * d * (3 if half else 1) + 4 * n * n * d * (2 if half and 2 * n > d else 1)
+    else:
+        torch_flops = (8 if vicreg else 6) * n * d * d
+        triton_flops = 2 * n * d * d * (3 if half else 1) + 4 * n * d * d
+    torch_rate = _TORCH_TF32_RATE if tf32 else _TORCH_FP32_RATE
+    triton_rate = _TRITON_HALF_RATE if half else (_TRITON_TF32_RATE if tf32 else _TRITON_FP32_RATE)
+    torch_seconds = torch_flops / torch_rate + _TORCH_LAUNCHES * _TORCH_LAUNCH_S
+    triton_seconds = triton_flops / triton_rate + _TRITON_LAUNCHES * _TRITON_LAUNCH_S
+    return torch_seconds, triton_seconds
+
+
+def _triton_runs(z_a: Tensor, z_b: Tensor, backend: str, path: str, vicreg: bool) -> bool:
+    """Whether the resolved "triton" backend runs the kernels: float64 (either view) always
+    takes the torch path, which accumulates in float64; under "auto" the cost model decides."""
+    dtype = torch.promote_types(z_a.dtype, z_b.dtype)
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    if triton_requested_explicitly(backend) or not z_a.is_cuda:
+        return True
+    n, d = z_a.shape
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch_seconds, triton_seconds = predicted_seconds(n, d, dtype, _use_gram(n, d, path), vicreg, tf32)
+    return triton_seconds <= torch_seconds
+
+
+# --------------------------------------------------------------------------------------------
 # Functional API
 # --------------------------------------------------------------------------------------------
 
@@ -280,10 +348,18 @@ def barlow_twins_loss(
         z_a, z_b = distributed.gather(z_a), distributed.gather(z_b)
     if impl == "reference":
         return reference.barlow_twins_loss(z_a, z_b, lambda_param).float()
-    if impl == "triton":
-        from fastssl.kernels.decorrelation import barlow_twins_loss_triton
+    if impl == "triton" and _triton_runs(z_a, z_b, backend, path, vicreg=False):
+        n, d = z_a.shape
 
-        return barlow_twins_loss_triton(z_a, z_b, lambda_param, path=path)
+        def run_triton() -> Tensor:
+            from fastssl.kernels.decorrelation import barlow_twins_loss_triton
+
+            use_gram = _use_gram(n, d, path)
+            return barlow_twins_loss_triton(z_a, z_b, lambda_param, use_gram=use_gram, bn_eps=BATCH_NORM_EPS)
+
+        return triton_with_fallback(
+            "barlow_twins", backend, run_triton, lambda: _barlow_twins_torch(z_a, z_b, lambda_param, path)
+        )
     return _barlow_twins_torch(z_a, z_b, lambda_param, path)
 
 
@@ -340,11 +416,17 @@ def vicreg_loss(
         z_a, z_b = distributed.gather(z_a), distributed.gather(z_b)
     if impl == "reference":
         return reference.vicreg_loss(z_a, z_b, lambda_param, mu_param, nu_param, eps).float()
-    if impl == "triton":
-        from fastssl.kernels.decorrelation import vicreg_loss_triton
+    hyper = (lambda_param, mu_param, nu_param, eps)
+    if impl == "triton" and _triton_runs(z_a, z_b, backend, path, vicreg=True):
+        n, d = z_a.shape
 
-        return vicreg_loss_triton(z_a, z_b, lambda_param, mu_param, nu_param, eps, path=path)
-    return _vicreg_torch(z_a, z_b, lambda_param, mu_param, nu_param, eps, path)
+        def run_triton() -> Tensor:
+            from fastssl.kernels.decorrelation import vicreg_loss_triton
+
+            return vicreg_loss_triton(z_a, z_b, *hyper, use_gram=_use_gram(n, d, path))
+
+        return triton_with_fallback("vicreg", backend, run_triton, lambda: _vicreg_torch(z_a, z_b, *hyper, path))
+    return _vicreg_torch(z_a, z_b, *hyper, path)
 
 
 # --------------------------------------------------------------------------------------------

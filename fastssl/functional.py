@@ -21,6 +21,7 @@ from fastssl.decorrelation import barlow_twins_loss, vicreg_loss
 from fastssl.dino import dino_center_update, dino_loss
 from fastssl.ntxent import infonce_loss, ntxent_loss
 from fastssl.predictive import byol_loss, center_penalty_loss, negative_cosine_similarity
+from fastssl.spectral import emp_ssl_loss, frossl_loss, mmcr_loss, patch_kernel_alignment_loss, tico_loss
 from fastssl.prototype import (
     capi_loss,
     capi_sinkhorn,
@@ -53,6 +54,11 @@ __all__ = [
     "supcon_loss",
     "dino_center_update",
     "dino_loss",
+    "emp_ssl_loss",
+    "frossl_loss",
+    "mmcr_loss",
+    "patch_kernel_alignment_loss",
+    "tico_loss",
     "infonce_loss",
     "negative_cosine_similarity",
     "ntxent_loss",

@@ -734,11 +734,292 @@ def msn_loss(
 # Decorrelation and spectral extensions: TiCo, FroSSL, VICRegL, MMCR, EMP-SSL, CKA
 # --------------------------------------------------------------------------------------------
 
+
+def tico_loss(
+    z_a: Tensor, z_b: Tensor, covariance: Optional[Tensor] = None, beta: float = 0.9, rho: float = 8.0
+) -> tuple:
+    r"""TiCo (Zhu et al. 2022, Alg. 1): transformation invariance plus covariance contrast.
+
+    With row-normalized views :math:`\hat Z_a, \hat Z_b` and the running covariance
+    :math:`C = \beta C_{\mathrm{old}} + (1-\beta)\,\mathrm{sg}(\hat Z_a^\top\hat Z_a)/N`,
+
+    .. math:: L = 1 - \frac1N\sum_i \hat z_{a,i}\cdot\hat z_{b,i}
+              + \frac{\rho}{N}\sum_i \hat z_{a,i}^\top C\,\hat z_{a,i}
+
+    Returns ``(loss, C)``; ``covariance=None`` starts from zeros (lightly's first call).
+    """
+    z_a = F.normalize(z_a, dim=1)
+    z_b = F.normalize(z_b, dim=1)
+    batch_covariance = (z_a.T @ z_a).detach() / z_a.shape[0]
+    if covariance is None:
+        covariance = torch.zeros_like(batch_covariance)
+    c = beta * covariance + (1 - beta) * batch_covariance
+    invariance = 1 - (z_a * z_b).sum(dim=1).mean()
+    contrast = rho * ((z_a @ c) * z_a).sum(dim=1).mean()
+    return invariance + contrast, c.detach()
+
+
+def frossl_loss(z_views: Sequence[Tensor], invariance_weight: float = 1.0) -> Tensor:
+    r"""FroSSL (Skean et al. 2024, Alg. 1): per view, columns L2-normalized over the batch,
+    :math:`K_v = \hat Z_v^\top\hat Z_v/\mathrm{tr}(\hat Z_v^\top\hat Z_v)` (d×d; the trace enters as a
+    constant, as in the paper's code) and
+
+    .. math:: L = \sum_v \log\|K_v\|_F^2 + w\,V d\,\sum_v \mathrm{MSE}(\hat Z_v, \bar Z)
+
+    with :math:`\bar Z` the mean of the normalized views.
+    """
+    views = [F.normalize(z, p=2, dim=0) for z in z_views]
+    mean_view = torch.stack(views).mean(dim=0)
+    n_views, d = len(views), views[0].shape[1]
+    total = 0.0
+    for z in views:
+        cov = z.T @ z
+        cov = cov / torch.trace(cov).detach()
+        total = total + torch.log((cov**2).sum()) + invariance_weight * n_views * d * F.mse_loss(z, mean_view)
+    return total
+
+
+def nuclear_norm(x: Tensor) -> Tensor:
+    r""":math:`\|X\|_* = \sum_i\sigma_i(X)` over the last two dimensions."""
+    return torch.linalg.svdvals(x).sum(dim=-1)
+
+
+def mmcr_loss(online: Tensor, momentum: Tensor, lmda: float = 5e-3) -> Tensor:
+    r"""MMCR (Yerxa et al. 2023, Eq. 2 with lightly's local term): with the 2k views of sample b
+    stacked as :math:`Z_b` (2k×d) and the centroids :math:`C = [\bar z_b]_b` (B×d),
+
+    .. math:: L = -\|C\|_* + \frac{\lambda}{B}\sum_b\|Z_b\|_*
+    """
+    z = torch.cat([online, momentum], dim=1)
+    return -nuclear_norm(z.mean(dim=1)) + lmda * nuclear_norm(z).sum() / online.shape[0]
+
+
+def emp_ssl_loss(z_views: Sequence[Tensor], tcr_eps: float = 0.2, inv_coef: float = 200.0) -> Tensor:
+    r"""EMP-SSL (Tong et al. 2023, Eq. 3-4): total coding rate plus invariance to the mean view,
+
+    .. math:: L = \frac{1}{2V}\sum_v\log\det\Big(I_d + \frac{d}{N\epsilon}Z_v^\top Z_v\Big)
+              - \lambda\,\frac{1}{VN}\sum_{v,i}\cos(z_{v,i}, \bar z_i)
+
+    (ε unsquared, as the authors' code and lightly).
+    """
+    z = torch.stack(list(z_views))
+    _, n, d = z.shape
+    eye = torch.eye(d, dtype=z.dtype, device=z.device)
+    tcr = 0.5 * torch.logdet(eye + d / (n * tcr_eps) * z.transpose(1, 2) @ z).mean()
+    invariance = -F.cosine_similarity(z, z.mean(dim=0, keepdim=True), dim=-1).mean()
+    return tcr + inv_coef * invariance
+
+
+def double_centered_kernel(features: Tensor, valid: Tensor) -> Tensor:
+    r"""Mask-aware :math:`HKH` of :math:`K = XX^\top` (B, N, N): row, column and total means over
+    the valid tokens only; entries of an ignored token are zero."""
+    kernel = features @ features.transpose(-2, -1)
+    n = valid.sum(dim=-1).clamp(min=1.0)
+    row_mean = (kernel * valid[:, None, :]).sum(dim=-1) / n[:, None]
+    col_mean = (kernel * valid[:, :, None]).sum(dim=1) / n[:, None]
+    total = (kernel * valid[:, None, :] * valid[:, :, None]).sum(dim=(1, 2)) / (n * n)
+    centered = kernel - row_mean[:, :, None] - col_mean[:, None, :] + total[:, None, None]
+    return centered * valid[:, :, None] * valid[:, None, :]
+
+
+def patch_kernel_alignment_loss(student: Tensor, teacher: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+    r"""PaKa (2025): one minus the linear CKA of the student's and teacher's token kernels, per image,
+
+    .. math:: \mathrm{CKA} = \frac{\langle HK_sH, HK_tH\rangle_F}
+              {\sqrt{\max(\|HK_sH\|_F^2,\epsilon)}\sqrt{\max(\|HK_tH\|_F^2,\epsilon)}},\quad \epsilon = 10^{-6}
+
+    averaged over the images with at least two valid tokens (0 when there is none). The teacher
+    is detached. ``valid``: (B, N) weights, 1 for a token that counts (default: all).
+    """
+    teacher = teacher.detach()
+    if valid is None:
+        valid = student.new_ones(student.shape[:2])
+    valid = valid.to(student.dtype)
+    k_s = double_centered_kernel(student, valid)
+    k_t = double_centered_kernel(teacher, valid)
+    hsic_st = (k_s * k_t).sum(dim=(1, 2))
+    hsic_ss = (k_s * k_s).sum(dim=(1, 2))
+    hsic_tt = (k_t * k_t).sum(dim=(1, 2))
+    cka = hsic_st / (hsic_ss.clamp_min(1e-6).sqrt() * hsic_tt.clamp_min(1e-6).sqrt())
+    valid_image = (valid.sum(dim=-1) >= 2).to(cka.dtype)
+    return ((1 - cka) * valid_image).sum() / valid_image.sum().clamp(min=1.0)
+
+
+def nearest_neighbor_pairs(inputs: Tensor, candidates: Tensor, distances: Tensor, num_matches: int) -> tuple:
+    r"""VICRegL's matching (Bardes et al. 2022, Sec. 3.2): each input position's nearest candidate
+    (by ``distances`` (B, P, Q)), then the ``num_matches`` pairs of smallest distance, in order of
+    increasing distance. Returns the matched inputs and candidates, each (B, num_matches, d)."""
+    if num_matches is None or num_matches == -1 or num_matches > inputs.shape[1]:
+        num_matches = inputs.shape[1]
+    # topk, as lightly and the authors' code: ties (regular grids) resolve the same way.
+    nearest_distance, nearest = distances.topk(k=1, dim=2, largest=False)
+    nearest_distance, nearest = nearest_distance[..., 0], nearest[..., 0]
+    order = nearest_distance.topk(k=num_matches, dim=1, largest=False).indices
+    matched_inputs = torch.gather(inputs, 1, order[..., None].expand(-1, -1, inputs.shape[2]))
+    matched_candidates = torch.gather(
+        candidates, 1, torch.gather(nearest, 1, order)[..., None].expand(-1, -1, candidates.shape[2])
+    )
+    return matched_inputs, matched_candidates
+
+
+def vicreg_per_position(z_a: Tensor, z_b: Tensor, lambda_param: float, mu_param: float, nu_param: float,
+                        eps: float = 1e-4) -> Tensor:  # fmt: skip
+    r"""VICReg of (B, ..., d) views as lightly generalizes it: the invariance over every entry,
+    the variance hinge and the covariance term per position (over the batch), averaged."""
+    positions = z_a.reshape(z_a.shape[0], -1, z_a.shape[-1]).unbind(1), z_b.reshape(z_b.shape[0], -1, z_b.shape[-1]).unbind(1)
+    var = torch.stack([0.5 * (vicreg_variance(a, eps) + vicreg_variance(b, eps)) for a, b in zip(*positions)]).mean()
+    cov = torch.stack([vicreg_covariance(a) + vicreg_covariance(b) for a, b in zip(*positions)]).mean()
+    return lambda_param * F.mse_loss(z_a, z_b) + mu_param * var + nu_param * cov
+
+
+def vicregl_loss(
+    global_view_features: Sequence[tuple],
+    global_view_grids: Sequence[Tensor],
+    local_view_features: Optional[Sequence[tuple]] = None,
+    local_view_grids: Optional[Sequence[Tensor]] = None,
+    lambda_param: float = 25.0,
+    mu_param: float = 25.0,
+    nu_param: float = 1.0,
+    alpha: float = 0.75,
+    eps: float = 1e-4,
+    num_matches: tuple = (20, 4),
+) -> Tensor:
+    r"""VICRegL (Bardes et al. 2022, Eq. 1-4) as its authors' code computes it:
+    :math:`\alpha\,L_{\mathrm{global}} + (1-\alpha)\,L_{\mathrm{local}}`.
+
+    * global: λ·mean MSE over the pairs (global view a, any other view b) + μ·mean variance hinge
+      + ν·mean covariance term over all views' global embeddings;
+    * local: for each such pair, VICReg (covariance weight ν/2) between the ``num_matches[0]``
+      nearest (a→b) and ``num_matches[1]`` nearest (b→a) feature-map positions, matched once by
+      feature distance and once by grid distance, each direction weighted ½, averaged over pairs.
+    """
+    features = list(global_view_features) + list(local_view_features or [])
+    grids = list(global_view_grids) + list(local_view_grids or [])
+    n_global = len(global_view_features)
+    # pairs (a, b): a global view and any other view (a tensor passed twice is not paired with itself)
+    pairs = [(a, b) for a in range(n_global) for b in range(len(features)) if features[b][0] is not features[a][0]]
+    inv = torch.stack([F.mse_loss(features[a][0], features[b][0]) for a, b in pairs]).mean()
+    var = torch.stack([vicreg_variance(f[0], eps) for f in features]).mean()
+    cov = torch.stack([vicreg_covariance(f[0]) for f in features]).mean()
+    global_loss = lambda_param * inv + mu_param * var + nu_param * cov
+
+    def vicreg(x, y):
+        return vicreg_per_position(x, y, lambda_param, mu_param, 0.5 * nu_param, eps)
+
+    local_pairs = [(a, b) for a in range(n_global) for b in range(len(features))
+                   if b >= n_global or features[b][1] is not features[a][1]]  # fmt: skip
+    local = []
+    for a, b in local_pairs:
+        za, zb = features[a][1].flatten(1, 2), features[b][1].flatten(1, 2)
+        ga, gb = grids[a].flatten(1, 2), grids[b].flatten(1, 2)
+        for da, db in ((torch.cdist(za, zb), torch.cdist(zb, za)), (torch.cdist(ga, gb), torch.cdist(gb, ga))):
+            local.append(0.5 * vicreg(*nearest_neighbor_pairs(za, zb, da, num_matches[0]))
+                         + 0.5 * vicreg(*nearest_neighbor_pairs(zb, za, db, num_matches[1])))  # fmt: skip
+    local_loss = torch.stack(local).sum() / len(local_pairs)
+    return alpha * global_loss + (1 - alpha) * local_loss
+
 # (end of spectral extensions)
 
 
 # --------------------------------------------------------------------------------------------
 # Distribution matching: SIGReg, LeJEPA, LeWM, VISReg
 # --------------------------------------------------------------------------------------------
+
+
+def sigreg_frequencies(knots: int = 17, t_max: float = 3.0) -> tuple:
+    r"""The Epps-Pulley grid of SIGReg: frequencies :math:`t_k = k\,t_{max}/(K-1)`, the standard
+    normal characteristic function :math:`\phi(t) = e^{-t^2/2}` there, and the trapezoid weights
+    over :math:`[-t_{max}, t_{max}]` (doubled, the integrand being even) times φ."""
+    t = torch.linspace(0, t_max, knots, dtype=torch.float32)
+    dt = t_max / (knots - 1)
+    weights = torch.full((knots,), 2 * dt, dtype=torch.float32)
+    weights[[0, -1]] = dt
+    phi = torch.exp(-t.square() / 2.0)
+    return t, phi, weights * phi
+
+
+def sigreg_loss(proj: Tensor, directions: Tensor, knots: int = 17, t_max: float = 3.0) -> Tensor:
+    r"""SIGReg (Balestriero & LeCun 2025, LeJEPA Alg. 1): project the N samples of each leading
+    index onto the unit columns of ``directions`` (d, S), then for every slice s
+
+    .. math:: T_s = N\int w(t)\,\Big|\frac1N\sum_n e^{i t x_{ns}} - \phi(t)\Big|^2 dt
+
+    by the trapezoid rule on the grid of :func:`sigreg_frequencies`; the mean over slices and
+    leading indices. ``proj``: (..., N, d).
+    """
+    t, phi, weights = (x.to(device=proj.device, dtype=proj.dtype) for x in sigreg_frequencies(knots, t_max))
+    n = proj.shape[-2]
+    x_t = (proj @ directions)[..., None] * t  # (..., N, S, K), every angle materialized
+    cos_mean = x_t.cos().mean(dim=-3)
+    sin_mean = x_t.sin().mean(dim=-3)
+    error = (cos_mean - phi).square() + sin_mean.square()
+    return (n * (error @ weights)).mean()
+
+
+def lejepa_invariance(all_proj: Tensor, global_proj: Tensor) -> Tensor:
+    r"""Mean squared distance of every view (V, N, d) to the centroid of the global views."""
+    return (global_proj.mean(dim=0) - all_proj).square().mean()
+
+
+def lejepa_loss(
+    local_proj: Tensor, global_proj: Tensor, directions: Tensor, lambda_param: float = 0.05,
+    knots: int = 17, t_max: float = 3.0,
+) -> Tensor:  # fmt: skip
+    r"""LeJEPA (Balestriero & LeCun 2025, Eq. 9): with every view :math:`A = [G; L]`,
+    :math:`\lambda\,\mathrm{SIGReg}(A) + (1-\lambda)\,\mathrm{MSE}(A, \bar G)`."""
+    all_proj = torch.cat([global_proj, local_proj], dim=0)
+    return lambda_param * sigreg_loss(all_proj, directions, knots, t_max) + (1 - lambda_param) * lejepa_invariance(
+        all_proj, global_proj
+    )
+
+
+def lewm_loss(
+    predicted: Tensor, target: Tensor, embeddings: Tensor, directions: Tensor, lambda_param: float = 0.1,
+    normalize: bool = False, knots: int = 17, t_max: float = 3.0,
+) -> Tensor:  # fmt: skip
+    r"""LeWM (LeWorldModel 2026): next-embedding MSE to the detached target (both layer-normalized
+    when ``normalize``) plus λ·SIGReg of the (B, T, d) embeddings, one statistic per time step
+    over the batch."""
+    target = target.detach()
+    if normalize:
+        predicted = F.layer_norm(predicted, predicted.shape[-1:])
+        target = F.layer_norm(target, target.shape[-1:])
+    sigreg = sigreg_loss(embeddings.flatten(1, -2).transpose(0, 1), directions, knots, t_max)
+    return (predicted - target).square().mean() + lambda_param * sigreg
+
+
+def gaussian_quantiles(n: int, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+    r""":math:`\Phi^{-1}(i/(n+1))`, i = 1..n (computed in float32, then cast)."""
+    positions = torch.arange(1, n + 1, dtype=torch.float32, device=device) / (n + 1)
+    return torch.special.ndtri(positions).to(dtype)
+
+
+def visreg_components(
+    local_proj: Tensor, global_proj: Tensor, slices: Tensor, lambda_param: float = 0.9,
+    lambda_scale: float = 1.0, lambda_shape: float = 1.0, lambda_center: float = 1.0, eps: float = 1e-4,
+) -> tuple:  # fmt: skip
+    r"""VISReg (Wu et al. 2026, Alg. 1) on all views :math:`Z` (V, N, d): returns
+    ``(total, pred, scale, shape, center)`` with
+
+    * pred: the LeJEPA invariance to the global views' centroid;
+    * scale: :math:`\mathrm{mean}(1-\sigma)^2` of the biased per-feature std over the batch;
+    * shape: sliced 2-Wasserstein to N(0,1): the views standardized with a stop-gradient on σ,
+      projected on the unit columns of ``slices`` (d, S), sorted over the batch and compared with
+      :func:`gaussian_quantiles`, mean squared difference;
+    * center: mean squared batch mean;
+    * total: :math:`(1-\lambda)\,\mathrm{pred} + \lambda(\lambda_{sc}\,\mathrm{scale}
+      + \lambda_{sh}\,\mathrm{shape} + \lambda_{c}\,\mathrm{center})`.
+    """
+    proj = torch.cat([global_proj, local_proj], dim=0)
+    pred = lejepa_invariance(proj, global_proj)
+    std = proj.std(dim=-2, unbiased=False, keepdim=True)
+    scale = (1.0 - std).square().mean()
+    z_norm = (proj - proj.mean(dim=-2, keepdim=True)) / (std.detach() + eps)
+    projections = (z_norm @ slices).sort(dim=-2).values
+    quantiles = gaussian_quantiles(proj.shape[-2], proj.dtype, proj.device)[:, None]
+    shape = (projections - quantiles).square().mean()
+    center = proj.mean(dim=-2).square().mean()
+    total = (1 - lambda_param) * pred + lambda_param * (lambda_scale * scale + lambda_shape * shape + lambda_center * center)
+    return total, pred, scale, shape, center
 
 # (end of distribution-matching extensions)
