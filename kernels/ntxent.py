@@ -625,6 +625,19 @@ def _norm_blocks(m: int, d: int) -> Tuple[int, int]:
 # --------------------------------------------------------------------------------------------
 
 
+def _launch(kernel, grid: Tuple[int, ...], *args, **kwargs) -> None:
+    """Every kernel launch of this module goes through here (one place to observe them)."""
+    kernel[grid](*args, **kwargs)
+
+
+def _upstream(grad_loss: Tensor) -> Tensor:
+    """The incoming loss gradient as the float32 scalar the kernels read on the device (no host
+    sync). Autograd hands the 0-d float32 loss's gradient over as is: no copy then."""
+    if grad_loss.dtype != torch.float32 or grad_loss.numel() != 1 or not grad_loss.is_contiguous():
+        grad_loss = grad_loss.to(torch.float32).reshape(1).contiguous()
+    return grad_loss
+
+
 def l2_normalize_rows(
     x: Tensor, z: Optional[Tensor] = None, norms: Optional[Tensor] = None, row_offset: int = 0,
     dtype: Optional[torch.dtype] = None,
@@ -638,7 +651,7 @@ def l2_normalize_rows(
         norms = torch.empty(m + row_offset, dtype=torch.float32, device=x.device)
     assert z.is_contiguous() and norms.dtype == torch.float32
     block_m, block_d = _norm_blocks(m, d)
-    _l2_normalize_fwd_kernel[(triton.cdiv(m, block_m),)](
+    _launch(_l2_normalize_fwd_kernel, (triton.cdiv(m, block_m),),
         x, x.stride(0), x.stride(1), z, norms, m, d, row_offset,
         EPS=_NORM_EPS, BF16_RTNE=_emulate_rtne(z.dtype), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
     )
@@ -662,7 +675,7 @@ def l2_normalize_rows_backward(
     if has_partner:
         assert partner.is_contiguous() and partner.shape == x.shape and partner_coef is not None
     block_m, block_d = _norm_blocks(m, d)
-    _l2_normalize_bwd_kernel[(triton.cdiv(m, block_m),)](
+    _launch(_l2_normalize_bwd_kernel, (triton.cdiv(m, block_m),),
         x, x.stride(0), x.stride(1), norms, grad_z if has_dz else norms, out, m, d, row_offset,
         partner if has_partner else norms, partner_coef if has_partner else norms,
         HAS_DZ=has_dz, HAS_PARTNER=has_partner, EPS=_NORM_EPS, BF16_RTNE=_emulate_rtne(out.dtype), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
@@ -678,7 +691,7 @@ def rowwise_cosine(
     if out is None:
         out = torch.empty(m, dtype=torch.float32, device=x.device)
     block_m, block_d = _norm_blocks(m, d)
-    _rowwise_cosine_kernel[(triton.cdiv(m, block_m),)](
+    _launch(_rowwise_cosine_kernel, (triton.cdiv(m, block_m),),
         x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1), norm_x, norm_y, out, m, d,
         EPS=_NORM_EPS, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
     )
@@ -701,7 +714,7 @@ def pair_lse_forward(
         lse = torch.empty(r, dtype=torch.float32, device=z_rows.device)
     if row_loss is None:
         row_loss = torch.empty(r if with_positive else 1, dtype=torch.float32, device=z_rows.device)
-    _pair_lse_fwd_kernel[(triton.cdiv(r, cfg.block_m),)](
+    _launch(_pair_lse_fwd_kernel, (triton.cdiv(r, cfg.block_m),),
         z_rows, z_cols, pos_cos if with_positive else lse, lse, row_loss, r, c, d, n_local, col_offset, float(inv_temp),
         HAS_POSITIVE=with_positive, FP32_IEEE=_dot_in_fp32(z_rows.dtype), BF16_RTNE=_emulate_rtne(z_rows.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=cfg.single_k,
@@ -741,10 +754,10 @@ def pair_lse_backward(
         out = torch.empty((r, d), dtype=torch.float32, device=z_rows.device)
     if with_positive and positive_coef is None:
         positive_coef = torch.empty(r, dtype=torch.float32, device=z_rows.device)
-    grad_loss = grad_loss.reshape(()).to(torch.float32).contiguous()
+    grad_loss = _upstream(grad_loss)
     if factored is None:
         factored = _factored_backward(inv_temp, c)
-    _pair_lse_bwd_kernel[(triton.cdiv(r, cfg.block_m),)](
+    _launch(_pair_lse_bwd_kernel, (triton.cdiv(r, cfg.block_m),),
         z_rows, z_cols, pos_cos if with_positive else lse_rows, lse_rows, lse_cols, grad_loss, out,
         positive_coef if with_positive else lse_rows,
         r, c, d, n_local, col_offset, float(inv_temp), float(grad_scale), math.log(max(c - 1, 1)),
@@ -768,7 +781,7 @@ def infonce_forward(
         lse = torch.empty(n, dtype=torch.float32, device=q_hat.device)
     if row_loss is None:
         row_loss = torch.empty(n, dtype=torch.float32, device=q_hat.device)
-    _infonce_fwd_kernel[(triton.cdiv(n, cfg.block_m),)](
+    _launch(_infonce_fwd_kernel, (triton.cdiv(n, cfg.block_m),),
         q_hat, pos_cos, bank, bank.stride(0), bank.stride(1), lse, row_loss,
         n, bank.shape[0], d, float(inv_temp),
         FP32_IEEE=_dot_in_fp32(q_hat.dtype), BF16_RTNE=_emulate_rtne(q_hat.dtype),
@@ -792,8 +805,8 @@ def infonce_backward(
         grad_q = torch.empty((n, d), dtype=torch.float32, device=q_hat.device)
     if positive_coef is None:
         positive_coef = torch.empty(n, dtype=torch.float32, device=q_hat.device)
-    grad_loss = grad_loss.reshape(()).to(torch.float32).contiguous()
-    _infonce_bwd_kernel[(triton.cdiv(n, cfg.block_m),)](
+    grad_loss = _upstream(grad_loss)
+    _launch(_infonce_bwd_kernel, (triton.cdiv(n, cfg.block_m),),
         q_hat, pos_cos, bank, bank.stride(0), bank.stride(1), lse, grad_loss, grad_q, positive_coef,
         n, bank.shape[0], d, float(inv_temp), float(grad_scale),
         FP32_IEEE=_dot_in_fp32(q_hat.dtype), BF16_RTNE=_emulate_rtne(q_hat.dtype),
@@ -831,6 +844,11 @@ def _config_from_ints(ints: Sequence[int]) -> Optional[KernelConfig]:
                         None if fp32 < 0 else bool(fp32))
 
 
+def _common_dtype(a: Tensor, b: Tensor) -> torch.dtype:
+    # (torch.promote_types shows up as an operator call; the common case needs none)
+    return a.dtype if a.dtype == b.dtype else torch.promote_types(a.dtype, b.dtype)
+
+
 def _float32(like: Tensor, *shape: int) -> Tensor:
     return like.new_empty(shape, dtype=torch.float32)
 
@@ -843,7 +861,7 @@ def _ntxent_forward(
     config = _config_from_ints(config_ints)
     n_local, d = out0.shape
     n_rows = 2 * n_local
-    z_dtype = operand_dtype(d, torch.promote_types(out0.dtype, out1.dtype), config)
+    z_dtype = operand_dtype(d, _common_dtype(out0, out1), config)
     z_rows = torch.empty((n_rows, d), dtype=z_dtype, device=out0.device)
     norms = _float32(out0, n_rows)
     l2_normalize_rows(out0, z_rows, norms, 0)
@@ -888,7 +906,7 @@ def _infonce_forward(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (loss, q̂, k̂, ‖q‖, ‖k‖, positive cosines, lse)."""
     config = _config_from_ints(config_ints)
-    dtype = operand_dtype(query.shape[1], torch.promote_types(query.dtype, key.dtype), config)
+    dtype = operand_dtype(query.shape[1], _common_dtype(query, key), config)
     q_hat, q_norms = l2_normalize_rows(query, dtype=dtype)
     k_hat, k_norms = l2_normalize_rows(key, dtype=dtype)
     pos_cos = rowwise_cosine(query, key, q_norms, k_norms)
@@ -1002,6 +1020,7 @@ def _(grad_loss, z, *rest):
 
 def _ntxent_setup(ctx, inputs, output) -> None:
     out0, out1, inv_temp, _, config_ints = inputs
+    ctx.set_materialize_grads(False)  # the auxiliary outputs get no gradient: no zero tensors
     ctx.save_for_backward(out0, out1, *output[1:])
     ctx.inv_temp, ctx.config_ints = inv_temp, config_ints
 
@@ -1013,6 +1032,7 @@ def _ntxent_gradient(ctx, grad_loss, *_auxiliary):
 
 def _infonce_setup(ctx, inputs, output) -> None:
     query, key, negatives, inv_temp, config_ints = inputs
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(query, key, negatives, *output[1:])
     ctx.inv_temp, ctx.config_ints = inv_temp, config_ints
 
@@ -1024,6 +1044,7 @@ def _infonce_gradient(ctx, grad_loss, *_auxiliary):
 
 def _uniformity_setup(ctx, inputs, output) -> None:
     z, t, config_ints = inputs
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(z, *output[1:])
     ctx.t, ctx.config_ints = t, config_ints
 

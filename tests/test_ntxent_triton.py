@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastssl
 import fastssl.functional as FS
@@ -367,6 +368,78 @@ def test_auto_falls_back_to_torch_when_a_kernel_fails(family, monkeypatch):
         torch.testing.assert_close(call("auto"), expected)
     with pytest.raises(RuntimeError, match="simulated launch failure"):
         call("triton")
+
+
+class _EagerOps(TorchDispatchMode):
+    """Records the PyTorch operators a call dispatches around the kernels: inside the custom
+    ops too (their bodies run again under the mode), not inside kernel launches (the
+    interpreter's own tensor traffic). Views and detaches move no data and launch nothing:
+    recorded apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.views, self.launches, self._in_launch = [], [], 0, False
+
+    def launch(self, original):
+        def observed(*args, **kwargs):
+            self.launches += 1
+            self._in_launch = True
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._in_launch = False
+
+        return observed
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self._in_launch:
+            return func(*args, **kwargs)
+        if func.namespace == "fastssl":  # a custom op: record what its body dispatches
+            from torch._library.custom_ops import _maybe_get_opdef
+
+            with self:
+                return _maybe_get_opdef(func._name)._init_fn(*args, **kwargs)
+        (self.views if func.is_view else self.ops).append(str(func))
+        return func(*args, **kwargs)
+
+
+# Operators that wait for the device (.item(), bool(tensor), .tolist(), nonzero) or copy host
+# data to it (torch.tensor(python data)).
+_HOST_SYNCS = ("aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.lift_fresh", "aten.masked_select")
+
+
+@pytest.mark.parametrize("family", ["ntxent", "infonce", "uniformity", "ntxent_module", "moco_module"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_eager_ops_and_host_syncs_per_training_step(family, dtype, monkeypatch):
+    """At most 16 PyTorch operators (allocations included) around the kernels per
+    forward + backward, none of them a host sync or a host-to-device copy."""
+    mode = _EagerOps()
+    monkeypatch.setattr(K, "_launch", mode.launch(K._launch))
+    a, b = [x.requires_grad_(True) for x in _inputs(40, 24, dtype, "cpu")]
+    bank = _bank(70, 24, "cpu")
+    simclr = fastssl.NTXentLoss(0.3, backend="triton")
+    moco = fastssl.NTXentLoss(0.3, memory_bank_size=(70, 24), backend="triton")
+    call = {
+        "ntxent": lambda: FS.ntxent_loss(a, b, 0.3, backend="triton"),
+        "infonce": lambda: FS.infonce_loss(a, b, bank, 0.3, backend="triton"),
+        "uniformity": lambda: uniformity_loss(a, backend="triton"),
+        "ntxent_module": lambda: simclr(a, b),
+        "moco_module": lambda: moco(a, b),
+    }[family]
+    call().backward()  # first call: bank allocation, compilation
+    a.grad = b.grad = None
+    with mode:
+        call().backward()
+    assert mode.launches >= 2
+    assert not [op for op in mode.ops + mode.views if op.startswith(_HOST_SYNCS)], mode.ops
+    limit = 16 if family != "moco_module" else 16 + _ENQUEUE_OPS
+    assert len(mode.ops) <= limit, f"{len(mode.ops)} operators: {mode.ops}"
+
+
+# The memory bank's snapshot and ring-buffer update (the module's state, not the loss), written
+# in tensor operations: 19 operators.
+_ENQUEUE_OPS = 19
 
 
 def test_kernel_argument_errors():
