@@ -62,6 +62,56 @@ HBM; the multi-function unit computes ~3.9e12 exponentials/s). With R = C = 2N:
 * InfoNCE, N queries, K bank rows: 6·N·K·d FLOPs, 2·N·K exponentials; bytes ≥ (4N + K)·d·b.
   N = 256, K = 65536, d = 128, bf16: 12.9 GFLOP → 13 µs; bytes 17 MB → 6 µs.
 * Uniformity forward: 2·N²·d FLOPs, N² exponentials.
+
+Schedule on the H200 (132 SMs; floor = max(FLOPs / 790 TFLOP/s, bytes / 4.3 TB/s), the
+benchmark's measured rates; per SM and clock: 4096 bf16 MMA FLOPs, 16 exponentials (MUFU),
+128 other lanes-instructions issued). Per logit at d = 128 the MMA needs 2d/4096 = 0.0625 clk
+(forward) or 4d/4096 = 0.125 clk (backward), one exponential 1/16 = 0.0625 clk, and k other
+instructions k/128 clk: above k ≈ 8 the forward is bound by instruction issue, not the MMA.
+
+Before (one program per 128-row block, the whole column sweep in one program, natural exp,
+every tile masked):
+
+| launch | 2N = 8192, d = 128, bf16 | InfoNCE N = 256, K = 65536 |
+|---|---|---|
+| forward programs (waves on 132 SMs) | 64 (0.48) | 2 (0.02) |
+| backward programs | 64 (0.48) | 2 (0.02) |
+| instructions per logit, forward | ≈ 18 (scale, 3 compares + 2 ands + select, max, sub, mul by log2 e, ex2, sum) | ≈ 12 (edge compare + select on every tile) |
+| exponentials per logit | 1 forward, 1 backward (factored) | 1 + 1 |
+
+  NT-Xent: 64 of 132 SMs busy, issue-bound at 18/128 clk per logit: forward ≈ 67 M logits /
+  64 SMs × 0.14 clk ≈ 80 µs, backward (MMA 0.125 + exp 0.0625 + ~20 other/128 per logit,
+  little overlap) ≈ 110-180 µs: ≈ 190-260 µs, 17-23 % of the 43.5 µs floor (34.4 GFLOP at
+  790 TFLOP/s; bytes 4.2 MB → 1 µs). InfoNCE: 2 SMs each sweep the whole 32 MB float32 bank
+  (fp32 bank: 65536·128·4 B) at one SM's bandwidth (~0.1-0.2 TB/s) and one SM's MMA rate:
+  forward ≈ 0.35 ms, backward ≈ 0.7 ms, ≈ 1 % of the floor (10.9 µs: 8.6 GFLOP; bytes 34 MB
+  → 7.8 µs).
+
+Changes and their predicted effect (made after this was written):
+
+1. 64-row blocks, 4 warps (one warpgroup: wgmma m64n64k16 tiles), and a split column sweep:
+   grid (row blocks, S) with S from a cost model (``column_splits``: whole waves of 2 programs
+   per SM, plus, for the backward, the partial gradients' bytes). Forward splits write their
+   (max, sum) per row; ``_lse_merge_kernel`` merges them by log-sum-exp (S·R·8 bytes, a few
+   µs at most) and writes lse and the row loss. Backward splits write partial dẑ (S, R, d)
+   float32, which the normalization backward sums: (S-1)·R·d·8 extra bytes (2 µs at 2N =
+   8192, S = 2; 4 µs for InfoNCE, S ≈ 64). NT-Xent 8192: 128 row blocks × S = 2 → 256
+   programs (1.9 waves of 132, one wave at 2 per SM) forward and backward; InfoNCE: 4 × 64 →
+   256 programs. Predicted: NT-Xent ×2 (all SMs busy), InfoNCE ×50-100 (bank bandwidth-bound
+   instead of one SM).
+2. ``exp2`` with log2 e folded into the logits' scale (one multiply per logit instead of two);
+   the running max and sum kept in base 2; lse converted once per row. −1 instruction per logit.
+3. Masks only on the tiles that need them: the column edge, the rows' own (self) columns and
+   their positives' (≤ 4 of the 128 tiles of a 64-row block at 2N = 8192), decided per tile
+   from scalar bounds. −6 instructions per logit elsewhere (forward ≈ 5 per logit: multiply,
+   max, subtract, ex2, add; backward ≈ 6 + the bf16 conversion of the weights).
+   With 1-3: forward ≈ max(MMA 0.0625, ex2 0.0625, issue 0.04) to their sum per logit: 508 K
+   logits per SM → 17-35 µs; backward 0.125-0.23 clk → 35-65 µs, + 2 µs of partials: total
+   55-100 µs, 43-79 % of the floor (target ≥ 50 %). InfoNCE: forward ≈ bank read 7.4 µs (L2
+   shares each tile between the 4 row blocks, which run side by side) to 15 µs; backward
+   ≈ 11 µs MMA + 4 µs partials, bank re-read: 20-35 µs total, 30-55 % of the floor.
+4. Uniformity's backward: the global log-sum-exp as one scalar (no expanded copy) and
+   2·e^{S - T} as one exponential instead of two equal ones.
 """
 
 from __future__ import annotations
