@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fastssl import reference
-from fastssl._backend import check_backend_name, outside_autocast, resolve_backend
+from fastssl._backend import check_backend_name, outside_autocast, resolve_backend, triton_with_fallback
 from fastssl._checks import check_int, check_nonzero, check_probability, check_tensor_list
 
 # --------------------------------------------------------------------------------------------
@@ -174,22 +174,47 @@ def _dino_dispatch(
     teacher_temp: float,
     student_temp: float,
     backend: str,
+    center_momentum: Optional[float] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """The loss and the (K,) float32 sum of the teacher outputs over views and batch (the
-    optimized backends get it from the pass that reads the teacher for the loss)."""
+    """The loss and, without ``center_momentum``, the (K,) float32 sum of the teacher outputs
+    over views and batch; with it, the new center ``m·c + (1−m)·mean`` (see :func:`_center_ema`).
+    The optimized backends take the teacher sum from the pass that reads the teacher for the
+    loss; the Triton path also does the EMA there when no process group averages the mean."""
     impl = resolve_backend(backend, teacher_out[0])
+    n_teacher_rows = len(teacher_out) * teacher_out[0].shape[0]
+
+    def with_center(loss: Tensor, teacher_sum: Tensor) -> Tuple[Tensor, Tensor]:
+        if center_momentum is None:
+            return loss, teacher_sum
+        return loss, _center_ema(center, teacher_sum / n_teacher_rows, center_momentum)
+
+    def run_torch() -> Tuple[Tensor, Tensor]:
+        return with_center(*_dino_torch_with_colsum(teacher_out, student_out, center, teacher_temp, student_temp))
+
     if impl == "reference":
         loss = reference.dino_loss(teacher_out, student_out, center, teacher_temp, student_temp).float()
         with torch.no_grad():
             teacher_sum = torch.stack([t.detach().float() for t in teacher_out]).sum(dim=(0, 1))
-        return loss, teacher_sum
+        return with_center(loss, teacher_sum)
     if impl == "triton":
-        from fastssl.kernels.dino import dino_loss_triton
 
-        return dino_loss_triton(
-            teacher_out, student_out, center, teacher_temp, student_temp, return_teacher_sum=True
-        )
-    return _dino_torch_with_colsum(teacher_out, student_out, center, teacher_temp, student_temp)
+        def run_triton() -> Tuple[Tensor, Tensor]:
+            from fastssl.kernels import dino as kernels
+
+            fused_ema = center_momentum is not None and not _process_group()
+            mode = kernels.CENTER_EMA if fused_ema else kernels.CENTER_TEACHER_SUM
+            loss, center_out = kernels.dino_loss_triton(
+                teacher_out, student_out, center, teacher_temp, student_temp,
+                center_momentum=center_momentum or 0.0, center_mode=mode,
+            )  # fmt: skip
+            return (loss, center_out) if fused_ema else with_center(loss, center_out)
+
+        return triton_with_fallback("dino", backend, run_triton, run_torch)
+    return run_torch()
+
+
+def _process_group() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 @torch.no_grad()
@@ -197,7 +222,7 @@ def _center_ema(center: Tensor, batch_center: Tensor, momentum: float) -> Tensor
     """``m·c + (1−m)·batch_center``, the batch center first averaged over ranks when a process
     group is initialized (lightly's ``center_mean`` does the same, whatever the flags)."""
     batch_center = batch_center.float()
-    if dist.is_available() and dist.is_initialized():
+    if _process_group():
         dist.all_reduce(batch_center)
         batch_center = batch_center / dist.get_world_size()
     # Broadcast, as lightly: a (K,) batch center updates a (1, 1, K) center.
@@ -280,17 +305,18 @@ class DINOLoss(nn.Module):
         epoch: Optional[int] = None,
     ) -> Tensor:
         _check_views(teacher_out, student_out, self.center)
-        loss, teacher_sum = _dino_dispatch(
+        loss, new_center = _dino_dispatch(
             teacher_out,
             student_out,
             self.center,
             self._teacher_temperature(teacher_temp, epoch),
             self.student_temp,
             self.backend,
+            center_momentum=self.center_momentum,
         )
-        batch_center = teacher_sum / (len(teacher_out) * teacher_out[0].shape[0])
         # In place, like lightly's ``center.data = ...``: references to the buffer stay valid.
-        self.center.copy_(_center_ema(self.center, batch_center, self.center_momentum))
+        with torch.no_grad():
+            self.center.copy_(new_center.reshape(self.center.shape))
         return loss
 
     @torch.no_grad()

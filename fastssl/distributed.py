@@ -89,6 +89,21 @@ def all_reduce_sum_(x: Tensor) -> Tensor:
     return x
 
 
+def all_reduce_logsumexp(log_sums: Tensor) -> Tensor:
+    """Elementwise ``log Σ_ranks exp(log_sums)``: the log-sum-exp over every rank's terms, given
+    each rank's own (any shape; a no-op outside a multi-process group). Sinkhorn's marginals over
+    the global batch (Caron et al. 2020, Sec. 3.1) combine this way."""
+    if not is_distributed():
+        return log_sums
+    shift = log_sums.detach().clone()
+    dist.all_reduce(shift, op=dist.ReduceOp.MAX)
+    # An all -inf entry (no mass anywhere) stays -inf instead of becoming exp(-inf + inf) = NaN.
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    shifted = torch.exp(log_sums - shift)
+    all_reduce_sum_(shifted)
+    return shift + torch.log(shifted)
+
+
 def global_mean(local_loss: Tensor) -> Tensor:
     """Report the mean of ``local_loss`` over ranks, keeping the local gradient (see module doc)."""
     if not is_distributed():

@@ -9,11 +9,11 @@ import math
 from typing import List, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from fastssl import distributed, reference
-from fastssl._backend import check_backend_name, outside_autocast, resolve_backend
+from fastssl.distributed import all_reduce_logsumexp
+from fastssl._backend import check_backend_name, outside_autocast, resolve_backend, triton_with_fallback
 from fastssl._checks import (
     check_distributed_available,
     check_int,
@@ -47,20 +47,6 @@ from fastssl._checks import (
 # a and, without iterations, the global sum -- are log-sum-exps over all ranks' rows, combined
 # by an all-reduced maximum and an all-reduced sum of shifted exponentials; the sample potentials
 # are rank-local and B is the global batch size.
-
-
-def all_reduce_logsumexp(log_sums: Tensor) -> Tensor:
-    """Elementwise ``log Σ_ranks exp(log_sums)``: the log-sum-exp over every rank's terms, given
-    each rank's own (any shape; a no-op outside a multi-process group)."""
-    if not distributed.is_distributed():
-        return log_sums
-    shift = log_sums.detach().clone()
-    dist.all_reduce(shift, op=dist.ReduceOp.MAX)
-    # An all -inf entry (no mass anywhere) stays -inf instead of becoming exp(-inf + inf) = NaN.
-    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    shifted = torch.exp(log_sums - shift)
-    distributed.all_reduce_sum_(shifted)
-    return shift + torch.log(shifted)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -181,9 +167,15 @@ def sinkhorn(
     if impl == "reference":
         return reference.sinkhorn(scores, iterations, epsilon).float()
     if impl == "triton":
-        from fastssl.kernels.sinkhorn import sinkhorn_triton
 
-        return sinkhorn_triton(scores, iterations, epsilon, gather_distributed=gather_distributed)
+        def run_triton() -> Tensor:
+            from fastssl.kernels.sinkhorn import sinkhorn_triton
+
+            return sinkhorn_triton(scores, iterations, epsilon, gather_distributed=gather_distributed)
+
+        return triton_with_fallback(
+            "sinkhorn", backend, run_triton, lambda: _sinkhorn_torch(scores, iterations, epsilon, gather_distributed)
+        )
     return _sinkhorn_torch(scores, iterations, epsilon, gather_distributed)
 
 
@@ -237,16 +229,23 @@ def swav_loss(
         return reference.swav_loss(
             high, low, queue_outputs, temperature, sinkhorn_iterations, sinkhorn_epsilon
         ).float()
-    if impl == "triton":
-        from fastssl.kernels.sinkhorn import swav_loss_triton
-
-        return swav_loss_triton(
-            high, low, queue_outputs, temperature, sinkhorn_iterations, sinkhorn_epsilon,
-            gather_distributed=sinkhorn_gather_distributed,
+    def run_torch() -> Tensor:
+        return _swav_torch(
+            high, low, queue_outputs, temperature, sinkhorn_iterations, sinkhorn_epsilon, sinkhorn_gather_distributed
         )
-    return _swav_torch(
-        high, low, queue_outputs, temperature, sinkhorn_iterations, sinkhorn_epsilon, sinkhorn_gather_distributed
-    )
+
+    if impl == "triton":
+
+        def run_triton() -> Tensor:
+            from fastssl.kernels.sinkhorn import swav_loss_triton
+
+            return swav_loss_triton(
+                high, low, queue_outputs, temperature, sinkhorn_iterations, sinkhorn_epsilon,
+                gather_distributed=sinkhorn_gather_distributed,
+            )  # fmt: skip
+
+        return triton_with_fallback("swav", backend, run_triton, run_torch)
+    return run_torch()
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
-r"""Triton kernels for DINO: soft-target cross-entropy from the centered, sharpened teacher to the
-student, without materializing a (views, B, K) probability tensor.
+r"""Triton kernels for DINO (Caron et al. 2021, Alg. 1): soft-target cross-entropy from the
+centered, sharpened teacher to the student, without materializing a (views, B, K) probability
+tensor, as ``torch.library`` custom ops (``fastssl::dino`` and the shared
+``fastssl::scale_saved_gradient``) so that ``torch.compile(fullgraph=True)`` keeps them whole.
 
 With P_t = softmax((t − c)/τ_t), log P_s = s/τ_s − lse_s and the pairs (t, s), t ≠ s (same view
 index excluded), the loss regroups by student view (see :mod:`fastssl.dino`):
@@ -7,39 +9,57 @@ index excluded), the loss regroups by student view (see :mod:`fastssl.dino`):
     L = −1/(n B) Σ_s Σ_{b,k} Q_s[b, k] log P_s[b, k],   Q_s = Σ_t P_t − [s < T] P_s,
     ∂L/∂s = (m_s softmax(s/τ_s) − Q_s)/(τ_s n B),       m_s = T − [s < T],  n = T·S − min(T, S).
 
-Two launches over a (row block, K chunk) grid -- K is split so that a batch of 64 rows still
-fills the GPU:
+Launches over a (row block, K chunk) grid -- K is split so that a batch of 64 rows still fills
+the GPU:
 
 1. :func:`_dino_stats_kernel`: online max-shifted log-sum-exp partials (one float pair per row,
    view and K chunk) for every teacher and student view, and -- for the center's EMA -- the
-   column sums of the raw teacher outputs per row block. The partials are combined in PyTorch
-   (a few floats per row).
-2. :func:`_dino_loss_grad_kernel`: per K tile, Σ_t P_t from the teacher tiles, then for every
+   column sums of the raw teacher outputs per row block.
+2. :func:`_dino_epilogue_kernel`: merges the partials into a (row max, log Σ) pair per view and
+   row, and sums the teacher column sums into the new center m·c + (1−m)·mean_t (or, under a
+   process group, into the teacher sum the caller all-reduces).
+3. :func:`_dino_loss_grad_kernel`: per K tile, Σ_t P_t from the teacher tiles, then for every
    student view its loss terms and its gradient (written in the forward; the backward only
    scales it). A student view with a same-index teacher reloads that teacher tile (from cache)
    to subtract its P.
+4. :func:`fastssl.kernels._common.sum_to_scalar_kernel`: the loss partials into the loss.
 
-The views are separate tensors (one per crop, as models produce them); the kernels read them in
-place through (V,) tables of addresses and row strides instead of stacking them into one
-(views, B, K) copy, which would cost as much memory as the gradient. Only a view whose K axis is
-strided or whose dtype differs from the others' is copied first.
+Precision. Log-probabilities are formed relative to the row maximum, (y − max) − log Σ, never
+as y − lse with lse = max + log Σ rounded first: with logits that carry a common offset of
+10³-10⁴ (·1/τ), lse's rounding at that magnitude cost 15-36x PyTorch's own float32 error; now
+the error is log_softmax's.
 
-Cost, per call, with V = T + S views and e bytes per element (prediction for the benchmark
-shape T = 2, S = 12, B = 64, K = 65536, bf16, H100 at ~3 TB/s, ~60 TFLOP/s fp32,
-~3.7·10¹² exp/s):
+Host side. The views are separate tensors (one per crop, as models produce them); the kernels
+read them in place through pointer arguments (:func:`fastssl.kernels._common.prepare_views`):
+no stacked (views, B, K) copy, no address table. Every float32 intermediate lives in one
+workspace allocation addressed by element offsets. Per forward + backward the eager PyTorch ops
+are 4 allocations (workspace, gradient, loss, center), the backward's output and its unbind,
+and the module's in-place center copy -- no host synchronization, no host-to-device copy.
+
+Cost, per call, with V = T + S views and e bytes per element. Headline shape T = 2, S = 12,
+B = 64, K = 65536, on an H200 (4.3 TB/s copy, ~60 TFLOP/s fp32, ~3.7·10¹² exp/s):
 
 * minimum bytes: read every view once, write every student gradient once:
-  (V + S) B K e = 26·4.2M·2 B = 218 MB -> 73 µs; the binding floor;
+  (V + S) B K e = 26·4.2M·e = 109 M·e -> 51 µs (bf16), 101 µs (fp32); the binding floor;
 * FLOPs: ~6 per element in sweep 1 and ~10 in sweep 2 for V views: 16·V·B·K = 0.94 GFLOP
   -> 16 µs;
 * exponentials: sweep 1 one per view element, sweep 2 one per teacher element, two per
   student element and one per diagonal teacher reload: (V + T + 2 S + min(T, S)) B K =
   0.18·10⁹ -> 48 µs;
-* this implementation reads every view twice (once per sweep) and the diagonal teachers a
-  third time (mostly from L2), and writes the gradients once: ~0.37 GB -> predicted
-  130-160 µs for forward + backward; memory beyond the inputs: the gradient (S B K e = 100 MB)
-  plus the teacher column sums per row block (4 MB) and O(V B) floats -- against the eager
-  reference's stacked copies, probabilities and log-probabilities of all views.
+* traffic of this implementation: every view twice (once per sweep), the diagonal teachers a
+  third time (mostly from L2), the gradients written once, and read and written once more by
+  the backward's scaling: (2 V + 3 S) B K e ≈ 0.54 GB (bf16) -> predicted 130-170 µs for
+  forward + backward (bf16), ≈ 250-300 µs (fp32).
+* programs at the headline shape (132 SMs): stats and loss kernels 8 row blocks x 64 K chunks
+  = 512 each (3.9 waves); epilogue 64 (center) + 2 (row statistics); scaling 12 288; sum 1.
+
+Predicted effect of moving the glue onto the device (written before the change): the previous
+host side ran ~60 eager ops per forward + backward (partial merges, loss and center sums,
+per-view gradient scaling and casts, the module's EMA arithmetic) and two host-to-device table
+copies (stream synchronizations), ≈ 300-500 µs of CPU-bound glue on top of ≈ 130-160 µs of
+kernels: ≈ 10-15 % of the 51 µs floor (bf16). With 7 eager ops and 5 launches: predicted
+140-180 µs, ≈ 28-36 % of the floor; memory beyond the inputs: the gradient (S B K e) plus the
+workspace (teacher column sums per row block, 2 MB, and O(V B · splits) floats).
 """
 
 from __future__ import annotations
@@ -51,12 +71,27 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastssl.kernels.sinkhorn import _TRITON_DTYPES, _next_pow2, _target_programs, k_align, view_base, view_table
+from fastssl.kernels._common import (
+    common_dtype,
+    k_align,
+    merge_lse_partials,
+    next_pow2,
+    online_lse_step,
+    prepare_views,
+    scale_gradient,
+    sum_to_scalar_kernel,
+    target_programs,
+    view_rows,
+)
 
 # Tile sizes (elements); tests shrink them to run multi-tile loops, masks and K splits on small
 # inputs.
 _TILE_ELEMENTS = 4096
 _TILE_CONTIGUOUS = 512
+_EPILOGUE_BLOCK = 1024
+
+# What the op returns beside the loss: nothing, the (K,) teacher column sum, or the new center.
+CENTER_NONE, CENTER_TEACHER_SUM, CENTER_EMA = 0, 1, 2
 
 # Buffers every kernel fully overwrites; tests replace this with a NaN-filled allocation to
 # check that every element is written.
@@ -64,35 +99,27 @@ _new_buffer = torch.empty
 
 
 @triton.jit
-def _view_rows(addresses_ptr, row_strides_ptr, view, rows64, DTYPE: tl.constexpr, ALIGN: tl.constexpr):
-    """Pointers to the rows of view ``view`` of a :func:`~fastssl.kernels.sinkhorn.view_table`."""
-    base, row_stride = view_base(addresses_ptr, row_strides_ptr, view, DTYPE, ALIGN)
-    return base + rows64[:, None] * row_stride
-
-
-@triton.jit
 def _dino_stats_kernel(
-    t_addresses_ptr,
-    t_row_strides_ptr,
-    s_addresses_ptr,
-    s_row_strides_ptr,
+    t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15, t_view_stride, t_stride_units,
+    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15, s_view_stride, s_stride_units,
     center_ptr,
-    t_max_ptr,
-    t_sum_ptr,
-    s_max_ptr,
-    s_sum_ptr,
-    colsum_ptr,
-    n_teacher,
-    n_student,
+    ws_ptr,
+    t_max_offset,
+    t_sum_offset,
+    s_max_offset,
+    s_sum_offset,
+    colsum_offset,
     n_rows,
     k_units,
     k_per_split,
     inv_teacher_temp,
     inv_student_temp,
-    T_DTYPE: tl.constexpr,
-    S_DTYPE: tl.constexpr,
-    T_ALIGN: tl.constexpr,
-    S_ALIGN: tl.constexpr,
+    T_VIEWS: tl.constexpr,
+    T_UNIFORM: tl.constexpr,
+    T_ROW_ALIGN: tl.constexpr,
+    S_VIEWS: tl.constexpr,
+    S_UNIFORM: tl.constexpr,
+    S_ROW_ALIGN: tl.constexpr,
     K_ALIGN: tl.constexpr,
     WITH_COLSUM: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
@@ -111,83 +138,122 @@ def _dino_stats_kernel(
     row_mask = rows < n_rows
     rows64 = rows.to(tl.int64)
     k_begin = pid_split * k_per_split
-    for t in range(n_teacher):
-        view_rows = _view_rows(t_addresses_ptr, t_row_strides_ptr, t, rows64, T_DTYPE, T_ALIGN)
+    for t in range(T_VIEWS):
+        view = view_rows(t, rows64, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15, t_view_stride, t_stride_units, T_VIEWS, T_UNIFORM, T_ROW_ALIGN)
         run_max = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
         run_sum = tl.zeros([BLOCK_ROWS], tl.float32)
         for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             col_mask = cols < n_proto
             mask = row_mask[:, None] & col_mask[None, :]
-            raw = tl.load(view_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            center = tl.load(center_ptr + cols, mask=col_mask, other=0.0)
+            raw = tl.load(view + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            center = tl.load(center_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
             y = tl.where(mask, (raw - center[None, :]) * inv_teacher_temp, float("-inf"))
-            new_max = tl.maximum(run_max, tl.max(y, axis=1))
-            # Padding rows stay at -inf; shift them by 0 so that exp gives 0, not NaN.
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(y - shift[:, None]), axis=1)
-            run_max = new_max
+            run_max, run_sum = online_lse_step(run_max, run_sum, y, 1)
             if WITH_COLSUM:
                 # This program owns colsum[pid_rows, chunk]: read-modify-write, no atomics.
-                col_ptr = colsum_ptr + pid_rows.to(tl.int64) * n_proto + cols
+                col_ptr = ws_ptr + colsum_offset + pid_rows.to(tl.int64) * n_proto + cols
                 previous = tl.load(col_ptr, mask=col_mask & (t > 0), other=0.0)
                 tl.store(col_ptr, previous + tl.sum(raw, axis=0), mask=col_mask)
         out = (t * n_splits + pid_split) * n_rows + rows
-        tl.store(t_max_ptr + out, run_max, mask=row_mask)
-        tl.store(t_sum_ptr + out, run_sum, mask=row_mask)
-    for s in range(n_student):
-        view_rows = _view_rows(s_addresses_ptr, s_row_strides_ptr, s, rows64, S_DTYPE, S_ALIGN)
+        tl.store(ws_ptr + t_max_offset + out, run_max, mask=row_mask)
+        tl.store(ws_ptr + t_sum_offset + out, run_sum, mask=row_mask)
+    for s in range(S_VIEWS):
+        view = view_rows(s, rows64, s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15, s_view_stride, s_stride_units, S_VIEWS, S_UNIFORM, S_ROW_ALIGN)
         run_max = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
         run_sum = tl.zeros([BLOCK_ROWS], tl.float32)
         for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             mask = row_mask[:, None] & (cols < n_proto)[None, :]
-            raw = tl.load(view_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            raw = tl.load(view + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             y = tl.where(mask, raw * inv_student_temp, float("-inf"))
-            new_max = tl.maximum(run_max, tl.max(y, axis=1))
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(y - shift[:, None]), axis=1)
-            run_max = new_max
+            run_max, run_sum = online_lse_step(run_max, run_sum, y, 1)
         out = (s * n_splits + pid_split) * n_rows + rows
-        tl.store(s_max_ptr + out, run_max, mask=row_mask)
-        tl.store(s_sum_ptr + out, run_sum, mask=row_mask)
+        tl.store(ws_ptr + s_max_offset + out, run_max, mask=row_mask)
+        tl.store(ws_ptr + s_sum_offset + out, run_sum, mask=row_mask)
+
+
+@triton.jit
+def _dino_epilogue_kernel(
+    ws_ptr,
+    max_offset,
+    sum_offset,
+    row_max_offset,
+    log_sum_offset,
+    colsum_offset,
+    center_ptr,
+    center_out_ptr,
+    n_view_rows,
+    n_rows,
+    n_splits,
+    n_row_blocks,
+    n_proto,
+    inv_teacher_rows,
+    momentum,
+    lse_programs,
+    CENTER_MODE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Programs [0, lse_programs): (row max, log Σ) of every (view, row) from the K-chunk
+    partials stored at [view, split, row] (teachers then students: n_view_rows = V·B).
+    The others, column block by column block: the teacher column sums over row blocks, written
+    as they are (CENTER_MODE 1) or as the center's EMA m·c + (1−m)·sum/(T·B) (CENTER_MODE 2)."""
+    pid = tl.program_id(0)
+    if pid < lse_programs:
+        entries = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = entries < n_view_rows
+        view = entries // n_rows
+        row = entries - view * n_rows
+        offsets = view * n_splits * n_rows + row
+        row_max, log_sum = merge_lse_partials(ws_ptr + max_offset, ws_ptr + sum_offset, offsets, mask, n_splits, n_rows)
+        tl.store(ws_ptr + row_max_offset + entries, row_max, mask=mask)
+        tl.store(ws_ptr + log_sum_offset + entries, log_sum, mask=mask)
+    else:
+        if CENTER_MODE > 0:
+            cols = (pid - lse_programs) * BLOCK + tl.arange(0, BLOCK)
+            col_mask = cols < n_proto
+            total = tl.zeros([BLOCK], tl.float32)
+            for block in range(n_row_blocks):
+                total += tl.load(ws_ptr + colsum_offset + block * n_proto + cols, mask=col_mask, other=0.0)
+            if CENTER_MODE == 2:
+                center = tl.load(center_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+                total = center * momentum + (total * inv_teacher_rows) * (1.0 - momentum)
+            tl.store(center_out_ptr + cols, total, mask=col_mask)
 
 
 @triton.jit
 def _dino_loss_grad_kernel(
-    t_addresses_ptr,
-    t_row_strides_ptr,
-    s_addresses_ptr,
-    s_row_strides_ptr,
+    t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15, t_view_stride, t_stride_units,
+    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15, s_view_stride, s_stride_units,
     center_ptr,
-    t_lse_ptr,
-    s_lse_ptr,
+    ws_ptr,
+    row_max_offset,
+    log_sum_offset,
+    loss_offset,
     grad_ptr,
     grad_stride_view,
-    loss_partial_ptr,
-    n_teacher,
-    n_student,
     n_rows,
     k_units,
     k_per_split,
     inv_teacher_temp,
     inv_student_temp,
     grad_scale,
-    T_DTYPE: tl.constexpr,
-    S_DTYPE: tl.constexpr,
-    T_ALIGN: tl.constexpr,
-    S_ALIGN: tl.constexpr,
+    T_VIEWS: tl.constexpr,
+    T_UNIFORM: tl.constexpr,
+    T_ROW_ALIGN: tl.constexpr,
+    S_VIEWS: tl.constexpr,
+    S_UNIFORM: tl.constexpr,
+    S_ROW_ALIGN: tl.constexpr,
     K_ALIGN: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """loss_partial[program] = −Σ_s Σ_{rows, chunk} Q_s log P_s and, with COMPUTE_GRAD,
-    grad[s] = (m_s P_s − Q_s)·grad_scale over the chunk (grad contiguous (S, B, K))."""
+    """loss[program] = −Σ_s Σ_{rows, chunk} Q_s log P_s and, with COMPUTE_GRAD,
+    grad[s] = (m_s P_s − Q_s)·grad_scale over the chunk (grad contiguous (S, B, K)). Row
+    statistics (max, log Σ) are stored teachers first, (V, B)."""
     pid_rows = tl.program_id(0)
     pid_split = tl.program_id(1)
-    # K = k_units·K_ALIGN: written as a product with a constant, the compiler knows that K-axis
-    # masks and row offsets are constant over K_ALIGN-wide groups and keeps 16-byte accesses.
     n_proto = k_units * K_ALIGN
     rows = pid_rows * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = rows < n_rows
@@ -198,35 +264,42 @@ def _dino_loss_grad_kernel(
     # it needs one) per student: 64-bit pointer arithmetic, where view index x B·K could
     # overflow int32.
     grad_rows = grad_ptr + rows64[:, None] * n_proto
+    max_ptr = ws_ptr + row_max_offset + rows
+    log_sum_ptr = ws_ptr + log_sum_offset + rows
     for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < n_proto
         mask = row_mask[:, None] & col_mask[None, :]
-        center = tl.load(center_ptr + cols, mask=col_mask, other=0.0)
+        center = tl.load(center_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         prob_sum = tl.zeros([BLOCK_ROWS, BLOCK_K], tl.float32)
-        for t in range(n_teacher):
-            view_rows = _view_rows(t_addresses_ptr, t_row_strides_ptr, t, rows64, T_DTYPE, T_ALIGN)
-            raw = tl.load(view_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            lse = tl.load(t_lse_ptr + t * n_rows + rows, mask=row_mask, other=0.0)
+        for t in range(T_VIEWS):
+            view = view_rows(t, rows64, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15, t_view_stride, t_stride_units, T_VIEWS, T_UNIFORM, T_ROW_ALIGN)
+            raw = tl.load(view + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            row_max = tl.load(max_ptr + t * n_rows, mask=row_mask, other=0.0)
+            log_sum = tl.load(log_sum_ptr + t * n_rows, mask=row_mask, other=0.0)
+            y = (raw - center[None, :]) * inv_teacher_temp
             # Padding lanes: exp(-inf) = 0 (an unmasked exponent could overflow there).
-            prob_sum += tl.exp(tl.where(mask, (raw - center[None, :]) * inv_teacher_temp - lse[:, None], float("-inf")))
+            prob_sum += tl.exp(tl.where(mask, (y - row_max[:, None]) - log_sum[:, None], float("-inf")))
         out_ptr = grad_rows + cols[None, :]
-        for s in range(n_student):
-            view_rows = _view_rows(s_addresses_ptr, s_row_strides_ptr, s, rows64, S_DTYPE, S_ALIGN)
-            raw = tl.load(view_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            lse = tl.load(s_lse_ptr + s * n_rows + rows, mask=row_mask, other=0.0)
+        for s in range(S_VIEWS):
+            view = view_rows(s, rows64, s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15, s_view_stride, s_stride_units, S_VIEWS, S_UNIFORM, S_ROW_ALIGN)
+            raw = tl.load(view + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            row_max = tl.load(max_ptr + (T_VIEWS + s) * n_rows, mask=row_mask, other=0.0)
+            log_sum = tl.load(log_sum_ptr + (T_VIEWS + s) * n_rows, mask=row_mask, other=0.0)
             # Padding lanes: log_p = 0 and target = 0, so they add nothing and exp stays finite.
-            log_p = tl.where(mask, raw * inv_student_temp - lse[:, None], 0.0)
+            log_p = tl.where(mask, (raw * inv_student_temp - row_max[:, None]) - log_sum[:, None], 0.0)
             # m_s: the teachers this student view is compared with (its own index excluded).
-            matches = n_teacher - (s < n_teacher).to(tl.float32)
+            matches = tl.where(s < T_VIEWS, T_VIEWS - 1.0, T_VIEWS * 1.0)
             target = prob_sum
-            if s < n_teacher:
+            if s < T_VIEWS:
                 # The same-index teacher is excluded: subtract its P (tile reloaded, from cache).
-                same_rows = _view_rows(t_addresses_ptr, t_row_strides_ptr, s, rows64, T_DTYPE, T_ALIGN)
-                same = tl.load(same_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                same_lse = tl.load(t_lse_ptr + s * n_rows + rows, mask=row_mask, other=0.0)
+                same = view_rows(s, rows64, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15, t_view_stride, t_stride_units, T_VIEWS, T_UNIFORM, T_ROW_ALIGN)
+                same_raw = tl.load(same + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                same_max = tl.load(max_ptr + s * n_rows, mask=row_mask, other=0.0)
+                same_log_sum = tl.load(log_sum_ptr + s * n_rows, mask=row_mask, other=0.0)
+                y = (same_raw - center[None, :]) * inv_teacher_temp
                 target = prob_sum - tl.exp(
-                    tl.where(mask, (same - center[None, :]) * inv_teacher_temp - same_lse[:, None], float("-inf"))
+                    tl.where(mask, (y - same_max[:, None]) - same_log_sum[:, None], float("-inf"))
                 )
             acc += target * log_p
             if COMPUTE_GRAD:
@@ -234,97 +307,126 @@ def _dino_loss_grad_kernel(
                 tl.store(out_ptr, grad.to(grad_ptr.dtype.element_ty), mask=mask)
             out_ptr += grad_stride_view
     total = tl.sum(tl.sum(acc, axis=1), axis=0)
-    tl.store(loss_partial_ptr + pid_rows * tl.num_programs(1) + pid_split, -total)
+    tl.store(ws_ptr + loss_offset + pid_rows * tl.num_programs(1) + pid_split, -total)
 
 
-def _combine_partials(run_max: Tensor, run_sum: Tensor) -> Tensor:
-    """log Σ_splits s·exp(m) over dim 1 of (views, splits, B) partials -> (views, B)."""
-    top = run_max.amax(dim=1, keepdim=True)
-    shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    return shift.squeeze(1) + torch.log((run_sum * torch.exp(run_max - shift)).sum(dim=1))
+# --------------------------------------------------------------------------------------------
+# Operator
+# --------------------------------------------------------------------------------------------
 
 
-def _common_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
+def _dino_forward(
+    teacher: List[Tensor],
+    student: List[Tensor],
+    center: Tensor,
+    teacher_temp: float,
+    student_temp: float,
+    center_momentum: float,
+    center_mode: int,
+    compute_grad: bool,
+):
+    """Returns the 0-d float32 loss, the (K,) float32 center output (``center_mode``: empty,
+    the teacher column sum, or the EMA-updated center) and the (S, B, K) student gradient of the
+    loss (empty without ``compute_grad``)."""
+    n_teacher, n_student = len(teacher), len(student)
+    t_views = prepare_views(teacher, common_dtype(teacher))
+    student_dtype = common_dtype(student)
+    s_views = prepare_views(student, student_dtype)
+    n_rows, n_proto = student[0].shape
+    device = student[0].device
+    if not center.is_contiguous():
+        center = center.contiguous()
+    n_terms = n_teacher * n_student - min(n_teacher, n_student)
+
+    block_k = min(next_pow2(n_proto), _TILE_CONTIGUOUS)
+    block_rows = min(next_pow2(n_rows), max(1, _TILE_ELEMENTS // block_k))
+    row_blocks = triton.cdiv(n_rows, block_rows)
+    k_blocks = triton.cdiv(n_proto, block_k)
+    splits = max(1, min(k_blocks, target_programs(device) // row_blocks, 65535))
+    k_per_split = triton.cdiv(k_blocks, splits) * block_k
+    splits = triton.cdiv(n_proto, k_per_split)  # every split holds at least one column
+    grid = (row_blocks, splits)
+
+    # Workspace sections (float32 elements): partial (max, sum) per (view, split, row), merged
+    # (row max, log Σ) per (view, row), teacher column sums per row block, loss partials.
+    n_views = n_teacher + n_student
+    partials = n_views * splits * n_rows
+    with_colsum = center_mode != CENTER_NONE
+    sizes = [partials, partials, n_views * n_rows, n_views * n_rows, row_blocks * n_proto if with_colsum else 0]
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + (size + 3) // 4 * 4)
+    part_max, part_sum, row_max, log_sum, colsum, loss_partials = offsets
+    ws = _new_buffer((loss_partials + row_blocks * splits,), dtype=torch.float32, device=device)
+
+    views = (*t_views.args(), *s_views.args())
+    constexprs = dict(**t_views.constexprs("T_"), **s_views.constexprs("S_"), K_ALIGN=k_align(n_proto))
+    k_units = n_proto // k_align(n_proto)
+    # Student partials follow the teachers' in the same (view, split, row) layout.
+    s_part = n_teacher * splits * n_rows
+    _dino_stats_kernel[grid](
+        *views, center, ws, part_max, part_sum, part_max + s_part, part_sum + s_part, colsum,
+        n_rows, k_units, k_per_split, 1.0 / teacher_temp, 1.0 / student_temp,
+        **constexprs, WITH_COLSUM=with_colsum, BLOCK_ROWS=block_rows, BLOCK_K=block_k,
+    )  # fmt: skip
+    center_out = _new_buffer((n_proto,) if with_colsum else (0,), dtype=torch.float32, device=device)
+    lse_programs = triton.cdiv(n_views * n_rows, _EPILOGUE_BLOCK)
+    center_programs = triton.cdiv(n_proto, _EPILOGUE_BLOCK) if with_colsum else 0
+    _dino_epilogue_kernel[(lse_programs + center_programs,)](
+        ws, part_max, part_sum, row_max, log_sum, colsum, center, center_out if with_colsum else ws,
+        n_views * n_rows, n_rows, splits, row_blocks, n_proto, 1.0 / (n_teacher * n_rows), float(center_momentum),
+        lse_programs, CENTER_MODE=center_mode, BLOCK=_EPILOGUE_BLOCK,
+    )  # fmt: skip
+
+    grads = _new_buffer((n_student, n_rows, n_proto) if compute_grad else (0,), dtype=student_dtype, device=device)
+    _dino_loss_grad_kernel[grid](
+        *views, center, ws, row_max, log_sum, loss_partials, grads if compute_grad else ws, n_rows * n_proto,
+        n_rows, k_units, k_per_split, 1.0 / teacher_temp, 1.0 / student_temp,
+        1.0 / (student_temp * n_terms * n_rows),
+        **constexprs, COMPUTE_GRAD=compute_grad, BLOCK_ROWS=block_rows, BLOCK_K=block_k,
+    )  # fmt: skip
+    loss = _new_buffer((), dtype=torch.float32, device=device)
+    sum_to_scalar_kernel[(1,)](ws, loss_partials, row_blocks * splits, loss, 1.0 / (n_terms * n_rows), BLOCK=1024)
+    return loss, center_out, grads
 
 
-class _DinoTritonFunction(torch.autograd.Function):
-    """Inputs ``(settings, center, *views)``, the T teacher views first; returns the 0-d loss and
-    the (K,) float32 teacher column sums (non-differentiable)."""
+_dino_op = torch.library.custom_op(
+    "fastssl::dino",
+    _dino_forward,
+    mutates_args=(),
+    schema="(Tensor[] teacher, Tensor[] student, Tensor center, float teacher_temp, float student_temp, "
+    "float center_momentum, int center_mode, bool compute_grad) -> (Tensor, Tensor, Tensor)",
+)
 
-    @staticmethod
-    def forward(ctx, settings, center, *views):  # type: ignore[override]
-        n_teacher, teacher_temp, student_temp, with_colsum = settings
-        input_dtypes = [v.dtype for v in views[n_teacher:]]
-        teacher_dtype = _common_dtype(views[:n_teacher])
-        student_dtype = _common_dtype(views[n_teacher:])
-        teacher, t_addresses, t_row_strides, t_align = view_table(views[:n_teacher], teacher_dtype)
-        student, s_addresses, s_row_strides, s_align = view_table(views[n_teacher:], student_dtype)
-        n_student = len(student)
-        n_rows, n_proto = student[0].shape
-        device = student[0].device
-        center = center.detach().reshape(-1).to(torch.float32).contiguous()
-        n_terms = n_teacher * n_student - min(n_teacher, n_student)
 
-        block_k = min(_next_pow2(n_proto), _TILE_CONTIGUOUS)
-        block_rows = min(_next_pow2(n_rows), max(1, _TILE_ELEMENTS // block_k))
-        row_blocks = triton.cdiv(n_rows, block_rows)
-        k_blocks = triton.cdiv(n_proto, block_k)
-        splits = max(1, min(k_blocks, _target_programs(device) // row_blocks, 65535))
-        k_per_split = triton.cdiv(k_blocks, splits) * block_k
-        splits = triton.cdiv(n_proto, k_per_split)  # every split holds at least one column
-        grid = (row_blocks, splits)
-        tables = (t_addresses, t_row_strides, s_addresses, s_row_strides, center)
-        dtypes = dict(T_DTYPE=_TRITON_DTYPES[teacher_dtype], S_DTYPE=_TRITON_DTYPES[student_dtype],
-                      T_ALIGN=t_align, S_ALIGN=s_align, K_ALIGN=k_align(n_proto))  # fmt: skip
+@_dino_op.register_fake
+def _(teacher, student, center, teacher_temp, student_temp, center_momentum, center_mode, compute_grad):
+    n_proto = student[0].shape[1]
+    grad_shape = (len(student), *student[0].shape) if compute_grad else (0,)
+    return (
+        center.new_empty((), dtype=torch.float32),
+        center.new_empty((n_proto,) if center_mode != CENTER_NONE else (0,), dtype=torch.float32),
+        student[0].new_empty(grad_shape, dtype=common_dtype(student)),
+    )
 
-        t_max = _new_buffer((n_teacher, splits, n_rows), dtype=torch.float32, device=device)
-        t_sum = _new_buffer((n_teacher, splits, n_rows), dtype=torch.float32, device=device)
-        s_max = _new_buffer((n_student, splits, n_rows), dtype=torch.float32, device=device)
-        s_sum = _new_buffer((n_student, splits, n_rows), dtype=torch.float32, device=device)
-        colsum = _new_buffer((row_blocks, n_proto), dtype=torch.float32, device=device) if with_colsum else t_max
-        _dino_stats_kernel[grid](
-            *tables, t_max, t_sum, s_max, s_sum, colsum,
-            n_teacher, n_student, n_rows, n_proto // k_align(n_proto), k_per_split,
-            1.0 / teacher_temp, 1.0 / student_temp,
-            **dtypes, WITH_COLSUM=with_colsum, BLOCK_ROWS=block_rows, BLOCK_K=block_k,
-        )  # fmt: skip
-        t_lse = _combine_partials(t_max, t_sum).contiguous()
-        s_lse = _combine_partials(s_max, s_sum).contiguous()
 
-        compute_grad = any(ctx.needs_input_grad[2 + n_teacher :])
-        grads = _new_buffer((n_student, n_rows, n_proto), dtype=student_dtype, device=device) if compute_grad else t_lse
-        loss_partial = _new_buffer((row_blocks * splits,), dtype=torch.float32, device=device)
-        _dino_loss_grad_kernel[grid](
-            *tables, t_lse, s_lse, grads, n_rows * n_proto, loss_partial,
-            n_teacher, n_student, n_rows, n_proto // k_align(n_proto), k_per_split,
-            1.0 / teacher_temp, 1.0 / student_temp, 1.0 / (student_temp * n_terms * n_rows),
-            **dtypes, COMPUTE_GRAD=compute_grad, BLOCK_ROWS=block_rows, BLOCK_K=block_k,
-        )  # fmt: skip
-        loss = loss_partial.sum() / (n_terms * n_rows)
-        teacher_sum = colsum.sum(dim=0) if with_colsum else torch.zeros(n_proto, dtype=torch.float32, device=device)
-        ctx.mark_non_differentiable(teacher_sum)
-        ctx.n_teacher = n_teacher
-        ctx.input_dtypes = input_dtypes
-        ctx.compute_grad = compute_grad
-        if compute_grad:
-            ctx.save_for_backward(grads)
-        return loss, teacher_sum
+def _dino_setup(ctx, inputs, output) -> None:
+    ctx.n_teacher = len(inputs[0])
+    ctx.input_dtypes = [s.dtype for s in inputs[1]]
+    ctx.save_for_backward(output[2])
 
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_teacher_sum):  # type: ignore[override]
-        student_grads: List = [None] * len(ctx.input_dtypes)
-        if ctx.compute_grad:
-            (grads,) = ctx.saved_tensors
-            needs = ctx.needs_input_grad[2 + ctx.n_teacher :]
-            student_grads = [
-                (grads[v] * grad_loss).to(dtype) if need else None
-                for v, (need, dtype) in enumerate(zip(needs, ctx.input_dtypes))
-            ]
-        return (None, None, *([None] * ctx.n_teacher), *student_grads)
+
+def _dino_gradient(ctx, grad_loss, _grad_center, _grad_grads):
+    (saved,) = ctx.saved_tensors
+    if saved.numel() == 0:
+        student_grads = [None] * len(ctx.input_dtypes)
+    else:
+        scaled = scale_gradient(saved, grad_loss).unbind(0)
+        student_grads = [g if g.dtype == dtype else g.to(dtype) for g, dtype in zip(scaled, ctx.input_dtypes)]
+    return [None] * ctx.n_teacher, student_grads, None, None, None, None, None, None
+
+
+_dino_op.register_autograd(_dino_gradient, setup_context=_dino_setup)
 
 
 def dino_loss_triton(
@@ -334,20 +436,36 @@ def dino_loss_triton(
     teacher_temp: float,
     student_temp: float,
     *,
-    return_teacher_sum: bool = False,
+    center_momentum: float = 0.0,
+    center_mode: int = CENTER_NONE,
 ):
     """DINO's cross-entropy (see :func:`fastssl.dino.dino_loss`) on the kernels.
 
     Args:
         teacher_out: T tensors (B, K), no gradient; student_out: S tensors (B, K);
         center: K entries ((K,) or (1, 1, K)).
-        return_teacher_sum: also return the (K,) float32 sum of the teacher outputs over views
-            and batch, computed by the loss's own pass over the teacher (for the center update).
+        center_mode: :data:`CENTER_NONE` returns the loss only; :data:`CENTER_TEACHER_SUM` also
+            the (K,) float32 sum of the teacher outputs over views and batch;
+            :data:`CENTER_EMA` also the new center ``m·center + (1−m)·mean`` (flattened,
+            float32), with m = ``center_momentum`` -- both from the loss's own pass over the
+            teacher.
     Returns:
-        0-d float32 loss, or ``(loss, teacher_sum)``.
+        0-d float32 loss, or ``(loss, center output)``.
+
+    Example::
+
+        loss = dino_loss_triton([t0, t1], [s0, s1, s2], center, 0.04, 0.1)
+        loss.backward()
     """
-    settings = (len(teacher_out), float(teacher_temp), float(student_temp), bool(return_teacher_sum))
-    loss, teacher_sum = _DinoTritonFunction.apply(settings, center, *teacher_out, *student_out)
-    if return_teacher_sum:
-        return loss, teacher_sum
-    return loss
+    student = list(student_out)
+    compute_grad = torch.is_grad_enabled() and any(s.requires_grad for s in student)
+    # The teacher gets no gradient; detaching also keeps a tensor passed as both a teacher and a
+    # student view from being two inputs of one autograd node.
+    teacher = [t.detach() for t in teacher_out]
+    loss, center_out, _ = _dino_op(
+        teacher, student, center.detach(), float(teacher_temp), float(student_temp), float(center_momentum),
+        int(center_mode), compute_grad,
+    )  # fmt: skip
+    if center_mode == CENTER_NONE:
+        return loss
+    return loss, center_out

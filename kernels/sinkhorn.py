@@ -1,21 +1,24 @@
-r"""Triton kernels for SwAV: log-domain Sinkhorn-Knopp and the fused swapped-prediction loss.
+r"""Triton kernels for SwAV: log-domain Sinkhorn-Knopp and the fused swapped-prediction loss,
+as ``torch.library`` custom ops (``fastssl::sinkhorn``, ``fastssl::swav``,
+``fastssl::swav_backward``) so that ``torch.compile(fullgraph=True)`` keeps them whole.
 
-Sinkhorn (see :mod:`fastssl.swav` for the derivation). With L = S/ε, every iterate of SwAV's
-Sinkhorn is log Q[b, k] = L[b, k] − a_k − c_b, and one iteration is two log-sum-exp sweeps:
+Sinkhorn (Caron et al. 2020, Sec. 3.1 and App. A; derivation in :mod:`fastssl.swav`). With
+L = S/ε, every iterate of SwAV's Sinkhorn is log Q[b, k] = L[b, k] − a_k − c_b, and one
+iteration is two log-sum-exp sweeps:
 
 * over the samples (rows of the (N, K) score matrix), per prototype: a_k = LSE_b(L[b, k] − c_b);
 * over the prototypes, per sample:                                    c_b = LSE_k(L[b, k] − a_k).
 
 :func:`_partial_lse_kernel` does either sweep (the two differ only in which stride is reduced)
 with an online, max-shifted log-sum-exp, split along the reduced axis so that narrow problems
-still fill the GPU; the few partial (max, sum) pairs are combined in PyTorch -- and, for the
-prototype sweep of a distributed Sinkhorn, all-reduced over ranks between iterations. No
-exponential ever exceeds 1 and the maximum term of every sum is exactly 1, so no scores or ε
-overflow or underflow to an all-zero row or column. The H high-resolution crops (each with
-the queue appended) are one launch: a (H, N, K) problem with the crop as grid axis 2. A problem
-small enough for one tile (:data:`_RESIDENT_ELEMENTS`) runs every iteration in one program,
-:func:`_sinkhorn_resident_kernel`, its matrix read once and kept in registers: one launch
-instead of 2I + 1 when launch latency, not bandwidth, is the cost.
+still fill the GPU; :func:`_merge_kernel` combines the few partial (max, sum) pairs into the
+potential -- on the device, between the sweeps: no PyTorch op runs between the launches (for a
+distributed Sinkhorn the prototype potentials are all-reduced over ranks there). No exponential
+ever exceeds 1 and the maximum term of every sum is exactly 1, so no scores or ε overflow or
+underflow to an all-zero row or column. The H high-resolution crops (each with the queue
+appended) are one launch: a (H, N, K) problem with the crop as grid axis 2. A problem small
+enough for one tile (:data:`_RESIDENT_ELEMENTS`) runs every iteration in one program,
+:func:`_sinkhorn_resident_kernel`, its matrix read once and kept in registers.
 
 Swapped prediction. Codes carry no gradient, so the loss over the V crops is
 
@@ -26,33 +29,50 @@ p_v = softmax(x_v), w_v = Σ_k T_v[b, k] (= H − [v < H] once the codes are nor
 :func:`_codes_kernel` writes Σ_i q_i once (float32, (B, K)); :func:`_swav_ce_kernel` runs one
 program per (crop, row block), all crops in one launch, in two sweeps over its rows (online LSE,
 then loss terms and gradient), a high-resolution crop recomputing its own codes from its scores
-instead of reading them. The gradient is written in the forward; the backward only scales it.
+instead of reading them. Log-probabilities are formed as (x − max) − log Σ, never through the
+rounded lse = max + log Σ (which loses digits when the scores carry a large common offset). The
+gradient is written in the forward; the backward (:func:`fastssl.kernels._common.scale_gradient`)
+only scales it by the incoming gradient, read on the device.
 
-The crops are separate tensors (one per view, as models produce them); every kernel reads them
-in place through (V,) tables of addresses and row strides (:func:`view_table`), never through a
-stacked copy. Only with a queue is each high-resolution crop concatenated with its queue once,
-as the Sinkhorn problem.
+Host side. The crops are separate tensors (one per view, as models produce them); the kernels
+read them in place through pointer arguments (:func:`fastssl.kernels._common.prepare_views`):
+no stacked copy and no address table. Every float32 intermediate (potentials, partial sums,
+codes, loss partials) lives in one workspace allocation addressed by element offsets, and the
+loss is summed on the device (:func:`fastssl.kernels._common.sum_to_scalar_kernel`): per
+forward + backward the eager PyTorch ops are 3 allocations (workspace, gradient, loss), the
+backward's output allocation and its unbind -- no host synchronization, no host-to-device copy,
+so a training step can be captured in a CUDA graph. Only with a queue is each high-resolution
+crop concatenated with its queue once, as the Sinkhorn problem.
 
 Cost, per loss call, with e bytes per input element, N = B + Q rows per Sinkhorn problem and I
-iterations (prediction for the benchmark shape B = 4096, K = 3000, I = 3, H = V = 2, Q = 0,
-bf16, on an H100 with ~3 TB/s HBM, ~60 TFLOP/s fp32 and ~3.7·10¹² exp/s (16 MUFU ops per SM
-per clock)):
+iterations. Headline shape B = 4096, K = 3000, I = 3, H = V = 2, Q = 0, bf16, on an H200
+(4.3 TB/s copy, ~60 TFLOP/s fp32, ~3.7·10¹² exp/s: 16 MUFU ops per SM per clock):
 
 * minimum bytes: read every crop and queue once, write every crop's gradient once:
-  (2 V B K + H Q K) e = 98 MB -> 33 µs;
+  (2 V B K + H Q K) e = 98 MB -> 23 µs;
 * FLOPs: Sinkhorn 2 I H N K x ~5 (scale, shift, max, exp, add), codes H B K x ~4, loss
   V B K x ~15 (two sweeps): 0.74 + 0.10 + 0.37 = 1.2 GFLOP -> 20 µs of fp32 ALU;
 * exponentials: 2 I H N K + H B K + ~3 V B K = 0.25·10⁹ -> 66 µs, the binding floor;
-* this implementation moves more: 2 I sweeps over the H problems (6 x 49 MB here, partly
-  from the 50 MB L2), the codes pass (49 MB read, 49 MB float32 written), two sweeps over every
-  crop (98 MB), the float32 targets read once per crop (98 MB) and the gradients (49 MB):
-  ~0.64 GB -> predicted 150-220 µs for forward + backward, against several milliseconds for
-  the eager reference.
+* traffic of this implementation: 2 I sweeps over the H problems (6 x 49 MB, partly from the
+  50 MB L2), the codes pass (49 MB read, 49 MB float32 written), two sweeps over every crop
+  (98 MB), the float32 targets read once per crop (98 MB), the gradients (49 MB) and the
+  backward's scaling (49 MB read, 49 MB written): ~0.74 GB -> 170-230 µs of kernels.
+* programs at the headline shape (132 SMs): column sweeps (reduce over samples) 6 K-blocks x 43
+  splits x 2 problems = 516 (3.9 waves), row sweeps 512 x 2 = 1024, codes 512 x 6 = 3072, loss
+  512 x 2 = 1024, backward scaling 6000; merges and the loss sum are a few programs each.
+  Launches per forward + backward: 2I sweeps + 2I merges + codes + loss + sum + scale = 16.
+
+Predicted effect of moving the glue onto the device (written before the change): the previous
+host side ran ~70 eager ops per forward + backward (partial merges in PyTorch after each of the
+2I sweeps, weights, the loss sum, per-crop scaling) and two host-to-device table copies (each a
+stream synchronization). On a GPU those ops are CPU-bound at ~5-10 µs each, so the step took
+≈ 170-230 µs of kernels + ≈ 350-500 µs of launch-bound glue and stalls: ≈ 10-15 % of the 66 µs
+floor. With 5 eager ops and 16 launches issued back to back, the kernels dominate:
+predicted 180-250 µs, ≈ 26-37 % of the floor (and 170-230 µs under a CUDA graph).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
@@ -62,7 +82,20 @@ import triton.language as tl
 from torch import Tensor
 
 from fastssl import distributed
-from fastssl.swav import all_reduce_logsumexp
+from fastssl.distributed import all_reduce_logsumexp
+from fastssl.kernels._common import (
+    Views,
+    common_dtype,
+    k_align,
+    merge_lse_partials,
+    next_pow2,
+    online_lse_step,
+    prepare_views,
+    scale_gradient,
+    sum_to_scalar_kernel,
+    target_programs,
+    view_base,
+)
 
 # Tile sizes (elements). The contiguous axis of a tile gets up to _TILE_CONTIGUOUS elements, the
 # other axis the rest of _TILE_ELEMENTS. Tests shrink both to run multi-tile loops, masks and
@@ -70,74 +103,20 @@ from fastssl.swav import all_reduce_logsumexp
 _TILE_ELEMENTS = 4096
 _TILE_CONTIGUOUS = 512
 # A Sinkhorn problem whose padded (N, K) matrix has at most this many elements runs all its
-# iterations in one program, the matrix held in registers (one launch instead of 2I + 1).
+# iterations in one program, the matrix held in registers (one launch instead of 4I + 1).
 _RESIDENT_ELEMENTS = 16384
+_MERGE_BLOCK = 1024
 
 # Buffers every kernel fully overwrites; tests replace this with a NaN-filled allocation to
 # check that every element is written.
 _new_buffer = torch.empty
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _target_programs(device: torch.device) -> int:
-    """Programs that keep the device busy: a few waves of SMs on CUDA; few on the interpreter,
-    where every program is a sequential Python call."""
-    if device.type == "cuda":
-        return _cuda_target_programs(torch.cuda.current_device() if device.index is None else device.index)
-    return 4
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_target_programs(index: int) -> int:
-    return 4 * torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _tile(n_contiguous: int, n_other: int) -> Tuple[int, int]:
     """Power-of-two tile (contiguous axis, other axis) for extents n_contiguous x n_other."""
-    block_contiguous = min(_next_pow2(n_contiguous), _TILE_CONTIGUOUS)
-    block_other = min(_next_pow2(n_other), max(1, _TILE_ELEMENTS // block_contiguous))
+    block_contiguous = min(next_pow2(n_contiguous), _TILE_CONTIGUOUS)
+    block_other = min(next_pow2(n_other), max(1, _TILE_ELEMENTS // block_contiguous))
     return block_contiguous, block_other
-
-
-_TRITON_DTYPES = {
-    torch.float16: tl.float16,
-    torch.bfloat16: tl.bfloat16,
-    torch.float32: tl.float32,
-    torch.float64: tl.float64,
-}
-
-
-def k_align(n_proto: int) -> int:
-    """The largest power of two up to 16 that divides K (a compiler hint for K-axis masks)."""
-    return math.gcd(n_proto, 16)
-
-
-def view_table(views: Sequence[Tensor], dtype: torch.dtype) -> Tuple[List[Tensor], Tensor, Tensor, int]:
-    """Equally shaped (rows, K) tensors as the kernels read them: in place, through (V,) int64
-    tables of their addresses and row strides, instead of a stacked (V, rows, K) copy. A view is
-    copied only when its dtype differs from ``dtype`` or its K axis is strided.
-
-    Returns:
-        the tensors read (they must outlive the launches), the address table, the row-stride
-        table, and the alignment the kernels may promise the compiler: the elements per 16
-        bytes when every address is 16-byte aligned and every row stride a multiple of that
-        (16-byte vector loads), else 1.
-    """
-    kept = []
-    for v in views:
-        v = v.detach().to(dtype)
-        if v.shape[1] > 1 and v.stride(1) != 1:
-            v = v.contiguous()
-        kept.append(v)
-    device = kept[0].device
-    addresses = torch.tensor([v.data_ptr() for v in kept], dtype=torch.int64, device=device)
-    row_strides = torch.tensor([v.stride(0) for v in kept], dtype=torch.int64, device=device)
-    vector = max(1, 16 // kept[0].element_size())
-    aligned = all(v.data_ptr() % 16 == 0 and v.stride(0) % vector == 0 for v in kept)
-    return kept, addresses, row_strides, vector if aligned else 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,24 +125,12 @@ def view_table(views: Sequence[Tensor], dtype: torch.dtype) -> Tuple[List[Tensor
 
 
 @triton.jit
-def view_base(addresses_ptr, row_strides_ptr, view, DTYPE: tl.constexpr, ALIGN: tl.constexpr):
-    """(pointer to element [0, 0], row stride) of view ``view`` of a :func:`view_table`. With
-    ALIGN > 1 (checked by :func:`view_table`) the compiler may use 16-byte vector loads."""
-    base = tl.load(addresses_ptr + view).to(tl.pointer_type(DTYPE))
-    row_stride = tl.load(row_strides_ptr + view)
-    if ALIGN > 1:
-        base = tl.multiple_of(base, 16)
-        row_stride = tl.multiple_of(row_stride, ALIGN)
-    return base, row_stride
-
-
-@triton.jit
 def _partial_lse_kernel(
-    addresses_ptr,
-    row_strides_ptr,
-    potential_ptr,
-    max_out_ptr,
-    sum_out_ptr,
+    p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15, p_view_stride, p_stride_units,
+    ws_ptr,
+    potential_offset,
+    max_offset,
+    sum_offset,
     n_rows,
     k_units,
     reduce_per_split,
@@ -171,8 +138,9 @@ def _partial_lse_kernel(
     out_stride_problem,
     out_stride_split,
     scale,
-    DTYPE: tl.constexpr,
-    ALIGN: tl.constexpr,
+    P_VIEWS: tl.constexpr,
+    P_UNIFORM: tl.constexpr,
+    P_ROW_ALIGN: tl.constexpr,
     K_ALIGN: tl.constexpr,
     REDUCE_ROWS: tl.constexpr,
     HAS_POTENTIAL: tl.constexpr,
@@ -180,8 +148,9 @@ def _partial_lse_kernel(
     BLOCK_REDUCE: tl.constexpr,
 ):
     """For each kept index j, over one split of the reduced index i of problem program_id(2):
-    m_j = max_i y_ij and s_j = Σ_i exp(y_ij − m_j), y_ij = scale·x_ij − potential_i. REDUCE_ROWS:
-    reduce over samples, keep prototypes; else reduce over prototypes, keep samples."""
+    m_j = max_i y_ij and s_j = Σ_i exp(y_ij − m_j), y_ij = scale·x_ij − potential_i, stored in
+    the workspace at [problem, split, j]. REDUCE_ROWS: reduce over samples, keep prototypes;
+    else reduce over prototypes, keep samples."""
     pid_keep = tl.program_id(0)
     pid_split = tl.program_id(1)
     pid_problem = tl.program_id(2)
@@ -193,11 +162,13 @@ def _partial_lse_kernel(
     else:
         n_keep = n_rows
         n_reduce = k_units * K_ALIGN
-    base, row_stride = view_base(addresses_ptr, row_strides_ptr, pid_problem, DTYPE, ALIGN)
+    base = view_base(pid_problem, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15, p_view_stride, P_VIEWS, P_UNIFORM)
+    row_stride = p_stride_units * P_ROW_ALIGN
     keep = pid_keep * BLOCK_KEEP + tl.arange(0, BLOCK_KEEP)
     keep_mask = keep < n_keep
     run_max = tl.full([BLOCK_KEEP], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_KEEP], tl.float32)
+    potential_ptr = ws_ptr + potential_offset + pid_problem * potential_stride_problem
     reduce_begin = pid_split * reduce_per_split
     for r0 in range(reduce_begin, reduce_begin + reduce_per_split, BLOCK_REDUCE):
         red = r0 + tl.arange(0, BLOCK_REDUCE)
@@ -209,90 +180,153 @@ def _partial_lse_kernel(
             ptrs = base + keep.to(tl.int64)[:, None] * row_stride + red[None, :]
         y = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * scale
         if HAS_POTENTIAL:
-            pot = tl.load(potential_ptr + pid_problem * potential_stride_problem + red, mask=red_mask, other=0.0)
+            pot = tl.load(potential_ptr + red, mask=red_mask, other=0.0)
             y = y - pot[None, :]
         y = tl.where(mask, y, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(y, axis=1))
-        # All -inf so far (masked lanes): shift by 0 so that exp(-inf - shift) is 0, not NaN.
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(y - shift[:, None]), axis=1)
-        run_max = new_max
+        run_max, run_sum = online_lse_step(run_max, run_sum, y, 1)
     out = pid_problem * out_stride_problem + pid_split * out_stride_split + keep
-    tl.store(max_out_ptr + out, run_max, mask=keep_mask)
-    tl.store(sum_out_ptr + out, run_sum, mask=keep_mask)
+    tl.store(ws_ptr + max_offset + out, run_max, mask=keep_mask)
+    tl.store(ws_ptr + sum_offset + out, run_sum, mask=keep_mask)
+
+
+@triton.jit
+def _merge_kernel(
+    ws_ptr,
+    max_offset,
+    sum_offset,
+    out_offset,
+    n_keep,
+    n_splits,
+    part_stride_problem,
+    part_stride_split,
+    out_stride_problem,
+    BLOCK: tl.constexpr,
+):
+    """potential[problem, j] = log Σ_splits s·exp(m) for the partials of one sweep."""
+    keep = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    problem = tl.program_id(1)
+    mask = keep < n_keep
+    offsets = problem * part_stride_problem + keep
+    shift, log_total = merge_lse_partials(
+        ws_ptr + max_offset, ws_ptr + sum_offset, offsets, mask, n_splits, part_stride_split
+    )
+    tl.store(ws_ptr + out_offset + problem * out_stride_problem + keep, shift + log_total, mask=mask)
+
+
+@triton.jit
+def _zero_iteration_kernel(
+    ws_ptr,
+    a_offset,
+    c_offset,
+    row_sums_offset,
+    n_samples,
+    rows_out,
+    n_proto,
+    c_stride_problem,
+    log_n,
+    BLOCK: tl.constexpr,
+):
+    """Sinkhorn without iterations, problem program_id(0): c holds LSE_k(L[b, :]) on entry; with
+    the global log_total = LSE_b of it, the codes are N·exp(L − log_total): c_b ← log_total −
+    log N, a ← 0, and the codes' row sums exp(lse_b − c_b) are written for the loss weights."""
+    h = tl.program_id(0)
+    c_ptr = ws_ptr + c_offset + h * c_stride_problem
+    run_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    run_sum = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, n_samples, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        row_lse = tl.load(c_ptr + offs, mask=offs < n_samples, other=float("-inf"))
+        # Lane-wise online LSE (the lanes are merged after the loop).
+        new_max = tl.maximum(run_max, row_lse)
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp(run_max - shift) + tl.exp(row_lse - shift)
+        run_max = new_max
+    top = tl.max(run_max, axis=0)
+    top_shift = tl.where(top == float("-inf"), 0.0, top)
+    log_total = top_shift + tl.log(tl.sum(run_sum * tl.exp(run_max - top_shift), axis=0))
+    potential = log_total - log_n
+    for start in range(0, rows_out, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        row_lse = tl.load(c_ptr + offs, mask=offs < rows_out, other=0.0)
+        tl.store(ws_ptr + row_sums_offset + h * rows_out + offs, tl.exp(row_lse - potential), mask=offs < rows_out)
+    for start in range(0, n_samples, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        tl.store(c_ptr + offs, tl.zeros([BLOCK], tl.float32) + potential, mask=offs < n_samples)
+    for start in range(0, n_proto, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        tl.store(ws_ptr + a_offset + h * n_proto + offs, tl.zeros([BLOCK], tl.float32), mask=offs < n_proto)
 
 
 @triton.jit
 def _codes_kernel(
-    addresses_ptr,
-    row_strides_ptr,
-    prototype_potential_ptr,
-    sample_potential_ptr,
+    p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15, p_view_stride, p_stride_units,
+    ws_ptr,
+    a_offset,
+    c_offset,
+    c_stride_problem,
     out_ptr,
+    out_offset,
     n_problems,
     n_rows,
     k_units,
-    prototype_stride_problem,
-    sample_stride_problem,
     scale,
-    DTYPE: tl.constexpr,
-    ALIGN: tl.constexpr,
+    P_VIEWS: tl.constexpr,
+    P_UNIFORM: tl.constexpr,
+    P_ROW_ALIGN: tl.constexpr,
     K_ALIGN: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_PROTO: tl.constexpr,
 ):
     """out[b, k] = Σ_h exp(scale·x_h[b, k] − a[h, k] − c[h, b]): the codes summed over problems
-    (out contiguous)."""
-    # K = k_units·K_ALIGN: written as a product with a constant, the compiler knows that K-axis
-    # masks and row offsets are constant over K_ALIGN-wide groups and keeps 16-byte accesses.
+    ((n_rows, K) float32, contiguous at out_ptr + out_offset)."""
     n_proto = k_units * K_ALIGN
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.program_id(1) * BLOCK_PROTO + tl.arange(0, BLOCK_PROTO)
     row_mask = rows < n_rows
     col_mask = cols < n_proto
     mask = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)
+    row_stride = p_stride_units * P_ROW_ALIGN
     acc = tl.zeros([BLOCK_ROWS, BLOCK_PROTO], tl.float32)
     for h in range(n_problems):
-        base, row_stride = view_base(addresses_ptr, row_strides_ptr, h, DTYPE, ALIGN)
-        x = tl.load(base + rows.to(tl.int64)[:, None] * row_stride + cols[None, :], mask=mask, other=0.0)
-        a = tl.load(prototype_potential_ptr + h * prototype_stride_problem + cols, mask=col_mask, other=0.0)
-        c = tl.load(sample_potential_ptr + h * sample_stride_problem + rows, mask=row_mask, other=0.0)
+        base = view_base(h, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15, p_view_stride, P_VIEWS, P_UNIFORM)
+        x = tl.load(base + rows64[:, None] * row_stride + cols[None, :], mask=mask, other=0.0)
+        a = tl.load(ws_ptr + a_offset + h * n_proto + cols, mask=col_mask, other=0.0)
+        c = tl.load(ws_ptr + c_offset + h * c_stride_problem + rows, mask=row_mask, other=0.0)
         # Padding lanes get exp(-inf) = 0 rather than an overflowing exp of a stray potential.
         acc += tl.exp(tl.where(mask, x.to(tl.float32) * scale - a[None, :] - c[:, None], float("-inf")))
-    out = rows.to(tl.int64)[:, None] * n_proto + cols[None, :]
-    tl.store(out_ptr + out, acc, mask=mask)
+    tl.store(out_ptr + out_offset + rows64[:, None] * n_proto + cols[None, :], acc, mask=mask)
 
 
 @triton.jit
 def _sinkhorn_resident_kernel(
-    addresses_ptr,
-    row_strides_ptr,
-    prototype_potential_ptr,
-    sample_potential_ptr,
+    p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15, p_view_stride, p_stride_units,
+    ws_ptr,
+    a_offset,
+    c_offset,
+    c_stride_problem,
     n_samples,
     k_units,
-    rows_out,
     scale,
     iterations,
-    DTYPE: tl.constexpr,
-    ALIGN: tl.constexpr,
+    P_VIEWS: tl.constexpr,
+    P_UNIFORM: tl.constexpr,
+    P_ROW_ALIGN: tl.constexpr,
     K_ALIGN: tl.constexpr,
     BLOCK_SAMPLES: tl.constexpr,
     BLOCK_PROTO: tl.constexpr,
 ):
     """All iterations of one Sinkhorn problem whose (N, K) matrix fits one tile: the matrix is
-    read once and stays in registers; writes a (K,) and the final c (rows_out,)."""
+    read once and stays in registers; writes a (K,) and the final c (N,)."""
     pid = tl.program_id(0)
-    # K = k_units·K_ALIGN: written as a product with a constant, the compiler knows that K-axis
-    # masks and row offsets are constant over K_ALIGN-wide groups and keeps 16-byte accesses.
     n_proto = k_units * K_ALIGN
-    base, row_stride = view_base(addresses_ptr, row_strides_ptr, pid, DTYPE, ALIGN)
+    base = view_base(pid, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15, p_view_stride, P_VIEWS, P_UNIFORM)
     rows = tl.arange(0, BLOCK_SAMPLES)
     cols = tl.arange(0, BLOCK_PROTO)
     row_mask = rows < n_samples
     col_mask = cols < n_proto
     mask = row_mask[:, None] & col_mask[None, :]
-    x = tl.load(base + rows.to(tl.int64)[:, None] * row_stride + cols[None, :], mask=mask, other=0.0)
+    x = tl.load(base + rows.to(tl.int64)[:, None] * (p_stride_units * P_ROW_ALIGN) + cols[None, :], mask=mask, other=0.0)
     logits = x.to(tl.float32) * scale
     sample_potential = tl.zeros([BLOCK_SAMPLES], tl.float32)
     prototype_potential = tl.zeros([BLOCK_PROTO], tl.float32)
@@ -309,48 +343,50 @@ def _sinkhorn_resident_kernel(
         shift = tl.where(top == float("-inf"), 0.0, top)
         total = tl.sum(tl.exp(y - shift[:, None]), axis=1)
         sample_potential = tl.where(row_mask, shift + tl.log(tl.where(row_mask, total, 1.0)), 0.0)
-    tl.store(prototype_potential_ptr + pid * n_proto + cols, prototype_potential, mask=col_mask)
-    tl.store(sample_potential_ptr + pid * rows_out + rows, sample_potential, mask=rows < rows_out)
+    tl.store(ws_ptr + a_offset + pid * n_proto + cols, prototype_potential, mask=col_mask)
+    tl.store(ws_ptr + c_offset + pid * c_stride_problem + rows, sample_potential, mask=row_mask)
 
 
 @triton.jit
 def _swav_ce_kernel(
-    addresses_ptr,
-    row_strides_ptr,
-    targets_ptr,
-    prototype_potential_ptr,
-    sample_potential_ptr,
-    weight_ptr,
+    c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, c_view_stride, c_stride_units,
+    ws_ptr,
+    targets_offset,
+    a_offset,
+    c_offset,
+    c_stride_problem,
+    row_sums_offset,
+    loss_offset,
     grad_ptr,
-    loss_partial_ptr,
     n_high,
     n_rows,
     k_units,
     inv_temperature,
     inv_epsilon,
     grad_scale,
-    DTYPE: tl.constexpr,
-    ALIGN: tl.constexpr,
+    C_VIEWS: tl.constexpr,
+    C_UNIFORM: tl.constexpr,
+    C_ROW_ALIGN: tl.constexpr,
     K_ALIGN: tl.constexpr,
+    UNIT_ROW_SUMS: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_PROTO: tl.constexpr,
 ):
     """Crop v = program_id(1), rows of program_id(0):
-    loss_partial[v, pid] = −Σ_b Σ_k T[b, k] (x − lse), grad[v] = (w p − T)·grad_scale, with
-    T = targets − (the crop's own codes, recomputed from its scores, if v < n_high).
-    Weights (V, B), potentials (H, K) and (H, B), grad (V, B, K) are contiguous."""
+    loss[v, pid] = −Σ_b Σ_k T[b, k] log p, grad[v] = (w p − T)·grad_scale, with
+    T = targets − (the crop's own codes, recomputed from its scores, if v < n_high) and
+    w = Σ_k T (H − [v < H] when UNIT_ROW_SUMS, else from the codes' row sums (H, B)).
+    Potentials a (H, K), c (H, c_stride_problem) and grad (V, B, K) are contiguous."""
     pid = tl.program_id(0)
     v = tl.program_id(1)
-    # K = k_units·K_ALIGN: written as a product with a constant, the compiler knows that K-axis
-    # masks and row offsets are constant over K_ALIGN-wide groups and keeps 16-byte accesses.
     n_proto = k_units * K_ALIGN
-    base, row_stride = view_base(addresses_ptr, row_strides_ptr, v, DTYPE, ALIGN)
+    base = view_base(v, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, c_view_stride, C_VIEWS, C_UNIFORM)
     rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = rows < n_rows
     rows64 = rows.to(tl.int64)
-    row_ptr = base + rows64[:, None] * row_stride
-    # Sweep 1: lse of x = s/τ per row, online and max-shifted.
+    row_ptr = base + rows64[:, None] * (c_stride_units * C_ROW_ALIGN)
+    # Sweep 1: per-row max and Σ exp(x − max) of x = s/τ, online.
     run_max = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_ROWS], tl.float32)
     for k0 in range(0, n_proto, BLOCK_PROTO):
@@ -358,35 +394,42 @@ def _swav_ce_kernel(
         mask = row_mask[:, None] & (cols < n_proto)[None, :]
         s = tl.load(row_ptr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         x = tl.where(mask, s * inv_temperature, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(x, axis=1))
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
-        run_max = new_max
-    lse = tl.where(row_mask, run_max + tl.log(tl.where(row_mask, run_sum, 1.0)), 0.0)
-    weight = tl.load(weight_ptr + v * n_rows + rows, mask=row_mask, other=0.0)
+        run_max, run_sum = online_lse_step(run_max, run_sum, x, 1)
+    row_max = tl.where(row_mask, run_max, 0.0)
+    log_sum = tl.where(row_mask, tl.log(tl.where(row_mask, run_sum, 1.0)), 0.0)
     is_high = v < n_high
-    # Used only when is_high; the index is clamped so that the load stays inside (H, B).
-    own_c = tl.load(sample_potential_ptr + tl.minimum(v, n_high - 1) * n_rows + rows, mask=row_mask, other=0.0)
+    if UNIT_ROW_SUMS:
+        weight = (n_high - is_high.to(tl.int32)).to(tl.float32) + tl.zeros([BLOCK_ROWS], tl.float32)
+    else:
+        weight = tl.zeros([BLOCK_ROWS], tl.float32)
+        for h in range(n_high):
+            weight += tl.load(ws_ptr + row_sums_offset + h * n_rows + rows, mask=row_mask, other=0.0)
+        own_sum = tl.load(ws_ptr + row_sums_offset + tl.minimum(v, n_high - 1) * n_rows + rows, mask=row_mask, other=0.0)
+        weight = tl.where(is_high, weight - own_sum, weight)
+    # Used only when is_high; the index is clamped so that the load stays inside (H, ...).
+    own_c = tl.load(ws_ptr + c_offset + tl.minimum(v, n_high - 1) * c_stride_problem + rows, mask=row_mask, other=0.0)
     # Sweep 2: loss terms and gradient.
     grad_row = grad_ptr + v.to(tl.int64) * n_rows * n_proto + rows64[:, None] * n_proto
+    targets_row = ws_ptr + targets_offset + rows64[:, None] * n_proto
     acc = tl.zeros([BLOCK_ROWS, BLOCK_PROTO], tl.float32)
     for k0 in range(0, n_proto, BLOCK_PROTO):
         cols = k0 + tl.arange(0, BLOCK_PROTO)
         col_mask = cols < n_proto
         mask = row_mask[:, None] & col_mask[None, :]
         s = tl.load(row_ptr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        # Padding lanes: log_p = 0 and target = 0, so they add nothing and exp stays finite.
-        log_p = tl.where(mask, s * inv_temperature - lse[:, None], 0.0)
-        target = tl.load(targets_ptr + rows64[:, None] * n_proto + cols[None, :], mask=mask, other=0.0)
+        # (x − max) − log Σ: no rounding at the magnitude of x. Padding lanes: log_p = 0 and
+        # target = 0, so they add nothing and exp stays finite.
+        log_p = tl.where(mask, (s * inv_temperature - row_max[:, None]) - log_sum[:, None], 0.0)
+        target = tl.load(targets_row + cols[None, :], mask=mask, other=0.0)
         if is_high:
-            own_a = tl.load(prototype_potential_ptr + v * n_proto + cols, mask=col_mask, other=0.0)
+            own_a = tl.load(ws_ptr + a_offset + v * n_proto + cols, mask=col_mask, other=0.0)
             own_log_q = tl.where(mask, s * inv_epsilon - own_a[None, :] - own_c[:, None], float("-inf"))
             target = target - tl.exp(own_log_q)
         acc += target * log_p
         if COMPUTE_GRAD:
             grad = (weight[:, None] * tl.exp(log_p) - target) * grad_scale
             tl.store(grad_row + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask)
-    tl.store(loss_partial_ptr + v * tl.num_programs(0) + pid, -tl.sum(tl.sum(acc, axis=1), axis=0))
+    tl.store(ws_ptr + loss_offset + v * tl.num_programs(0) + pid, -tl.sum(tl.sum(acc, axis=1), axis=0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,45 +437,17 @@ def _swav_ce_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _combine_partials(run_max: Tensor, run_sum: Tensor) -> Tensor:
-    """log Σ_splits s·exp(m) over dim 1 of (P, splits, n) partials -> (P, n)."""
-    top = run_max.amax(dim=1, keepdim=True)
-    shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    total = (run_sum * torch.exp(run_max - shift)).sum(dim=1)
-    return shift.squeeze(1) + torch.log(total)
+class _Sweep(NamedTuple):
+    """Launch plan of one log-sum-exp sweep over H problems."""
+
+    block_keep: int
+    block_reduce: int
+    keep_blocks: int
+    splits: int
+    reduce_per_split: int
 
 
-class _Problems(NamedTuple):
-    """H Sinkhorn problems, (N, K) score matrices read through a :func:`view_table`."""
-
-    tensors: List[Tensor]
-    addresses: Tensor
-    row_strides: Tensor
-    align: int
-    dtype: torch.dtype
-
-    @staticmethod
-    def of(matrices: Sequence[Tensor], dtype: torch.dtype) -> "_Problems":
-        return _Problems(*view_table(matrices, dtype), dtype)
-
-    def launch_args(self) -> dict:
-        return dict(DTYPE=_TRITON_DTYPES[self.dtype], ALIGN=self.align, K_ALIGN=k_align(self.tensors[0].shape[1]))
-
-
-def _logsumexp(
-    problems: _Problems, reduce_rows: bool, potential: Optional[Tensor], scale: float, n_rows: int
-) -> Tensor:
-    """LSE of ``scale·x − potential`` over one axis of every problem.
-
-    Args:
-        reduce_rows: True reduces over samples (returns (H, K)); False reduces over prototypes
-            (returns (H, n_rows)).
-        potential: (H, extent of the reduced axis) float32 contiguous, subtracted along it.
-        n_rows: samples used (the first ``n_rows`` of N).
-    """
-    n_problems = len(problems.tensors)
-    n_proto = problems.tensors[0].shape[1]
-    device = problems.addresses.device
+def _plan_sweep(reduce_rows: bool, n_rows: int, n_proto: int, n_problems: int, device: torch.device) -> _Sweep:
     if reduce_rows:
         n_keep, n_reduce = n_proto, n_rows
         block_keep, block_reduce = _tile(n_proto, n_rows)
@@ -441,223 +456,274 @@ def _logsumexp(
         block_reduce, block_keep = _tile(n_proto, n_rows)
     keep_blocks = triton.cdiv(n_keep, block_keep)
     reduce_blocks = triton.cdiv(n_reduce, block_reduce)
-    want = max(1, _target_programs(device) // (keep_blocks * n_problems))
+    want = max(1, target_programs(device) // (keep_blocks * n_problems))
     splits = max(1, min(reduce_blocks, want, 65535))
     reduce_per_split = triton.cdiv(reduce_blocks, splits) * block_reduce
     splits = triton.cdiv(n_reduce, reduce_per_split)  # every split holds at least one element
-    run_max = _new_buffer((n_problems, splits, n_keep), dtype=torch.float32, device=device)
-    run_sum = _new_buffer((n_problems, splits, n_keep), dtype=torch.float32, device=device)
-    has_potential = potential is not None
-    _partial_lse_kernel[(keep_blocks, splits, n_problems)](
-        problems.addresses,
-        problems.row_strides,
-        potential if has_potential else run_max,
-        run_max,
-        run_sum,
-        n_rows,
-        n_proto // k_align(n_proto),
-        reduce_per_split,
-        potential.stride(0) if has_potential else 0,
-        splits * n_keep,
-        n_keep,
-        scale,
-        **problems.launch_args(),
-        REDUCE_ROWS=reduce_rows,
-        HAS_POTENTIAL=has_potential,
-        BLOCK_KEEP=block_keep,
-        BLOCK_REDUCE=block_reduce,
+    return _Sweep(block_keep, block_reduce, keep_blocks, splits, reduce_per_split)
+
+
+class _Workspace(NamedTuple):
+    """One float32 allocation for every intermediate, addressed by element offsets."""
+
+    buffer: Tensor
+    a: int  # (H, K) prototype potentials
+    c: int  # (H, N) sample potentials
+    part_max: int  # (H, splits, max(N, K)) partial maxima of a sweep
+    part_sum: int  # (H, splits, max(N, K)) partial sums
+    row_sums: int  # (H, B) the codes' row sums (no iterations only)
+    targets: int  # (B, K) Σ_h codes (loss only)
+    loss: int  # (V, row blocks) loss partials (loss only)
+
+
+def _workspace(n_problems, n_samples, n_proto, rows_out, splits, targets_size, loss_size, device) -> _Workspace:
+    sizes = [
+        n_problems * n_proto,
+        n_problems * n_samples,
+        n_problems * splits * max(n_samples, n_proto),
+        n_problems * splits * max(n_samples, n_proto),
+        n_problems * rows_out,
+        targets_size,
+        loss_size,
+    ]
+    offsets = [0]
+    for size in sizes[:-1]:
+        # 16-byte aligned sections: vector loads stay possible.
+        offsets.append(offsets[-1] + (size + 3) // 4 * 4)
+    buffer = _new_buffer((offsets[-1] + sizes[-1],), dtype=torch.float32, device=device)
+    return _Workspace(buffer, *offsets)
+
+
+def _problem_args(problems: Views, n_proto: int) -> Tuple[list, dict]:
+    return problems.args(), dict(**problems.constexprs("P_"), K_ALIGN=k_align(n_proto))
+
+
+def _lse_sweep(
+    problems: Views, ws: _Workspace, n_problems: int, reduce_rows: bool, potential_offset: Optional[int],
+    out_offset: int, scale: float, n_rows: int, n_samples: int, n_proto: int,
+) -> None:  # fmt: skip
+    """One sweep of all problems: partials, then their merge into the potential at out_offset
+    ((H, K) when reduce_rows, else (H, n_samples) of which the first n_rows are written)."""
+    plan = _plan_sweep(reduce_rows, n_rows, n_proto, n_problems, ws.buffer.device)
+    n_keep = n_proto if reduce_rows else n_rows
+    has_potential = potential_offset is not None
+    pointer_args, constexprs = _problem_args(problems, n_proto)
+    _partial_lse_kernel[(plan.keep_blocks, plan.splits, n_problems)](
+        *pointer_args, ws.buffer,
+        potential_offset if has_potential else 0, ws.part_max, ws.part_sum,
+        n_rows, n_proto // k_align(n_proto), plan.reduce_per_split,
+        n_samples if reduce_rows else n_proto,  # potential stride: c (H, N) or a (H, K)
+        plan.splits * n_keep, n_keep, scale,
+        **constexprs, REDUCE_ROWS=reduce_rows, HAS_POTENTIAL=has_potential,
+        BLOCK_KEEP=plan.block_keep, BLOCK_REDUCE=plan.block_reduce,
+    )  # fmt: skip
+    _merge_kernel[(triton.cdiv(n_keep, _MERGE_BLOCK), n_problems)](
+        ws.buffer, ws.part_max, ws.part_sum, out_offset, n_keep, plan.splits,
+        plan.splits * n_keep, n_keep, n_proto if reduce_rows else n_samples, BLOCK=_MERGE_BLOCK,
+    )  # fmt: skip
+
+
+def _max_splits(n_samples: int, n_proto: int, n_problems: int, device: torch.device) -> int:
+    return max(
+        _plan_sweep(True, n_samples, n_proto, n_problems, device).splits,
+        _plan_sweep(False, n_samples, n_proto, n_problems, device).splits,
     )
-    return _combine_partials(run_max, run_sum)
+
+
+def _resident(n_samples: int, n_proto: int, distributed_on: bool) -> bool:
+    return not distributed_on and next_pow2(n_samples) * next_pow2(n_proto) <= _RESIDENT_ELEMENTS
 
 
 def _sinkhorn_potentials(
-    problems: _Problems, rows_out: int, iterations: int, epsilon: float, gather_distributed: bool
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Potentials of the codes q[h, b, k] = exp(x_h[b, k]/ε − a[h, k] − c[h, b]).
-
-    Args:
-        problems: H (N, K) score matrices.
-        rows_out: the codes are wanted for the first ``rows_out`` samples.
-    Returns:
-        a (H, K), c (H, rows_out) and the codes' row sums (H, rows_out), all float32
-        contiguous (the row sums are 1 after at least one iteration).
-    """
+    problems: Views, ws: _Workspace, n_problems: int, n_samples: int, n_proto: int, rows_out: int,
+    iterations: int, epsilon: float, distributed_on: bool,
+) -> None:  # fmt: skip
+    """Potentials of the codes q[h, b, k] = exp(x_h[b, k]/ε − a[h, k] − c[h, b]) into the
+    workspace: a (H, K), c (H, N) (the first ``rows_out`` final), and -- without iterations --
+    the codes' row sums (H, rows_out)."""
     scale = 1.0 / epsilon
-    distributed_on = gather_distributed and distributed.is_distributed()
-    n_problems = len(problems.tensors)
-    n_samples, n_proto = problems.tensors[0].shape
-    device = problems.addresses.device
     if iterations == 0:
         # q = N_global·exp(L − LSE_{b,k} L): lightly's division by the global sum, times B.
-        row_lse = _logsumexp(problems, False, None, scale, n_samples)  # (H, N)
-        log_total = torch.logsumexp(row_lse, dim=1, keepdim=True)
-        if distributed_on:
-            log_total = all_reduce_logsumexp(log_total)
+        _lse_sweep(problems, ws, n_problems, False, None, ws.c, scale, n_samples, n_samples, n_proto)
         n_global = n_samples * (distributed.world_size() if distributed_on else 1)
-        sample_potential = (log_total - math.log(n_global)).expand(n_problems, rows_out).contiguous()
-        prototype_potential = torch.zeros(n_problems, n_proto, dtype=torch.float32, device=device)
-        row_sums = torch.exp(row_lse[:, :rows_out] - sample_potential)
-        return prototype_potential, sample_potential, row_sums
-    row_sums = torch.ones(n_problems, rows_out, dtype=torch.float32, device=device)
-    block_samples, block_proto = _next_pow2(n_samples), _next_pow2(n_proto)
-    if not distributed_on and block_samples * block_proto <= _RESIDENT_ELEMENTS:
-        prototype_potential = _new_buffer((n_problems, n_proto), dtype=torch.float32, device=device)
-        sample_potential = _new_buffer((n_problems, rows_out), dtype=torch.float32, device=device)
-        _sinkhorn_resident_kernel[(n_problems,)](
-            problems.addresses,
-            problems.row_strides,
-            prototype_potential,
-            sample_potential,
-            n_samples,
-            n_proto // k_align(n_proto),
-            rows_out,
-            scale,
-            iterations,
-            **problems.launch_args(),
-            BLOCK_SAMPLES=block_samples,
-            BLOCK_PROTO=block_proto,
-            num_warps=8,
-        )
-        return prototype_potential, sample_potential, row_sums
-    sample_potential: Optional[Tensor] = None  # c = 0: the global normalization cancels
-    for it in range(iterations):
-        prototype_potential = _logsumexp(problems, True, sample_potential, scale, n_samples)
         if distributed_on:
-            prototype_potential = all_reduce_logsumexp(prototype_potential)
-        if it + 1 < iterations:
-            sample_potential = _logsumexp(problems, False, prototype_potential, scale, n_samples)
-    # The last column normalization, needed for the codes' rows only.
-    sample_potential = _logsumexp(problems, False, prototype_potential, scale, rows_out)
-    return prototype_potential.contiguous(), sample_potential.contiguous(), row_sums
+            _distributed_zero_iteration(ws, n_problems, n_samples, n_proto, rows_out, n_global)
+            return
+        _zero_iteration_kernel[(n_problems,)](
+            ws.buffer, ws.a, ws.c, ws.row_sums, n_samples, rows_out, n_proto, n_samples, math.log(n_global),
+            BLOCK=_MERGE_BLOCK,
+        )  # fmt: skip
+        return
+    if _resident(n_samples, n_proto, distributed_on):
+        pointer_args, constexprs = _problem_args(problems, n_proto)
+        _sinkhorn_resident_kernel[(n_problems,)](
+            *pointer_args, ws.buffer, ws.a, ws.c, n_samples, n_samples, n_proto // k_align(n_proto), scale,
+            iterations, **constexprs, BLOCK_SAMPLES=next_pow2(n_samples), BLOCK_PROTO=next_pow2(n_proto),
+            num_warps=8,
+        )  # fmt: skip
+        return
+    for it in range(iterations):
+        # c = 0 before the first sweep: the global normalization cancels.
+        _lse_sweep(problems, ws, n_problems, True, ws.c if it > 0 else None, ws.a, scale, n_samples, n_samples, n_proto)
+        if distributed_on:
+            a = ws.buffer[ws.a : ws.a + n_problems * n_proto]
+            a.copy_(all_reduce_logsumexp(a))
+        # The last column normalization is needed for the codes' rows only.
+        rows = n_samples if it + 1 < iterations else rows_out
+        _lse_sweep(problems, ws, n_problems, False, ws.a, ws.c, scale, rows, n_samples, n_proto)
 
 
-def _sum_of_codes(
-    problems: _Problems, rows_out: int, prototype_potential: Tensor, sample_potential: Tensor, epsilon: float
-) -> Tensor:
-    """Σ_h q[h] over the first ``rows_out`` samples: (rows_out, K) float32."""
-    n_proto = problems.tensors[0].shape[1]
-    device = problems.addresses.device
-    out = _new_buffer((rows_out, n_proto), dtype=torch.float32, device=device)
+def _distributed_zero_iteration(ws: _Workspace, n_problems: int, n_samples: int, n_proto: int, rows_out: int, n_global: int) -> None:
+    """Without iterations, across ranks: the global sum is a log-sum-exp over every rank's rows."""
+    buffer = ws.buffer
+    row_lse = buffer[ws.c : ws.c + n_problems * n_samples].view(n_problems, n_samples)
+    log_total = all_reduce_logsumexp(torch.logsumexp(row_lse, dim=1, keepdim=True))
+    potential = log_total - math.log(n_global)
+    buffer[ws.row_sums : ws.row_sums + n_problems * rows_out].view(n_problems, rows_out).copy_(
+        torch.exp(row_lse[:, :rows_out] - potential)
+    )
+    row_lse.copy_(potential.expand(n_problems, n_samples))
+    buffer[ws.a : ws.a + n_problems * n_proto].zero_()
+
+
+def _sum_of_codes(problems: Views, ws: _Workspace, n_problems: int, n_samples: int, n_proto: int, rows_out: int,
+                  epsilon: float, out: Tensor, out_offset: int) -> None:  # fmt: skip
+    """Σ_h q[h] over the first ``rows_out`` samples into out[out_offset:] ((rows_out, K) float32)."""
     block_proto, block_rows = _tile(n_proto, rows_out)
+    pointer_args, constexprs = _problem_args(problems, n_proto)
     grid = (triton.cdiv(rows_out, block_rows), triton.cdiv(n_proto, block_proto))
     _codes_kernel[grid](
-        problems.addresses,
-        problems.row_strides,
-        prototype_potential,
-        sample_potential,
-        out,
-        len(problems.tensors),
-        rows_out,
-        n_proto // k_align(n_proto),
-        prototype_potential.stride(0),
-        sample_potential.stride(0),
-        1.0 / epsilon,
-        **problems.launch_args(),
-        BLOCK_ROWS=block_rows,
-        BLOCK_PROTO=block_proto,
+        *pointer_args, ws.buffer, ws.a, ws.c, n_samples, out, out_offset, n_problems, rows_out,
+        n_proto // k_align(n_proto), 1.0 / epsilon, **constexprs, BLOCK_ROWS=block_rows, BLOCK_PROTO=block_proto,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Operators
+# --------------------------------------------------------------------------------------------
+
+
+def _sinkhorn_forward(scores: Tensor, iterations: int, epsilon: float, gather_distributed: bool) -> Tensor:
+    problems = prepare_views([scores], scores.dtype)
+    n_samples, n_proto = scores.shape
+    device = scores.device
+    distributed_on = gather_distributed and distributed.is_distributed()
+    splits = 0 if iterations > 0 and _resident(n_samples, n_proto, distributed_on) else _max_splits(
+        n_samples, n_proto, 1, device
     )
-    return out
+    ws = _workspace(1, n_samples, n_proto, n_samples, splits, 0, 0, device)
+    _sinkhorn_potentials(problems, ws, 1, n_samples, n_proto, n_samples, iterations, epsilon, distributed_on)
+    codes = _new_buffer((n_samples, n_proto), dtype=torch.float32, device=device)
+    _sum_of_codes(problems, ws, 1, n_samples, n_proto, n_samples, epsilon, codes, 0)
+    return codes
 
 
-@torch.no_grad()
+_sinkhorn_op = torch.library.custom_op(
+    "fastssl::sinkhorn",
+    _sinkhorn_forward,
+    mutates_args=(),
+    schema="(Tensor scores, int iterations, float epsilon, bool gather_distributed) -> Tensor",
+)
+
+
+@_sinkhorn_op.register_fake
+def _(scores, iterations, epsilon, gather_distributed):
+    return scores.new_empty(scores.shape, dtype=torch.float32)
+
+
 def sinkhorn_triton(scores: Tensor, iterations: int, epsilon: float, gather_distributed: bool = False) -> Tensor:
     """Sinkhorn-Knopp codes (see :func:`fastssl.swav.sinkhorn`), log domain, float32 throughout.
 
     Args:
         scores: (B, K), any strides and float dtype; CUDA, or CPU under ``TRITON_INTERPRET=1``.
     Returns:
-        (B, K) float32 codes.
+        (B, K) float32 codes (no gradient).
     """
-    problems = _Problems.of([scores], scores.dtype)
-    rows = scores.shape[0]
-    prototype_potential, sample_potential, _ = _sinkhorn_potentials(
-        problems, rows, iterations, epsilon, gather_distributed
-    )
-    return _sum_of_codes(problems, rows, prototype_potential, sample_potential, epsilon)
+    return _sinkhorn_op(scores.detach(), int(iterations), float(epsilon), bool(gather_distributed))
 
 
-# --------------------------------------------------------------------------------------------
-# Swapped prediction
-# --------------------------------------------------------------------------------------------
+def _swav_forward(
+    crops: List[Tensor],
+    queue: Optional[List[Tensor]],
+    n_high: int,
+    temperature: float,
+    iterations: int,
+    epsilon: float,
+    gather_distributed: bool,
+    compute_grad: bool,
+) -> Tuple[Tensor, Tensor]:
+    """The rank-local loss (0-d float32) and, with ``compute_grad``, the (V, B, K) gradient of
+    the loss with respect to the crops (in their common dtype; empty otherwise)."""
+    dtype = common_dtype(crops)
+    crop_views = prepare_views(crops, dtype)
+    n_crops = len(crops)
+    batch, n_proto = crops[0].shape
+    device = crops[0].device
+    distributed_on = gather_distributed and distributed.is_distributed()
+    if queue is None:
+        # The high-resolution crops themselves are the Sinkhorn problems: the first H views.
+        problems, n_samples = crop_views, batch
+    else:
+        scores = [torch.cat([h, q.detach().to(dtype)]) for h, q in zip(crop_views.tensors[:n_high], queue)]
+        problems, n_samples = prepare_views(scores, dtype), scores[0].shape[0]
+    resident = iterations > 0 and _resident(n_samples, n_proto, distributed_on)
+    splits = 0 if resident else _max_splits(n_samples, n_proto, n_high, device)
+    block_proto, block_rows = _tile(n_proto, batch)
+    row_blocks = triton.cdiv(batch, block_rows)
+    ws = _workspace(n_high, n_samples, n_proto, batch, splits, batch * n_proto, n_crops * row_blocks, device)
+    _sinkhorn_potentials(problems, ws, n_high, n_samples, n_proto, batch, iterations, epsilon, distributed_on)
+    _sum_of_codes(problems, ws, n_high, n_samples, n_proto, batch, epsilon, ws.buffer, ws.targets)
+
+    shape = (n_crops, batch, n_proto) if compute_grad else (0,)
+    grads = _new_buffer(shape, dtype=dtype, device=device)
+    normalizer = n_high * (n_crops - 1) * batch
+    _swav_ce_kernel[(row_blocks, n_crops)](
+        *crop_views.args(), ws.buffer, ws.targets, ws.a, ws.c, n_samples, ws.row_sums, ws.loss, grads,
+        n_high, batch, n_proto // k_align(n_proto), 1.0 / temperature, 1.0 / epsilon,
+        1.0 / (temperature * normalizer),
+        **crop_views.constexprs("C_"), K_ALIGN=k_align(n_proto), UNIT_ROW_SUMS=iterations > 0, COMPUTE_GRAD=compute_grad,
+        BLOCK_ROWS=block_rows, BLOCK_PROTO=block_proto,
+    )  # fmt: skip
+    loss = _new_buffer((), dtype=torch.float32, device=device)
+    sum_to_scalar_kernel[(1,)](ws.buffer, ws.loss, n_crops * row_blocks, loss, 1.0 / normalizer, BLOCK=1024)
+    return loss, grads
 
 
-class _SwavTritonFunction(torch.autograd.Function):
-    """Inputs ``(settings, queue, *crops)``, the H high-resolution crops first; returns the 0-d
-    rank-local loss. Every crop's gradient is computed in the forward; the backward scales it."""
+_swav_op = torch.library.custom_op(
+    "fastssl::swav",
+    _swav_forward,
+    mutates_args=(),
+    schema="(Tensor[] crops, Tensor[]? queue, int n_high, float temperature, int iterations, float epsilon, "
+    "bool gather_distributed, bool compute_grad) -> (Tensor, Tensor)",
+)
 
-    @staticmethod
-    def forward(ctx, settings, queue, *crops):  # type: ignore[override]
-        n_high, temperature, iterations, epsilon, gather_distributed = settings
-        input_dtypes = [c.dtype for c in crops]
-        # One dtype for the kernels (the crops almost always share one already).
-        dtype = input_dtypes[0]
-        for other in input_dtypes[1:]:
-            dtype = torch.promote_types(dtype, other)
-        crop_table = _Problems.of(crops, dtype)
-        n_crops = len(crops)
-        batch, n_proto = crops[0].shape
-        device = crops[0].device
-        if queue is None:
-            # The high-resolution crops themselves are the Sinkhorn problems: the first H
-            # entries of the crops' table.
-            problems = _Problems(
-                crop_table.tensors[:n_high], crop_table.addresses[:n_high], crop_table.row_strides[:n_high],
-                crop_table.align, dtype,
-            )  # fmt: skip
-        else:
-            scores = [torch.cat([h, q.detach().to(dtype)]) for h, q in zip(crop_table.tensors[:n_high], queue)]
-            problems = _Problems.of(scores, dtype)
-        prototype_potential, sample_potential, row_sums = _sinkhorn_potentials(
-            problems, batch, iterations, epsilon, gather_distributed
-        )
-        targets = _sum_of_codes(problems, batch, prototype_potential, sample_potential, epsilon)
-        # w_v = Σ_k T_v[b, k]: all codes' row sums minus the crop's own.
-        total_row_sums = row_sums.sum(dim=0, keepdim=True)
-        own_row_sums = torch.cat([row_sums, row_sums.new_zeros(n_crops - n_high, batch)])
-        weights = (total_row_sums - own_row_sums).contiguous()
 
-        compute_grad = any(ctx.needs_input_grad[2:])
-        block_proto, block_rows = _tile(n_proto, batch)
-        row_blocks = triton.cdiv(batch, block_rows)
-        loss_partial = _new_buffer((n_crops, row_blocks), dtype=torch.float32, device=device)
-        grads = _new_buffer((n_crops, batch, n_proto), dtype=dtype, device=device) if compute_grad else targets
-        normalizer = n_high * (n_crops - 1) * batch
-        _swav_ce_kernel[(row_blocks, n_crops)](
-            crop_table.addresses,
-            crop_table.row_strides,
-            targets,
-            prototype_potential,
-            sample_potential,
-            weights,
-            grads,
-            loss_partial,
-            n_high,
-            batch,
-            n_proto // k_align(n_proto),
-            1.0 / temperature,
-            1.0 / epsilon,
-            1.0 / (temperature * normalizer),
-            **crop_table.launch_args(),
-            COMPUTE_GRAD=compute_grad,
-            BLOCK_ROWS=block_rows,
-            BLOCK_PROTO=block_proto,
-        )
-        ctx.input_dtypes = input_dtypes
-        ctx.compute_grad = compute_grad
-        if compute_grad:
-            ctx.save_for_backward(grads)
-        return loss_partial.sum() / normalizer
+@_swav_op.register_fake
+def _(crops, queue, n_high, temperature, iterations, epsilon, gather_distributed, compute_grad):
+    dtype = common_dtype(crops)
+    shape = (len(crops), *crops[0].shape) if compute_grad else (0,)
+    return crops[0].new_empty((), dtype=torch.float32), crops[0].new_empty(shape, dtype=dtype)
 
-    @staticmethod
-    def backward(ctx, grad_loss):  # type: ignore[override]
-        if not ctx.compute_grad:
-            return (None, None, *([None] * len(ctx.input_dtypes)))
-        (grads,) = ctx.saved_tensors
-        scaled = [
-            (grads[v] * grad_loss).to(dtype) if need else None
-            for v, (need, dtype) in enumerate(zip(ctx.needs_input_grad[2:], ctx.input_dtypes))
-        ]
-        return (None, None, *scaled)
+
+def _swav_setup(ctx, inputs, output) -> None:
+    crops = inputs[0]
+    ctx.input_dtypes = [c.dtype for c in crops]
+    ctx.n_queue = None if inputs[1] is None else len(inputs[1])
+    ctx.save_for_backward(output[1])
+
+
+def _swav_gradient(ctx, grad_loss, _grad_grads):
+    (saved,) = ctx.saved_tensors
+    if saved.numel() == 0:
+        crop_grads = [None] * len(ctx.input_dtypes)
+    else:
+        scaled = scale_gradient(saved, grad_loss).unbind(0)
+        crop_grads = [g if g.dtype == dtype else g.to(dtype) for g, dtype in zip(scaled, ctx.input_dtypes)]
+    queue_grads = None if ctx.n_queue is None else [None] * ctx.n_queue
+    return crop_grads, queue_grads, None, None, None, None, None, None
+
+
+_swav_op.register_autograd(_swav_gradient, setup_context=_swav_setup)
 
 
 def swav_loss_triton(
@@ -678,8 +744,12 @@ def swav_loss_triton(
         when ``gather_distributed`` (DESIGN §3).
     """
     crops = list(high) + list(low)
-    settings = (len(high), float(temperature), int(iterations), float(epsilon), bool(gather_distributed))
-    loss = _SwavTritonFunction.apply(settings, None if queue is None else list(queue), *crops)
+    compute_grad = torch.is_grad_enabled() and any(c.requires_grad for c in crops)
+    queue_list = None if queue is None else [q.detach() for q in queue]
+    loss, _ = _swav_op(
+        crops, queue_list, len(high), float(temperature), int(iterations), float(epsilon),
+        bool(gather_distributed), compute_grad,
+    )  # fmt: skip
     if gather_distributed:
         return distributed.global_mean(loss)
     return loss

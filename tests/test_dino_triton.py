@@ -72,13 +72,21 @@ def test_dino_triton_teacher_sum_and_chunked_views(device, monkeypatch):
     student_all = torch.randn(4 * 5, 7, device=device, requires_grad=True)
     teacher, student = list(teacher_all.chunk(2)), list(student_all.chunk(4))
     center = torch.randn(1, 1, 7, device=device)
-    loss, teacher_sum = kernels.dino_loss_triton(teacher, student, center, 0.04, 0.1, return_teacher_sum=True)
+    loss, teacher_sum = kernels.dino_loss_triton(
+        teacher, student, center, 0.04, 0.1, center_mode=kernels.CENTER_TEACHER_SUM
+    )
     expected = fastssl.functional.dino_loss(teacher, student, center, 0.04, 0.1, backend="torch")
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     grad, expected_grad = (torch.autograd.grad(v, student_all)[0] for v in (loss, expected))
     _assert_close(grad.cpu(), expected_grad.cpu())
     assert teacher_sum.dtype == torch.float32 and teacher_sum.shape == (7,)
     _assert_close(teacher_sum.cpu(), teacher_all.sum(dim=0).cpu(), rtol=1e-6)
+    # The fused EMA: m·c + (1 − m)·mean over views and batch, from the same pass.
+    _, new_center = kernels.dino_loss_triton(
+        teacher, student, center, 0.04, 0.1, center_momentum=0.7, center_mode=kernels.CENTER_EMA
+    )
+    expected_center = 0.7 * center.flatten() + 0.3 * teacher_all.mean(dim=0)
+    _assert_close(new_center.cpu(), expected_center.cpu(), rtol=1e-6)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)

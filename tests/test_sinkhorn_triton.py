@@ -173,19 +173,40 @@ def test_swav_triton_agrees_with_the_torch_backend_on_chunks_of_one_tensor(devic
     _assert_close(grads[0].cpu(), grads[1].cpu())
 
 
-def test_view_table_reads_views_in_place():
-    base = torch.randn(12, 32)
-    chunks = list(base.chunk(3))
-    tensors, addresses, row_strides, aligned = kernels.view_table(chunks, torch.float32)
-    assert [t.data_ptr() for t in tensors] == [c.data_ptr() for c in chunks] == addresses.tolist()
-    assert row_strides.tolist() == [32, 32, 32] and addresses.dtype == torch.int64
-    assert aligned == (4 if all(c.data_ptr() % 16 == 0 for c in chunks) else 1)
-    # A strided K axis or another dtype is copied; an odd row stride clears the alignment flag.
+def test_prepare_views_reads_views_in_place():
+    """Views travel as pointer arguments: no copy unless the dtype, the K stride or the row
+    stride forces one; chunks of one tensor are addressed as base + v * view_stride."""
+    from fastssl.kernels._common import MAX_VIEWS, prepare_views
+
+    separate = [torch.randn(4, 32) for _ in range(3)]
+    views = prepare_views(separate, torch.float32)
+    assert [t.data_ptr() for t in views.tensors] == [t.data_ptr() for t in separate]
+    assert [p.data_ptr() for p in views.pointers[:3]] == [t.data_ptr() for t in separate]
+    assert len(views.pointers) == MAX_VIEWS and not views.uniform and views.n_views == 3
+    assert views.stride_units * views.row_align == 32 and views.row_align == 4
+    chunks = list(torch.randn(12, 32).chunk(3))
+    views = prepare_views(chunks, torch.float32)
+    assert views.uniform and views.view_stride == 4 * 32
+    assert [t.data_ptr() for t in views.tensors] == [c.data_ptr() for c in chunks]
+    # A strided K axis or another dtype is copied; an odd row stride clears the alignment.
     strided = torch.randn(4, 10)[:, ::2]
-    tensors, addresses, row_strides, aligned = kernels.view_table([strided, chunks[0]], torch.bfloat16)
-    assert all(t.dtype == torch.bfloat16 and t.stride(1) == 1 for t in tensors)
-    assert torch.equal(tensors[0], strided.bfloat16())
-    assert row_strides.tolist() == [5, 32] and aligned == 1
+    views = prepare_views([strided, chunks[0][:, :5]], torch.bfloat16)
+    assert all(t.dtype == torch.bfloat16 and t.stride(1) == 1 for t in views.tensors)
+    assert torch.equal(views.tensors[0], strided.bfloat16())
+    odd_rows = [torch.randn(4, 7)[:, :5] for _ in range(2)]
+    views = prepare_views(odd_rows, torch.float32)
+    assert [t.data_ptr() for t in views.tensors] == [t.data_ptr() for t in odd_rows]
+    assert views.row_align * views.stride_units == 7 and views.row_align == 1
+    # Views with different row strides are made contiguous (one row stride per group).
+    views = prepare_views([odd_rows[0], separate[0][:, :5]], torch.float32)
+    assert [t.stride(0) for t in views.tensors] == [5, 5] and views.stride_units * views.row_align == 5
+    assert torch.equal(views.tensors[0], odd_rows[0]) and torch.equal(views.tensors[1], separate[0][:, :5])
+    # More views than pointer slots: stacked once, then addressed uniformly.
+    many = [torch.randn(2, 8) for _ in range(MAX_VIEWS + 1)]
+    views = prepare_views(many, torch.float32)
+    assert views.uniform and views.n_views == MAX_VIEWS + 1
+    assert all(torch.equal(a, b) for a, b in zip(views.tensors, many))
+
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
