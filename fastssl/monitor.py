@@ -51,14 +51,15 @@ class CollapseWarning(UserWarning):
 class CollapseThresholds:
     """When :class:`CollapseMonitor` warns.
 
-    Attributes:
-        min_normalized_std: total collapse when ``std_of_l2_normalized · √d`` falls below this
-            (about 1 for spread embeddings, 0 when every sample maps to one point).
-        max_center_vector_norm: total collapse when the mean normalized embedding is longer
-            than this (1 when every embedding points the same way).
-        min_rank_fraction, min_entropy_rank: dimensional collapse when the entropy rank is
-            below ``max(min_entropy_rank, min_rank_fraction · min(d, N - 1))``, where
-            ``min(d, N - 1)`` is the largest rank a centered batch of N rows can show.
+    Fields:
+
+    * ``min_normalized_std``: total collapse when ``std_of_l2_normalized · √d`` falls below
+      this (about 1 for spread embeddings, 0 when every sample maps to one point).
+    * ``max_center_vector_norm``: total collapse when the mean normalized embedding is longer
+      than this (1 when every embedding points the same way).
+    * ``min_rank_fraction``, ``min_entropy_rank``: dimensional collapse when the entropy rank
+      is below ``max(min_entropy_rank, min_rank_fraction · min(d, N - 1))``, where
+      ``min(d, N - 1)`` is the largest rank a centered batch of N rows can show.
     """
 
     min_normalized_std: float = 0.05
