@@ -137,9 +137,16 @@ def test_dino_triton_non_finite_inputs_give_nan(device, bad, view):
 
 
 _MODULE = "fastssl.kernels.dino"
-_TABLES = {p: "*i64" for p in ["t_addresses_ptr", "t_row_strides_ptr", "s_addresses_ptr", "s_row_strides_ptr"]}
-_BF16 = {"T_DTYPE": "tl.bfloat16", "S_DTYPE": "tl.bfloat16", "T_ALIGN": 8, "S_ALIGN": 8, "K_ALIGN": 8}
-_MIXED = {"T_DTYPE": "tl.float32", "S_DTYPE": "tl.float16", "T_ALIGN": 4, "S_ALIGN": 1, "K_ALIGN": 1}
+
+
+def _views(prefix: str, dtype: str) -> dict:
+    return {f"{prefix}{i}": dtype for i in range(16)}
+
+
+_TABLES_BF16 = {**_views("t", "*bf16"), **_views("s", "*bf16")}
+_TABLES_MIXED = {**_views("t", "*fp32"), **_views("s", "*fp16"), "s_view_stride": "i64"}
+_BF16 = {"T_VIEWS": 2, "S_VIEWS": 12, "T_UNIFORM": False, "S_UNIFORM": False, "T_ROW_ALIGN": 8, "S_ROW_ALIGN": 8, "K_ALIGN": 8}
+_MIXED = {"T_VIEWS": 1, "S_VIEWS": 17, "T_UNIFORM": False, "S_UNIFORM": True, "T_ROW_ALIGN": 4, "S_ROW_ALIGN": 1, "K_ALIGN": 1}
 
 
 @pytest.mark.slow
@@ -147,9 +154,9 @@ def test_dino_kernels_compile_for_sm90():
     """Compiled-mode check without a GPU (see test_sinkhorn_triton): both kernels, aligned and
     not, with one teacher view and one row specialized to constants, and a 64-bit view stride."""
     compile_for_sm90([
-        (_MODULE, "_dino_stats_kernel", _TABLES, {**_BF16, "WITH_COLSUM": True, "BLOCK_ROWS": 8, "BLOCK_K": 512, "n_teacher": 1, "n_rows": 1}, 4),
-        (_MODULE, "_dino_stats_kernel", _TABLES, {**_MIXED, "WITH_COLSUM": False, "BLOCK_ROWS": 2, "BLOCK_K": 16}, 4),
-        (_MODULE, "_dino_loss_grad_kernel", {**_TABLES, "grad_ptr": "*bf16", "grad_stride_view": "i64"}, {**_BF16, "COMPUTE_GRAD": True, "BLOCK_ROWS": 8, "BLOCK_K": 512, "n_teacher": 1, "n_rows": 1}, 4),
-        (_MODULE, "_dino_loss_grad_kernel", {**_TABLES, "grad_ptr": "*fp16"}, {**_MIXED, "COMPUTE_GRAD": False, "BLOCK_ROWS": 2, "BLOCK_K": 16}, 4),
-        (_MODULE, "_dino_stats_kernel", _TABLES, {**_BF16, "WITH_COLSUM": True, "BLOCK_ROWS": 2, "BLOCK_K": 8, "k_units": 1}, 4),
+        (_MODULE, "_dino_stats_kernel", _TABLES_BF16, {**_BF16, "WITH_COLSUM": True, "BLOCK_ROWS": 8, "BLOCK_K": 512, "n_rows": 1}, 4),
+        (_MODULE, "_dino_stats_kernel", _TABLES_MIXED, {**_MIXED, "WITH_COLSUM": False, "BLOCK_ROWS": 2, "BLOCK_K": 16}, 4),
+        (_MODULE, "_dino_loss_grad_kernel", {**_TABLES_BF16, "grad_ptr": "*bf16", "grad_stride_view": "i64"}, {**_BF16, "COMPUTE_GRAD": True, "BLOCK_ROWS": 8, "BLOCK_K": 512, "n_rows": 1}, 4),
+        (_MODULE, "_dino_loss_grad_kernel", {**_TABLES_MIXED, "grad_ptr": "*fp16"}, {**_MIXED, "COMPUTE_GRAD": False, "BLOCK_ROWS": 2, "BLOCK_K": 16}, 4),
+        (_MODULE, "_dino_stats_kernel", _TABLES_BF16, {**_BF16, "WITH_COLSUM": True, "BLOCK_ROWS": 2, "BLOCK_K": 8, "k_units": 1}, 4),
     ])  # fmt: skip

@@ -282,19 +282,29 @@ def compile_for_sm90(specs) -> None:
 
 
 _MODULE = "fastssl.kernels.sinkhorn"
-_TABLE = {"addresses_ptr": "*i64", "row_strides_ptr": "*i64"}
-_BF16 = {"DTYPE": "tl.bfloat16", "ALIGN": 8, "K_ALIGN": 16}
-_FP16 = {"DTYPE": "tl.float16", "ALIGN": 1, "K_ALIGN": 1}
+
+
+def _views(prefix: str, dtype: str) -> dict:
+    """Types of a view group's 16 pointer arguments."""
+    return {f"{prefix}{i}": dtype for i in range(16)}
+
+
+_P_BF16 = _views("p", "*bf16")
+_P_FP16 = _views("p", "*fp16")
+_BF16 = {"P_VIEWS": 2, "P_UNIFORM": False, "P_ROW_ALIGN": 8, "K_ALIGN": 16}
+_FP16 = {"P_VIEWS": 1, "P_UNIFORM": True, "P_ROW_ALIGN": 1, "K_ALIGN": 1}
+_C_BF16 = {"C_VIEWS": 3, "C_UNIFORM": False, "C_ROW_ALIGN": 8, "K_ALIGN": 16}
+_C_FP16 = {"C_VIEWS": 2, "C_UNIFORM": True, "C_ROW_ALIGN": 1, "K_ALIGN": 1}
 SINKHORN_COMPILE_SPECS = [
-    (_MODULE, "_partial_lse_kernel", _TABLE, {**_BF16, "REDUCE_ROWS": True, "HAS_POTENTIAL": True, "BLOCK_KEEP": 128, "BLOCK_REDUCE": 32}, 4),
-    (_MODULE, "_partial_lse_kernel", _TABLE, {**_FP16, "REDUCE_ROWS": False, "HAS_POTENTIAL": False, "BLOCK_KEEP": 8, "BLOCK_REDUCE": 512, "n_rows": 1}, 4),
-    (_MODULE, "_codes_kernel", _TABLE, {**_BF16, "BLOCK_ROWS": 8, "BLOCK_PROTO": 512, "n_problems": 1}, 4),
-    (_MODULE, "_sinkhorn_resident_kernel", _TABLE, {**_FP16, "BLOCK_SAMPLES": 128, "BLOCK_PROTO": 128, "iterations": 1}, 8),
-    (_MODULE, "_swav_ce_kernel", {**_TABLE, "grad_ptr": "*bf16"}, {**_BF16, "COMPUTE_GRAD": True, "BLOCK_ROWS": 4, "BLOCK_PROTO": 1024, "n_rows": 1, "n_high": 1}, 4),
-    (_MODULE, "_swav_ce_kernel", _TABLE, {**_FP16, "COMPUTE_GRAD": False, "BLOCK_ROWS": 1, "BLOCK_PROTO": 16}, 4),
+    (_MODULE, "_partial_lse_kernel", _P_BF16, {**_BF16, "REDUCE_ROWS": True, "HAS_POTENTIAL": True, "BLOCK_KEEP": 128, "BLOCK_REDUCE": 32}, 4),
+    (_MODULE, "_partial_lse_kernel", {**_P_FP16, "p_view_stride": "i64"}, {**_FP16, "REDUCE_ROWS": False, "HAS_POTENTIAL": False, "BLOCK_KEEP": 8, "BLOCK_REDUCE": 512, "n_rows": 1}, 4),
+    (_MODULE, "_codes_kernel", _P_BF16, {**_BF16, "BLOCK_ROWS": 8, "BLOCK_PROTO": 512, "n_problems": 1}, 4),
+    (_MODULE, "_sinkhorn_resident_kernel", _P_FP16, {**_FP16, "BLOCK_SAMPLES": 128, "BLOCK_PROTO": 128, "iterations": 1}, 8),
+    (_MODULE, "_swav_ce_kernel", {**_views("c", "*bf16"), "grad_ptr": "*bf16"}, {**_C_BF16, "UNIT_ROW_SUMS": True, "COMPUTE_GRAD": True, "BLOCK_ROWS": 4, "BLOCK_PROTO": 1024, "n_rows": 1, "n_high": 1}, 4),
+    (_MODULE, "_swav_ce_kernel", _views("c", "*fp16"), {**_C_FP16, "UNIT_ROW_SUMS": False, "COMPUTE_GRAD": False, "BLOCK_ROWS": 1, "BLOCK_PROTO": 16}, 4),
     # K = 16: k_units = 1 arrives as a constant.
-    (_MODULE, "_partial_lse_kernel", _TABLE, {**_BF16, "REDUCE_ROWS": True, "HAS_POTENTIAL": False, "BLOCK_KEEP": 16, "BLOCK_REDUCE": 32, "k_units": 1}, 4),
-    (_MODULE, "_swav_ce_kernel", _TABLE, {**_BF16, "COMPUTE_GRAD": True, "BLOCK_ROWS": 4, "BLOCK_PROTO": 16, "k_units": 1}, 4),
+    (_MODULE, "_partial_lse_kernel", _P_BF16, {**_BF16, "REDUCE_ROWS": True, "HAS_POTENTIAL": False, "BLOCK_KEEP": 16, "BLOCK_REDUCE": 32, "k_units": 1}, 4),
+    (_MODULE, "_swav_ce_kernel", _views("c", "*bf16"), {**_C_BF16, "UNIT_ROW_SUMS": True, "COMPUTE_GRAD": True, "BLOCK_ROWS": 4, "BLOCK_PROTO": 16, "k_units": 1}, 4),
 ]  # fmt: skip
 
 
