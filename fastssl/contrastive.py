@@ -137,12 +137,11 @@ def _chunk_logits(z_rows: Tensor, z_cols: Tensor, start: int, stop: int, inv_tem
 
 class _SymmetricRowLSE(torch.autograd.Function):
     r"""``lse_k = log Σ_{m ∉ E_k} exp(S_km)`` for the rows ``z`` (R, d) against columns that
-    contain them (``z`` itself, or the gathered columns with ``z`` at ``col_offset``), plus,
-    when ``positive_cols`` is given, each row's positive logit :math:`S_{k,p(k)}` taken from the
-    same product (MACL needs it bit-consistent with the log-sum-exp). Requires a symmetric
-    exclusion and, for the positives, an involution between rows of the same rank.
+    contain them: ``z`` itself (``z_cols`` None), or every rank's rows gathered, this rank's at
+    ``col_offset``. Requires a symmetric exclusion; ``excluded`` (R, E) holds global column
+    indices (repeats allowed). A row whose every column is excluded gets ``-inf`` and no gradient.
 
-    Returns (lse (R,), positive logits (R,) or an empty tensor). Backward: module docstring.
+    Returns lse (R,). Backward: the symmetric formula of the module docstring.
     """
 
     @staticmethod
@@ -151,53 +150,43 @@ class _SymmetricRowLSE(torch.autograd.Function):
         z: Tensor,
         z_cols: Optional[Tensor],
         excluded: Tensor,
-        positive_cols: Optional[Tensor],
         inv_temp: Union[float, Tensor],
         col_offset: int,
         use_dist: bool,
         chunk_rows: Optional[int],
-    ) -> Tuple[Tensor, Tensor]:
+    ) -> Tensor:
         cols = z if z_cols is None else z_cols
         n_rows, n_cols = z.shape[0], cols.shape[0]
         chunk = _rows_per_chunk(n_rows, n_cols, chunk_rows)
-        lse_parts, positive_parts = [], []
+        lse_parts = []
         logits = None
         for start in range(0, n_rows, chunk):
             stop = min(n_rows, start + chunk)
             logits = _chunk_logits(z, cols, start, stop, inv_temp)
-            if positive_cols is not None:
-                positive_parts.append(logits.gather(1, positive_cols[start:stop, None]).squeeze(1))
             logits.scatter_(1, excluded[start:stop], float("-inf"))
             lse_parts.append(torch.logsumexp(logits, dim=1))
         lse = torch.cat(lse_parts)
-        positives = torch.cat(positive_parts) if positive_cols is not None else lse.new_empty(0)
         single_chunk = logits if chunk >= n_rows else None
         lse_cols = distributed.gather_no_grad(lse) if use_dist else lse
         temp_tensor = inv_temp if isinstance(inv_temp, Tensor) else None
-        ctx.save_for_backward(z, z_cols, excluded, positive_cols, lse, lse_cols, single_chunk, temp_tensor)
-        ctx.meta = (None if temp_tensor is not None else inv_temp, col_offset, use_dist, chunk)
-        if positive_cols is None:
-            ctx.mark_non_differentiable(positives)
-        return lse, positives
+        ctx.save_for_backward(z, z_cols, excluded, lse, lse_cols, single_chunk, temp_tensor)
+        ctx.meta = (None if temp_tensor is not None else inv_temp, use_dist, chunk)
+        return lse
 
     @staticmethod
-    def backward(ctx, grad_lse: Tensor, grad_positives: Tensor):  # type: ignore[override]
-        z, z_cols, excluded, positive_cols, lse, lse_cols, single_chunk, temp_tensor = ctx.saved_tensors
-        inv_temp_float, col_offset, use_dist, chunk = ctx.meta
+    def backward(ctx, grad_lse: Tensor):  # type: ignore[override]
+        z, z_cols, excluded, lse, lse_cols, single_chunk, temp_tensor = ctx.saved_tensors
+        inv_temp_float, use_dist, chunk = ctx.meta
         inv_temp = temp_tensor if temp_tensor is not None else inv_temp_float
         cols = z if z_cols is None else z_cols
         n_rows, n_cols = z.shape[0], cols.shape[0]
         grad_lse = grad_lse.to(z.dtype).contiguous()
-        # The column rows' g_m live on their own ranks: gather them (a few floats per row).
+        # The column rows' g_m live on their own ranks: gather them (one float per row).
         grad_cols = distributed.gather_no_grad(grad_lse) if use_dist else grad_lse
         factored = _exp_factorizable(inv_temp, n_cols)
         if factored:
             shift = math.log(max(n_cols - 1, 1))
             col_factor = (shift - lse_cols).exp_().mul_(grad_cols)
-        if positive_cols is not None:
-            # ∂S_{k,p(k)}/∂z_k = z_{p(k)}/τ, and row p(k)'s positive term adds the same column.
-            partner = positive_cols - col_offset
-            positive_weight = grad_positives.to(z.dtype) + grad_positives.to(z.dtype)[partner]
         parts = []
         for start in range(0, n_rows, chunk):
             stop = min(n_rows, start + chunk)
@@ -215,12 +204,11 @@ class _SymmetricRowLSE(torch.autograd.Function):
                 other = (weights + rows_lse).sub_(lse_cols[None, :]).exp_().mul_(grad_cols[None, :])
                 weights.exp_().mul_(grad_lse[start:stop, None]).add_(other)
                 del other
+            # Excluded entries (NaN or inf where a row's lse is -inf) carry no gradient.
             weights.scatter_(1, excluded[start:stop], 0.0)
-            if positive_cols is not None:
-                weights.scatter_add_(1, positive_cols[start:stop, None], positive_weight[start:stop, None])
             parts.append(weights @ cols)
         grad_z = torch.cat(parts).mul_(inv_temp)
-        return grad_z, None, None, None, None, None, None, None
+        return grad_z, None, None, None, None, None, None
 
 
 class _RowLSE(torch.autograd.Function):
@@ -326,7 +314,7 @@ def _dcl_torch(
     # DCL's denominator leaves out the row itself and its positive.
     excluded = torch.stack([self_cols, positive_cols], dim=1)
     inv_temp = 1.0 / temperature
-    lse, _ = _SymmetricRowLSE.apply(z, z_cols, excluded, None, inv_temp, col_offset, use_dist, chunk_rows)
+    lse = _SymmetricRowLSE.apply(z, z_cols, excluded, inv_temp, col_offset, use_dist, chunk_rows)
     z0, z1 = z[:n], z[n:]
     positive = (z0 * z1).sum(dim=1) * inv_temp
     if weight_fn is None:
@@ -594,17 +582,20 @@ def _macl_torch(z0: Tensor, z1: Tensor, temperature: float, alpha: float, A_0: f
     acc = _acc_dtype(z0, z1)
     z = _normalize(torch.cat([z0, z1]), acc)
     self_cols, positive_cols = _two_view_pairs(n, 0, z.device)
+    positive_cosine = (z[:n] * z[n:]).sum(dim=1)
     # A: the mean positive cosine, detached; the temperature stays a device tensor (no host sync).
-    alignment = (z[:n] * z[n:]).sum(dim=1).detach().mean()
+    alignment = positive_cosine.detach().mean()
     inv_temp = 1.0 / (temperature * (1 + alpha * (alignment - A_0)))
-    # The positive logit comes from the same product as the log-sum-exp, so that log P is exactly
-    # 0 when the positive is the only other row (N = 1) and V = 1/(1-P+ε) sees no rounding noise.
-    lse, positive_logits = _SymmetricRowLSE.apply(
-        z, None, self_cols[:, None], positive_cols, inv_temp, 0, False, chunk_rows
+    # With δ_k = LSE over the negatives (DCL's denominator) minus the positive logit,
+    # -log P_k = softplus(δ_k) and 1 - P_k = sigmoid(δ_k): both keep full relative precision when
+    # P_k ≈ 1, where log_softmax rounds log P to 0 or to a few ulps of the logits and the weight
+    # V_k = 1/(1 - P_k + ε) (up to 1/ε) amplifies that rounding. N = 1: no negative, δ = -inf, 0.
+    negative_lse = _SymmetricRowLSE.apply(
+        z, None, torch.stack([self_cols, positive_cols], dim=1), inv_temp, 0, False, chunk_rows
     )
-    log_prob = positive_logits - lse
-    reweight = 1.0 / (1.0 - log_prob.detach().exp() + eps)
-    return -(reweight * log_prob).mean()
+    delta = negative_lse - torch.cat([positive_cosine, positive_cosine]) * inv_temp
+    reweight = 1.0 / (torch.sigmoid(delta.detach()) + eps)
+    return (reweight * F.softplus(delta)).mean()
 
 
 def _check_macl_hyperparameters(temperature: object, alpha: object, A_0: object) -> Tuple[float, float, float]:
@@ -714,7 +705,7 @@ def _supcon_torch(
     self_cols, _ = _two_view_pairs(n, col_offset, z.device)
     inv_temp = 1.0 / temperature
     # Khosla et al.'s L_out denominator is NT-Xent's: every row but the anchor.
-    lse, _ = _SymmetricRowLSE.apply(z, z_cols, self_cols[:, None], None, inv_temp, col_offset, use_dist, chunk_rows)
+    lse = _SymmetricRowLSE.apply(z, z_cols, self_cols[:, None], inv_temp, col_offset, use_dist, chunk_rows)
 
     # Positive term through class sums: Σ_{p∈P(k)} z_k·z_p = z_k·(S_{y_k} - z_k), S_c the sum of
     # every row (all ranks) of class c; |P(k)| = count(y_k) - 1 ≥ 1 (the other view).
@@ -891,7 +882,7 @@ def _detcon_torch(
     if symmetric:
         # DetCon-S: predictions are the targets and the exclusion is symmetric.
         z_cols, _ = _columns(preds, use_dist)
-        lse, _ = _SymmetricRowLSE.apply(preds, z_cols, excluded, None, inv_temp, col_offset, use_dist, chunk_rows)
+        lse = _SymmetricRowLSE.apply(preds, z_cols, excluded, inv_temp, col_offset, use_dist, chunk_rows)
     else:
         z_cols = distributed.gather(targets) if use_dist else targets
         lse = _RowLSE.apply(preds, z_cols, excluded, inv_temp, chunk_rows)

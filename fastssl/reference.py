@@ -451,8 +451,9 @@ def macl_loss(z0: Tensor, z1: Tensor, temperature: float = 0.1, alpha: float = 0
     positive_cosine = cosine[rows, positives]
     alignment = positive_cosine.detach().mean()
     adaptive_temperature = temperature * (1 + alpha * (alignment - A_0))
-    logits = cosine.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    log_prob = torch.log_softmax(logits / adaptive_temperature, dim=1)[rows, positives]
+    # Scaled before masking: τ_A < 0 is possible (α(A - A_0) < -1), and -inf/τ_A would be +inf.
+    logits = (cosine / adaptive_temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    log_prob = torch.log_softmax(logits, dim=1)[rows, positives]
     reweight = 1.0 / (1.0 - log_prob.exp() + eps)
     return -(reweight.detach() * log_prob).mean()
 
@@ -497,7 +498,10 @@ def _detcon_direction(pred: Tensor, target_other: Tensor, target_same: Tensor, m
     region, region_other = mask.reshape(-1), mask_other.reshape(-1)
     positive = same_image & (region[:, None] == region_other[None, :])
     excluded = same_image & (region[:, None] == region[None, :])
-    logits = torch.cat([p @ other.T, (p @ same.T).masked_fill(excluded, float("-inf"))], dim=1) / temperature
+    # Scaled before masking, so that a negative temperature keeps the excluded logits at -inf.
+    cross_logits = p @ other.T / temperature
+    same_logits = (p @ same.T / temperature).masked_fill(excluded, float("-inf"))
+    logits = torch.cat([cross_logits, same_logits], dim=1)
     log_prob = torch.log_softmax(logits, dim=1)[:, : b * m]
     n_positive = positive.sum(dim=1)
     mean_log_prob = log_prob.masked_fill(~positive, 0.0).sum(dim=1) / n_positive.clamp_min(1)
