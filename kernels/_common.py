@@ -68,9 +68,11 @@ def k_align(n: int) -> int:
 
 
 def common_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    """The promoted dtype of ``tensors`` (no dispatched op when they already share one)."""
     dtype = tensors[0].dtype
     for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
+        if t.dtype != dtype:
+            dtype = torch.promote_types(dtype, t.dtype)
     return dtype
 
 
@@ -121,7 +123,7 @@ def prepare_views(views: Sequence[Tensor], dtype: torch.dtype) -> Views:
     """
     kept = []
     for v in views:
-        v = v.detach()
+        # (Called inside custom ops, below autograd: no detach needed.)
         if v.dtype != dtype:
             v = v.to(dtype)
         if v.shape[1] > 1 and v.stride(1) != 1:

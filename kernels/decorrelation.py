@@ -32,8 +32,26 @@ correction are applied in fp32 (see :mod:`~fastssl.kernels.decorrelation_gram`),
 2N > d the Gram enters as hi + lo. fp32 inputs use IEEE fp32 products throughout (TF32 when
 ``torch.backends.cuda.matmul.allow_tf32`` is set).
 
-Cost model and predictions: see ``predicted_time`` below and the table in the docstring of
-:func:`plan`; the same model decides ``auto``'s choice between this path and the torch path.
+Predictions (H200: 790 TFLOP/s bf16 dense, 4.3 TB/s; floor = max(6N²d / 790 TFLOP/s,
+(6Nd·e + 8N²) / 4.3 TB/s), the fewest flops and bytes of forward + backward on the gram path),
+bf16, forward + backward, Barlow Twins (VICReg within ±15 %):
+
+* N = 256, d = 8192: floor 6.0 µs (bandwidth: 25.7 MB). Before: 10 Gram programs on 132 SMs,
+  the backward product run twice, ~45 eager ops: an estimated 1-2 % of the floor. Now:
+  statistics + operands ~8 µs (256 programs, inputs read twice, 17 MB of operands written),
+  Gram split-K ~6-8 µs (260 programs), finish ~2 µs (80), loss ~2 µs, backward ~9 µs (512
+  programs, one product): ~30 µs, ~20 % of the floor -- latency- and launch-bound (5 launches,
+  7 eager ops).
+* N = 2048, d = 8192: floor 261 µs (compute: 206 GFLOP). Before: the Gram path spent 14N²d on
+  tensor cores with more issue slots in standardize-on-load arithmetic than in wgmma, an
+  estimated ≤ 5 % (slower than the float32 cuBLAS torch path). Now: 10N²d = 344 GFLOP of pure
+  load → wgmma tiles (528 + 256 programs) at ~50 % of peak = 0.87 ms, plus ~0.12 ms of
+  operand writing and δ scratch: ~1.0 ms, ~25 % of the floor. What would close more of the gap:
+  128×128 tiles with 8 warps (intensity ×2), and dropping the lo·hi forward products at this
+  shape (the loss is then good to bf16's 8 bits, 2N²d less).
+* float32 inputs run IEEE fp32 products on the FMA pipe (~25 TFLOP/s): N = 2048, d = 8192
+  ~8 ms, where cuBLAS SGEMM (the torch path) wins; ``auto`` then runs the torch path (cost
+  model in :mod:`fastssl.decorrelation`).
 """
 
 from __future__ import annotations
@@ -70,6 +88,8 @@ _PRODUCT_WARPS = 4
 _GRADIENT_WARPS = 8
 _STATS_WARPS = 4
 _LOSS_BLOCK = 256
+# Rows of a product tile per program of the split-K finishing kernels (64/8 = 8 programs a tile)
+_CUDA_FINISH_ROWS = 8
 # Barlow Twins' gram backward keeps a whole column panel of δ in registers up to this N
 _SINGLE_PASS_ROWS = 256
 _FORCED_TILES: Optional[Tuple[int, int]] = None
@@ -84,9 +104,21 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+# The target the kernels are tuned for (H100/H200), used to plan CUDA launches where no CUDA
+# device can be queried (a launch capture on a machine without a GPU)
+_DEFAULT_SMS = 132
+
+
 @functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
+def _sm_count_of(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (a host-side query, cached: no sync per call)."""
+    if not torch.cuda.is_available():
+        return _DEFAULT_SMS
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _is_cuda(device: torch.device) -> bool:
@@ -117,6 +149,8 @@ class Plan:
     tiles: int
     splits: int
     k_chunk: int
+    finish_rows: int  # rows of a tile per finishing program (split-K)
+    finish_chunks: int  # programs per tile of the finishing kernel (1 when finished in place)
     # backward tiles
     grad_block_m: int
     grad_block_n: int
@@ -185,7 +219,7 @@ def plan(
     """
     cuda = _is_cuda(device) if sms is None else True
     if cuda and sms is None:
-        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        sms = _sm_count(device)
     half = dtype != torch.float32
     parts = 2 if half else 1
     forced = _FORCED_TILES
@@ -208,6 +242,10 @@ def plan(
     symmetric = use_gram or vicreg
     tiles = tile_blocks * (tile_blocks + 1) // 2 if symmetric else tile_blocks * tile_blocks
     splits, k_chunk = _splits(tiles, k_extent, block_k, cuda, sms or 1)
+    finish_rows = block
+    if splits > 1:
+        finish_rows = min(block, _CUDA_FINISH_ROWS) if cuda and forced is None else max(1, block // 2)
+    finish_chunks = block // finish_rows
 
     grad_k_extent = n if use_gram else d
     single = False
@@ -237,13 +275,13 @@ def plan(
     blk_offset = offset
     offset += BLK_SLOTS * stats_blocks
     tile_offset = offset
-    offset += 2 * tiles
+    offset += 2 * tiles * finish_chunks
     gdiag_offset = offset
     if use_gram and keep:
         offset += 2 * n
     sums_offset = offset
     if not use_gram and not vicreg and keep:
-        offset += 2 * tile_blocks * d
+        offset += (1 + finish_chunks) * tile_blocks * d
     split_offset = offset
     if splits > 1:
         offset += splits * tiles * 2 * block * block
@@ -255,7 +293,8 @@ def plan(
     return Plan(
         n=n, d=d, vicreg=vicreg, gram=use_gram, keep=keep, parts=parts, split_gram=split_gram, cuda=cuda,
         stats_rows=stats_rows, stats_cols=stats_cols, stats_blocks=stats_blocks, block=block, block_k=block_k,
-        tile_blocks=tile_blocks, tiles=tiles, splits=splits, k_chunk=k_chunk, grad_block_m=grad_block_m,
+        tile_blocks=tile_blocks, tiles=tiles, splits=splits, k_chunk=k_chunk, finish_rows=finish_rows,
+        finish_chunks=finish_chunks, grad_block_m=grad_block_m,
         grad_block_n=grad_block_n, grad_block_k=grad_block_k, single=single, blk_offset=blk_offset,
         tile_offset=tile_offset, gdiag_offset=gdiag_offset, sums_offset=sums_offset, split_offset=split_offset,
         workspace_size=offset, mat_base=mat_base, operand_size=operand_size,
@@ -320,10 +359,10 @@ def forward(
             num_warps=_PRODUCT_WARPS,
         )  # fmt: skip
         if not finish:
-            _gram_finish_kernel[(p.tiles,)](
+            _gram_finish_kernel[(p.tiles, p.finish_chunks)](
                 ops, ws, n, p.tile_blocks, p.splits, p.split_offset, p.tile_offset, p.gdiag_offset, p.mat_base,
-                1.0 / d, VICREG=p.vicreg, KEEP=p.keep, SPLIT_GRAM=p.split_gram, BLOCK=p.block,
-                EMULATE_BF16=emulate, num_warps=_PRODUCT_WARPS,
+                1.0 / d, VICREG=p.vicreg, KEEP=p.keep, SPLIT_GRAM=p.split_gram, BLOCK=p.block, ROWS=p.finish_rows,
+                EMULATE_BF16=emulate, num_warps=_STATS_WARPS,
             )  # fmt: skip
     else:
         _cross_partial_kernel[p.product_grid](
@@ -332,13 +371,13 @@ def forward(
             BLOCK_K=p.block_k, DOT_PRECISION=precision, EMULATE_BF16=emulate, num_warps=_PRODUCT_WARPS,
         )  # fmt: skip
         if not finish:
-            _cross_finish_kernel[(p.tiles,)](
+            _cross_finish_kernel[(p.tiles, p.finish_chunks)](
                 ops, ws, n, d, p.tile_blocks, p.splits, p.split_offset, p.tile_offset, p.sums_offset, p.mat_base,
-                lambda_param, VICREG=p.vicreg, KEEP=p.keep, BLOCK=p.block, EMULATE_BF16=emulate,
-                num_warps=_PRODUCT_WARPS,
+                lambda_param, VICREG=p.vicreg, KEEP=p.keep, BLOCK=p.block, ROWS=p.finish_rows,
+                EMULATE_BF16=emulate, num_warps=_STATS_WARPS,
             )  # fmt: skip
     _loss_kernel[(1,)](
-        ws, loss, p.blk_offset, p.stats_blocks, p.tile_offset, p.tiles, n, d, lambda_param, mu_param, nu_param,
+        ws, loss, p.blk_offset, p.stats_blocks, p.tile_offset, p.tiles * p.finish_chunks, n, d, lambda_param, mu_param, nu_param,
         VICREG=p.vicreg, GRAM=p.gram, BLOCK=_LOSS_BLOCK, num_warps=4,
     )  # fmt: skip
     return loss, ws, ops
@@ -370,8 +409,8 @@ def backward(
     else:
         c1, c2 = (coefficients[0], coefficients[1]) if p.vicreg else (0.0, 0.0)
         _cross_backward_kernel[p.gradient_grid](
-            *_views(z_a, z_b), ws, ops, grad_loss, grad_a, grad_b, n, d, p.tile_blocks, p.sums_offset, p.mat_base,
-            c1, c2, VICREG=p.vicreg, **meta,
+            *_views(z_a, z_b), ws, ops, grad_loss, grad_a, grad_b, n, d, p.tile_blocks,
+            p.tile_blocks * p.finish_chunks, p.sums_offset, p.mat_base, c1, c2, VICREG=p.vicreg, **meta,
         )  # fmt: skip
     return grad_a, grad_b
 

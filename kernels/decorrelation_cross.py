@@ -33,9 +33,11 @@ from .decorrelation_tiles import round_operand, tile_product, upper_triangle_til
 def _cross_tile_finish(
     acc_a,
     acc_b,
-    t,
+    slot,
     i,
     j,
+    chunk,
+    n_chunks,
     ws_ptr,
     ops_ptr,
     tile_offset,
@@ -47,10 +49,13 @@ def _cross_tile_finish(
     VICREG: tl.constexpr,
     KEEP: tl.constexpr,
     BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
 ):
+    """Rows [chunk·ROWS, +ROWS) of the complete tile (i, j): loss share into slot ``slot`` and,
+    with KEEP, the backward's matrix and batch-norm sums of those rows."""
     DTYPE = ops_ptr.dtype.element_ty
-    cols_i = i * BLOCK + tl.arange(0, BLOCK)
+    cols_i = i * BLOCK + chunk * ROWS + tl.arange(0, ROWS)
     cols_j = j * BLOCK + tl.arange(0, BLOCK)
     valid_i = cols_i < n_cols
     valid_j = cols_j < n_cols
@@ -62,8 +67,8 @@ def _cross_tile_finish(
         k_a = tl.where(off, acc_a, 0.0)
         k_b = tl.where(off, acc_b, 0.0)
         weight = tl.where(i == j, 1.0, 2.0)
-        tl.store(ws_ptr + tile_offset + 2 * t, tl.sum(tl.sum(k_a * k_a, axis=1), axis=0) * weight)
-        tl.store(ws_ptr + tile_offset + 2 * t + 1, tl.sum(tl.sum(k_b * k_b, axis=1), axis=0) * weight)
+        tl.store(ws_ptr + tile_offset + 2 * slot, tl.sum(tl.sum(k_a * k_a, axis=1), axis=0) * weight)
+        tl.store(ws_ptr + tile_offset + 2 * slot + 1, tl.sum(tl.sum(k_b * k_b, axis=1), axis=0) * weight)
         if KEEP:
             plane = tl.cast(n_cols, tl.int64) * n_cols
             mirrored = cols_j[None, :].to(tl.int64) * n_cols + cols_i[:, None]
@@ -78,17 +83,18 @@ def _cross_tile_finish(
         c = acc_a / n_rows
         one_minus = 1.0 - c
         terms = tl.where(on_diagonal, one_minus * one_minus, lambda_param * c * c)
-        tl.store(ws_ptr + tile_offset + 2 * t, tl.sum(tl.sum(tl.where(valid, terms, 0.0), axis=1), axis=0))
-        tl.store(ws_ptr + tile_offset + 2 * t + 1, 0.0)
+        tl.store(ws_ptr + tile_offset + 2 * slot, tl.sum(tl.sum(tl.where(valid, terms, 0.0), axis=1), axis=0))
+        tl.store(ws_ptr + tile_offset + 2 * slot + 1, 0.0)
         if KEEP:
             grad = tl.where(valid, tl.where(on_diagonal, 2.0 * (c - 1.0), 2.0 * lambda_param * c), 0.0)
             tl.store(ops_ptr + mat_base + offsets, round_operand(grad, DTYPE, EMULATE_BF16), mask=valid)
             c_times_grad = c * grad
-            # batch-norm sums: per row i of C over this column block j, per column j over block i
+            # batch-norm sums: per row i of C over this column block j (rows (n_blocks, d)), per
+            # column j over this chunk of rows of block i (rows (n_blocks·n_chunks, d) after those)
             tl.store(ws_ptr + sums_offset + j.to(tl.int64) * n_cols + cols_i, tl.sum(c_times_grad, axis=1),
                      mask=valid_i)
             n_blocks = tl.cdiv(n_cols, BLOCK)
-            tl.store(ws_ptr + sums_offset + (n_blocks + i).to(tl.int64) * n_cols + cols_j,
+            tl.store(ws_ptr + sums_offset + (n_blocks + i * n_chunks + chunk).to(tl.int64) * n_cols + cols_j,
                      tl.sum(c_times_grad, axis=0), mask=valid_j)
 
 
@@ -148,8 +154,8 @@ def _cross_partial_kernel(
     else:
         acc_b = acc_a
     if FINISH:
-        _cross_tile_finish(acc_a, acc_b, t, i, j, ws_ptr, ops_ptr, tile_offset, sums_offset, mat_base, n_rows, n_cols,
-                           lambda_param, VICREG, KEEP, BLOCK, EMULATE_BF16)
+        _cross_tile_finish(acc_a, acc_b, t, i, j, 0, 1, ws_ptr, ops_ptr, tile_offset, sums_offset, mat_base, n_rows,
+                           n_cols, lambda_param, VICREG, KEEP, BLOCK, BLOCK, EMULATE_BF16)
     else:
         n_tiles = tl.num_programs(0)
         square = BLOCK * BLOCK
@@ -176,23 +182,27 @@ def _cross_finish_kernel(
     VICREG: tl.constexpr,
     KEEP: tl.constexpr,
     BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
 ):
-    """Tile t: the sum of its S partial tiles (fixed order: deterministic), then finished."""
+    """Grid (T, BLOCK/ROWS): rows [c·ROWS, +ROWS) of tile t, the sum of its S partial tiles in a
+    fixed order (deterministic), then finished (chunks of rows: see :func:`_gram_finish_kernel`)."""
     t = tl.program_id(0)
+    chunk = tl.program_id(1)
+    n_chunks = tl.num_programs(1)
     n_tiles = tl.num_programs(0)
     i, j = upper_triangle_tile(t, n_col_blocks, VICREG)
     square = BLOCK * BLOCK
-    inner = tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-    acc_a = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    inner = (chunk * ROWS + tl.arange(0, ROWS))[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    acc_a = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    acc_b = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     for s in range(0, n_splits):
         partial = ws_ptr + split_offset + (tl.cast(s, tl.int64) * n_tiles + t) * 2 * square
         acc_a += tl.load(partial + inner)
         if VICREG:
             acc_b += tl.load(partial + square + inner)
-    _cross_tile_finish(acc_a, acc_b, t, i, j, ws_ptr, ops_ptr, tile_offset, sums_offset, mat_base, n_rows, n_cols,
-                       lambda_param, VICREG, KEEP, BLOCK, EMULATE_BF16)
+    _cross_tile_finish(acc_a, acc_b, t * n_chunks + chunk, i, j, chunk, n_chunks, ws_ptr, ops_ptr, tile_offset,
+                       sums_offset, mat_base, n_rows, n_cols, lambda_param, VICREG, KEEP, BLOCK, ROWS, EMULATE_BF16)
 
 
 @triton.jit
@@ -209,7 +219,7 @@ def _cross_backward_view(
     go_ptr,
     n_rows,
     n_cols,
-    n_col_blocks,
+    n_sum_rows,
     sums_offset,
     mat_base,
     c1,
@@ -266,8 +276,9 @@ def _cross_backward_view(
         grad = go * (c1 * (z - z_partner) + hinge * tl.where(mask, z - mean, 0.0) + c2 * (acc * s * s * s))
     else:
         w = tl.zeros([BLOCK_N], dtype=tl.float32)
-        sums = ws_ptr + sums_offset + VIEW * n_col_blocks * tl.cast(n_cols, tl.int64) + cols
-        for block in range(0, n_col_blocks):
+        # view a: the (n_blocks, d) per-row sums; view b: the (n_blocks·chunks, d) per-column ones
+        sums = ws_ptr + sums_offset + cols
+        for block in range(0, n_sum_rows):
             w += tl.load(sums + block * tl.cast(n_cols, tl.int64), mask=col_mask, other=0.0)
         hat = tl.where(mask, (z - mean) * scale, 0.0)
         grad = go * scale * (acc / n_rows - hat * (w / n_rows)[None, :])
@@ -289,7 +300,8 @@ def _cross_backward_kernel(
     out_b_ptr,
     n_rows,
     n_cols,
-    n_col_blocks,
+    n_sum_rows_a,
+    n_sum_rows_b,
     sums_offset,
     mat_base,
     c1,
@@ -305,12 +317,13 @@ def _cross_backward_kernel(
     if tl.program_id(0) % 2 == 0:
         _cross_backward_view(
             a_ptr, a_stride_n, a_stride_d, b_ptr, b_stride_n, b_stride_d, out_a_ptr, ws_ptr, ops_ptr, go_ptr,
-            n_rows, n_cols, n_col_blocks, sums_offset, mat_base, c1, c2, VICREG, 0, BLOCK_M, BLOCK_N, BLOCK_K,
+            n_rows, n_cols, n_sum_rows_a, sums_offset, mat_base, c1, c2, VICREG, 0, BLOCK_M, BLOCK_N, BLOCK_K,
             DOT_PRECISION, EMULATE_BF16,
         )  # fmt: skip
     else:
         _cross_backward_view(
             b_ptr, b_stride_n, b_stride_d, a_ptr, a_stride_n, a_stride_d, out_b_ptr, ws_ptr, ops_ptr, go_ptr,
-            n_rows, n_cols, n_col_blocks, sums_offset, mat_base, c1, c2, VICREG, 1, BLOCK_M, BLOCK_N, BLOCK_K,
+            n_rows, n_cols, n_sum_rows_b, sums_offset + n_sum_rows_a * tl.cast(n_cols, tl.int64), mat_base, c1, c2,
+            VICREG, 1, BLOCK_M, BLOCK_N, BLOCK_K,
             DOT_PRECISION, EMULATE_BF16,
         )  # fmt: skip

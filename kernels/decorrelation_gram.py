@@ -9,11 +9,13 @@ Kernels (V_v the standardized operands the statistics kernel wrote, hi + lo for 
 * :func:`_gram_partial_kernel`, grid (T, S): tile t = (p, q), q >= p, of G_a and G_b (the same
   :func:`~fastssl.kernels.decorrelation_tiles.tile_product` for both views) over the feature
   range s of S (split-K). The N×N Grams have few tiles (N = 256: T = 10 tiles of 64×64), and
-  each program used to run the whole d = 8192 reduction: 10 programs on 132 SMs. With S chosen
-  so that T·S fills two programs per SM (N = 256, d = 8192: S = 27 ranges of 320 features, 270
-  programs), the fp32 partial tiles (S·T·2·64²·4 bytes = 8.8 MB, L2-resident) are summed by
-  :func:`_gram_finish_kernel` (grid T). With S = 1 (N = 2048: T = 528 tiles, 4 waves) the
-  partial kernel finishes its tile itself.
+  each program used to run the whole d = 8192 reduction: 10 programs on 132 SMs, ~1-2 % of the
+  floor. With S chosen so that T·S fills two programs per SM (N = 256, d = 8192: S = 26 ranges
+  of 320 features, 260 programs, 1.97 waves), the fp32 partial tiles (S·T·2·64²·4 bytes =
+  8.5 MB, L2-resident) are summed by :func:`_gram_finish_kernel` (grid T × 8 row chunks = 80
+  programs, ~2 µs). With S = 1 (N = 2048: T = 528 tiles, 4 waves) the partial kernel finishes
+  its tile itself. Predicted effect at N = 256: the Gram forward from ~250 µs (10 SMs, each
+  standardizing and splitting every operand tile on load) to ~6-8 µs.
 * finishing a tile: its share of ⟨G_a, G_b⟩ (Barlow Twins) or ‖G_a‖², ‖G_b‖² (VICReg), doubled
   off the diagonal for the mirrored tile, and, when a gradient is needed, the Grams/d without
   their diagonal as operands of the backward (input dtype; hi + lo for half inputs when 2N > d)
@@ -77,9 +79,10 @@ def _store_gram_operand(gram, ptr, rows_p, rows_q, mask, mirror, n_rows, SPLIT_G
 def _gram_tile_finish(
     acc_a,
     acc_b,
-    t,
+    slot,
     p,
     q,
+    row0,
     ws_ptr,
     ops_ptr,
     tile_offset,
@@ -91,9 +94,11 @@ def _gram_tile_finish(
     KEEP: tl.constexpr,
     SPLIT_GRAM: tl.constexpr,
     BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
 ):
-    """Loss share of the complete tile (p, q) of G_a, G_b, and with KEEP the backward's operands."""
+    """Loss share of rows [row0, row0 + ROWS) of the complete tile (p, q) of G_a, G_b (partial
+    sums slot ``slot``), and with KEEP the backward's operands of those rows."""
     weight = tl.where(p == q, 1.0, 2.0)
     if VICREG:
         part_a = tl.sum(tl.sum(acc_a * acc_a, axis=1), axis=0) * weight
@@ -101,10 +106,10 @@ def _gram_tile_finish(
     else:
         part_a = tl.sum(tl.sum(acc_a * acc_b, axis=1), axis=0) * weight
         part_b = part_a * 0.0
-    tl.store(ws_ptr + tile_offset + 2 * t, part_a)
-    tl.store(ws_ptr + tile_offset + 2 * t + 1, part_b)
+    tl.store(ws_ptr + tile_offset + 2 * slot, part_a)
+    tl.store(ws_ptr + tile_offset + 2 * slot + 1, part_b)
     if KEEP:
-        rows_p = p * BLOCK + tl.arange(0, BLOCK)
+        rows_p = p * BLOCK + row0 + tl.arange(0, ROWS)
         rows_q = q * BLOCK + tl.arange(0, BLOCK)
         valid_p = rows_p < n_rows
         mask = valid_p[:, None] & (rows_q < n_rows)[None, :]
@@ -171,8 +176,8 @@ def _gram_partial_kernel(
         SPLIT, SPLIT, BLOCK_K, DOT_PRECISION, EMULATE_BF16,
     )  # fmt: skip
     if FINISH:
-        _gram_tile_finish(acc_a, acc_b, t, p, q, ws_ptr, ops_ptr, tile_offset, gdiag_offset, gram_base, n_rows, inv_d,
-                          VICREG, KEEP, SPLIT_GRAM, BLOCK, EMULATE_BF16)
+        _gram_tile_finish(acc_a, acc_b, t, p, q, 0, ws_ptr, ops_ptr, tile_offset, gdiag_offset, gram_base, n_rows,
+                          inv_d, VICREG, KEEP, SPLIT_GRAM, BLOCK, BLOCK, EMULATE_BF16)
     else:
         n_tiles = tl.num_programs(0)
         square = BLOCK * BLOCK
@@ -198,22 +203,28 @@ def _gram_finish_kernel(
     KEEP: tl.constexpr,
     SPLIT_GRAM: tl.constexpr,
     BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
 ):
-    """Tile t: the sum of its S partial tiles (fixed order: deterministic), then finished."""
+    """Grid (T, BLOCK/ROWS): rows [c·ROWS, (c+1)·ROWS) of tile t, the sum of its S partial tiles
+    in a fixed order (deterministic), then finished. Chunks of rows rather than whole tiles: the
+    S partial tiles are S·32 KB per tile, and T programs alone (10 at N = 256) would read them
+    through 10 SMs' load bandwidth."""
     t = tl.program_id(0)
+    chunk = tl.program_id(1)
     n_tiles = tl.num_programs(0)
     p, q = upper_triangle_tile(t, n_row_blocks, True)
     square = BLOCK * BLOCK
-    inner = tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-    acc_a = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    row0 = chunk * ROWS
+    inner = (row0 + tl.arange(0, ROWS))[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    acc_a = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    acc_b = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     for s in range(0, n_splits):
         partial = ws_ptr + split_offset + (tl.cast(s, tl.int64) * n_tiles + t) * 2 * square
         acc_a += tl.load(partial + inner)
         acc_b += tl.load(partial + square + inner)
-    _gram_tile_finish(acc_a, acc_b, t, p, q, ws_ptr, ops_ptr, tile_offset, gdiag_offset, gram_base, n_rows, inv_d,
-                      VICREG, KEEP, SPLIT_GRAM, BLOCK, EMULATE_BF16)
+    _gram_tile_finish(acc_a, acc_b, t * tl.num_programs(1) + chunk, p, q, row0, ws_ptr, ops_ptr, tile_offset,
+                      gdiag_offset, gram_base, n_rows, inv_d, VICREG, KEEP, SPLIT_GRAM, BLOCK, ROWS, EMULATE_BF16)
 
 
 # --------------------------------------------------------------------------------------------

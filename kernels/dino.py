@@ -411,6 +411,8 @@ def _(teacher, student, center, teacher_temp, student_temp, center_momentum, cen
 
 
 def _dino_setup(ctx, inputs, output) -> None:
+    # The saved gradient output gets no incoming gradient: no (V, B, K) zeros materialized.
+    ctx.set_materialize_grads(False)
     ctx.n_teacher = len(inputs[0])
     ctx.input_dtypes = [s.dtype for s in inputs[1]]
     ctx.save_for_backward(output[2])
@@ -461,9 +463,9 @@ def dino_loss_triton(
     compute_grad = torch.is_grad_enabled() and any(s.requires_grad for s in student)
     # The teacher gets no gradient; detaching also keeps a tensor passed as both a teacher and a
     # student view from being two inputs of one autograd node.
-    teacher = [t.detach() for t in teacher_out]
+    teacher = [t.detach() if t.requires_grad else t for t in teacher_out]
     loss, center_out, _ = _dino_op(
-        teacher, student, center.detach(), float(teacher_temp), float(student_temp), float(center_momentum),
+        teacher, student, center.detach() if center.requires_grad else center, float(teacher_temp), float(student_temp), float(center_momentum),
         int(center_mode), compute_grad,
     )  # fmt: skip
     if center_mode == CENTER_NONE:

@@ -116,6 +116,7 @@ Changes and their predicted effect (made after this was written):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -213,11 +214,12 @@ def _l2_normalize_fwd_kernel(
 
 @triton.jit
 def _l2_normalize_bwd_kernel(
-    X, stride_xm, stride_xd, NORM, DZ, DX, M, D, row_offset, PARTNER, PARTNER_COEF,
+    X, stride_xm, stride_xd, NORM, DZ, DX, M, D, row_offset, n_parts, part_stride, PARTNER, PARTNER_COEF,
     HAS_DZ: tl.constexpr, HAS_PARTNER: tl.constexpr, EPS: tl.constexpr, BF16_RTNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """DX[i] = (dz - ẑ(ẑ·dz)) / ‖x‖ with dz = DZ[row_offset + i] (float32) -- plus, with a
+    """DX[i] = (dz - ẑ(ẑ·dz)) / ‖x‖ with dz = Σ_p DZ[p·part_stride + row_offset + i] (float32;
+    ``n_parts`` partial gradients, one per column split of the pair kernels) -- plus, with a
     partner, PARTNER_COEF[row_offset + i]·PARTNER[i] (the NT-Xent positive's term, see
     ``_pair_lse_bwd_kernel``; PARTNER contiguous (M, D)) -- and ẑ recomputed from X. Without
     DZ (HAS_DZ false: InfoNCE's key) dz is the partner term alone.
@@ -234,10 +236,10 @@ def _l2_normalize_bwd_kernel(
     projection = tl.zeros((BLOCK_M,), tl.float32)
     for d0 in range(0, D, BLOCK_D):
         x = _load_tile(X, rows64, row_mask, stride_xm, stride_xd, d0, D, BLOCK_D).to(tl.float32)
+        dz = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         if HAS_DZ:
-            dz = _load_tile(DZ, src_rows64, row_mask, D, 1, d0, D, BLOCK_D)
-        else:
-            dz = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+            for p in range(n_parts):
+                dz += _load_tile(DZ + p * part_stride, src_rows64, row_mask, D, 1, d0, D, BLOCK_D)
         if HAS_PARTNER:
             dz += partner_coef[:, None] * _load_tile(PARTNER, rows64, row_mask, D, 1, d0, D, BLOCK_D).to(tl.float32)
         projection += tl.sum(tl.div_rn(x, clamped) * dz, axis=1)
@@ -245,10 +247,10 @@ def _l2_normalize_bwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         x = _load_tile(X, rows64, row_mask, stride_xm, stride_xd, d0, D, BLOCK_D).to(tl.float32)
+        dz = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         if HAS_DZ:
-            dz = _load_tile(DZ, src_rows64, row_mask, D, 1, d0, D, BLOCK_D)
-        else:
-            dz = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+            for p in range(n_parts):
+                dz += _load_tile(DZ + p * part_stride, src_rows64, row_mask, D, 1, d0, D, BLOCK_D)
         if HAS_PARTNER:
             dz += partner_coef[:, None] * _load_tile(PARTNER, rows64, row_mask, D, 1, d0, D, BLOCK_D).to(tl.float32)
         dx = tl.div_rn(dz - tl.div_rn(x, clamped) * projection[:, None], clamped)
@@ -279,83 +281,218 @@ def _rowwise_cosine_kernel(
     tl.store(OUT + rows, acc / (norm_x * norm_y), mask=row_mask)
 
 
+# --- shared pieces of the pair and bank kernels ---------------------------------------------
+
+
+@triton.jit
+def _row_block(R, BLOCK_M: tl.constexpr):
+    """This program's block of rows: (row_start, in-block index r, rows, row_mask)."""
+    row_start = tl.program_id(0) * BLOCK_M
+    r = tl.arange(0, BLOCK_M)
+    rows = row_start + r
+    return row_start, r, rows, rows < R
+
+
+@triton.jit
+def _column_range(C, cols_per_split):
+    """Columns [col_lo, col_hi) of this program's split (grid axis 1; cols_per_split is a
+    multiple of BLOCK_N, so every split starts on a tile boundary)."""
+    col_lo = tl.program_id(1) * cols_per_split
+    return col_lo, tl.minimum(col_lo + cols_per_split, C)
+
+
+@triton.jit
+def _overlaps(n0, BLOCK_N: tl.constexpr, lo, hi):
+    """Whether columns [n0, n0 + BLOCK_N) meet [lo, hi) (empty when hi <= lo)."""
+    return (n0 < hi) & (n0 + BLOCK_N > lo) & (lo < hi)
+
+
+@triton.jit
+def _special_columns(row_start, R, n_local, col_offset, HAS_POSITIVE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Column ranges a tile must be masked on for rows [row_start, +BLOCK_M) ∩ [0, R): their own
+    (self) columns and, with positives, their partners' (row i ↔ i ± n_local), which form two
+    contiguous ranges when the block straddles the views. Returned as (lo, hi) bounds."""
+    row_end = tl.minimum(row_start + BLOCK_M, R)
+    self_lo = row_start + col_offset
+    self_hi = row_end + col_offset
+    if HAS_POSITIVE:
+        view0_lo = row_start
+        view0_hi = tl.minimum(row_end, n_local)
+        view1_lo = tl.maximum(row_start, n_local)
+        view1_hi = row_end
+        pos0_lo = view0_lo + n_local + col_offset
+        pos0_hi = view0_hi + n_local + col_offset
+        pos1_lo = view1_lo - n_local + col_offset
+        pos1_hi = view1_hi - n_local + col_offset
+    else:
+        pos0_lo = self_lo
+        pos0_hi = self_lo
+        pos1_lo = self_lo
+        pos1_hi = self_lo
+    return self_lo, self_hi, pos0_lo, pos0_hi, pos1_lo, pos1_hi
+
+
+@triton.jit
+def _zero_rows(base, r, row_mask, D, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Zero this program's rows of a (·, D) float32 scratch (the chunked-d accumulator), then
+    a barrier: later read-modify-writes by other warps must see the zeros."""
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        tl.store(base + r[:, None] * D + ks[None, :], tl.zeros((BLOCK_M, BLOCK_K), tl.float32),
+                 mask=row_mask[:, None] & (ks[None, :] < D))
+    tl.debug_barrier()
+
+
+@triton.jit
+def _store_scaled_rows(base, r, row_mask, acc, scale, D, SINGLE_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows of the gradient times the upstream scale: from the register accumulator
+    (SINGLE_K), or in place in the chunked-d scratch."""
+    if SINGLE_K:
+        ks = tl.arange(0, BLOCK_K)
+        tl.store(base + r[:, None] * D + ks[None, :], acc * scale, mask=row_mask[:, None] & (ks[None, :] < D))
+    else:
+        for k0 in range(0, D, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            ptrs = base + r[:, None] * D + ks[None, :]
+            mask = row_mask[:, None] & (ks[None, :] < D)
+            tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) * scale, mask=mask)
+
+
+@triton.jit
+def _online_lse_step(m_i, l_i, s):
+    """One tile of the base-2 online log-sum-exp: (m, l) with l = Σ 2^{s - m}. A row whose
+    tiles so far were all masked keeps m = -inf; its exponents then use 0 instead of m
+    (2^{-inf} = 0, no -inf - -inf)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), axis=1)
+    return m_new, l_i
+
+
+@triton.jit
+def _store_lse(LSE, ROW_LOSS, PART_M, PART_L, rows, row_mask, m_i, l_i, positive2, R,
+               SPLIT: tl.constexpr, HAS_POSITIVE: tl.constexpr):
+    """Unsplit: lse = (m + log2 l)·ln 2 and the row loss lse - s₊. Split: this split's (m, l)
+    at [split, row] of the (S, R) partials, merged by ``_lse_merge_kernel``."""
+    if SPLIT:
+        offsets = tl.program_id(1).to(tl.int64) * R + rows
+        tl.store(PART_M + offsets, m_i, mask=row_mask)
+        tl.store(PART_L + offsets, l_i, mask=row_mask)
+    else:
+        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # ln 2
+        tl.store(LSE + rows, lse, mask=row_mask)
+        if HAS_POSITIVE:
+            tl.store(ROW_LOSS + rows, lse - positive2 * 0.6931471805599453, mask=row_mask)
+
+
+@triton.jit
+def _lse_merge_kernel(
+    PART_M, PART_L, POS_COS, LSE, ROW_LOSS, R, n_local, n_splits, scale2,
+    HAS_POSITIVE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Merge the column splits' base-2 (m_s, l_s) of each row: M = max_s m_s,
+    lse = (M + log2 Σ_s l_s·2^{m_s - M})·ln 2; with positives also the row loss lse - s₊
+    (s₊ = POS_COS[sample]·scale2·ln 2, sample = row mod n_local). The split holding the
+    first columns seeded its (m, l) with the positive, so M is finite."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_mask = rows < R
+    m = tl.full((BLOCK,), float("-inf"), tl.float32)
+    for split in range(n_splits):
+        m = tl.maximum(m, tl.load(PART_M + split * R + rows, mask=row_mask, other=0.0))
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.zeros((BLOCK,), tl.float32)
+    for split in range(n_splits):
+        m_s = tl.load(PART_M + split * R + rows, mask=row_mask, other=0.0)
+        total += tl.load(PART_L + split * R + rows, mask=row_mask, other=0.0) * tl.exp2(m_s - m_use)
+    lse = (m_use + tl.log2(total)) * 0.6931471805599453  # ln 2
+    tl.store(LSE + rows, lse, mask=row_mask)
+    if HAS_POSITIVE:
+        sample = tl.where(rows < n_local, rows, rows - n_local)
+        positive2 = tl.load(POS_COS + sample, mask=row_mask, other=0.0) * scale2
+        tl.store(ROW_LOSS + rows, lse - positive2 * 0.6931471805599453, mask=row_mask)
+
+
 @triton.jit
 def _logits_tile(
     ZR, row_start, R, a, ZC, n0, C, D,
     FP32_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
 ):
-    """ZR[row_start:+BLOCK_M]·ZC[n0:+BLOCK_N]ᵀ (float32, unscaled); ``a`` is the row tile when SINGLE_K."""
+    """ZR[row_start:+BLOCK_M]·ZC[n0:+BLOCK_N]ᵀ (float32, unscaled) and, when SINGLE_K, the column
+    tile (reused by the backward's second product); ``a`` is the row tile when SINGLE_K."""
     if SINGLE_K:
         b = _load_block(ZC, n0, C, 0, D, BLOCK_N, BLOCK_K)
         s = _dot(a, tl.trans(b), FP32_IEEE)
     else:
+        b = a  # unused
         s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k0 in range(0, D, BLOCK_K):
             a_k = _load_block(ZR, row_start, R, k0, D, BLOCK_M, BLOCK_K)
             b_k = _load_block(ZC, n0, C, k0, D, BLOCK_N, BLOCK_K)
             s += _dot(a_k, tl.trans(b_k), FP32_IEEE)
-    return s
+    return s, b
 
 
 @triton.jit
 def _pair_lse_fwd_kernel(
-    ZR, ZC, POS_COS, LSE, ROW_LOSS,
-    R, C, D, n_local, col_offset, inv_temp,
-    HAS_POSITIVE: tl.constexpr, FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr,
+    ZR, ZC, POS_COS, LSE, ROW_LOSS, PART_M, PART_L,
+    R, C, D, n_local, col_offset, scale2, cols_per_split,
+    HAS_POSITIVE: tl.constexpr, SPLIT: tl.constexpr, FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
 ):
-    """LSE[r] = log Σ_{c ≠ self(r)} exp(S_rc), S = ZR·ZCᵀ·inv_temp; ROW_LOSS[r] = LSE[r] - S_r,pos(r).
+    """LSE[r] = log Σ_{c ≠ self(r)} exp(S_rc), S = ZR·ZCᵀ/τ; ROW_LOSS[r] = LSE[r] - S_r,pos(r).
 
-    Row r is sample r mod n_local of view r // n_local; its own column is col_offset + r and
-    its positive col_offset + (r ± n_local) (columns are the rank-major concatenation of all
-    ranks' rows). The positive logit is POS_COS[sample]·inv_temp, the cosine computed in float32
-    from the inputs: it seeds the online log-sum-exp (m = s₊, l = 1) and its column is masked in
-    the tiles, so in half precision the term that dominates the loss is not rounded through the
-    stored ẑ. Without a positive (uniformity) the first tile holds a non-self column (C ≥ 2), so
-    the running max is finite from the first tile on (no -inf - -inf)."""
-    row_start = tl.program_id(0) * BLOCK_M
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_mask = rows < R
+    Grid (row blocks, column splits); each program sweeps columns [col_lo, col_hi) of its
+    split in tiles of BLOCK_N. Logits are kept in base 2: s = S·log2 e = ZR·ZCᵀ·scale2, so each
+    costs one multiply and one ``exp2``. Row r is sample r mod n_local of view r // n_local; its
+    own column is col_offset + r and its positive col_offset + (r ± n_local) (columns are the
+    rank-major concatenation of all ranks' rows). The positive logit is POS_COS[sample]·scale2,
+    the cosine computed in float32 from the inputs: it seeds the online log-sum-exp of the
+    first split (m = s₊, l = 1) and its column is masked in the tiles, so in half precision the
+    term that dominates the loss is not rounded through the stored ẑ. Masks (self, positive,
+    column edge) are applied only on the tiles that contain such columns."""
+    row_start, r, rows, row_mask = _row_block(R, BLOCK_M)
+    col_lo, col_hi = _column_range(C, cols_per_split)
+    self_lo, self_hi, pos0_lo, pos0_hi, pos1_lo, pos1_hi = _special_columns(
+        row_start, R, n_local, col_offset, HAS_POSITIVE, BLOCK_M)
     self_cols = rows + col_offset
-    sample = tl.where(rows < n_local, rows, rows - n_local)
     pos_cols = tl.where(rows < n_local, rows + n_local, rows - n_local) + col_offset
     a = _load_block(ZR, row_start, R, 0, D, BLOCK_M, BLOCK_K)
+    positive2 = tl.zeros((BLOCK_M,), tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
     if HAS_POSITIVE:
-        positive = tl.load(POS_COS + sample, mask=row_mask, other=0.0) * inv_temp
-        m_i = positive
-        l_i = tl.full((BLOCK_M,), 1.0, tl.float32)
-    else:
-        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        l_i = tl.zeros((BLOCK_M,), tl.float32)
-    for n0 in range(0, C, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < C
-        s = _logits_tile(ZR, row_start, R, a, ZC, n0, C, D,
-                         FP32_IEEE, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K) * inv_temp
-        keep = col_mask[None, :] & (cols[None, :] != self_cols[:, None])
-        if HAS_POSITIVE:
-            keep = keep & (cols[None, :] != pos_cols[:, None])
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
-        m_i = m_new
-    lse = m_i + tl.log(l_i)
-    tl.store(LSE + rows, lse, mask=row_mask)
-    if HAS_POSITIVE:
-        tl.store(ROW_LOSS + rows, lse - positive, mask=row_mask)
+        sample = tl.where(rows < n_local, rows, rows - n_local)
+        positive2 = tl.load(POS_COS + sample, mask=row_mask, other=0.0) * scale2
+        if tl.program_id(1) == 0:
+            m_i = positive2
+            l_i = tl.full((BLOCK_M,), 1.0, tl.float32)
+    for n0 in range(col_lo, col_hi, BLOCK_N):
+        s, b = _logits_tile(ZR, row_start, R, a, ZC, n0, C, D, FP32_IEEE, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K)
+        s = s * scale2
+        needs_mask = (n0 + BLOCK_N > C) | _overlaps(n0, BLOCK_N, self_lo, self_hi)
+        needs_mask = needs_mask | _overlaps(n0, BLOCK_N, pos0_lo, pos0_hi) | _overlaps(n0, BLOCK_N, pos1_lo, pos1_hi)
+        if needs_mask:
+            cols = n0 + tl.arange(0, BLOCK_N)
+            keep = (cols[None, :] < C) & (cols[None, :] != self_cols[:, None])
+            if HAS_POSITIVE:
+                keep = keep & (cols[None, :] != pos_cols[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        m_i, l_i = _online_lse_step(m_i, l_i, s)
+    _store_lse(LSE, ROW_LOSS, PART_M, PART_L, rows, row_mask, m_i, l_i, positive2, R, SPLIT, HAS_POSITIVE)
 
 
 @triton.jit
 def _pair_lse_bwd_kernel(
     ZR, ZC, POS_COS, LSE_R, LSE_C, GRAD_LOSS, DZ, POS_COEF,
-    R, C, D, n_local, col_offset, inv_temp, grad_scale, lse_shift,
-    HAS_POSITIVE: tl.constexpr, FACTORED: tl.constexpr, FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr,
+    R, C, D, n_local, col_offset, scale2, grad_scale, lse_shift2, cols_per_split,
+    HAS_POSITIVE: tl.constexpr, WEIGHTS: tl.constexpr, FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
 ):
     """dẑ_r = g·grad_scale·Σ_{c≠self} H_rc ZC[c], H_rc = e^{S_rc - LSE_R[r]} + e^{S_rc - LSE_C[c]} - 2[c = pos(r)],
-    written as DZ[r] (every column but the positive) and POS_COEF[r] = g·grad_scale·H_r,pos(r):
-    dẑ_r = DZ[r] + POS_COEF[r]·ẑ_partner(r), completed by the normalization's backward.
+    written as DZ[split, r] (this split's columns but the positive) and POS_COEF[r] =
+    g·grad_scale·H_r,pos(r) (by split 0): dẑ_r = Σ_split DZ[split, r] + POS_COEF[r]·ẑ_partner(r),
+    completed by the normalization's backward.
 
     g is read from GRAD_LOSS on the device (no host sync). The negatives' weights lie in [0, 2]
     and go to ``tl.dot`` in the input dtype (as FlashAttention's P); the positive's weight (near
@@ -363,54 +500,58 @@ def _pair_lse_bwd_kernel(
     forward. Adding its ẑ_partner row here would cost a layout conversion into the accumulator
     and spill registers; the normalization backward reads that row anyway at no cost.
 
-    FACTORED: e^{S_rc - lse_c} = e^{S_rc - lse_r}·α_r·β_c with α_r = e^{lse_r - shift},
-    β_c = e^{shift - lse_c}: one exponential per logit instead of two (the exponential unit, not
-    the tensor cores, bounds this kernel). The launcher enables it only where no factor can
-    overflow and e^{S - lse_r} cannot underflow while e^{S - lse_c} matters (see
-    ``_factored_backward``)."""
-    row_start = tl.program_id(0) * BLOCK_M
-    r = tl.arange(0, BLOCK_M)
-    rows = row_start + r
-    row_mask = rows < R
+    Everything in base 2 (s = S·log2 e, lse₂ = lse·log2 e). WEIGHTS selects H's form:
+    0 -- two exponentials, 2^{s - lse₂_r} + 2^{s - lse₂_c};
+    1 -- factored: 2^{s - lse₂_c} = 2^{s - lse₂_r}·α_r·β_c with α_r = 2^{lse₂_r - shift},
+         β_c = 2^{shift - lse₂_c}: one exponential per logit (the launcher enables it only where
+         no factor can overflow and 2^{s - lse₂_r} cannot underflow while 2^{s - lse₂_c} matters,
+         see ``_factored_backward``);
+    2 -- one global log-sum-exp T in LSE_R[0] (uniformity): H = 2·2^{s - T₂}."""
+    row_start, r, rows, row_mask = _row_block(R, BLOCK_M)
+    col_lo, col_hi = _column_range(C, cols_per_split)
+    self_lo, self_hi, pos0_lo, pos0_hi, pos1_lo, pos1_hi = _special_columns(
+        row_start, R, n_local, col_offset, HAS_POSITIVE, BLOCK_M)
     self_cols = rows + col_offset
-    sample = tl.where(rows < n_local, rows, rows - n_local)
     pos_cols = tl.where(rows < n_local, rows + n_local, rows - n_local) + col_offset
-    lse_r = tl.load(LSE_R + rows, mask=row_mask, other=0.0)
-    alpha_r = tl.exp(lse_r - lse_shift)
+    log2e = 1.4426950408889634
+    if WEIGHTS == 2:
+        lse2_r = tl.zeros((BLOCK_M,), tl.float32) + tl.load(LSE_R) * log2e
+    else:
+        lse2_r = tl.load(LSE_R + rows, mask=row_mask, other=0.0) * log2e
+    alpha_r = tl.exp2(lse2_r - lse_shift2)
     a = _load_block(ZR, row_start, R, 0, D, BLOCK_M, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
-    dz_base = DZ + tl.cast(row_start, tl.int64) * D
+    dz_base = DZ + (tl.program_id(1).to(tl.int64) * R + row_start) * D
     if not SINGLE_K:
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            tl.store(dz_base + r[:, None] * D + ks[None, :], tl.zeros((BLOCK_M, BLOCK_K), tl.float32),
-                     mask=row_mask[:, None] & (ks[None, :] < D))
-        tl.debug_barrier()
-    for n0 in range(0, C, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < C
-        if SINGLE_K:
-            b = _load_block(ZC, n0, C, 0, D, BLOCK_N, BLOCK_K)
-            s = _dot(a, tl.trans(b), FP32_IEEE) * inv_temp
+        _zero_rows(dz_base, r, row_mask, D, BLOCK_M, BLOCK_K)
+    for n0 in range(col_lo, col_hi, BLOCK_N):
+        s, b = _logits_tile(ZR, row_start, R, a, ZC, n0, C, D, FP32_IEEE, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K)
+        s = s * scale2
+        p = tl.exp2(s - lse2_r[:, None])
+        if WEIGHTS == 0:
+            lse2_c = tl.load(LSE_C + n0 + tl.arange(0, BLOCK_N), mask=n0 + tl.arange(0, BLOCK_N) < C, other=0.0) * log2e
+            h = p + tl.exp2(s - lse2_c[None, :])
+        elif WEIGHTS == 1:
+            lse2_c = tl.load(LSE_C + n0 + tl.arange(0, BLOCK_N), mask=n0 + tl.arange(0, BLOCK_N) < C, other=0.0) * log2e
+            h = p + p * (alpha_r[:, None] * tl.exp2(lse_shift2 - lse2_c)[None, :])
         else:
-            s = _logits_tile(ZR, row_start, R, a, ZC, n0, C, D,
-                             FP32_IEEE, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K) * inv_temp
-        lse_c = tl.load(LSE_C + cols, mask=col_mask, other=0.0)
-        keep = row_mask[:, None] & col_mask[None, :] & (cols[None, :] != self_cols[:, None])
-        if HAS_POSITIVE:
-            keep = keep & (cols[None, :] != pos_cols[:, None])
-        # Masked entries may overflow to inf before the select; the select drops them.
-        if FACTORED:
-            p = tl.exp(s - lse_r[:, None])
-            h = p + (p * alpha_r[:, None]) * tl.exp(lse_shift - lse_c)[None, :]
-        else:
-            h = tl.exp(s - lse_r[:, None]) + tl.exp(s - lse_c[None, :])
-        h = _round_to(tl.where(keep, h, 0.0), ZC.dtype.element_ty, BF16_RTNE)
+            h = p + p
+        needs_mask = (n0 + BLOCK_N > C) | _overlaps(n0, BLOCK_N, self_lo, self_hi)
+        needs_mask = needs_mask | _overlaps(n0, BLOCK_N, pos0_lo, pos0_hi) | _overlaps(n0, BLOCK_N, pos1_lo, pos1_hi)
+        if needs_mask:
+            # Masked entries may be inf (an edge column's zero logit against a tiny lse) before
+            # the select; the select drops them.
+            cols = n0 + tl.arange(0, BLOCK_N)
+            keep = (cols[None, :] < C) & (cols[None, :] != self_cols[:, None])
+            if HAS_POSITIVE:
+                keep = keep & (cols[None, :] != pos_cols[:, None])
+            h = tl.where(keep, h, 0.0)
+        h = _round_to(h, ZC.dtype.element_ty, BF16_RTNE)
         if SINGLE_K:
             acc += _dot(h, b, FP32_IEEE)
         else:
-            # This program owns its rows of DZ: read-modify-write per d-chunk, race-free. The
-            # barrier orders one tile's stores before the next tile's loads across warps.
+            # This program owns its rows of its split's DZ: read-modify-write per d-chunk,
+            # race-free. The barrier orders one tile's stores before the next tile's loads.
             for k0 in range(0, D, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 b_k = _load_block(ZC, n0, C, k0, D, BLOCK_N, BLOCK_K)
@@ -420,19 +561,13 @@ def _pair_lse_bwd_kernel(
             tl.debug_barrier()
     scale = tl.load(GRAD_LOSS).to(tl.float32) * grad_scale
     if HAS_POSITIVE:
-        positive = tl.load(POS_COS + sample, mask=row_mask, other=0.0) * inv_temp
-        lse_pos = tl.load(LSE_C + pos_cols, mask=row_mask, other=0.0)
-        positive_weight = tl.exp(positive - lse_r) + tl.exp(positive - lse_pos) - 2.0
-        tl.store(POS_COEF + rows, positive_weight * scale, mask=row_mask)
-    if SINGLE_K:
-        ks = tl.arange(0, BLOCK_K)
-        tl.store(dz_base + r[:, None] * D + ks[None, :], acc * scale, mask=row_mask[:, None] & (ks[None, :] < D))
-    else:
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            dz_ptrs = dz_base + r[:, None] * D + ks[None, :]
-            dz_mask = row_mask[:, None] & (ks[None, :] < D)
-            tl.store(dz_ptrs, tl.load(dz_ptrs, mask=dz_mask, other=0.0) * scale, mask=dz_mask)
+        if tl.program_id(1) == 0:
+            sample = tl.where(rows < n_local, rows, rows - n_local)
+            positive2 = tl.load(POS_COS + sample, mask=row_mask, other=0.0) * scale2
+            lse2_pos = tl.load(LSE_C + pos_cols, mask=row_mask, other=0.0) * log2e
+            positive_weight = tl.exp2(positive2 - lse2_r) + tl.exp2(positive2 - lse2_pos) - 2.0
+            tl.store(POS_COEF + rows, positive_weight * scale, mask=row_mask)
+    _store_scaled_rows(dz_base, r, row_mask, acc, scale, D, SINGLE_K, BLOCK_K)
 
 
 @triton.jit
@@ -458,85 +593,76 @@ def _bank_logits_tile(
     FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
 ):
+    """(logits tile, bank tile when SINGLE_K), as ``_logits_tile`` for bank columns."""
     if SINGLE_K:
         b = _bank_tile(BANK, n0, K, stride_bank_row, stride_bank_col, 0, D, ZQ.dtype.element_ty, BF16_RTNE, BLOCK_N, BLOCK_K)
         s = _dot(a, tl.trans(b), FP32_IEEE)
     else:
+        b = a  # unused
         s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k0 in range(0, D, BLOCK_K):
             a_k = _load_block(ZQ, row_start, N, k0, D, BLOCK_M, BLOCK_K)
             b_k = _bank_tile(BANK, n0, K, stride_bank_row, stride_bank_col, k0, D, ZQ.dtype.element_ty, BF16_RTNE, BLOCK_N, BLOCK_K)
             s += _dot(a_k, tl.trans(b_k), FP32_IEEE)
-    return s
+    return s, b
 
 
 @triton.jit
 def _infonce_fwd_kernel(
-    ZQ, POS_COS, BANK, stride_bank_row, stride_bank_col, LSE, ROW_LOSS,
-    N, K, D, inv_temp,
-    FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr,
+    ZQ, POS_COS, BANK, stride_bank_row, stride_bank_col, LSE, ROW_LOSS, PART_M, PART_L,
+    N, K, D, scale2, cols_per_split,
+    SPLIT: tl.constexpr, FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
 ):
     """LSE[i] = log(e^{s₊} + Σ_j e^{q̂_i·b_j/τ}), s₊ = POS_COS[i]/τ (float32 cosine of the inputs);
-    ROW_LOSS[i] = LSE[i] - s₊. The online log-sum-exp starts from the positive (m = s₊, l = 1):
-    always finite."""
-    row_start = tl.program_id(0) * BLOCK_M
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_mask = rows < N
-    positive = tl.load(POS_COS + rows, mask=row_mask, other=0.0) * inv_temp
+    ROW_LOSS[i] = LSE[i] - s₊. Grid (row blocks, bank splits), base-2 logits as the pair
+    kernel; the first split's online log-sum-exp starts from the positive (m = s₊, l = 1).
+    Only the last bank tile is masked."""
+    row_start, r, rows, row_mask = _row_block(N, BLOCK_M)
+    col_lo, col_hi = _column_range(K, cols_per_split)
+    positive2 = tl.load(POS_COS + rows, mask=row_mask, other=0.0) * scale2
     a = _load_block(ZQ, row_start, N, 0, D, BLOCK_M, BLOCK_K)
-    m_i = positive
-    l_i = tl.full((BLOCK_M,), 1.0, tl.float32)
-    for n0 in range(0, K, BLOCK_N):
-        col_mask = (n0 + tl.arange(0, BLOCK_N)) < K
-        s = _bank_logits_tile(ZQ, row_start, N, a, BANK, n0, K, stride_bank_row, stride_bank_col, D,
-                              FP32_IEEE, BF16_RTNE, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K) * inv_temp
-        s = tl.where(col_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
-        m_i = m_new
-    lse = m_i + tl.log(l_i)
-    tl.store(LSE + rows, lse, mask=row_mask)
-    tl.store(ROW_LOSS + rows, lse - positive, mask=row_mask)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    if tl.program_id(1) == 0:
+        m_i = positive2
+        l_i = tl.full((BLOCK_M,), 1.0, tl.float32)
+    for n0 in range(col_lo, col_hi, BLOCK_N):
+        s, b = _bank_logits_tile(ZQ, row_start, N, a, BANK, n0, K, stride_bank_row, stride_bank_col, D,
+                                 FP32_IEEE, BF16_RTNE, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K)
+        s = s * scale2
+        if n0 + BLOCK_N > K:
+            s = tl.where((n0 + tl.arange(0, BLOCK_N))[None, :] < K, s, float("-inf"))
+        m_i, l_i = _online_lse_step(m_i, l_i, s)
+    _store_lse(LSE, ROW_LOSS, PART_M, PART_L, rows, row_mask, m_i, l_i, positive2, N, SPLIT, True)
 
 
 @triton.jit
 def _infonce_bwd_kernel(
     ZQ, POS_COS, BANK, stride_bank_row, stride_bank_col, LSE, GRAD_LOSS, DQ, POS_COEF,
-    N, K, D, inv_temp, grad_scale,
+    N, K, D, scale2, grad_scale, cols_per_split,
     FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
 ):
     """dq̂_i = g·grad_scale·((p₊-1) k̂_i + Σ_j P_ij b_j), dk̂_i = g·grad_scale·(p₊-1) q̂_i, written as
-    DQ[i] = g·grad_scale·Σ_j P_ij b_j and POS_COEF[i] = g·grad_scale·(p₊-1): the normalization
-    backward adds the key (query) row times the coefficient, as for NT-Xent's positive."""
-    row_start = tl.program_id(0) * BLOCK_M
-    r = tl.arange(0, BLOCK_M)
-    rows = row_start + r
-    row_mask = rows < N
-    lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
-    positive = tl.load(POS_COS + rows, mask=row_mask, other=0.0) * inv_temp
-    positive_weight = tl.exp(positive - lse) - 1.0
+    DQ[split, i] = g·grad_scale·Σ_{j in split} P_ij b_j and POS_COEF[i] = g·grad_scale·(p₊-1) (by
+    split 0): the normalization backward sums the splits and adds the key (query) row times
+    the coefficient, as for NT-Xent's positive."""
+    row_start, r, rows, row_mask = _row_block(N, BLOCK_M)
+    col_lo, col_hi = _column_range(K, cols_per_split)
+    lse2 = tl.load(LSE + rows, mask=row_mask, other=0.0) * 1.4426950408889634  # log2 e
     a = _load_block(ZQ, row_start, N, 0, D, BLOCK_M, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
-    dq_base = DQ + tl.cast(row_start, tl.int64) * D
+    dq_base = DQ + (tl.program_id(1).to(tl.int64) * N + row_start) * D
     if not SINGLE_K:
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            tl.store(dq_base + r[:, None] * D + ks[None, :], tl.zeros((BLOCK_M, BLOCK_K), tl.float32),
-                     mask=row_mask[:, None] & (ks[None, :] < D))
-        tl.debug_barrier()
-    for n0 in range(0, K, BLOCK_N):
-        col_mask = (n0 + tl.arange(0, BLOCK_N)) < K
-        if SINGLE_K:
-            b = _bank_tile(BANK, n0, K, stride_bank_row, stride_bank_col, 0, D, ZQ.dtype.element_ty, BF16_RTNE,
-                           BLOCK_N, BLOCK_K)
-            s = _dot(a, tl.trans(b), FP32_IEEE) * inv_temp
-        else:
-            s = _bank_logits_tile(ZQ, row_start, N, a, BANK, n0, K, stride_bank_row, stride_bank_col, D,
-                                  FP32_IEEE, BF16_RTNE, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K) * inv_temp
-        keep = row_mask[:, None] & col_mask[None, :]
-        p = _round_to(tl.where(keep, tl.exp(s - lse[:, None]), 0.0), ZQ.dtype.element_ty, BF16_RTNE)
+        _zero_rows(dq_base, r, row_mask, D, BLOCK_M, BLOCK_K)
+    for n0 in range(col_lo, col_hi, BLOCK_N):
+        s, b = _bank_logits_tile(ZQ, row_start, N, a, BANK, n0, K, stride_bank_row, stride_bank_col, D,
+                                 FP32_IEEE, BF16_RTNE, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K)
+        p = tl.exp2(s * scale2 - lse2[:, None])
+        if n0 + BLOCK_N > K:
+            p = tl.where((n0 + tl.arange(0, BLOCK_N))[None, :] < K, p, 0.0)
+        p = _round_to(p, ZQ.dtype.element_ty, BF16_RTNE)
         if SINGLE_K:
             acc += _dot(p, b, FP32_IEEE)
         else:
@@ -549,16 +675,10 @@ def _infonce_bwd_kernel(
                 tl.store(dq_ptrs, tl.load(dq_ptrs, mask=dq_mask, other=0.0) + _dot(p, b_k, FP32_IEEE), mask=dq_mask)
             tl.debug_barrier()
     scale = tl.load(GRAD_LOSS).to(tl.float32) * grad_scale
-    tl.store(POS_COEF + rows, positive_weight * scale, mask=row_mask)
-    if SINGLE_K:
-        ks = tl.arange(0, BLOCK_K)
-        tl.store(dq_base + r[:, None] * D + ks[None, :], acc * scale, mask=row_mask[:, None] & (ks[None, :] < D))
-    else:
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            mask = row_mask[:, None] & (ks[None, :] < D)
-            offsets = r[:, None] * D + ks[None, :]
-            tl.store(dq_base + offsets, tl.load(dq_base + offsets, mask=mask, other=0.0) * scale, mask=mask)
+    if tl.program_id(1) == 0:
+        positive2 = tl.load(POS_COS + rows, mask=row_mask, other=0.0) * scale2
+        tl.store(POS_COEF + rows, (tl.exp2(positive2 - lse2) - 1.0) * scale, mask=row_mask)
+    _store_scaled_rows(dq_base, r, row_mask, acc, scale, D, SINGLE_K, BLOCK_K)
 
 
 # --------------------------------------------------------------------------------------------
@@ -571,7 +691,9 @@ class KernelConfig:
     """Tile shape of the pair kernels. ``single_k``: the whole feature dimension is one
     ``block_k`` tile (register accumulation); otherwise d is walked in ``block_k`` chunks.
     ``fp32_operands``: keep ẑ in float32 and multiply in IEEE float32 even for half inputs
-    (None: only when d <= ``FP32_OPERANDS_MAX_D``, see :func:`operand_dtype`)."""
+    (None: only when d <= ``FP32_OPERANDS_MAX_D``, see :func:`operand_dtype`).
+    ``col_splits``: programs per row block, each sweeping a contiguous share of the columns
+    (None: :func:`column_splits`' choice on CUDA, 1 under the interpreter)."""
 
     block_m: int
     block_n: int
@@ -580,6 +702,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     fp32_operands: Optional[bool] = None
+    col_splits: Optional[int] = None
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
@@ -587,18 +710,21 @@ class KernelConfig:
             # tl.dot needs every tile side >= 16 on the GPU, and arange needs powers of two.
             if value < 16 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+        if self.col_splits is not None and self.col_splits < 1:
+            raise ValueError(f"col_splits must be >= 1, got {self.col_splits}")
 
 
 def default_config(d: int, dtype: torch.dtype) -> KernelConfig:
     """Tiles for feature dimension ``d`` and operand ``dtype``.
 
-    GPU: FlashAttention-2-like shapes, 8 warps, chosen so that ptxas (sm_90) allocates every
-    forward and backward kernel without register spills (checked by compiling for sm_90 and
-    reading ``ptxas -v``): half operands keep the whole row in one register tile up to d = 256
-    and walk d in chunks of 64 beyond; float32 operands (IEEE products on the FMA units, which
-    hold both operands in registers) keep one tile up to d = 64 and walk chunks of 32 beyond.
-    Under the interpreter, whose cost is per operation and program rather than per element, the
-    largest tiles that stay small in memory."""
+    GPU: 64-row blocks so that small batches still fill the chip (with the column splits of
+    :func:`column_splits`); half operands up to d = 128 as one warpgroup (4 warps, wgmma
+    m64n64), chosen so that ptxas (sm_90) allocates every forward and backward kernel without
+    register spills (checked by compiling for sm_90): half operands keep the whole row in one
+    register tile up to d = 256 and walk d in chunks of 64 beyond; float32 operands (IEEE
+    products on the FMA units, which hold both operands in registers) keep one tile up to
+    d = 64 and walk chunks of 32 beyond. Under the interpreter, whose cost is per operation and
+    program rather than per element, the largest tiles that stay small in memory."""
     block_d = max(16, triton.next_power_of_2(d))
     if triton_interpreter_enabled():
         if block_d <= 256:
@@ -606,7 +732,7 @@ def default_config(d: int, dtype: torch.dtype) -> KernelConfig:
         return KernelConfig(64, 128, 256, False)
     if dtype in (torch.float16, torch.bfloat16):
         if block_d <= 128:
-            return KernelConfig(128, 64, block_d, True, num_warps=8, num_stages=2)
+            return KernelConfig(64, 64, block_d, True, num_warps=4, num_stages=3)
         if block_d <= 256:
             return KernelConfig(64, 32, block_d, True, num_warps=8, num_stages=2)
         return KernelConfig(64, 64, 64, False, num_warps=8, num_stages=2)
@@ -615,6 +741,68 @@ def default_config(d: int, dtype: torch.dtype) -> KernelConfig:
     if block_d <= 64:
         return KernelConfig(64, 32, block_d, True, num_warps=8, num_stages=2)
     return KernelConfig(64, 64, 32, False, num_warps=8, num_stages=2)
+
+
+# The H200's (and H100's) SM count: the schedule assumed for a device that is not a CUDA one
+# (launch capture and reports on a machine without a GPU).
+DEFAULT_SMS = 132
+# Programs of the default tiles resident per SM (registers and shared memory allow 2-3).
+PROGRAMS_PER_SM = 2
+# The measured rates of the floor (DESIGN's performance section): bf16 MMA and copy bandwidth.
+MMA_FLOPS = 790e12
+COPY_BYTES_PER_S = 4.3e12
+MAX_SPLITS = 65535  # grid axis 1
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device (a cached property query, no sync); DEFAULT_SMS elsewhere."""
+    if device.type != "cuda":
+        return DEFAULT_SMS
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def column_splits(
+    row_blocks: int, col_tiles: int, sweep_seconds: float, partial_seconds: float, sms: int = DEFAULT_SMS
+) -> int:
+    """Programs per row block for a column sweep split S ways, from a cost model.
+
+    With ``slots = PROGRAMS_PER_SM · sms`` programs resident at once, row_blocks·S programs of
+    ``sweep_seconds / S`` each (one row block's whole sweep takes ``sweep_seconds`` on one
+    program slot) take ``ceil(row_blocks·S / slots) · sweep_seconds / S``; each further split
+    adds ``partial_seconds`` (writing and re-reading its partial results). The smallest S
+    minimizing the sum, at most one per column tile. Large batches get S = 1; NT-Xent
+    2N = 8192 (128 row blocks) gets 2, InfoNCE N = 256 against 65536 bank rows about 64."""
+    slots = PROGRAMS_PER_SM * max(1, sms)
+    best, best_time = 1, math.inf
+    for splits in range(1, min(col_tiles, MAX_SPLITS, 4 * slots) + 1):
+        waves = -(-row_blocks * splits // slots)
+        time = waves * sweep_seconds / splits + (splits - 1) * partial_seconds
+        if time < best_time * (1 - 1e-9):
+            best, best_time = splits, time
+    return best
+
+
+def _split_columns(
+    cfg: KernelConfig, n_rows: int, n_cols: int, flops_per_logit: float, partial_bytes: float, device: torch.device
+) -> Tuple[int, int]:
+    """(splits, columns per split, a multiple of block_n) for a sweep of n_rows × n_cols logits."""
+    col_tiles = triton.cdiv(max(n_cols, 1), cfg.block_n)
+    if cfg.col_splits is not None:
+        splits = min(cfg.col_splits, col_tiles)
+    elif device.type != "cuda" and triton_interpreter_enabled():
+        splits = 1  # the interpreter's cost is per program
+    else:
+        sms = sm_count(device)
+        per_slot = MMA_FLOPS / (PROGRAMS_PER_SM * sms)
+        sweep = cfg.block_m * n_cols * flops_per_logit / per_slot
+        splits = column_splits(triton.cdiv(n_rows, cfg.block_m), col_tiles, sweep, partial_bytes / COPY_BYTES_PER_S, sms)
+    tiles_per_split = triton.cdiv(col_tiles, splits)
+    return triton.cdiv(col_tiles, tiles_per_split), tiles_per_split * cfg.block_n
 
 
 # Up to this d the pair kernels keep ẑ in float32 for half inputs. Rounding ẑ to bf16 moves a
@@ -663,16 +851,25 @@ def _int32_addressable(bank: Tensor, cfg: KernelConfig) -> Tensor:
 
 
 def _norm_blocks(m: int, d: int) -> Tuple[int, int]:
-    """(rows, features) per program of the row-wise kernels: ≤ 2048 elements on the GPU; under
+    """(rows, features) per program of the row-wise kernels: ≤ 2048 elements on the GPU, fewer
+    rows while that leaves less than a wave of 2 programs per SM (these kernels are
+    bandwidth-bound: InfoNCE's 256 queries summing 64 partial gradients need every SM); under
     the interpreter, as many rows as fit 2**16 elements (its cost is per program)."""
     block_d = min(max(16, triton.next_power_of_2(d)), 1024)
-    budget = 1 << 16 if triton_interpreter_enabled() else 2048
-    return max(1, min(budget // block_d, triton.next_power_of_2(m))), block_d
+    if triton_interpreter_enabled():
+        return max(1, min((1 << 16) // block_d, triton.next_power_of_2(m))), block_d
+    rows = max(1, min(2048 // block_d, triton.next_power_of_2(m)))
+    while rows > 1 and triton.cdiv(m, rows) < PROGRAMS_PER_SM * DEFAULT_SMS:
+        rows //= 2
+    return rows, block_d
 
 
 # --------------------------------------------------------------------------------------------
 # Launchers (explicit output buffers, so tests can poison them)
 # --------------------------------------------------------------------------------------------
+
+_LOG2E = 1.4426950408889634
+_MERGE_BLOCK = 1024  # rows per program of the split merge (S·8 bytes per row)
 
 
 def _launch(kernel, grid: Tuple[int, ...], *args, **kwargs) -> None:
@@ -712,21 +909,23 @@ def l2_normalize_rows_backward(
     x: Tensor, norms: Tensor, grad_z: Optional[Tensor], row_offset: int = 0, out: Optional[Tensor] = None,
     partner: Optional[Tensor] = None, partner_coef: Optional[Tensor] = None,
 ) -> Tensor:
-    """dx (x's shape and dtype, contiguous) from dẑ = ``grad_z[row_offset : row_offset + M]``
-    (+ ``partner_coef[row_offset + i] · partner[i]`` with a partner (M, d), contiguous; without
-    ``grad_z``, that term alone)."""
+    """dx (x's shape and dtype, contiguous) from dẑ = ``grad_z[row_offset : row_offset + M]``, or
+    the sum over the first axis of a (parts, ·, d) ``grad_z`` (the column splits' partial
+    gradients) -- plus ``partner_coef[row_offset + i] · partner[i]`` with a partner (M, d),
+    contiguous; without ``grad_z``, that term alone."""
     m, d = x.shape
     if out is None:
         out = torch.empty((m, d), dtype=x.dtype, device=x.device)
     has_dz = grad_z is not None
     assert out.is_contiguous() and (not has_dz or (grad_z.is_contiguous() and grad_z.dtype == torch.float32))
+    n_parts, part_stride = (grad_z.shape[0], grad_z.stride(0)) if has_dz and grad_z.dim() == 3 else (1, 0)
     has_partner = partner is not None
     assert has_dz or has_partner
     if has_partner:
         assert partner.is_contiguous() and partner.shape == x.shape and partner_coef is not None
     block_m, block_d = _norm_blocks(m, d)
     _launch(_l2_normalize_bwd_kernel, (triton.cdiv(m, block_m),),
-        x, x.stride(0), x.stride(1), norms, grad_z if has_dz else norms, out, m, d, row_offset,
+        x, x.stride(0), x.stride(1), norms, grad_z if has_dz else norms, out, m, d, row_offset, n_parts, part_stride,
         partner if has_partner else norms, partner_coef if has_partner else norms,
         HAS_DZ=has_dz, HAS_PARTNER=has_partner, EPS=_NORM_EPS, BF16_RTNE=_emulate_rtne(out.dtype), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
     )
@@ -748,6 +947,28 @@ def rowwise_cosine(
     return out
 
 
+def _lse_outputs(n_rows: int, splits: int, with_loss: bool, device: torch.device, lse: Optional[Tensor],
+                 row_loss: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """lse, row loss and the splits' (max, sum) partials (2, S, R) -- a placeholder when S = 1."""
+    if lse is None:
+        lse = torch.empty(n_rows, dtype=torch.float32, device=device)
+    if row_loss is None:
+        row_loss = torch.empty(n_rows if with_loss else 1, dtype=torch.float32, device=device)
+    # S = 1: the kernel writes lse directly; the partials' pointers are never read.
+    partials = torch.empty((2, splits, n_rows), dtype=torch.float32, device=device) if splits > 1 else lse.view(1, 1, -1).expand(2, 1, -1)
+    return lse, row_loss, partials
+
+
+def _merge_splits(partials: Tensor, pos_cos: Optional[Tensor], lse: Tensor, row_loss: Tensor, n_local: int,
+                  scale2: float) -> None:
+    n_splits, n_rows = partials.shape[1], partials.shape[2]
+    block = _MERGE_BLOCK if not triton_interpreter_enabled() else triton.next_power_of_2(min(n_rows, 1 << 14))
+    _launch(_lse_merge_kernel, (triton.cdiv(n_rows, block),),
+        partials[0], partials[1], pos_cos if pos_cos is not None else lse, lse, row_loss, n_rows, n_local, n_splits,
+        scale2, HAS_POSITIVE=pos_cos is not None, BLOCK=block, num_warps=4,
+    )
+
+
 def pair_lse_forward(
     z_rows: Tensor, z_cols: Tensor, pos_cos: Optional[Tensor], inv_temp: float, n_local: int, col_offset: int,
     config: Optional[KernelConfig] = None, lse: Optional[Tensor] = None, row_loss: Optional[Tensor] = None,
@@ -760,16 +981,19 @@ def pair_lse_forward(
     c = z_cols.shape[0]
     cfg = _resolve_config(config, d, z_rows.dtype)
     with_positive = pos_cos is not None
-    if lse is None:
-        lse = torch.empty(r, dtype=torch.float32, device=z_rows.device)
-    if row_loss is None:
-        row_loss = torch.empty(r if with_positive else 1, dtype=torch.float32, device=z_rows.device)
-    _launch(_pair_lse_fwd_kernel, (triton.cdiv(r, cfg.block_m),),
-        z_rows, z_cols, pos_cos if with_positive else lse, lse, row_loss, r, c, d, n_local, col_offset, float(inv_temp),
-        HAS_POSITIVE=with_positive, FP32_IEEE=_dot_in_fp32(z_rows.dtype), BF16_RTNE=_emulate_rtne(z_rows.dtype),
+    splits, cols_per_split = _split_columns(cfg, r, c, 2.0 * d, 16.0 * r, z_rows.device)
+    lse, row_loss, partials = _lse_outputs(r, splits, with_positive, z_rows.device, lse, row_loss)
+    scale2 = float(inv_temp) * _LOG2E
+    _launch(_pair_lse_fwd_kernel, (triton.cdiv(r, cfg.block_m), splits),
+        z_rows, z_cols, pos_cos if with_positive else lse, lse, row_loss, partials[0], partials[1],
+        r, c, d, n_local, col_offset, scale2, cols_per_split,
+        HAS_POSITIVE=with_positive, SPLIT=splits > 1, FP32_IEEE=_dot_in_fp32(z_rows.dtype),
+        BF16_RTNE=_emulate_rtne(z_rows.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=cfg.single_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if splits > 1:
+        _merge_splits(partials, pos_cos, lse, row_loss, n_local, scale2)
     return lse, row_loss
 
 
@@ -783,35 +1007,50 @@ def _factored_backward(inv_temp: float, n_cols: int) -> bool:
     return 2.0 * abs(inv_temp) + math.log(max(n_cols, 2)) < 80.0
 
 
+def _gradient_buffer(out: Optional[Tensor], splits: int, n_rows: int, d: int, device: torch.device) -> Tensor:
+    """(S, R, d) float32 partial gradients; a caller's (R, d) buffer serves when S = 1."""
+    if out is None:
+        return torch.empty((splits, n_rows, d), dtype=torch.float32, device=device)
+    if out.dim() == 2:
+        assert splits == 1, "a 2-d gradient buffer needs an unsplit sweep"
+        return out.view(1, n_rows, d)
+    assert out.shape == (splits, n_rows, d)
+    return out
+
+
 def pair_lse_backward(
     z_rows: Tensor, z_cols: Tensor, pos_cos: Optional[Tensor], lse_rows: Tensor, lse_cols: Tensor,
     grad_loss: Tensor, inv_temp: float, grad_scale: float, n_local: int, col_offset: int,
     config: Optional[KernelConfig] = None, out: Optional[Tensor] = None, factored: Optional[bool] = None,
-    positive_coef: Optional[Tensor] = None,
+    positive_coef: Optional[Tensor] = None, global_lse: bool = False,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """dẑ rows: ``grad_loss · grad_scale · Σ_c (e^{S-lse_r} + e^{S-lse_c} - 2[c = pos]) z_c``.
 
-    Returns (out (R, d) float32, positive_coef (R,) float32 or None): with ``pos_cos`` the
-    positive column's term is left out of ``out`` and returned as a coefficient of the row's
-    partner ẑ_{r ± n} (see ``_pair_lse_bwd_kernel``). ``lse_rows``/``lse_cols`` must be
-    log-sum-exps of these logits (or, for uniformity, the global one) for the factored form
-    (default: where it is exact, :func:`_factored_backward`)."""
+    Returns (out (S, R, d) float32 -- the column splits' partial sums, S = 1 for an unsplit
+    sweep --, positive_coef (R,) float32 or None): with ``pos_cos`` the positive column's term
+    is left out of ``out`` and returned as a coefficient of the row's partner ẑ_{r ± n} (see
+    ``_pair_lse_bwd_kernel``). ``lse_rows``/``lse_cols`` must be log-sum-exps of these logits
+    for the factored form (default: where it is exact, :func:`_factored_backward`);
+    ``global_lse``: one log-sum-exp for every row and column, ``lse_rows`` (1 element)
+    (uniformity)."""
     r, d = z_rows.shape
     c = z_cols.shape[0]
     cfg = _resolve_config(config, d, z_rows.dtype)
     with_positive = pos_cos is not None
-    if out is None:
-        out = torch.empty((r, d), dtype=torch.float32, device=z_rows.device)
+    splits, cols_per_split = _split_columns(cfg, r, c, 4.0 * d, 8.0 * r * d, z_rows.device)
+    out = _gradient_buffer(out, splits, r, d, z_rows.device)
     if with_positive and positive_coef is None:
         positive_coef = torch.empty(r, dtype=torch.float32, device=z_rows.device)
-    grad_loss = _upstream(grad_loss)
     if factored is None:
         factored = _factored_backward(inv_temp, c)
-    _launch(_pair_lse_bwd_kernel, (triton.cdiv(r, cfg.block_m),),
-        z_rows, z_cols, pos_cos if with_positive else lse_rows, lse_rows, lse_cols, grad_loss, out,
+    weights = 2 if global_lse else int(bool(factored))
+    _launch(_pair_lse_bwd_kernel, (triton.cdiv(r, cfg.block_m), splits),
+        z_rows, z_cols, pos_cos if with_positive else lse_rows, lse_rows, lse_cols, _upstream(grad_loss), out,
         positive_coef if with_positive else lse_rows,
-        r, c, d, n_local, col_offset, float(inv_temp), float(grad_scale), math.log(max(c - 1, 1)),
-        HAS_POSITIVE=with_positive, FACTORED=bool(factored), FP32_IEEE=_dot_in_fp32(z_rows.dtype), BF16_RTNE=_emulate_rtne(z_rows.dtype),
+        r, c, d, n_local, col_offset, float(inv_temp) * _LOG2E, float(grad_scale), math.log2(max(c - 1, 1)),
+        cols_per_split,
+        HAS_POSITIVE=with_positive, WEIGHTS=weights, FP32_IEEE=_dot_in_fp32(z_rows.dtype),
+        BF16_RTNE=_emulate_rtne(z_rows.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=cfg.single_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -825,19 +1064,21 @@ def infonce_forward(
     """(lse (N,), row loss (N,)) of queries q̂ (N, d) against [own key (cosine ``pos_cos``);
     bank (K, d), any strides]."""
     n, d = q_hat.shape
+    k = bank.shape[0]
     cfg = _resolve_config(config, d, q_hat.dtype)
     bank = _int32_addressable(bank, cfg)
-    if lse is None:
-        lse = torch.empty(n, dtype=torch.float32, device=q_hat.device)
-    if row_loss is None:
-        row_loss = torch.empty(n, dtype=torch.float32, device=q_hat.device)
-    _launch(_infonce_fwd_kernel, (triton.cdiv(n, cfg.block_m),),
-        q_hat, pos_cos, bank, bank.stride(0), bank.stride(1), lse, row_loss,
-        n, bank.shape[0], d, float(inv_temp),
-        FP32_IEEE=_dot_in_fp32(q_hat.dtype), BF16_RTNE=_emulate_rtne(q_hat.dtype),
+    splits, cols_per_split = _split_columns(cfg, n, k, 2.0 * d, 16.0 * n, q_hat.device)
+    lse, row_loss, partials = _lse_outputs(n, splits, True, q_hat.device, lse, row_loss)
+    scale2 = float(inv_temp) * _LOG2E
+    _launch(_infonce_fwd_kernel, (triton.cdiv(n, cfg.block_m), splits),
+        q_hat, pos_cos, bank, bank.stride(0), bank.stride(1), lse, row_loss, partials[0], partials[1],
+        n, k, d, scale2, cols_per_split,
+        SPLIT=splits > 1, FP32_IEEE=_dot_in_fp32(q_hat.dtype), BF16_RTNE=_emulate_rtne(q_hat.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=cfg.single_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if splits > 1:
+        _merge_splits(partials, pos_cos, lse, row_loss, n, scale2)
     return lse, row_loss
 
 
@@ -846,19 +1087,20 @@ def infonce_backward(
     grad_scale: float, config: Optional[KernelConfig] = None,
     grad_q: Optional[Tensor] = None, positive_coef: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """(dq̂ from the bank (N, d) float32, positive_coef (N,) float32): the full gradients are
-    dq̂ + coef·k̂ and dk̂ = coef·q̂ (added by the normalization backward)."""
+    """(dq̂ from the bank (S, N, d) float32 -- the bank splits' partial sums --, positive_coef
+    (N,) float32): the full gradients are Σ_S dq̂ + coef·k̂ and dk̂ = coef·q̂ (added by the
+    normalization backward)."""
     n, d = q_hat.shape
+    k = bank.shape[0]
     cfg = _resolve_config(config, d, q_hat.dtype)
     bank = _int32_addressable(bank, cfg)
-    if grad_q is None:
-        grad_q = torch.empty((n, d), dtype=torch.float32, device=q_hat.device)
+    splits, cols_per_split = _split_columns(cfg, n, k, 4.0 * d, 8.0 * n * d, q_hat.device)
+    grad_q = _gradient_buffer(grad_q, splits, n, d, q_hat.device)
     if positive_coef is None:
         positive_coef = torch.empty(n, dtype=torch.float32, device=q_hat.device)
-    grad_loss = _upstream(grad_loss)
-    _launch(_infonce_bwd_kernel, (triton.cdiv(n, cfg.block_m),),
-        q_hat, pos_cos, bank, bank.stride(0), bank.stride(1), lse, grad_loss, grad_q, positive_coef,
-        n, bank.shape[0], d, float(inv_temp), float(grad_scale),
+    _launch(_infonce_bwd_kernel, (triton.cdiv(n, cfg.block_m), splits),
+        q_hat, pos_cos, bank, bank.stride(0), bank.stride(1), lse, _upstream(grad_loss), grad_q, positive_coef,
+        n, k, d, float(inv_temp) * _LOG2E, float(grad_scale), cols_per_split,
         FP32_IEEE=_dot_in_fp32(q_hat.dtype), BF16_RTNE=_emulate_rtne(q_hat.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=cfg.single_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -883,15 +1125,15 @@ def _config_to_ints(config: Optional[KernelConfig]) -> List[int]:
         return []
     fp32 = -1 if config.fp32_operands is None else int(config.fp32_operands)
     return [config.block_m, config.block_n, config.block_k, int(config.single_k), config.num_warps,
-            config.num_stages, fp32]
+            config.num_stages, fp32, config.col_splits or 0]
 
 
 def _config_from_ints(ints: Sequence[int]) -> Optional[KernelConfig]:
     if len(ints) == 0:
         return None
-    block_m, block_n, block_k, single_k, num_warps, num_stages, fp32 = (int(v) for v in ints)
+    block_m, block_n, block_k, single_k, num_warps, num_stages, fp32, splits = (int(v) for v in ints)
     return KernelConfig(block_m, block_n, block_k, bool(single_k), num_warps, num_stages,
-                        None if fp32 < 0 else bool(fp32))
+                        None if fp32 < 0 else bool(fp32), splits or None)
 
 
 def _common_dtype(a: Tensor, b: Tensor) -> torch.dtype:
@@ -991,9 +1233,8 @@ def _uniformity_backward(
 ) -> Tensor:
     """dẑ_i = g·2t·Σ_{j≠i} 2e^{S_ij - T} ẑ_j: the pair kernel with both log-sum-exps set to T."""
     config = _config_from_ints(config_ints)
-    lse = total_lse.expand(z.shape[0]).contiguous()
-    grad_z_hat, _ = pair_lse_backward(z_hat, z_hat, None, lse, lse, grad_loss, 2.0 * t, 2.0 * t, z.shape[0], 0,
-                                      config, factored=False)
+    grad_z_hat, _ = pair_lse_backward(z_hat, z_hat, None, total_lse, total_lse, grad_loss, 2.0 * t, 2.0 * t,
+                                      z.shape[0], 0, config, global_lse=True)
     return l2_normalize_rows_backward(z, norms, grad_z_hat)
 
 

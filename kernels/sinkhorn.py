@@ -706,6 +706,8 @@ def _(crops, queue, n_high, temperature, iterations, epsilon, gather_distributed
 
 
 def _swav_setup(ctx, inputs, output) -> None:
+    # The saved gradient output gets no incoming gradient: no (V, B, K) zeros materialized.
+    ctx.set_materialize_grads(False)
     crops = inputs[0]
     ctx.input_dtypes = [c.dtype for c in crops]
     ctx.n_queue = None if inputs[1] is None else len(inputs[1])

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fastssl
 import fastssl.functional as FS
 from fastssl import reference
 from fastssl.kernels import sinkhorn as kernels
@@ -311,3 +312,180 @@ SINKHORN_COMPILE_SPECS = [
 @pytest.mark.slow
 def test_sinkhorn_kernels_compile_for_sm90():
     compile_for_sm90(SINKHORN_COMPILE_SPECS)
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops, eager ops around the kernels, fallback, CUDA graphs
+# --------------------------------------------------------------------------------------------
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from fastssl.kernels import _common  # noqa: E402
+
+
+class EagerOpCounter(TorchDispatchMode):
+    """Records every dispatched PyTorch op (allocations and views included), looking inside
+    fastssl's custom ops: their Python implementations run under the counter, so the ops they
+    issue around the kernel launches are counted too (a Triton launch is no PyTorch op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list = []
+        from fastssl.kernels import dino
+
+        self.implementations = {
+            "fastssl::swav": kernels._swav_forward,
+            "fastssl::sinkhorn": kernels._sinkhorn_forward,
+            "fastssl::dino": dino._dino_forward,
+            "fastssl::scale_saved_gradient": _common._scale_gradient,
+        }
+
+    def __enter__(self):
+        self._depth = getattr(self, "_depth", 0) + 1
+        if self._depth > 1:  # re-entered to run a custom op's implementation
+            return super().__enter__()
+        # The Triton interpreter stages every launch's tensors with PyTorch ops of its own; a
+        # compiled launch issues none, so they are not counted.
+        from triton.runtime import interpreter
+
+        self._interpreter = interpreter
+        self._run_grid = interpreter.GridExecutor.__call__
+        self._paused = False
+        counter = self
+
+        def run_grid(executor, *args, **kwargs):
+            counter._paused = True
+            try:
+                return counter._run_grid(executor, *args, **kwargs)
+            finally:
+                counter._paused = False
+
+        interpreter.GridExecutor.__call__ = run_grid
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._depth -= 1
+        if self._depth == 0:
+            self._interpreter.GridExecutor.__call__ = self._run_grid
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self._paused:
+            return func(*args, **(kwargs or {}))
+        implementation = self.implementations.get(func._schema.name)
+        if implementation is not None:
+            with self:
+                return implementation(*args, **(kwargs or {}))
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+EAGER_OP_BUDGET = 16  # per forward + backward (DESIGN §5)
+
+
+@pytest.mark.parametrize("config", ["resident", "split"])
+@pytest.mark.parametrize("queue_rows", [0, 4])
+def test_swav_triton_eager_ops_per_step_within_budget(config, queue_rows, monkeypatch):
+    _configure(monkeypatch, config)
+    crops = [torch.randn(6, 9, requires_grad=True) for _ in range(4)]
+    queue = None if queue_rows == 0 else [torch.randn(queue_rows, 9) for _ in range(2)]
+    with EagerOpCounter() as counter:
+        loss = FS.swav_loss(crops[:2], crops[2:], queue, backend="triton")
+        grads = torch.autograd.grad(loss, crops)
+    assert all(g is not None and g.shape == (6, 9) for g in grads)
+    assert len(counter.ops) <= EAGER_OP_BUDGET + 2 * (queue_rows > 0), counter.ops  # + the H queue concatenations
+    # Nothing that synchronizes with the host or copies from it.
+    assert not any(name in op for op in counter.ops for name in ("_local_scalar_dense", "nonzero", "lift_fresh")), counter.ops
+
+
+def test_swav_and_sinkhorn_triton_compile_fullgraph_with_aot_eager():
+    """The kernels are custom ops: Dynamo records each as one node (no graph break); aot_eager
+    runs their fake functions and the registered backward."""
+    torch._dynamo.reset()
+    projection = torch.nn.Linear(8, 7)
+    swav = fastssl.SwaVLoss(backend="triton")
+
+    def step(x0, x1, x2):
+        scores = [projection(x) for x in (x0, x1, x2)]
+        codes = FS.sinkhorn(scores[0], 3, 0.05, backend="triton")
+        return swav(scores[:2], scores[2:]) + codes.sum() * 0
+
+    inputs = [torch.randn(5, 8) for _ in range(3)]
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    value = compiled(*inputs)
+    grads = torch.autograd.grad(value, list(projection.parameters()))
+    expected = step(*inputs)
+    expected_grads = torch.autograd.grad(expected, list(projection.parameters()))
+    torch.testing.assert_close(value, expected)
+    for g, g_expected in zip(grads, expected_grads):
+        torch.testing.assert_close(g, g_expected)
+
+
+def test_swav_auto_falls_back_to_torch_when_a_kernel_fails(monkeypatch):
+    """Under "auto" a failing launch warns once, naming the kernel, and the torch path answers;
+    an explicit backend="triton" raises."""
+    from fastssl import _backend, swav
+
+    def failing_launch(*args, **kwargs):
+        raise RuntimeError("simulated launch failure")
+
+    monkeypatch.setattr(kernels, "sum_to_scalar_kernel", {(1,): failing_launch})
+    monkeypatch.setattr(kernels, "_codes_kernel", type("Failing", (), {"__getitem__": lambda self, grid: failing_launch})())
+    crops = [torch.randn(4, 5) for _ in range(3)]
+    expected = FS.swav_loss(crops[:2], crops[2:], backend="torch")
+    monkeypatch.setattr(swav, "resolve_backend", lambda backend, tensor, *a: "triton")  # as for CUDA tensors
+    monkeypatch.setattr(_backend, "_FALLBACK_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="swav.*simulated launch failure"):
+        value = FS.swav_loss(crops[:2], crops[2:], backend="auto")
+    torch.testing.assert_close(value, expected)
+    with pytest.warns(RuntimeWarning, match="sinkhorn"):
+        FS.sinkhorn(crops[0], backend="auto")
+    with pytest.raises(RuntimeError, match="simulated launch failure"):
+        FS.swav_loss(crops[:2], crops[2:], backend="triton")
+
+
+@pytest.mark.gpu
+def test_swav_training_step_captures_in_a_cuda_graph():
+    """One training step (forward, backward, optimizer step) replays from a CUDA graph: no host
+    synchronization or host-to-device copy on the path."""
+    capture_training_step(lambda outputs: fastssl.SwaVLoss(backend="triton")(outputs[:2], outputs[2:]), views=4)
+
+
+def capture_training_step(loss_of_outputs, views: int, rows: int = 64, dim: int = 32, k: int = 300) -> None:
+    """Capture ``loss_of_outputs([model(x) for x in inputs])``, its backward and an SGD step in a
+    CUDA graph after a warm-up on a side stream; replay it and compare with eager steps."""
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model = torch.nn.Linear(dim, k).to(device)
+    reference_model = torch.nn.Linear(dim, k).to(device)
+    reference_model.load_state_dict(model.state_dict())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    reference_optimizer = torch.optim.SGD(reference_model.parameters(), lr=0.1)
+    static_inputs = [torch.randn(rows, dim, device=device) for _ in range(views)]
+
+    def step(net, opt):
+        opt.zero_grad(set_to_none=False)
+        loss = loss_of_outputs([net(x) for x in static_inputs])
+        loss.backward()
+        opt.step()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step(model, optimizer)
+            step(reference_model, reference_optimizer)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step(model, optimizer)
+    for _ in range(2):
+        for x in static_inputs:
+            x.copy_(torch.randn_like(x))
+        graph.replay()
+        expected = step(reference_model, reference_optimizer)
+        torch.cuda.synchronize()
+        torch.testing.assert_close(static_loss, expected, rtol=1e-4, atol=1e-5)
+    for p, p_ref in zip(model.parameters(), reference_model.parameters()):
+        torch.testing.assert_close(p, p_ref, rtol=1e-4, atol=1e-5)
