@@ -210,13 +210,20 @@ def test_plots_written_or_skipped_with_a_warning(tmp_path, monkeypatch):
 
 def test_progress_fallback_without_tqdm(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tqdm", None)
-    p = Progress("bar", enabled=True)
+    clock = [0.0]
+    monkeypatch.setattr("fastssl.train.loop.time.perf_counter", lambda: clock[0])
+    p = Progress("bar", enabled=True, fallback_seconds=10.0)
     p.start_epoch(1, 2, 20)
+    # Refreshed by time, not by step count: a line at the first step, then one per 10 s
+    # (slow steps of 3 s here), and at the last step.
     for i in range(1, 21):
-        p.update(i, 20, 0.5, 100.0)
+        clock[0] += 3.0
+        if p.due(i, 20):
+            p.update(i, 20, 0.5, 100.0)
     p.end_epoch()
     out = capsys.readouterr().out
-    assert out.count("loss 0.5000") == 10 and "100 img/s" in out
+    steps = [int(line.split()[1].split("/")[0]) for line in out.splitlines()]
+    assert steps == [1, 5, 9, 13, 17, 20] and "100 img/s" in out
     quiet = Progress("bar", enabled=False)
     quiet.line("hidden")
     assert capsys.readouterr().out == ""

@@ -57,16 +57,19 @@ class TrainConfig:
     num_train: int = 4000
     num_test: int = 1000
     test_fraction: float = 0.2
-    # schedule and optimizer
-    epochs: int = 5
+    stream: bool = False
+    # schedule and optimizer (None: the method's recipe, see METHOD_DEFAULTS)
+    epochs: Optional[int] = None
     batch_size: int = 128
-    optimizer: str = "adamw"
+    optimizer: Optional[str] = None
     lr: Optional[float] = None
     weight_decay: Optional[float] = None
     momentum: float = 0.9
-    warmup_epochs: float = 1.0
+    warmup_epochs: Optional[float] = None
     min_lr_fraction: float = 0.0
     ema_momentum: Optional[float] = None
+    predictor_lr_scale: Optional[float] = None
+    predictor_constant_lr: Optional[bool] = None
     # heads and loss
     proj_dim: Optional[int] = None
     proj_hidden_dim: Optional[int] = None
@@ -75,8 +78,8 @@ class TrainConfig:
     no_centering: bool = False
     loss_args: Dict[str, Any] = field(default_factory=dict)
     prototypes: Optional[int] = None
-    queue_size: int = 0
-    freeze_prototypes_epochs: int = 1
+    queue_size: Optional[int] = None
+    freeze_prototypes_epochs: Optional[int] = None
     # augmentations
     num_local_crops: Optional[int] = None
     local_crop_size: Optional[int] = None
@@ -104,6 +107,12 @@ class TrainConfig:
     stop_after: Optional[int] = None
     progress: str = "auto"
     plots: bool = True
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "fastssl"
+
+    def __post_init__(self) -> None:
+        apply_method_defaults(self)
 
     def to_dict(self) -> Dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -111,6 +120,52 @@ class TrainConfig:
             if isinstance(value, tuple):
                 out[key] = list(value)
         return out
+
+
+# Each method's recipe: the settings it uses when neither the command line nor a config file
+# sets them (``None`` in :class:`TrainConfig`). ``python -m fastssl.train --method M`` alone
+# runs this recipe; docs/training.md tables what each one reaches. Entries are chosen for the
+# default budget (a few hundred steps on a CPU) and explained where they depart from a paper.
+GENERIC_DEFAULTS: Dict[str, Any] = {
+    "epochs": 5,
+    "optimizer": "adamw",
+    "warmup_epochs": 1.0,
+    "freeze_prototypes_epochs": 0,
+    "queue_size": 0,
+    "predictor_lr_scale": 1.0,
+    "predictor_constant_lr": False,
+}
+METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "simclr": {},
+    "moco": {"ema_momentum": 0.99},
+    "byol": {"ema_momentum": 0.99},
+    "simsiam": {},
+    "barlow_twins": {},
+    "vicreg": {},
+    "swav": {"freeze_prototypes_epochs": 1},
+    "wmse": {},
+    "dino": {"ema_momentum": 0.996, "freeze_prototypes_epochs": 1},
+    "center_penalty": {},
+}
+
+
+def apply_method_defaults(cfg: "TrainConfig") -> None:
+    """Fill every unset (``None``) setting from the method's recipe, then the generic defaults;
+    the recipe's ``loss_args`` go under the user's. Idempotent (a stored config.json is already
+    complete). Unknown methods are left for :func:`validate` to report."""
+    recipe = METHOD_DEFAULTS.get(cfg.method, {})
+    for key, value in recipe.items():
+        if key == "loss_args":
+            continue
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    for key, value in GENERIC_DEFAULTS.items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    if isinstance(cfg.loss_args, dict) and recipe.get("loss_args"):
+        merged = dict(recipe["loss_args"])
+        merged.update(cfg.loss_args)
+        cfg.loss_args = merged
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
@@ -188,6 +243,23 @@ def _probability_list(text: str) -> List[float]:
     return [float(v) for v in text.split(",")]
 
 
+RECIPES = """recipes:
+  python -m fastssl.train                                    SimCLR on generated shapes, CPU, minutes
+  python -m fastssl.train --method byol                      any method with its own tested defaults
+  python -m fastssl.train --data-path ~/images               your ImageFolder (root/<class>/<image>)
+  python -m fastssl.train --data-path cifar-10-python.tar.gz --backbone resnet18 --epochs 200
+  python -m fastssl.train --data-path /big/folder --stream   decode from disk batch by batch
+  python -m fastssl.train --backbone timm:vit_tiny_patch16_224 --image-size 32
+  python -m fastssl.train --method vicreg --loss-arg mu_param=0   a collapse ablation
+  python -m fastssl.train --resume runs/simclr-...           continue an interrupted run
+  torchrun --nproc_per_node 8 -m fastssl.train --method dino --backbone resnet18 ...
+afterwards:
+  python -m fastssl.train.eval RUN_DIR --data-path OTHER     kNN + linear probe of the backbone
+  python -m fastssl.train.experiments collapse               the collapse experiments, report + plots
+  tensorboard --logdir runs                                  when tensorboard is installed
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line. Every default is ``SUPPRESS`` so that explicitly given flags can be told
     apart from defaults (they override a config file and a resumed run's settings)."""
@@ -196,28 +268,37 @@ def build_parser() -> argparse.ArgumentParser:
         description="Self-supervised pretraining with fastssl's losses: kNN accuracy and collapse "
         "metrics after every epoch, checkpoints, plots. See docs/training.md.",
         argument_default=argparse.SUPPRESS,
+        epilog=RECIPES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     d = TrainConfig()
     g = p.add_argument_group("what to train")
     g.add_argument("--method", choices=METHODS, help=f"SSL method (default {d.method})")
     g.add_argument("--dataset", choices=DATASETS, help=f"data set (default {d.dataset}: generated, no download)")
-    g.add_argument("--data-path", help="folder (ImageFolder layout) or CIFAR archive/folder for --dataset folder/cifar10/cifar100")
-    g.add_argument("--backbone", choices=BACKBONES, help=f"encoder (default {d.backbone})")
+    g.add_argument("--data-path", help="image folder (ImageFolder layout) or CIFAR archive/folder; without --dataset the "
+                   "kind is inferred (CIFAR batches -> cifar10/cifar100, else folder)")
+    g.add_argument("--backbone", help=f"encoder: {', '.join(BACKBONES)} (default {d.backbone}), or timm:NAME / "
+                   "torchvision:NAME when timm / torchvision is installed (e.g. timm:vit_tiny_patch16_224)")
     g.add_argument("--width", type=int, help="base channel width of the backbone (default: 16 tiny_cnn, 64 resnets)")
     g.add_argument("--image-size", type=int, help="side of the training images (default: the data set's)")
     g.add_argument("--num-train", type=int, help=f"images generated for training (shapes; default {d.num_train})")
     g.add_argument("--num-test", type=int, help=f"held-out images generated (shapes; default {d.num_test})")
     g.add_argument("--test-fraction", type=float, help="held-out fraction where the data has no test split")
+    g.add_argument("--stream", action="store_true", help="folder: decode images from disk batch by batch instead of "
+                   "holding them in memory (for folders larger than memory)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, help=f"training epochs (default {d.epochs})")
+    g.add_argument("--epochs", type=int, help="training epochs (default per method, 5 for most)")
     g.add_argument("--batch-size", type=int, help=f"images per step and process (default {d.batch_size})")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, help=f"default {d.optimizer}")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, help="default per method (adamw for most)")
     g.add_argument("--lr", type=float, help="peak learning rate for a global batch of 256, scaled linearly (default per optimizer)")
     g.add_argument("--weight-decay", type=float, help="default per optimizer")
     g.add_argument("--momentum", type=float, help="SGD/LARS momentum (default 0.9)")
-    g.add_argument("--warmup-epochs", type=float, help="linear warm-up before the cosine decay (default 1)")
+    g.add_argument("--warmup-epochs", type=float, help="linear warm-up before the cosine decay (default per method, 1 for most)")
     g.add_argument("--min-lr-fraction", type=float, help="final lr as a fraction of the peak (default 0)")
     g.add_argument("--ema-momentum", type=float, help="base EMA momentum of the target/teacher (BYOL/MoCo/DINO), raised to 1 on a cosine")
+    g.add_argument("--predictor-lr-scale", type=float, help="learning rate of the predictor (BYOL/SimSiam) relative to the rest")
+    g.add_argument("--predictor-constant-lr", action="store_true", default=argparse.SUPPRESS,
+                   help="keep the predictor's learning rate at its peak (SimSiam's recipe: no warm-up, no decay)")
     g = p.add_argument_group("heads, loss, ablations")
     g.add_argument("--proj-dim", type=int, help="projector output dimension (default per method)")
     g.add_argument("--proj-hidden-dim", type=int, help="projector hidden dimension (default per method)")
@@ -228,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any loss constructor argument, value parsed as a Python literal; repeatable (e.g. --loss-arg mu_param=0)")
     g.add_argument("--prototypes", type=int, help="SwAV prototypes / DINO output dimension (default scaled to the data)")
     g.add_argument("--queue-size", type=int, help="SwAV queue length (0: no queue)")
-    g.add_argument("--freeze-prototypes-epochs", type=int, help="SwAV: epochs with frozen prototypes (default 1)")
+    g.add_argument("--freeze-prototypes-epochs", type=int, help="SwAV/DINO: epochs with frozen prototypes / last layer (default per method)")
     g = p.add_argument_group("augmentations")
     g.add_argument("--num-local-crops", type=int, help="small crops besides the two global views (default: 2 for dino/swav, else 0)")
     g.add_argument("--local-crop-size", type=int, help="side of the small crops (default 3/7 of the image)")
@@ -257,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-after", type=int, metavar="N", help="stop after N epochs of this invocation (continue later with --resume)")
     g.add_argument("--progress", choices=("auto", "bar", "epochs", "none"), help="progress bar (auto: when the terminal is a TTY)")
     g.add_argument("--no-plots", dest="plots", action="store_false", help="write no PNG plots")
+    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
+                   help="write no TensorBoard scalars (written to DIR/tensorboard when tensorboard is installed)")
+    g.add_argument("--wandb", action="store_true", help="log the same records to Weights & Biases (needs wandb; WANDB_MODE=offline works)")
+    g.add_argument("--wandb-project", help="wandb project (default fastssl)")
     return p
 
 
@@ -265,6 +350,27 @@ def _namespace_to_overrides(ns: argparse.Namespace) -> Dict[str, Any]:
     if "loss_arg" in vars(ns):
         out["loss_args"] = parse_loss_args(ns.loss_arg)
     return out
+
+
+def read_run_config(run_dir: str) -> Dict[str, Any]:
+    """The settings stored in ``run_dir/config.json`` (for ``--resume``), without the
+    invocation-only ones.
+
+    Raises:
+        ConfigError: no such file, or one that is truncated, not JSON or not a mapping.
+    """
+    stored = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(stored):
+        raise ConfigError(f"--resume {run_dir}: no config.json there (is it a run directory?)")
+    try:
+        with open(stored, "r", encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--resume {run_dir}: config.json is unreadable or truncated ({e}); "
+                          "restore it or start a new run") from None
+    if not isinstance(data, dict) or "method" not in data:
+        raise ConfigError(f"--resume {run_dir}: config.json does not hold a run's settings")
+    return {k: v for k, v in data.items() if k in FIELD_NAMES and k not in _INVOCATION_ONLY}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
@@ -278,11 +384,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     values: Dict[str, Any] = {}
     resume = overrides.get("resume")
     if resume is not None:
-        stored = os.path.join(resume, "config.json")
-        if not os.path.isfile(stored):
-            raise ConfigError(f"--resume {resume}: no config.json there (is it a run directory?)")
-        with open(stored, "r", encoding="utf-8") as f:
-            values.update({k: v for k, v in json.load(f).items() if k in FIELD_NAMES and k not in _INVOCATION_ONLY})
+        values.update(read_run_config(resume))
         values["output_dir"] = resume
     if getattr(ns, "config", None):
         file_values = load_config_file(ns.config)
@@ -295,11 +397,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     values["loss_args"] = loss_args
     if resume is not None:
         values["output_dir"] = resume
+    elif values.get("data_path") and "dataset" not in values:
+        # A path without --dataset: say what it holds rather than silently train on shapes.
+        from fastssl.train.data import DataError, infer_dataset
+
+        try:
+            values["dataset"] = infer_dataset(values["data_path"])
+        except DataError as e:
+            raise ConfigError(str(e)) from None
     try:
         cfg = TrainConfig(**values)
-    except TypeError as e:  # pragma: no cover - guarded by FIELD_NAMES
-        raise ConfigError(str(e)) from None
-    validate(cfg)
+        validate(cfg)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        # A setting of the wrong type (a hand-edited or foreign config file).
+        raise ConfigError(f"invalid settings: {e}") from None
     return cfg
 
 
@@ -312,7 +425,10 @@ def validate(cfg: TrainConfig) -> None:
     """Checks that need no data: choices, ranges, flag combinations."""
     _require(cfg.method in METHODS, f"method must be one of {METHODS}, got {cfg.method!r}")
     _require(cfg.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {cfg.dataset!r}")
-    _require(cfg.backbone in BACKBONES, f"backbone must be one of {BACKBONES}, got {cfg.backbone!r}")
+    _require(
+        cfg.backbone in BACKBONES or cfg.backbone.startswith(("timm:", "torchvision:")),
+        f"backbone must be one of {BACKBONES} or timm:NAME / torchvision:NAME, got {cfg.backbone!r}",
+    )
     _require(cfg.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}")
     _require(cfg.device in DEVICES, f"device must be one of {DEVICES}, got {cfg.device!r}")
     _require(cfg.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
@@ -329,6 +445,8 @@ def validate(cfg: TrainConfig) -> None:
     _require(cfg.knn_k >= 1 and cfg.knn_temperature > 0, "--knn-k must be >= 1 and --knn-temperature > 0")
     _require(cfg.probe_steps >= 0 and cfg.eval_batch_size >= 1, "--probe-steps must be >= 0, --eval-batch-size >= 1")
     _require(cfg.queue_size >= 0, "--queue-size must be >= 0")
+    _require(cfg.freeze_prototypes_epochs >= 0, "--freeze-prototypes-epochs must be >= 0")
+    _require(cfg.predictor_lr_scale > 0, "--predictor-lr-scale must be > 0")
     _require(cfg.stop_after is None or cfg.stop_after >= 1, "--stop-after must be >= 1")
     _require(cfg.threads is None or cfg.threads >= 1, "--threads must be >= 1")
     _require(cfg.num_local_crops is None or cfg.num_local_crops >= 0, "--num-local-crops must be >= 0")
@@ -363,6 +481,8 @@ def validate(cfg: TrainConfig) -> None:
         _require(cfg.method == "dino", f"--no-centering applies to dino, not {cfg.method}")
     if cfg.queue_size:
         _require(cfg.method == "swav", "--queue-size applies to swav (MoCo's queue is --loss-arg memory_bank_size=N)")
+    if cfg.stream:
+        _require(cfg.dataset == "folder", f"--stream applies to --dataset folder, not {cfg.dataset}")
     if cfg.dataset in ("folder", "cifar10", "cifar100"):
         _require(cfg.data_path is not None, f"--dataset {cfg.dataset} needs --data-path")
     _require(isinstance(cfg.loss_args, dict), "loss_args must be a mapping of loss constructor arguments")

@@ -9,7 +9,8 @@
   between an untrained and a self-supervised network visible within minutes on a CPU.
 * ``digits``  -- scikit-learn's bundled 8x8 handwritten digits (1797 images), upsampled.
 * ``folder``  -- an ImageFolder layout ``root/<class>/<image>``, or ``root/train/<class>/...``
-  plus ``root/val`` or ``root/test``; decoded once with Pillow and resized.
+  plus ``root/val`` or ``root/test``; decoded once with Pillow and resized, or streamed from
+  disk batch by batch (``--stream``, :class:`StreamingImages`) when it does not fit in memory.
 * ``cifar10`` / ``cifar100`` -- the python-pickle archives (``data_batch_*``/``test_batch`` or
   ``train``/``test``), as an extracted folder or the ``.tar.gz`` itself.
 
@@ -41,9 +42,75 @@ class DataError(ValueError):
     """Missing or unreadable data."""
 
 
+class StreamingImages:
+    """Image files decoded on demand, batch by batch: a folder that does not fit in memory.
+
+    Behaves like the ``(N, C, S, S)`` uint8 tensor of an in-memory split where the driver reads
+    it (``len``, ``shape``, :func:`take`): each request decodes its files with Pillow (resized
+    and centre-cropped as :func:`load_image_folder` does) in a pool of threads -- Pillow
+    releases the GIL while decoding, so the threads decode in parallel.
+
+    >>> images = StreamingImages(["a.png", "b.png"], image_size=64)   # doctest: +SKIP
+    >>> take(images, torch.tensor([1, 0])).shape                      # doctest: +SKIP
+    torch.Size([2, 3, 64, 64])
+    """
+
+    def __init__(self, paths: Sequence[str], image_size: int, channels: int = 3, workers: int = 4) -> None:
+        self.paths = list(paths)
+        self.image_size = int(image_size)
+        self.channels = int(channels)
+        self.workers = max(1, int(workers))
+        self._pool = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def shape(self) -> Tuple[int, int, int, int]:
+        return (len(self.paths), self.channels, self.image_size, self.image_size)
+
+    def _decode(self, index: int):
+        path = self.paths[index]
+        try:
+            return _read_image(path, self.image_size, self.channels)
+        except Exception as e:
+            raise DataError(f"cannot decode image {path}: {e}") from None
+
+    def gather(self, indices: Sequence[int]) -> Tensor:
+        """uint8 (len(indices), C, S, S) images, decoded now."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.workers)
+        arrays = list(self._pool.map(self._decode, [int(i) for i in indices]))
+        if not arrays:
+            return torch.empty(0, self.channels, self.image_size, self.image_size, dtype=torch.uint8)
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+    def __getstate__(self):  # the thread pool does not pickle
+        state = dict(self.__dict__)
+        state["_pool"] = None
+        return state
+
+
+def take(images, indices: Tensor, device: Optional[torch.device] = None) -> Tensor:
+    """``images[indices]`` on ``device`` for an in-memory uint8 tensor or a
+    :class:`StreamingImages` (decoded on the CPU, then moved)."""
+    if isinstance(images, StreamingImages):
+        out = images.gather(indices.tolist())
+        return out if device is None else out.to(device, non_blocking=True)
+    out = images[indices.to(images.device)]
+    return out if device is None else out.to(device, non_blocking=True)
+
+
+def num_images(images) -> int:
+    return int(images.shape[0])
+
+
 @dataclass
 class ImageData:
-    """Train and held-out splits, uint8 (N, C, H, W) images with int64 labels."""
+    """Train and held-out splits, uint8 (N, C, H, W) images with int64 labels. The image
+    splits are tensors, or :class:`StreamingImages` for a streamed folder."""
 
     train_images: Tensor
     train_labels: Tensor
@@ -59,9 +126,19 @@ class ImageData:
     def image_size(self) -> int:
         return int(self.train_images.shape[-1])
 
-    def channel_stats(self) -> Tuple[Tensor, Tensor]:
-        """Per-channel mean and std of the training images in [0, 1] (for normalization)."""
-        x = self.train_images.float().div_(255.0)
+    @property
+    def streaming(self) -> bool:
+        return isinstance(self.train_images, StreamingImages)
+
+    def channel_stats(self, max_images: int = 2048) -> Tuple[Tensor, Tensor]:
+        """Per-channel mean and std of the training images in [0, 1] (for normalization); from
+        an evenly spaced sample of ``max_images`` images when streaming."""
+        if self.streaming:
+            n = len(self.train_images)
+            picks = torch.linspace(0, n - 1, min(n, max_images)).round().long().unique()
+            x = take(self.train_images, picks).float().div_(255.0)
+        else:
+            x = self.train_images.float().div_(255.0)
         mean = x.mean(dim=(0, 2, 3))
         std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
         return mean, std
@@ -220,32 +297,45 @@ def _read_image(path: str, size: int, channels: int):
     return arr
 
 
-def _load_folder_split(root: str, classes: Sequence[str], size: int, channels: int) -> Tuple[Tensor, Tensor]:
-    arrays, labels = [], []
+def _list_folder_split(root: str, classes: Sequence[str]) -> Tuple[List[str], List[int]]:
+    paths, labels = [], []
     for index, name in enumerate(classes):
         folder = os.path.join(root, name)
         if not os.path.isdir(folder):
             continue
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
             if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                try:
-                    arrays.append(_read_image(entry.path, size, channels))
-                except Exception as e:
-                    raise DataError(f"cannot decode image {entry.path}: {e}") from None
+                paths.append(entry.path)
                 labels.append(index)
-    if not arrays:
+    if not paths:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}/<class>/")
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return paths, labels
+
+
+def _load_folder_split(root: str, classes: Sequence[str], size: int, channels: int, stream: bool = False):
+    paths, labels = _list_folder_split(root, classes)
+    images = StreamingImages(paths, size, channels)
+    if not stream:
+        images = images.gather(range(len(paths)))
     return images, torch.tensor(labels, dtype=torch.int64)
 
 
+def _split_streaming(images: StreamingImages, labels: Tensor, test_fraction: float, seed: int):
+    index = torch.arange(len(images))
+    tr, trl, te, tel = _split(index, labels, test_fraction, seed)
+    pick = lambda idx: StreamingImages([images.paths[i] for i in idx.tolist()], images.image_size, images.channels, images.workers)
+    return pick(tr), trl, pick(te), tel
+
+
 def load_image_folder(
-    root: str, image_size: int = 64, test_fraction: float = 0.2, seed: int = 0, channels: int = 3
+    root: str, image_size: int = 64, test_fraction: float = 0.2, seed: int = 0, channels: int = 3, stream: bool = False
 ) -> ImageData:
     """Images under ``root/<class>/`` (held-out split drawn at random), or under
     ``root/train/<class>/`` with ``root/val/`` or ``root/test/`` as the held-out split.
 
-    Every image is decoded once, resized (shorter side) and centre-cropped to ``image_size``.
+    Every image is decoded once, resized (shorter side) and centre-cropped to ``image_size``;
+    with ``stream`` only the file list is read now and images are decoded batch by batch
+    (:class:`StreamingImages`).
     """
     if not os.path.isdir(root):
         raise DataError(f"--data-path {root!r} is not a directory")
@@ -259,14 +349,17 @@ def load_image_folder(
         classes = _list_class_dirs(train_root)
         if not classes:
             raise DataError(f"no class folders under {train_root}")
-        tr, trl = _load_folder_split(train_root, classes, image_size, channels)
-        te, tel = _load_folder_split(test_root, classes, image_size, channels)
+        tr, trl = _load_folder_split(train_root, classes, image_size, channels, stream)
+        te, tel = _load_folder_split(test_root, classes, image_size, channels, stream)
         return ImageData(tr, trl, te, tel, classes)
     classes = _list_class_dirs(root)
     if not classes:
         raise DataError(f"no class folders under {root} (expected {root}/<class>/<image>)")
-    images, labels = _load_folder_split(root, classes, image_size, channels)
-    tr, trl, te, tel = _split(images, labels, test_fraction, seed)
+    images, labels = _load_folder_split(root, classes, image_size, channels, stream)
+    if stream:
+        tr, trl, te, tel = _split_streaming(images, labels, test_fraction, seed)
+    else:
+        tr, trl, te, tel = _split(images, labels, test_fraction, seed)
     return ImageData(tr, trl, te, tel, classes)
 
 
@@ -354,6 +447,42 @@ def load_cifar(path: str, variant: str = "cifar10", image_size: int = 32) -> Ima
 # ---------------------------------------------------------------------------------------------
 
 DEFAULT_IMAGE_SIZE = {"shapes": 32, "digits": 16, "folder": 64, "cifar10": 32, "cifar100": 32}
+_CIFAR10_NAMES = ("data_batch_1", "test_batch")
+_CIFAR100_NAMES = ("train", "test")
+
+
+def infer_dataset(path: str) -> str:
+    """What ``--data-path`` holds when no ``--dataset`` is given: ``cifar10`` / ``cifar100`` for
+    python-pickle CIFAR batches (folder or tar archive), ``folder`` for class subfolders.
+
+    Raises:
+        DataError: the path does not exist or holds neither.
+    """
+    if not os.path.exists(path):
+        raise DataError(f"--data-path {path!r} does not exist")
+    names: List[str] = []
+    if os.path.isfile(path):
+        try:
+            with tarfile.open(path, "r:*") as tar:
+                names = [os.path.basename(m.name) for m in tar.getmembers() if m.isfile()]
+        except tarfile.TarError:
+            raise DataError(f"--data-path {path!r} is a file but not a tar archive: pass --dataset") from None
+    else:
+        for dirpath, dirnames, filenames in os.walk(path):
+            if dirpath[len(path):].count(os.sep) >= 2:
+                dirnames[:] = []
+            names += filenames
+            if len(names) > 10_000:
+                break
+    if all(n in names for n in _CIFAR10_NAMES):
+        return "cifar10"
+    if all(n in names for n in _CIFAR100_NAMES) and "meta" in names:
+        return "cifar100"
+    if os.path.isdir(path) and _list_class_dirs(path):
+        return "folder"
+    raise DataError(
+        f"cannot tell what --data-path {path!r} holds (no CIFAR batches, no class folders): pass --dataset"
+    )
 
 
 def load_dataset(
@@ -364,8 +493,10 @@ def load_dataset(
     num_test: int = 1000,
     test_fraction: float = 0.2,
     seed: int = 0,
+    stream: bool = False,
 ) -> ImageData:
-    """Load (or generate) the named data set; see the module docstring."""
+    """Load (or generate) the named data set; see the module docstring. ``stream`` (folder
+    only) decodes images batch by batch instead of holding them in memory."""
     size = image_size or DEFAULT_IMAGE_SIZE[name]
     if name == "shapes":
         return generate_shapes(num_train, num_test, size, seed)
@@ -376,7 +507,7 @@ def load_dataset(
     if not os.path.exists(data_path):
         raise DataError(f"--data-path {data_path!r} does not exist")
     if name == "folder":
-        return load_image_folder(data_path, size, test_fraction, seed)
+        return load_image_folder(data_path, size, test_fraction, seed, stream=stream)
     if name in ("cifar10", "cifar100"):
         return load_cifar(data_path, name, size)
     raise DataError(f"unknown dataset {name!r}")

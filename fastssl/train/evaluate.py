@@ -23,10 +23,18 @@ from torch import Tensor
 def extract(
     fn: Callable[[Tensor], Tensor], images_uint8: Tensor, to_input: Callable[[Tensor], Tensor], batch_size: int
 ) -> Tensor:
-    """``fn`` over the images in batches (no augmentation); float32 rows on the input's device."""
+    """``fn`` over the images in batches (no augmentation); float32 rows on the device of
+    ``fn``'s output. ``images_uint8``: an (N, C, H, W) uint8 tensor or a streamed folder."""
+    from fastssl.train.data import StreamingImages, take
+
     outs = []
-    for start in range(0, images_uint8.shape[0], batch_size):
-        outs.append(fn(to_input(images_uint8[start : start + batch_size])).float())
+    n = int(images_uint8.shape[0])
+    for start in range(0, n, batch_size):
+        if isinstance(images_uint8, StreamingImages):
+            batch = take(images_uint8, torch.arange(start, min(n, start + batch_size)))
+        else:
+            batch = images_uint8[start : start + batch_size]
+        outs.append(fn(to_input(batch)).float())
     return torch.cat(outs)
 
 

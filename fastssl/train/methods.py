@@ -58,7 +58,6 @@ LOSS_CLASSES = {
     "dino": fastssl.DINOLoss,
     "center_penalty": fastssl.CenterPenaltyLoss,
 }
-DEFAULT_EMA_MOMENTUM = {"byol": 0.99, "moco": 0.99, "dino": 0.996}
 # Arguments the driver sets itself (from the world size and --backend).
 _DRIVER_ARGS = ("gather_distributed", "sinkhorn_gather_distributed", "backend")
 
@@ -135,11 +134,14 @@ class Method(nn.Module):
     name = "method"
     ema_momentum: Optional[float] = None
 
-    def __init__(self, cfg: TrainConfig, in_channels: int, num_train: int, world_size: int = 1) -> None:
+    def __init__(self, cfg: TrainConfig, in_channels: int, num_train: int, world_size: int = 1, image_size: int = 32) -> None:
         super().__init__()
         self.cfg = cfg
         self.world_size = world_size
-        self.backbone = build_backbone(cfg.backbone, in_channels, cfg.width)
+        try:
+            self.backbone = build_backbone(cfg.backbone, in_channels, cfg.width, image_size)
+        except (ImportError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"--backbone {cfg.backbone}: {e}") from None
         self.feature_dim = self.backbone.out_dim
 
     # -- the interface used by the loop ------------------------------------------------------
@@ -158,6 +160,16 @@ class Method(nn.Module):
     def local_state(self) -> Dict[str, Any]:
         return {}
 
+    def lr_rules(self) -> Dict[int, Dict[str, Any]]:
+        """Parameters with a learning-rate rule of their own, by ``id``: the predictor (BYOL,
+        SimSiam) gets ``--predictor-lr-scale`` times the lr, held at its peak with
+        ``--predictor-constant-lr`` (SimSiam's recipe)."""
+        predictor = getattr(self, "predictor", None)
+        if not isinstance(predictor, nn.Module):
+            return {}
+        rule = {"lr_scale": self.cfg.predictor_lr_scale, "constant_lr": bool(self.cfg.predictor_constant_lr)}
+        return {id(p): rule for p in predictor.parameters()}
+
     def load_local_state(self, state: Dict[str, Any]) -> None:
         pass
 
@@ -175,8 +187,8 @@ class Method(nn.Module):
 class SimCLR(Method):
     name = "simclr"
 
-    def __init__(self, cfg: TrainConfig, in_channels: int, num_train: int, world_size: int = 1) -> None:
-        super().__init__(cfg, in_channels, num_train, world_size)
+    def __init__(self, cfg: TrainConfig, in_channels: int, num_train: int, world_size: int = 1, image_size: int = 32) -> None:
+        super().__init__(cfg, in_channels, num_train, world_size, image_size)
         f = self.feature_dim
         self.projector = mlp([f, self._dim(cfg.proj_hidden_dim, f), self._dim(cfg.proj_dim, 128)])
         self.criterion = _build_loss(cfg, {"temperature": 0.2}, world_size > 1)
@@ -192,8 +204,8 @@ class MoCo(Method):
 
     name = "moco"
 
-    def __init__(self, cfg: TrainConfig, in_channels: int, num_train: int, world_size: int = 1) -> None:
-        super().__init__(cfg, in_channels, num_train, world_size)
+    def __init__(self, cfg: TrainConfig, in_channels: int, num_train: int, world_size: int = 1, image_size: int = 32) -> None:
+        super().__init__(cfg, in_channels, num_train, world_size, image_size)
         f = self.feature_dim
         dim = self._dim(cfg.proj_dim, 128)
         self.projector = mlp([f, self._dim(cfg.proj_hidden_dim, f), dim], batch_norm=False)
@@ -203,7 +215,7 @@ class MoCo(Method):
         # several stale keys of every image.
         bank = min(4096, max(cfg.batch_size * world_size, num_train // 2))
         self.criterion = _build_loss(cfg, {"temperature": 0.2, "memory_bank_size": (bank, dim)}, world_size > 1)
-        self.ema_momentum = cfg.ema_momentum if cfg.ema_momentum is not None else DEFAULT_EMA_MOMENTUM["moco"]
+        self.ema_momentum = cfg.ema_momentum
 
     def forward(self, views: List[Tensor], epoch: int) -> Tensor:
         query = self.embed(views[0])
@@ -236,8 +248,8 @@ class BYOL(Method):
 
     name = "byol"
 
-    def __init__(self, cfg: TrainConfig, in_channels: int, num_train: int, world_size: int = 1) -> None:
-        super().__init__(cfg, in_channels, num_train, world_size)
+    def __init__(self, cfg: TrainConfig, in_channels: int, num_train: int, world_size: int = 1, image_size: int = 32) -> None:
+        super().__init__(cfg, in_channels, num_train, world_size, image_size)
         f = self.feature_dim
         hidden, dim = self._dim(cfg.proj_hidden_dim, 2 * f), self._dim(cfg.proj_dim, 128)
         self.projector = mlp([f, hidden, dim])
@@ -245,7 +257,7 @@ class BYOL(Method):
         self.target_backbone = _frozen_copy(self.backbone)
         self.target_projector = _frozen_copy(self.projector)
         self.criterion = _build_loss(cfg, {}, world_size > 1)
-        self.ema_momentum = cfg.ema_momentum if cfg.ema_momentum is not None else DEFAULT_EMA_MOMENTUM["byol"]
+        self.ema_momentum = cfg.ema_momentum
 
     def _targets(self, views: List[Tensor]) -> List[Tensor]:
         if self.cfg.no_stop_gradient:
@@ -270,8 +282,8 @@ class SimSiam(Method):
 
     name = "simsiam"
 
-    def __init__(self, cfg: TrainConfig, in_channels: int, num_train: int, world_size: int = 1) -> None:
-        super().__init__(cfg, in_channels, num_train, world_size)
+    def __init__(self, cfg: TrainConfig, in_channels: int, num_train: int, world_size: int = 1, image_size: int = 32) -> None:
+        super().__init__(cfg, in_channels, num_train, world_size, image_size)
         f = self.feature_dim
         dim = self._dim(cfg.proj_dim, 2 * f)
         hidden = self._dim(cfg.proj_hidden_dim, dim)
@@ -292,8 +304,8 @@ class SimSiam(Method):
 class Decorrelation(Method):
     """Barlow Twins and VICReg: a wide three-layer expander and a loss on the (N, d) pair."""
 
-    def __init__(self, cfg: TrainConfig, in_channels: int, num_train: int, world_size: int = 1) -> None:
-        super().__init__(cfg, in_channels, num_train, world_size)
+    def __init__(self, cfg: TrainConfig, in_channels: int, num_train: int, world_size: int = 1, image_size: int = 32) -> None:
+        super().__init__(cfg, in_channels, num_train, world_size, image_size)
         f = self.feature_dim
         dim = self._dim(cfg.proj_dim, 4 * f)
         hidden = self._dim(cfg.proj_hidden_dim, dim)
@@ -321,8 +333,8 @@ class SwAV(Method):
     name = "swav"
     queue: Tensor
 
-    def __init__(self, cfg: TrainConfig, in_channels: int, num_train: int, world_size: int = 1) -> None:
-        super().__init__(cfg, in_channels, num_train, world_size)
+    def __init__(self, cfg: TrainConfig, in_channels: int, num_train: int, world_size: int = 1, image_size: int = 32) -> None:
+        super().__init__(cfg, in_channels, num_train, world_size, image_size)
         f = self.feature_dim
         dim = self._dim(cfg.proj_dim, 128)
         self.projector = mlp([f, self._dim(cfg.proj_hidden_dim, 2 * f), dim])
@@ -372,8 +384,8 @@ class WMSE(Method):
 
     name = "wmse"
 
-    def __init__(self, cfg: TrainConfig, in_channels: int, num_train: int, world_size: int = 1) -> None:
-        super().__init__(cfg, in_channels, num_train, world_size)
+    def __init__(self, cfg: TrainConfig, in_channels: int, num_train: int, world_size: int = 1, image_size: int = 32) -> None:
+        super().__init__(cfg, in_channels, num_train, world_size, image_size)
         f = self.feature_dim
         dim = self._dim(cfg.proj_dim, 64)
         self.projector = mlp([f, self._dim(cfg.proj_hidden_dim, 2 * f), dim])
@@ -398,8 +410,8 @@ class DINO(Method):
 
     name = "dino"
 
-    def __init__(self, cfg: TrainConfig, in_channels: int, num_train: int, world_size: int = 1) -> None:
-        super().__init__(cfg, in_channels, num_train, world_size)
+    def __init__(self, cfg: TrainConfig, in_channels: int, num_train: int, world_size: int = 1, image_size: int = 32) -> None:
+        super().__init__(cfg, in_channels, num_train, world_size, image_size)
         f = self.feature_dim
         k = cfg.prototypes or 1024
         self.head = DINOHead(f, self._dim(cfg.proj_hidden_dim, 2 * f), self._dim(cfg.proj_dim, min(256, f)), k)
@@ -412,7 +424,7 @@ class DINO(Method):
             # center = m c + (1 - m) mean with m = 1 keeps the initial zero center forever.
             defaults["center_momentum"] = 1.0
         self.criterion = _build_loss(cfg, defaults, world_size > 1)
-        self.ema_momentum = cfg.ema_momentum if cfg.ema_momentum is not None else DEFAULT_EMA_MOMENTUM["dino"]
+        self.ema_momentum = cfg.ema_momentum
 
     def embed(self, x: Tensor) -> Tensor:
         return self.head(self.backbone(x))
@@ -442,8 +454,8 @@ class CenterPenalty(Method):
 
     name = "center_penalty"
 
-    def __init__(self, cfg: TrainConfig, in_channels: int, num_train: int, world_size: int = 1) -> None:
-        super().__init__(cfg, in_channels, num_train, world_size)
+    def __init__(self, cfg: TrainConfig, in_channels: int, num_train: int, world_size: int = 1, image_size: int = 32) -> None:
+        super().__init__(cfg, in_channels, num_train, world_size, image_size)
         f = self.feature_dim
         self.projector = mlp([f, self._dim(cfg.proj_hidden_dim, f), self._dim(cfg.proj_dim, 128)])
         self.criterion = _build_loss(cfg, {}, world_size > 1)
@@ -468,11 +480,11 @@ def min_batch_size(method: str) -> int:
     return 2
 
 
-def build_method(cfg: TrainConfig, in_channels: int, num_train: int, world_size: int = 1) -> Method:
+def build_method(cfg: TrainConfig, in_channels: int, num_train: int, world_size: int = 1, image_size: int = 32) -> Method:
     """Instantiate ``cfg.method``; raises :class:`ConfigError` for an unusable combination."""
     if cfg.batch_size < min_batch_size(cfg.method):
         raise ConfigError(
             f"{cfg.method} needs at least {min_batch_size(cfg.method)} images per batch and process "
             f"(batch statistics), got --batch-size {cfg.batch_size}"
         )
-    return METHOD_CLASSES[cfg.method](cfg, in_channels, num_train, world_size)
+    return METHOD_CLASSES[cfg.method](cfg, in_channels, num_train, world_size, image_size)

@@ -5,6 +5,8 @@
   at the default w = 16: fast enough to pretrain on a CPU in minutes.
 * ``resnet18`` / ``resnet10``: ResNet with the CIFAR stem (3x3 stride-1 convolution, no
   max-pool), BasicBlocks [2, 2, 2, 2] / [1, 1, 1, 1], widths w..8w (w = 64 is the standard one).
+* ``timm:NAME`` / ``torchvision:NAME``: that package's model, randomly initialized, with its
+  classifier removed (:class:`ExternalBackbone`), when the package is installed.
 
 Heads follow the papers (projector/predictor MLPs with BatchNorm where the paper has it), with
 their widths scaled to the backbone's feature dimension; see :mod:`fastssl.train.methods`.
@@ -78,8 +80,68 @@ class ResNet(nn.Module):
         return F.adaptive_avg_pool2d(self.stages(self.stem(x)), 1).flatten(1)
 
 
-def build_backbone(name: str, in_channels: int, width: int | None = None) -> nn.Module:
-    """A backbone with an ``out_dim`` attribute (its feature dimension)."""
+class ExternalBackbone(nn.Module):
+    """A timm or torchvision network with its classifier removed: (B, C, H, W) -> (B, out_dim).
+
+    ``out_dim`` is measured with one dummy forward at construction (the packages name the
+    feature width differently), so any model whose classifier can be replaced works.
+    """
+
+    def __init__(self, net: nn.Module, in_channels: int, image_size: int) -> None:
+        super().__init__()
+        self.net = net
+        was_training = net.training
+        net.eval()
+        with torch.no_grad():
+            probe = net(torch.zeros(2, in_channels, image_size, image_size))
+        net.train(was_training)
+        if probe.dim() != 2:
+            raise ValueError(f"the network returns {tuple(probe.shape)} features; expected (batch, features)")
+        self.out_dim = int(probe.shape[1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def _timm_backbone(model_name: str, in_channels: int, image_size: int) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise ImportError(f"--backbone timm:{model_name} needs timm (pip install timm)") from None
+    kwargs = {"pretrained": False, "num_classes": 0, "in_chans": in_channels}
+    try:
+        net = timm.create_model(model_name, img_size=image_size, **kwargs)
+    except TypeError:  # convolutional models take no img_size
+        net = timm.create_model(model_name, **kwargs)
+    return ExternalBackbone(net, in_channels, image_size)
+
+
+def _torchvision_backbone(model_name: str, in_channels: int, image_size: int) -> nn.Module:
+    try:
+        from torchvision import models as tv_models
+    except Exception as e:  # ImportError, or a torchvision built for another torch
+        raise ImportError(f"--backbone torchvision:{model_name} needs an importable torchvision ({e})") from None
+    net = tv_models.get_model(model_name, weights=None)
+    # Replace the classifier by an identity: resnets have .fc, most others .classifier / .heads.
+    for attr in ("fc", "classifier", "heads", "head"):
+        if isinstance(getattr(net, attr, None), nn.Module):
+            setattr(net, attr, nn.Identity())
+            break
+    if in_channels != 3:
+        raise ValueError(f"torchvision:{model_name} expects 3 input channels, the data has {in_channels}")
+    return ExternalBackbone(net, in_channels, image_size)
+
+
+def build_backbone(name: str, in_channels: int, width: int | None = None, image_size: int = 32) -> nn.Module:
+    """A backbone with an ``out_dim`` attribute (its feature dimension).
+
+    ``timm:NAME`` and ``torchvision:NAME`` build that package's model (random initialization,
+    classifier removed) when the package is installed.
+    """
+    if name.startswith("timm:"):
+        return _timm_backbone(name.split(":", 1)[1], in_channels, image_size)
+    if name.startswith("torchvision:"):
+        return _torchvision_backbone(name.split(":", 1)[1], in_channels, image_size)
     if name == "tiny_cnn":
         return TinyCNN(in_channels, width or 16)
     if name == "resnet18":

@@ -62,17 +62,24 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
-    decay, no_decay = [], []
+def _param_groups(model: nn.Module, weight_decay: float, special: Dict[int, Dict]) -> List[Dict]:
+    """Decay / no-decay groups, split again for parameters with their own learning-rate rule
+    (``special``: id(parameter) -> {"lr_scale": s, "constant_lr": bool}, e.g. a predictor)."""
+    buckets: Dict[tuple, List] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        rule = special.get(id(p), {})
         # 1-d tensors are biases and normalization scales/shifts.
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "lars": True},
-        {"params": no_decay, "weight_decay": 0.0, "lars": False},
-    ]
+        key = (p.ndim <= 1, float(rule.get("lr_scale", 1.0)), bool(rule.get("constant_lr", False)))
+        buckets.setdefault(key, []).append(p)
+    groups = []
+    for (no_decay, scale, constant), params in buckets.items():
+        groups.append({
+            "params": params, "weight_decay": 0.0 if no_decay else weight_decay, "lars": not no_decay,
+            "lr_scale": scale, "constant_lr": constant,
+        })
+    return groups
 
 
 def peak_lr(cfg: TrainConfig, global_batch: int) -> float:
@@ -81,8 +88,12 @@ def peak_lr(cfg: TrainConfig, global_batch: int) -> float:
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, global_batch: int) -> torch.optim.Optimizer:
+    """The optimizer of ``cfg.optimizer`` over ``model``'s trainable parameters. A model with a
+    ``lr_rules()`` method (see :class:`fastssl.train.methods.Method`) gives some parameters a
+    learning rate of their own (SimSiam's constant-lr predictor)."""
     wd = cfg.weight_decay if cfg.weight_decay is not None else DEFAULT_WEIGHT_DECAY[cfg.optimizer]
-    groups = _param_groups(model, wd)
+    special = model.lr_rules() if hasattr(model, "lr_rules") else {}
+    groups = _param_groups(model, wd, special)
     lr = peak_lr(cfg, global_batch)
     if cfg.optimizer == "sgd":
         for g in groups:
@@ -106,6 +117,9 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, min_fract
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, peak: float | None = None) -> None:
+    """The scheduled ``lr`` on every group, times the group's ``lr_scale``; groups with
+    ``constant_lr`` stay at ``peak`` (times their scale) throughout."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        base = peak if (group.get("constant_lr") and peak is not None) else lr
+        group["lr"] = base * group.get("lr_scale", 1.0)
