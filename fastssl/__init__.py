@@ -24,6 +24,7 @@ from fastssl.prototype import CAPILoss, IBOTPatchLoss, IBOTPlusPlusPatchLoss, MS
 from fastssl.lightly_patch import patch_lightly, unpatch_lightly
 from fastssl.swav import SwaVLoss
 from fastssl.spectral import EMPSSLLoss, FroSSLLoss, MMCRLoss, PatchKernelAlignmentLoss, TiCoLoss
+from fastssl.vicregl import VICRegLLoss
 from fastssl.wmse import Whitening2d, WMSELoss
 
 __version__ = "0.1.0"
@@ -59,4 +60,5 @@ __all__ = [
     "MMCRLoss",
     "PatchKernelAlignmentLoss",
     "TiCoLoss",
+    "VICRegLLoss",
 ]

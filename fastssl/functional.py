@@ -22,6 +22,7 @@ from fastssl.dino import dino_center_update, dino_loss
 from fastssl.ntxent import infonce_loss, ntxent_loss
 from fastssl.predictive import byol_loss, center_penalty_loss, negative_cosine_similarity
 from fastssl.spectral import emp_ssl_loss, frossl_loss, mmcr_loss, patch_kernel_alignment_loss, tico_loss
+from fastssl.vicregl import vicregl_loss
 from fastssl.prototype import (
     capi_loss,
     capi_sinkhorn,
@@ -59,6 +60,7 @@ __all__ = [
     "mmcr_loss",
     "patch_kernel_alignment_loss",
     "tico_loss",
+    "vicregl_loss",
     "infonce_loss",
     "negative_cosine_similarity",
     "ntxent_loss",

@@ -42,6 +42,7 @@ CLASSES: Dict[str, tuple] = {
     "MMCRLoss": ("lightly.loss.mmcr_loss", "MMCRLoss"),
     "EMPSSLLoss": ("lightly.loss.emp_ssl_loss", "EMPSSLLoss"),
     "PatchKernelAlignmentLoss": ("lightly.loss.patch_kernel_alignment_loss", "PatchKernelAlignmentLoss"),
+    "VICRegLLoss": ("lightly.loss.vicregl_loss", "VICRegLLoss"),
     "DCLLoss": ("lightly.loss.dcl_loss", "DCLLoss"),
     "DCLWLoss": ("lightly.loss.dcl_loss", "DCLWLoss"),
     "negative_mises_fisher_weights": ("lightly.loss.dcl_loss", "negative_mises_fisher_weights"),
