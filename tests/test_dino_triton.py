@@ -160,3 +160,113 @@ def test_dino_kernels_compile_for_sm90():
         (_MODULE, "_dino_loss_grad_kernel", {**_TABLES_MIXED, "grad_ptr": "*fp16"}, {**_MIXED, "COMPUTE_GRAD": False, "BLOCK_ROWS": 2, "BLOCK_K": 16}, 4),
         (_MODULE, "_dino_stats_kernel", _TABLES_BF16, {**_BF16, "WITH_COLSUM": True, "BLOCK_ROWS": 2, "BLOCK_K": 8, "k_units": 1}, 4),
     ])  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Precision with a common offset, custom ops, eager ops, fallback, CUDA graphs
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+def test_dino_triton_logits_with_a_large_common_offset(device, offset):
+    """Log-probabilities stay relative to the row maximum: with logits that share an offset of
+    10³-10⁴ the float32 error is at most twice PyTorch's own float32 error (the reference
+    formula run in float32), for the loss and the student gradients. Single errors at this
+    magnitude are rounding noise, so the root-mean-square over a few draws is compared; an lse
+    rounded at the offset's magnitude was 15-36x worse."""
+    from fastssl import reference
+
+    def run(fn, xs, center):
+        leaves = [x.detach().clone().requires_grad_(i >= 2) for i, x in enumerate(xs)]
+        value = fn(leaves[:2], leaves[2:], center)
+        return value.double(), [g.double().cpu() for g in torch.autograd.grad(value, leaves[2:])]
+
+    def ours(teacher, student, center):
+        return fastssl.functional.dino_loss(teacher, student, center, 0.04, 0.1, backend="triton")
+
+    def formula(teacher, student, center):
+        return reference.dino_loss(teacher, student, center, 0.04, 0.1)
+
+    squared = {"ours": [0.0, 0.0], "pytorch": [0.0, 0.0]}
+    for seed in range(6):
+        torch.manual_seed(seed)
+        views = [x + offset for x in awkward_inputs(6, 40, views=5)]
+        center = torch.randn(40)
+        exact_value, exact_grads = run(formula, [x.double() for x in views], center.double())
+        runs = {
+            "pytorch": run(formula, views, center),
+            "ours": run(ours, [x.to(device) for x in views], center.to(device)),
+        }
+        for name, (value, grads) in runs.items():
+            squared[name][0] += (value.cpu() - exact_value).item() ** 2
+            squared[name][1] += max((g - e).abs().max().item() for g, e in zip(grads, exact_grads)) ** 2
+    for quantity in range(2):
+        assert squared["ours"][quantity] ** 0.5 <= 2 * squared["pytorch"][quantity] ** 0.5, squared
+
+
+def test_dino_triton_module_compiles_fullgraph_with_aot_eager():
+    """The DINO kernels are custom ops: a compiled module step (loss, student gradients, center
+    EMA) has no graph break and matches eager execution."""
+    torch._dynamo.reset()
+    eager_module = fastssl.DINOLoss(output_dim=8, backend="triton")
+    compiled_module = fastssl.DINOLoss(output_dim=8, backend="triton")
+    compiled = torch.compile(lambda t, s: compiled_module(t, s, epoch=1), fullgraph=True, backend="aot_eager")
+    for _ in range(2):  # the second call runs on the center the first one updated
+        teacher = [torch.randn(4, 8) for _ in range(2)]
+        student = [torch.randn(4, 8, requires_grad=True) for _ in range(3)]
+        value = compiled(teacher, student)
+        grads = torch.autograd.grad(value, student)
+        expected = eager_module(teacher, student, epoch=1)
+        expected_grads = torch.autograd.grad(expected, student)
+        torch.testing.assert_close(value, expected)
+        for g, g_expected in zip(grads, expected_grads):
+            torch.testing.assert_close(g, g_expected)
+        torch.testing.assert_close(compiled_module.center, eager_module.center)
+
+
+def test_dino_triton_eager_ops_per_step_within_budget(monkeypatch):
+    """The module's forward + backward, center update included, issues at most 16 PyTorch ops
+    around the kernels (allocations included), none of them a host synchronization."""
+    from test_sinkhorn_triton import EAGER_OP_BUDGET, EagerOpCounter
+
+    _tiny_tiles(monkeypatch)
+    module = fastssl.DINOLoss(output_dim=11, backend="triton")
+    teacher = [torch.randn(5, 11) for _ in range(2)]
+    student = [torch.randn(5, 11, requires_grad=True) for _ in range(6)]
+    before = module.center.clone()
+    with EagerOpCounter() as counter:
+        loss = module(teacher, student, epoch=3)
+        grads = torch.autograd.grad(loss, student)
+    assert all(g.shape == (5, 11) for g in grads) and not torch.equal(module.center, before)
+    assert len(counter.ops) <= EAGER_OP_BUDGET, counter.ops
+    assert not any(name in op for op in counter.ops for name in ("_local_scalar_dense", "nonzero", "lift_fresh")), counter.ops
+
+
+def test_dino_auto_falls_back_to_torch_when_a_kernel_fails(monkeypatch):
+    from fastssl import _backend
+    from fastssl import dino as dino_module
+
+    def failing_launch(*args, **kwargs):
+        raise RuntimeError("simulated launch failure")
+
+    teacher = [torch.randn(4, 6) for _ in range(2)]
+    student = [torch.randn(4, 6) for _ in range(3)]
+    expected = fastssl.functional.dino_loss(teacher, student, backend="torch")
+    monkeypatch.setattr(kernels, "_dino_stats_kernel", type("Failing", (), {"__getitem__": lambda self, grid: failing_launch})())
+    monkeypatch.setattr(dino_module, "resolve_backend", lambda backend, tensor, *a: "triton")  # as for CUDA tensors
+    monkeypatch.setattr(_backend, "_FALLBACK_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="dino.*simulated launch failure"):
+        value = fastssl.functional.dino_loss(teacher, student, backend="auto")
+    torch.testing.assert_close(value, expected)
+    with pytest.raises(RuntimeError, match="simulated launch failure"):
+        fastssl.functional.dino_loss(teacher, student, backend="triton")
+
+
+@pytest.mark.gpu
+def test_dino_training_step_captures_in_a_cuda_graph():
+    from test_sinkhorn_triton import capture_training_step
+
+    module = fastssl.DINOLoss(output_dim=300, backend="triton").cuda()
+    # Teacher views from the same network without gradient, as a momentum teacher would give.
+    capture_training_step(lambda outputs: module([o.detach() for o in outputs[:2]], outputs), views=6)
