@@ -211,9 +211,12 @@ class MoCo(Method):
         self.projector = mlp([f, self._dim(cfg.proj_hidden_dim, f), dim], batch_norm=False)
         self.key_backbone = _frozen_copy(self.backbone)
         self.key_projector = _frozen_copy(self.projector)
-        # A bank of at most half the data set: a bank much larger than the data would hold
-        # several stale keys of every image.
-        bank = min(4096, max(cfg.batch_size * world_size, num_train // 2))
+        # Four global batches of keys (at most half the data set, at most 4096): on a short run
+        # the encoder moves fast, and keys much older than a few steps no longer match the
+        # queries' encoder (a bank of half the 4000 default images, 16 batches old, left the
+        # default run at kNN 0.31; see docs/training.md).
+        global_batch = cfg.batch_size * world_size
+        bank = min(4096, max(global_batch, min(num_train // 2, 4 * global_batch)))
         self.criterion = _build_loss(cfg, {"temperature": 0.2, "memory_bank_size": (bank, dim)}, world_size > 1)
         self.ema_momentum = cfg.ema_momentum
 
@@ -310,7 +313,10 @@ class Decorrelation(Method):
         dim = self._dim(cfg.proj_dim, 4 * f)
         hidden = self._dim(cfg.proj_hidden_dim, dim)
         self.projector = mlp([f, hidden, hidden, dim])
-        self.criterion = _build_loss(cfg, {}, world_size > 1)
+        self.criterion = _build_loss(cfg, self.loss_defaults(dim), world_size > 1)
+
+    def loss_defaults(self, dim: int) -> Dict[str, Any]:
+        return {}
 
     def forward(self, views: List[Tensor], epoch: int) -> Tensor:
         z_a, z_b = self.embed(views[0]), self.embed(views[1])
@@ -320,6 +326,14 @@ class Decorrelation(Method):
 
 class BarlowTwins(Decorrelation):
     name = "barlow_twins"
+
+    def loss_defaults(self, dim: int) -> Dict[str, Any]:
+        # The weight of the redundancy term scaled with the embedding width: the paper's
+        # 5e-3 at d = 8192 gives lambda * d = 41; at this driver's d = 4F = 512 the same 5e-3
+        # gives 2.6, too weak to keep the features decorrelated, and the short default run
+        # fell into a few dimensions (kNN 0.18 < 0.24 untrained). lambda = 10 / d (solo-learn's
+        # CIFAR ratio, 5.1e-3 x 2048) keeps lambda * d at 10 for any width.
+        return {"lambda_param": 10.0 / dim}
 
 
 class VICReg(Decorrelation):
@@ -387,7 +401,9 @@ class WMSE(Method):
     def __init__(self, cfg: TrainConfig, in_channels: int, num_train: int, world_size: int = 1, image_size: int = 32) -> None:
         super().__init__(cfg, in_channels, num_train, world_size, image_size)
         f = self.feature_dim
-        dim = self._dim(cfg.proj_dim, 64)
+        # 32 output dimensions whitened over sub-batches of 128: with the paper's 64 the
+        # whitening matrix is estimated from only 2 samples per dimension and amplifies noise.
+        dim = self._dim(cfg.proj_dim, 32)
         self.projector = mlp([f, self._dim(cfg.proj_hidden_dim, 2 * f), dim])
         w_size = int(cfg.loss_args.get("w_size", 128))
         self.criterion = _build_loss(cfg, {"embedding_dim": dim, "w_size": w_size}, world_size > 1)
