@@ -67,6 +67,8 @@ REGISTERS_PER_SM = 65536
 SHARED_BYTES_PER_SM = 228 * 1024
 MAX_WARPS_PER_SM = 64
 MAX_BLOCKS_PER_SM = 32
+#: Bytes of one tensor argument a program is assumed to touch at most (see Launch.tensor_bytes).
+PROGRAM_BYTES_PER_TENSOR = 256 * 1024
 
 
 def require_compiled_mode() -> None:
@@ -95,7 +97,7 @@ class Launch:
     signature: Dict[str, str]  # parameter -> Triton type ("*bf16", "i32", "constexpr", ...)
     constexprs: Dict[str, Any]  # parameter -> value (launch constexprs and ints specialized to 1)
     divisible_by_16: List[str]  # parameters that carry tt.divisibility = 16
-    tensor_bytes: int  # bytes of the tensors passed (each counted once)
+    tensor_bytes: int  # bytes of the tensors passed, each once, at most PROGRAM_BYTES_PER_TENSOR per program
     site: str  # the launching line in the repository
     # Live objects for compiling in the capturing process (not serialized).
     jit_function: Any = dataclasses.field(default=None, repr=False, compare=False)
@@ -532,12 +534,15 @@ def _record_launch(jit_function, *args, grid, warmup, **kwargs):
     explicit = {k: v for k, v in kwargs.items() if k not in names}
     seen = set()
     tensor_bytes = 0
+    programs = grid[0] * grid[1] * grid[2]
     for value in bound_args.values():
         if isinstance(value, torch.Tensor):
             ident = (value.untyped_storage().data_ptr() if not _is_meta(value) else id(value), value.storage_offset())
             if ident not in seen:
                 seen.add(ident)
-                tensor_bytes += _nbytes(value)
+                # A workspace shared by several launches is passed whole but read in parts: a
+                # program is taken to touch at most PROGRAM_BYTES_PER_TENSOR of each tensor.
+                tensor_bytes += min(_nbytes(value), programs * PROGRAM_BYTES_PER_TENSOR)
     launch = Launch(
         kernel=f"{jit_function.module}:{jit_function.fn.__qualname__}", phase=session.phase, grid=grid,
         options=explicit, signature=signature, constexprs=named_constexprs, divisible_by_16=divisible,
@@ -763,6 +768,8 @@ def compile_launch(launch: Launch, keep_asm: bool = False) -> Dict[str, Any]:
         "shared_bytes": int(getattr(metadata, "shared", 0)),
         "ptx_wgmma": "wgmma.mma_async" in ptx,
         "ptx_mma_sync": "mma.sync" in ptx,
+        # Matrix products in the Triton IR (tt.dot / tt.dot_scaled), whatever unit they map to.
+        "dots": len(re.findall(r"\btt\.dot(?:_scaled)?\b", compiled.asm.get("ttir", ""))),
     }
     regs = _PTXAS_LINE.search(text)
     spills = _SPILL_LINE.search(text)
