@@ -28,8 +28,10 @@ Cost for S blocks of (w, d), FLOPs: covariances 2·S·w·d² (``bmm`` forms the 
 Cholesky S·d³/3, triangular solve S·w·d²; bytes: the (S, w, d) gather (read and write), Z, and
 S·d² per factor. For d = 128, w = 256, S = 8: ≈ 106 MFLOP and ≈ 4 MB, i.e. under 2 µs of
 arithmetic or traffic on an H100 (60 TFLOP/s fp32, 3 TB/s), so the batched path is bound by its
-~15 kernel launches and its single host synchronization (the singular-covariance check), not
-by FLOPs or bytes; lightly's loop pays launches and a synchronization per block.
+~15 kernel launches, not by FLOPs or bytes; lightly's loop pays launches and a synchronization per block. On CUDA
+tensors nothing reads a device value on the host: the permutations are drawn on the device and a
+singular sub-batch covariance gives a NaN loss instead of an error (CPU tensors, where the check
+costs nothing, still raise), so a training step can be captured in a CUDA graph.
 
 Running statistics (module, training mode): lightly updates
 ``r ← m·s_k + (1-m)·r`` after each of the K = S whitening calls, with s_k the block's mean and
@@ -135,6 +137,13 @@ def _draw_permutations(bs: int, w_iter: int, permutations: Optional[Sequence[Ten
     the default CPU generator (so ``torch.manual_seed`` reproduces lightly's sub-batches).
     """
     if permutations is None:
+        if _check_synchronizes(device):
+            # On a GPU, drawn there: a permutation from the CPU generator would be one
+            # host-to-device copy (a stream synchronization) per call, and nothing a CUDA graph
+            # can replay. The values then differ from lightly's for the same seed (the CUDA
+            # generator), the distribution does not: the argsort of i.i.d. uniforms is a uniform
+            # permutation.
+            return torch.rand(w_iter, bs, device=device).argsort(dim=1)
         return torch.stack([torch.randperm(bs) for _ in range(w_iter)]).to(device)
     if isinstance(permutations, Tensor) and permutations.dim() == 1:
         permutations = [permutations]
@@ -146,7 +155,7 @@ def _draw_permutations(bs: int, w_iter: int, permutations: Optional[Sequence[Ten
             raise ValueError(f"permutations[{i}] must be an integer tensor of shape ({bs},), got {p!r:.80}")
         perms.append(p.to(device=device, dtype=torch.int64))
     stacked = torch.stack(perms)
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and not _check_synchronizes(device):
         expected = torch.arange(bs, device=device).expand(w_iter, bs)
         if not torch.equal(stacked.sort(dim=1).values, expected):
             raise ValueError(f"every entry of permutations must be a permutation of range({bs})")
@@ -165,6 +174,19 @@ def _subbatch_index(perms: Tensor, num_samples: int, w_size: int, bs: int) -> Te
 # --------------------------------------------------------------------------------------------
 # Singular covariances: a clear error, also under torch.compile
 # --------------------------------------------------------------------------------------------
+
+
+def _check_synchronizes(device: torch.device) -> bool:
+    """Whether reading a device value on the host (to raise an error, to validate) costs a
+    stream synchronization: not for CPU tensors, on CUDA yes -- which a training step must not
+    pay, and which no CUDA graph can capture."""
+    return torch.device(device).type == "cuda"
+
+
+def _nan_if_singular(out: Tensor, failed: Tensor) -> Tensor:
+    """``out``, or NaN everywhere when a block could not be factored: what a singular covariance
+    gives where raising would need a host synchronization (CUDA)."""
+    return torch.where(failed.any(), float("nan"), out)
 
 
 def _raise_if_singular(failed: Tensor, cov: Tensor, w_size: int) -> None:
@@ -208,7 +230,10 @@ def _(failed: Tensor, cov: Tensor, w_size: int) -> Tensor:
 
 
 def _checked(loss: Tensor, failed: Tensor, cov: Tensor, w_size: int) -> Tensor:
-    """``loss``, after the singular-covariance check (eagerly, or as a graph op when compiling)."""
+    """``loss``, after the singular-covariance check (eagerly, or as a graph op when compiling);
+    on CUDA a NaN loss instead of the error (no host synchronization)."""
+    if _check_synchronizes(loss.device):
+        return _nan_if_singular(loss, failed)
     if torch.compiler.is_compiling():
         return loss + _check_whitening_op(failed, cov.detach(), w_size).to(loss.dtype)
     _raise_if_singular(failed, cov, w_size)
@@ -477,7 +502,9 @@ def wmse_loss(
     Raises:
         WMSEBatchSizeError (a ValueError and RuntimeError): rows not divisible by num_samples,
             or images per view not a multiple of w_size.
-        ValueError: fewer images per view than w_size; a singular sub-batch covariance.
+        ValueError: fewer images per view than w_size; a singular sub-batch covariance (for
+            CPU tensors; on CUDA the loss is NaN instead, since raising would synchronize the
+            stream on every call).
     """
     bs = _check_wmse_args(input, num_samples, w_size, w_iter, eps, whitening)
     impl = resolve_backend(backend, input, has_triton_kernel=False)
@@ -559,12 +586,17 @@ class Whitening2d(nn.Module):
             z, failed = _whiten_with_statistics(
                 x.to(acc), self.running_mean.reshape(-1).to(acc), self.running_variance.to(acc), self.eps, self.method
             )
+            if _check_synchronizes(x.device):
+                return _nan_if_singular(z, failed).to(x.dtype)
             _raise_if_singular(failed, self.running_variance.unsqueeze(0), 0)
             return z.to(x.dtype)
         check_tensor("x", x, min_rows=2)
         index = torch.arange(x.shape[0], device=x.device).view(1, -1)
         z, means, covs, failed = _whiten_blocks(x.to(acc), index, self.eps, self.method)
-        _raise_if_singular(failed, covs, x.shape[0])
+        if _check_synchronizes(x.device):
+            z = _nan_if_singular(z, failed)
+        else:
+            _raise_if_singular(failed, covs, x.shape[0])
         self.update_running_statistics(means, covs)
         return z[0].to(x.dtype)
 

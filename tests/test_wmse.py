@@ -829,3 +829,48 @@ def test_cuda_singular_covariance_is_a_clear_error():
     bad = _views(16, 3, 2, device="cuda")
     bad[2, 1] = float("nan")
     assert torch.isnan(FS.wmse_loss(bad, 2, 8))
+
+
+# --------------------------------------------------------------------------------------------
+# No host synchronization on CUDA: device-drawn permutations, NaN instead of a raised error
+# --------------------------------------------------------------------------------------------
+
+
+def test_no_host_synchronization_where_it_would_cost_one(mocker):
+    """With the checks that would synchronize a CUDA stream switched off (as for CUDA tensors),
+    no op reads a device value on the host: the permutations are drawn on the device and a
+    singular sub-batch covariance gives a NaN loss and NaN whitened rows instead of an error."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.reads = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if any(name in str(func) for name in ("_local_scalar_dense", "nonzero", "equal", "lift_fresh", "randperm")):
+                self.reads.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    mocker.patch.object(wmse, "_check_synchronizes", return_value=True)
+    module = fastssl.WMSELoss(embedding_dim=3, w_size=8, backend="torch")
+    with HostReads() as mode:
+        healthy = module(_views(16, 3, 2).requires_grad_(True))
+        torch.autograd.grad(healthy, list(module.parameters()) or [healthy], allow_unused=True)
+        singular = FS.wmse_loss(_collapsed_views(), 2, 8, permutations=[torch.arange(16)])
+        whitened = fastssl.Whitening2d(3)(_collapsed_views()[:8])
+    assert mode.reads == []
+    assert torch.isfinite(healthy) and torch.isnan(singular) and torch.isnan(whitened).all()
+    # Device-drawn permutations are permutations.
+    perms = wmse._draw_permutations(64, 3, None, torch.device("cpu"))
+    assert perms.shape == (3, 64) and torch.equal(perms.sort(dim=1).values, torch.arange(64).expand(3, 64))
+
+
+@pytest.mark.gpu
+def test_wmse_training_step_captures_in_a_cuda_graph():
+    from test_sinkhorn_triton import capture_training_step
+
+    module = fastssl.WMSELoss(embedding_dim=32, w_size=64).cuda()
+    # One sub-batch per view (w_size = batch): the loss does not depend on the permutation
+    # drawn, so graph replays and eager steps can be compared.
+    capture_training_step(lambda outputs: module(torch.cat(outputs, dim=0)), views=2, rows=64, dim=16, k=32)
