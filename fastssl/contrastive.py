@@ -113,17 +113,15 @@ def _normalize(x: Tensor, acc: torch.dtype) -> Tensor:
     return F.normalize(x.to(acc), dim=-1, eps=_NORM_EPS)
 
 
-def _exp_factorizable(inv_temp: Union[float, Tensor], n_cols: int) -> bool:
+def _exp_factorizable(inv_temp_bound: float, n_cols: int) -> bool:
     r"""Whether :math:`e^{S_{km}-\mathrm{lse}_m}` may be computed as
     :math:`e^{S_{km}-\mathrm{lse}_k}\cdot e^{\mathrm{lse}_k-c}\cdot e^{c-\mathrm{lse}_m}`.
 
     Unit vectors give :math:`|S| \le 1/|\tau|` and :math:`\mathrm{lse} \in \pm 1/|\tau| + [0,
     \log C]`; with :math:`c = \log(C-1)` no factor exceeds :math:`e^{1/|\tau| + \log C}` and the
     first stays above :math:`e^{-(2/|\tau| + \log C)}`, well inside float32 while that bound is
-    below 80. A temperature held in a tensor (MACL's) is not inspected: two exponentials."""
-    if isinstance(inv_temp, Tensor):
-        return False
-    return 2.0 * abs(inv_temp) + math.log(max(n_cols, 2)) < 80.0
+    below 80. ``inv_temp_bound`` bounds :math:`1/|\tau|` (``inf`` when nothing bounds it)."""
+    return 2.0 * inv_temp_bound + math.log(max(n_cols, 2)) < 80.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,8 +129,20 @@ def _exp_factorizable(inv_temp: Union[float, Tensor], n_cols: int) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _chunk_logits(z_rows: Tensor, z_cols: Tensor, start: int, stop: int, inv_temp) -> Tensor:
-    return (z_rows[start:stop] @ z_cols.T).mul_(inv_temp)
+def _lse_keeping_exponentials(logits: Tensor) -> Tuple[Tensor, Tensor]:
+    r"""In place: ``logits`` (R, C) becomes :math:`e^{S_{km} - \max_m S_{km}}` (0 where
+    excluded); returns (lse (R,), row sums of those exponentials (R,)). The backward reuses the
+    exponentials (``e^{S-lse_k}`` is them over the row sum) instead of recomputing the product."""
+    row_max = logits.amax(dim=1, keepdim=True)
+    # A row whose every column is excluded (max -inf) keeps exp(-inf) = 0 and lse = -inf.
+    row_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
+    sums = logits.sub_(row_max).exp_().sum(dim=1)
+    return row_max.squeeze(1) + sums.log(), sums
+
+
+def _reciprocal_or_zero(x: Tensor) -> Tensor:
+    """1/x, and 0 where x = 0 (rows with no column left: their exponentials are all 0)."""
+    return torch.where(x > 0, 1.0 / x, torch.zeros_like(x))
 
 
 class _SymmetricRowLSE(torch.autograd.Function):
@@ -140,8 +150,13 @@ class _SymmetricRowLSE(torch.autograd.Function):
     contain them: ``z`` itself (``z_cols`` None), or every rank's rows gathered, this rank's at
     ``col_offset``. Requires a symmetric exclusion; ``excluded`` (R, E) holds global column
     indices (repeats allowed). A row whose every column is excluded gets ``-inf`` and no gradient.
+    ``inv_temp`` is a float or a 0-d tensor (then ``inv_temp_bound`` bounds its magnitude, or is
+    ``inf``).
 
-    Returns lse (R,). Backward: the symmetric formula of the module docstring.
+    Returns lse (R,). Backward: the symmetric formula of the module docstring. In the factorized
+    form it needs no elementwise pass over the logits: with :math:`E_{km} = e^{S_{km}-\mathrm{lse}_k}`,
+    :math:`\sum_m E_{km}(g_k + a_k\gamma_m) z_m = g_k (EZ)_k + a_k (E(\gamma\odot Z))_k`, one
+    product of E with the (C, 2d) matrix :math:`[Z, \gamma\odot Z]`.
     """
 
     @staticmethod
@@ -151,6 +166,7 @@ class _SymmetricRowLSE(torch.autograd.Function):
         z_cols: Optional[Tensor],
         excluded: Tensor,
         inv_temp: Union[float, Tensor],
+        inv_temp_bound: float,
         col_offset: int,
         use_dist: bool,
         chunk_rows: Optional[int],
@@ -158,97 +174,123 @@ class _SymmetricRowLSE(torch.autograd.Function):
         cols = z if z_cols is None else z_cols
         n_rows, n_cols = z.shape[0], cols.shape[0]
         chunk = _rows_per_chunk(n_rows, n_cols, chunk_rows)
-        lse_parts = []
+        factored = _exp_factorizable(inv_temp_bound, n_cols)
+        # Rows pre-scaled by 1/τ: the product gives the logits without another pass over them.
+        scaled_rows = z * inv_temp
+        lse_parts, sum_parts = [], []
         logits = None
         for start in range(0, n_rows, chunk):
             stop = min(n_rows, start + chunk)
-            logits = _chunk_logits(z, cols, start, stop, inv_temp)
+            logits = scaled_rows[start:stop] @ cols.T
             logits.scatter_(1, excluded[start:stop], float("-inf"))
-            lse_parts.append(torch.logsumexp(logits, dim=1))
+            if factored:
+                lse_chunk, sums = _lse_keeping_exponentials(logits)
+                sum_parts.append(sums)
+            else:
+                lse_chunk = torch.logsumexp(logits, dim=1)
+            lse_parts.append(lse_chunk)
         lse = torch.cat(lse_parts)
+        # One chunk: kept for the backward (its exponentials, or its logits for two exponentials).
         single_chunk = logits if chunk >= n_rows else None
+        row_sums = torch.cat(sum_parts) if factored and single_chunk is not None else None
         lse_cols = distributed.gather_no_grad(lse) if use_dist else lse
         temp_tensor = inv_temp if isinstance(inv_temp, Tensor) else None
-        ctx.save_for_backward(z, z_cols, excluded, lse, lse_cols, single_chunk, temp_tensor)
-        ctx.meta = (None if temp_tensor is not None else inv_temp, use_dist, chunk)
+        ctx.save_for_backward(z, z_cols, excluded, lse, lse_cols, single_chunk, row_sums, temp_tensor)
+        ctx.meta = (None if temp_tensor is not None else inv_temp, factored, use_dist, chunk)
         return lse
 
     @staticmethod
     def backward(ctx, grad_lse: Tensor):  # type: ignore[override]
-        z, z_cols, excluded, lse, lse_cols, single_chunk, temp_tensor = ctx.saved_tensors
-        inv_temp_float, use_dist, chunk = ctx.meta
+        z, z_cols, excluded, lse, lse_cols, single_chunk, row_sums, temp_tensor = ctx.saved_tensors
+        inv_temp_float, factored, use_dist, chunk = ctx.meta
         inv_temp = temp_tensor if temp_tensor is not None else inv_temp_float
         cols = z if z_cols is None else z_cols
-        n_rows, n_cols = z.shape[0], cols.shape[0]
+        n_rows, n_cols, d = z.shape[0], cols.shape[0], z.shape[1]
         grad_lse = grad_lse.to(z.dtype).contiguous()
         # The column rows' g_m live on their own ranks: gather them (one float per row).
         grad_cols = distributed.gather_no_grad(grad_lse) if use_dist else grad_lse
-        factored = _exp_factorizable(inv_temp, n_cols)
+        scaled_rows = z * inv_temp if single_chunk is None else None
+        parts = []
         if factored:
             shift = math.log(max(n_cols - 1, 1))
-            col_factor = (shift - lse_cols).exp_().mul_(grad_cols)
-        parts = []
-        for start in range(0, n_rows, chunk):
-            stop = min(n_rows, start + chunk)
-            rows_lse = lse[start:stop, None]
-            if single_chunk is not None:
-                weights = single_chunk - rows_lse
-            else:
-                weights = _chunk_logits(z, cols, start, stop, inv_temp).sub_(rows_lse)
-            if factored:
-                # e^{S-lse_k}·(g_k + e^{lse_k-c}·g_m e^{c-lse_m})
-                row_factor = (rows_lse[:, 0] - shift).exp_()
-                weights.exp_().mul_(torch.outer(row_factor, col_factor).add_(grad_lse[start:stop, None]))
-            else:
+            # γ_m = g_m e^{c - lse_m}; 0 for a column excluded from every row (lse_m = -inf).
+            gamma = torch.where(lse_cols == float("-inf"), torch.zeros_like(lse_cols), (shift - lse_cols).exp() * grad_cols)
+            cols_pair = torch.cat([cols, gamma[:, None] * cols], dim=1)
+            for start in range(0, n_rows, chunk):
+                stop = min(n_rows, start + chunk)
+                if single_chunk is not None:
+                    probs, row_scale = single_chunk, _reciprocal_or_zero(row_sums)
+                else:
+                    probs = (scaled_rows[start:stop] @ cols.T).sub_(lse[start:stop, None]).exp_()
+                    probs.scatter_(1, excluded[start:stop], 0.0)
+                    row_scale = torch.ones_like(lse[start:stop])
+                both = probs @ cols_pair
+                own = (grad_lse[start:stop] * row_scale)[:, None]
+                crossed = ((lse[start:stop] - shift).exp() * row_scale)[:, None]
+                parts.append(own * both[:, :d] + crossed * both[:, d:])
+        else:
+            for start in range(0, n_rows, chunk):
+                stop = min(n_rows, start + chunk)
+                rows_lse = lse[start:stop, None]
+                logits = single_chunk if single_chunk is not None else scaled_rows[start:stop] @ cols.T
+                weights = logits - rows_lse
                 # g_m e^{S-lse_m} = g_m e^{(S-lse_k) + lse_k - lse_m}
                 other = (weights + rows_lse).sub_(lse_cols[None, :]).exp_().mul_(grad_cols[None, :])
                 weights.exp_().mul_(grad_lse[start:stop, None]).add_(other)
                 del other
-            # Excluded entries (NaN or inf where a row's lse is -inf) carry no gradient.
-            weights.scatter_(1, excluded[start:stop], 0.0)
-            parts.append(weights @ cols)
+                # Excluded entries (NaN or inf where a row's lse is -inf) carry no gradient.
+                weights.scatter_(1, excluded[start:stop], 0.0)
+                parts.append(weights @ cols)
         grad_z = torch.cat(parts).mul_(inv_temp)
-        return grad_z, None, None, None, None, None, None
+        return grad_z, None, None, None, None, None, None, None
 
 
 class _RowLSE(torch.autograd.Function):
-    """``lse_k = log Σ_{m ∉ E_k} exp(S_km)`` for rows ``z_rows`` (R, d) against different columns
-    ``z_cols`` (C, d); gradients for both (DetCon-B's predictions against its targets)."""
+    r"""``lse_k = log Σ_{m ∉ E_k} exp(S_km)`` for rows ``z_rows`` (R, d) against different columns
+    ``z_cols`` (C, d); gradients for both (DetCon-B's predictions against its targets). With
+    :math:`G = \mathrm{diag}(g) E`, both gradients are products with E and a row scaling:
+    :math:`G Z_c = g\odot(E Z_c)` and :math:`G^\top Z_r = E^\top(g\odot Z_r)`."""
 
     @staticmethod
     def forward(ctx, z_rows: Tensor, z_cols: Tensor, excluded: Tensor, inv_temp: float, chunk_rows: Optional[int]) -> Tensor:  # type: ignore[override]
         n_rows, n_cols = z_rows.shape[0], z_cols.shape[0]
         chunk = _rows_per_chunk(n_rows, n_cols, chunk_rows)
-        parts = []
-        logits = None
+        scaled_rows = z_rows * inv_temp
+        lse_parts, sum_parts = [], []
+        exponentials = None
         for start in range(0, n_rows, chunk):
             stop = min(n_rows, start + chunk)
-            logits = _chunk_logits(z_rows, z_cols, start, stop, inv_temp)
-            logits.scatter_(1, excluded[start:stop], float("-inf"))
-            parts.append(torch.logsumexp(logits, dim=1))
-        lse = torch.cat(parts)
-        single_chunk = logits if chunk >= n_rows else None
-        ctx.save_for_backward(z_rows, z_cols, excluded, lse, single_chunk)
+            exponentials = scaled_rows[start:stop] @ z_cols.T
+            exponentials.scatter_(1, excluded[start:stop], float("-inf"))
+            lse_chunk, sums = _lse_keeping_exponentials(exponentials)
+            lse_parts.append(lse_chunk)
+            sum_parts.append(sums)
+        lse = torch.cat(lse_parts)
+        single_chunk = exponentials if chunk >= n_rows else None
+        row_sums = torch.cat(sum_parts) if single_chunk is not None else None
+        ctx.save_for_backward(z_rows, z_cols, excluded, lse, single_chunk, row_sums)
         ctx.meta = (inv_temp, chunk)
         return lse
 
     @staticmethod
     def backward(ctx, grad_lse: Tensor):  # type: ignore[override]
-        z_rows, z_cols, excluded, lse, single_chunk = ctx.saved_tensors
+        z_rows, z_cols, excluded, lse, single_chunk, row_sums = ctx.saved_tensors
         inv_temp, chunk = ctx.meta
         grad_lse = grad_lse.to(z_rows.dtype)
+        scaled_rows = z_rows * inv_temp if single_chunk is None else None
         grad_rows = []
         grad_cols = torch.zeros_like(z_cols)
         for start in range(0, z_rows.shape[0], chunk):
             stop = min(z_rows.shape[0], start + chunk)
             if single_chunk is not None:
-                weights = single_chunk - lse[start:stop, None]
+                probs, row_scale = single_chunk, _reciprocal_or_zero(row_sums)
             else:
-                weights = _chunk_logits(z_rows, z_cols, start, stop, inv_temp).sub_(lse[start:stop, None])
-                weights.scatter_(1, excluded[start:stop], float("-inf"))
-            weights.exp_().mul_(grad_lse[start:stop, None])  # G = g_k p_km
-            grad_rows.append(weights @ z_cols)
-            grad_cols.addmm_(weights.T, z_rows[start:stop])
+                probs = (scaled_rows[start:stop] @ z_cols.T).sub_(lse[start:stop, None]).exp_()
+                probs.scatter_(1, excluded[start:stop], 0.0)
+                row_scale = torch.ones_like(lse[start:stop])
+            weight = (grad_lse[start:stop] * row_scale)[:, None]  # G = diag(g / s) · exponentials
+            grad_rows.append(weight * (probs @ z_cols))
+            grad_cols.addmm_(probs.T, weight * z_rows[start:stop])
         return torch.cat(grad_rows).mul_(inv_temp), grad_cols.mul_(inv_temp), None, None, None
 
 
@@ -314,7 +356,7 @@ def _dcl_torch(
     # DCL's denominator leaves out the row itself and its positive.
     excluded = torch.stack([self_cols, positive_cols], dim=1)
     inv_temp = 1.0 / temperature
-    lse = _SymmetricRowLSE.apply(z, z_cols, excluded, inv_temp, col_offset, use_dist, chunk_rows)
+    lse = _SymmetricRowLSE.apply(z, z_cols, excluded, inv_temp, abs(inv_temp), col_offset, use_dist, chunk_rows)
     z0, z1 = z[:n], z[n:]
     positive = (z0 * z1).sum(dim=1) * inv_temp
     if weight_fn is None:
@@ -586,12 +628,15 @@ def _macl_torch(z0: Tensor, z1: Tensor, temperature: float, alpha: float, A_0: f
     # A: the mean positive cosine, detached; the temperature stays a device tensor (no host sync).
     alignment = positive_cosine.detach().mean()
     inv_temp = 1.0 / (temperature * (1 + alpha * (alignment - A_0)))
+    # A ∈ [-1, 1] bounds the temperature factor below by 1 - α(1 + A_0) (when that is > 0).
+    lowest_factor = 1.0 - alpha * (1.0 + A_0)
+    inv_temp_bound = 1.0 / (temperature * lowest_factor) if lowest_factor > 0 else math.inf
     # With δ_k = LSE over the negatives (DCL's denominator) minus the positive logit,
     # -log P_k = softplus(δ_k) and 1 - P_k = sigmoid(δ_k): both keep full relative precision when
     # P_k ≈ 1, where log_softmax rounds log P to 0 or to a few ulps of the logits and the weight
     # V_k = 1/(1 - P_k + ε) (up to 1/ε) amplifies that rounding. N = 1: no negative, δ = -inf, 0.
     negative_lse = _SymmetricRowLSE.apply(
-        z, None, torch.stack([self_cols, positive_cols], dim=1), inv_temp, 0, False, chunk_rows
+        z, None, torch.stack([self_cols, positive_cols], dim=1), inv_temp, inv_temp_bound, 0, False, chunk_rows
     )
     delta = negative_lse - torch.cat([positive_cosine, positive_cosine]) * inv_temp
     reweight = 1.0 / (torch.sigmoid(delta.detach()) + eps)
@@ -705,7 +750,9 @@ def _supcon_torch(
     self_cols, _ = _two_view_pairs(n, col_offset, z.device)
     inv_temp = 1.0 / temperature
     # Khosla et al.'s L_out denominator is NT-Xent's: every row but the anchor.
-    lse = _SymmetricRowLSE.apply(z, z_cols, self_cols[:, None], inv_temp, col_offset, use_dist, chunk_rows)
+    lse = _SymmetricRowLSE.apply(
+        z, z_cols, self_cols[:, None], inv_temp, abs(inv_temp), col_offset, use_dist, chunk_rows
+    )
 
     # Positive term through class sums: Σ_{p∈P(k)} z_k·z_p = z_k·(S_{y_k} - z_k), S_c the sum of
     # every row (all ranks) of class c; |P(k)| = count(y_k) - 1 ≥ 1 (the other view).
@@ -882,7 +929,9 @@ def _detcon_torch(
     if symmetric:
         # DetCon-S: predictions are the targets and the exclusion is symmetric.
         z_cols, _ = _columns(preds, use_dist)
-        lse = _SymmetricRowLSE.apply(preds, z_cols, excluded, inv_temp, col_offset, use_dist, chunk_rows)
+        lse = _SymmetricRowLSE.apply(
+            preds, z_cols, excluded, inv_temp, abs(inv_temp), col_offset, use_dist, chunk_rows
+        )
     else:
         z_cols = distributed.gather(targets) if use_dist else targets
         lse = _RowLSE.apply(preds, z_cols, excluded, inv_temp, chunk_rows)
