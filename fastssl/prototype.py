@@ -50,9 +50,9 @@ from fastssl._checks import (
     check_tensor,
 )
 
-# fp32 elements of one (rows, K) temporary per chunk: 2**17 is 512 KiB, a few of which stay in a
-# CPU's L2 cache (and are far above a GPU kernel's launch overhead).
-_CHUNK_ELEMENTS = 1 << 17
+# fp32 elements of one (rows, K) temporary per chunk: 2**18 is 1 MiB, a few of which stay in a
+# CPU's L2/L3 cache (and are far above a GPU kernel's launch overhead).
+_CHUNK_ELEMENTS = 1 << 18
 
 Prior = Union[None, Tensor, Callable[[Tensor], Tensor]]
 
@@ -63,6 +63,25 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 def _rows_per_chunk(width: int) -> int:
     return max(1, _CHUNK_ELEMENTS // max(1, width))
+
+
+# exp(x) for x below these is under the smallest normal number. Clamping the argument there
+# costs nothing in accuracy (the result was < 1.2e-38, resp. 2.2e-308, anyway) and keeps the CPU
+# off exp's slow underflow path (about 50x slower per element, and iBOT's teacher logits divided
+# by τ_t = 0.04 reach it for most entries).
+_EXP_FLOOR = {torch.float32: -87.0, torch.float64: -708.0}
+
+
+def _exp_(x: Tensor) -> Tensor:
+    """In-place ``exp`` of a float32/float64 tensor, its argument clamped at the normal range."""
+    return x.clamp_(min=_EXP_FLOOR[x.dtype]).exp_()
+
+
+def _logsumexp(x: Tensor, dim: int, keepdim: bool = False) -> Tensor:
+    """``torch.logsumexp`` with :func:`_exp_` (same values; no slow underflow path)."""
+    shift = x.amax(dim=dim, keepdim=True)
+    out = shift + _exp_(x - shift).sum(dim=dim, keepdim=True).log_()
+    return out if keepdim else out.squeeze(dim)
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,11 +131,24 @@ def _target_logits(
     return logits
 
 
+def _softmax_targets(logits: Tensor, normalize: bool) -> Tensor:
+    """Target probabilities from (chunk, K) target logits, in place where possible: a softmax
+    (iBOT), or ``exp`` of logits already shifted by their row scaling (CAPI). Logits more than
+    87 below their row's maximum are raised to that floor first: their probability (< 1.7e-38
+    relative) does not change in float32, and the CPU's exp avoids its slow underflow path."""
+    if not normalize:
+        return _exp_(logits)
+    floor = logits.amax(dim=1, keepdim=True) + _EXP_FLOOR[logits.dtype]
+    return torch.softmax(logits.clamp_(min=floor), dim=1)
+
+
 class _SoftTargetCrossEntropy(torch.autograd.Function):
     """Chunked ``−Σ_i w_i Σ_k q_ik log softmax(s_i/τ_s)_k`` (see the block comment above).
 
     Returns the 0-d loss (float32) and, when asked, the (K,) sum of the teacher rows (the
-    centre's batch mean, read in the same pass; not differentiable)."""
+    centre's batch mean, read in the same pass; not differentiable). The forward keeps nothing
+    per element: the backward recomputes each chunk's softmaxes (a handful of fused kernels per
+    chunk, so the work stays in cache and the kernel count stays low)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -136,33 +168,25 @@ class _SoftTargetCrossEntropy(torch.autograd.Function):
         dtype = _compute_dtype(student)
         device = student.device
         normalize = row_shift is None
-        student_lse = torch.empty(rows, dtype=dtype, device=device)
-        target_mass = torch.empty(rows, dtype=dtype, device=device)
-        target_lse = torch.empty(rows, dtype=dtype, device=device) if normalize else None
+        # Σ_k q_ik: 1 for a softmax target (not stored), measured for a given row shift.
+        target_mass = None if normalize else torch.empty(rows, dtype=dtype, device=device)
         total = torch.zeros((), dtype=dtype, device=device)
         teacher_sum = torch.zeros(k if want_teacher_sum else 0, dtype=dtype, device=device)
         chunk = _rows_per_chunk(k)
         for start in range(0, rows, chunk):
             stop = min(start + chunk, rows)
-            target = _target_logits(teacher, teacher_rows, offsets, offset_rows, row_shift, teacher_scale, start, stop, dtype)
             if want_teacher_sum:
-                teacher_sum += teacher[start:stop].to(dtype).sum(dim=0)
-            if normalize:
-                lse = torch.logsumexp(target, dim=1)
-                target_lse[start:stop] = lse  # type: ignore[index]
-                target -= lse[:, None]
-            q = target.exp_()
-            target_mass[start:stop] = q.sum(dim=1)
-            log_p = student[start:stop].to(dtype) / student_temp
-            lse_s = torch.logsumexp(log_p, dim=1)
-            student_lse[start:stop] = lse_s
-            log_p -= lse_s[:, None]
-            # Σ_k q log p per row, times the row weight, summed: one matrix-vector product.
-            total -= torch.linalg.vecdot(q, log_p, dim=1) @ weights[start:stop]
-        ctx.save_for_backward(
-            student, teacher, teacher_rows, offsets, offset_rows,
-            row_shift if row_shift is not None else target_lse, student_lse, target_mass, weights,
-        )  # fmt: skip
+                teacher_sum += teacher[start:stop].sum(dim=0, dtype=dtype)
+            q = _softmax_targets(
+                _target_logits(teacher, teacher_rows, offsets, offset_rows, row_shift, teacher_scale, start, stop, dtype),
+                normalize,
+            )  # fmt: skip
+            if target_mass is not None:
+                target_mass[start:stop] = q.sum(dim=1)
+            log_p = torch.log_softmax(student[start:stop].to(dtype) / student_temp, dim=1)
+            # Σ_k q log p per row, times the row weight, summed.
+            total -= q.mul_(log_p).sum(dim=1) @ weights[start:stop]
+        ctx.save_for_backward(student, teacher, teacher_rows, offsets, offset_rows, row_shift, target_mass, weights)
         ctx.teacher_scale = teacher_scale
         ctx.student_temp = student_temp
         ctx.normalize = normalize
@@ -172,24 +196,28 @@ class _SoftTargetCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_teacher_sum: Tensor):  # type: ignore[override]
-        student, teacher, teacher_rows, offsets, offset_rows, shift, student_lse, target_mass, weights = ctx.saved_tensors
+        student, teacher, teacher_rows, offsets, offset_rows, row_shift, target_mass, weights = ctx.saved_tensors
         grad = None
         if ctx.needs_input_grad[0]:
             rows, k = student.shape
-            dtype = student_lse.dtype
+            dtype = weights.dtype
             grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
             # w_i · (upstream gradient) / τ_s, one factor per row.
-            row_factor = weights * (grad_loss.to(dtype) / ctx.student_temp)
+            row_factor = (weights * (grad_loss.to(dtype) / ctx.student_temp))[:, None]
+            mass = None if target_mass is None else target_mass[:, None]
             chunk = _rows_per_chunk(k)
             for start in range(0, rows, chunk):
                 stop = min(start + chunk, rows)
-                q = _target_logits(teacher, teacher_rows, offsets, offset_rows, shift, ctx.teacher_scale, start, stop, dtype).exp_()
-                p = student[start:stop].to(dtype) / ctx.student_temp
-                p -= student_lse[start:stop, None]
-                p.exp_()
-                p *= target_mass[start:stop, None]
+                q = _softmax_targets(
+                    _target_logits(teacher, teacher_rows, offsets, offset_rows, row_shift, ctx.teacher_scale, start,
+                                   stop, dtype),
+                    ctx.normalize,
+                )  # fmt: skip
+                p = torch.softmax(student[start:stop].to(dtype) / ctx.student_temp, dim=1)
+                if mass is not None:
+                    p *= mass[start:stop]
                 p -= q
-                p *= row_factor[start:stop, None]
+                p *= row_factor[start:stop]
                 grad[start:stop] = p
         return grad, None, None, None, None, None, None, None, None, None
 
@@ -617,7 +645,7 @@ def _capi_scalings(
         col = x.amax(dim=1, keepdim=True)
         if distributed_on:
             dist.all_reduce(col, op=dist.ReduceOp.MAX)
-        q = (x - col).exp_()
+        q = _exp_(x - col)
         row = torch.zeros(stop - start, batch, 1, dtype=dtype, device=logits.device)
         for _ in range(iterations):
             col_sum = q.sum(dim=1, keepdim=True)
@@ -726,7 +754,7 @@ def capi_sinkhorn(
     distributed_on = gather_distributed and distributed.is_distributed()
     u, v = _capi_scalings(logits.detach(), 1.0, iterations, epsilon, distributed_on)
     x = logits.detach().to(u.dtype)
-    return torch.exp(x - u[None] - v.T[:, :, None])
+    return _exp_(x - u[None] - v.T[:, :, None])
 
 
 @outside_autocast
@@ -862,15 +890,16 @@ def _msn_targets(
     iterations: int, distributed_on: bool,
 ) -> Tensor:
     """MSN's target distributions (B, K): sharpened prototype probabilities through Sinkhorn."""
-    log_q = torch.log_softmax(targets_n @ prototypes_n.T / (temperature * sharpen_temperature), dim=1)
+    log_q = targets_n @ prototypes_n.T / (temperature * sharpen_temperature)
+    log_q -= _logsumexp(log_q, dim=1, keepdim=True)
     for _ in range(iterations):
         # Prototypes (columns) over all targets of all ranks, then each target over prototypes.
-        column = torch.logsumexp(log_q, dim=0, keepdim=True)
+        column = _logsumexp(log_q, dim=0, keepdim=True)
         if distributed_on:
             column = _all_reduce_logsumexp(column)
         log_q -= column
-        log_q -= torch.logsumexp(log_q, dim=1, keepdim=True)
-    return log_q.exp_()
+        log_q -= _logsumexp(log_q, dim=1, keepdim=True)
+    return _exp_(log_q)
 
 
 def _all_reduce_logsumexp(log_sums: Tensor) -> Tensor:
@@ -905,13 +934,13 @@ class _MSNCrossEntropy(torch.autograd.Function):
                 b1 = min(b0 + chunk, batch)
                 start, stop = view * batch + b0, view * batch + b1
                 log_p = anchors_n[start:stop] @ scaled_prototypes
-                row_lse = torch.logsumexp(log_p, dim=1)
+                row_lse = _logsumexp(log_p, dim=1)
                 lse[start:stop] = row_lse
                 log_p -= row_lse[:, None]
                 total -= torch.linalg.vecdot(targets_q[b0:b1], log_p, dim=1).sum()
                 # Running column log-sum-exp of log p (for log m).
                 new_max = torch.maximum(col_max, log_p.amax(dim=0))
-                col_sum = col_sum * torch.exp(col_max - new_max) + torch.exp(log_p - new_max).sum(dim=0)
+                col_sum = col_sum * _exp_(col_max - new_max) + _exp_(log_p - new_max).sum(dim=0)
                 col_max = new_max
         log_mean = col_max + col_sum.log() - math.log(rows)
         ctx.save_for_backward(anchors_n, prototypes_n, targets_q, lse, log_mean)
@@ -941,12 +970,12 @@ class _MSNCrossEntropy(torch.autograd.Function):
                 a = anchors_n[start:stop]
                 log_p = a @ scaled_prototypes
                 log_p -= lse[start:stop, None]
-                p = log_p.exp()
+                p = _exp_(log_p.clone())
                 # Cross-entropy part: (g)(s_i p − q).
                 dz = p * (g * target_mass[b0:b1])[:, None] - g * targets_q[b0:b1]
                 if grad_log_mean is not None:
                     h = grad_log_mean.to(dtype)
-                    r = (log_p - log_mean).exp_()
+                    r = _exp_(log_p - log_mean)
                     rh = r * h
                     dz += rh / rows
                     dz -= p * (rh.sum(dim=1) / rows)[:, None]
