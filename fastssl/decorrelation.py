@@ -266,8 +266,8 @@ def _vicreg_torch(
 # The rule: under "auto" the Triton path runs unless the model predicts the torch path faster.
 # With these constants that happens for float32 inputs once the products dominate the
 # launches: at N = 2048, d = 8192 float32 the torch path's 275 GFLOP of SGEMM (5.5 ms) beats
-# 206 GFLOP on the FMA pipe (8.2 ms); half inputs stay on Triton at every shape (N = 2048,
-# d = 8192 bf16: 0.9 ms against 5.5 ms) and so does float32 at N = 256, d = 8192 (0.17 ms
+# 206 GFLOP on the FMA pipe (8.3 ms); half inputs stay on Triton at every shape (N = 2048,
+# d = 8192 bf16: 1.1 ms against 5.7 ms) and so does float32 at N = 256, d = 8192 (0.15 ms
 # against 0.29 ms: launch-bound). An explicit backend="triton" always runs the kernels.
 _TORCH_FP32_RATE, _TORCH_TF32_RATE = 50e12, 300e12
 _TRITON_HALF_RATE, _TRITON_FP32_RATE, _TRITON_TF32_RATE = 0.4 * 790e12, 25e12, 150e12
@@ -301,8 +301,13 @@ def _triton_runs(z_a: Tensor, z_b: Tensor, backend: str, path: str, vicreg: bool
     if triton_requested_explicitly(backend) or not z_a.is_cuda:
         return True
     n, d = z_a.shape
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch_seconds, triton_seconds = predicted_seconds(n, d, dtype, _use_gram(n, d, path), vicreg, tf32)
+    return auto_prefers_triton(n, d, dtype, _use_gram(n, d, path), vicreg, torch.backends.cuda.matmul.allow_tf32)
+
+
+def auto_prefers_triton(n: int, d: int, dtype: torch.dtype, use_gram: bool, vicreg: bool, tf32: bool = False) -> bool:
+    """The rule of ``auto`` on CUDA: the Triton kernels unless the cost model predicts the torch
+    path faster (see :func:`predicted_seconds`)."""
+    torch_seconds, triton_seconds = predicted_seconds(n, d, dtype, use_gram, vicreg, tf32)
     return triton_seconds <= torch_seconds
 
 
