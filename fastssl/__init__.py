@@ -25,6 +25,7 @@ from fastssl.lightly_patch import patch_lightly, unpatch_lightly
 from fastssl.swav import SwaVLoss
 from fastssl.spectral import EMPSSLLoss, FroSSLLoss, MMCRLoss, PatchKernelAlignmentLoss, TiCoLoss
 from fastssl.vicregl import VICRegLLoss
+from fastssl.jepa import SIGReg, LeJEPALoss, LeWMLoss, VISRegLoss, VISRegLossComponents
 from fastssl.wmse import Whitening2d, WMSELoss
 
 __version__ = "0.1.0"
@@ -61,4 +62,9 @@ __all__ = [
     "PatchKernelAlignmentLoss",
     "TiCoLoss",
     "VICRegLLoss",
+    "LeJEPALoss",
+    "LeWMLoss",
+    "SIGReg",
+    "VISRegLoss",
+    "VISRegLossComponents",
 ]

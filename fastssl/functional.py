@@ -23,6 +23,7 @@ from fastssl.ntxent import infonce_loss, ntxent_loss
 from fastssl.predictive import byol_loss, center_penalty_loss, negative_cosine_similarity
 from fastssl.spectral import emp_ssl_loss, frossl_loss, mmcr_loss, patch_kernel_alignment_loss, tico_loss
 from fastssl.vicregl import vicregl_loss
+from fastssl.jepa import lejepa_loss, lewm_loss, sigreg_loss, visreg_loss, visreg_loss_components
 from fastssl.prototype import (
     capi_loss,
     capi_sinkhorn,
@@ -61,6 +62,11 @@ __all__ = [
     "patch_kernel_alignment_loss",
     "tico_loss",
     "vicregl_loss",
+    "lejepa_loss",
+    "lewm_loss",
+    "sigreg_loss",
+    "visreg_loss",
+    "visreg_loss_components",
     "infonce_loss",
     "negative_cosine_similarity",
     "ntxent_loss",

@@ -993,9 +993,10 @@ def lewm_loss(
 
 
 def gaussian_quantiles(n: int, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
-    r""":math:`\Phi^{-1}(i/(n+1))`, i = 1..n (computed in float32, then cast)."""
+    r""":math:`\Phi^{-1}(i/(n+1)) = \sqrt2\,\mathrm{erf}^{-1}(2i/(n+1) - 1)`, i = 1..n (computed in
+    float32 as ``torch.distributions.Normal.icdf`` does, then cast)."""
     positions = torch.arange(1, n + 1, dtype=torch.float32, device=device) / (n + 1)
-    return torch.special.ndtri(positions).to(dtype)
+    return (torch.erfinv(2 * positions - 1) * math.sqrt(2)).to(dtype)
 
 
 def visreg_components(
