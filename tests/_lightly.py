@@ -58,7 +58,6 @@ CLASSES: Dict[str, tuple] = {
     "IBOTPatchLoss": ("lightly.loss.ibot_loss", "IBOTPatchLoss"),
     "IBOTPlusPlusPatchLoss": ("lightly.loss.ibot_loss", "IBOTPlusPlusPatchLoss"),
     "CAPILoss": ("lightly.loss.capi_loss", "CAPILoss"),
-    "capi_sinkhorn_knopp": ("lightly.loss.capi_loss", "sinkhorn_knopp"),
     "MSNLoss": ("lightly.loss.msn_loss", "MSNLoss"),
     "PMSNLoss": ("lightly.loss.pmsn_loss", "PMSNLoss"),
     "PMSNCustomLoss": ("lightly.loss.pmsn_loss", "PMSNCustomLoss"),
