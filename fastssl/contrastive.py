@@ -366,9 +366,13 @@ def _dcl_torch(
         w0, w1 = z0, z1
         if use_dist:
             w0, w1 = distributed.gather(z0), distributed.gather(z1)
-        start = distributed.rank() * n if use_dist else 0
-        weights0 = weight_fn(w0, w1)[start : start + n] if use_dist else weight_fn(w0, w1)
-        weights1 = weight_fn(w1, w0)[start : start + n] if use_dist else weight_fn(w1, w0)
+        weights0, weights1 = weight_fn(w0, w1), weight_fn(w1, w0)
+        if use_dist:
+            start = distributed.rank() * n
+            # This rank's rows of per-sample weights (a scalar weight broadcasts as it is).
+            weights0, weights1 = (
+                w[start : start + n] if isinstance(w, Tensor) and w.dim() > 0 else w for w in (weights0, weights1)
+            )
         positive_terms = torch.cat([weights0 * positive, weights1 * positive])
     return (lse - positive_terms).mean()
 
