@@ -1,6 +1,6 @@
 r"""Distributed primitives behind every ``gather_distributed=True``.
 
-The contract (DESIGN §3): with W processes each holding a slice of the global batch,
+The contract: with W processes each holding a slice of the global batch (any per-rank sizes),
 
 * the loss each rank returns equals the single-process loss on the concatenation of all
   ranks' batches;
@@ -12,18 +12,20 @@ Two tools give that for every loss:
 * :func:`gather` concatenates the ranks' tensors with a backward that *sums* the incoming
   gradients over ranks before taking this rank's slice. If every rank computes the same
   global loss ``L`` from the gathered tensor, rank k receives ``Σ_j ∂L/∂x_k = W ∂L/∂x_k``.
-* :func:`global_mean` makes a rank-local loss ``L_k`` (e.g. the mean over this rank's rows only)
-  *report* the global mean ``(1/W) Σ_j L_j`` while its gradient stays ``∂L_k/∂x``: the value
-  is corrected by a detached all-reduced scalar. Since ``L = (1/W) Σ_j L_j``, the local
-  gradient ``∂L_k/∂x`` (when the other ranks' terms reach x through :func:`gather`) is
-  ``W ∂L/∂x``, the contract again.
+* :func:`global_mean` makes a rank-local loss ``L_k`` (the mean over this rank's ``n_k`` rows)
+  *report* the global mean ``Σ_j n_j L_j / N`` (``N = Σ_j n_j``) and carry the gradient of
+  ``(W n_k / N) L_k``. Since ``L = Σ_j n_j L_j / N``, that local gradient (with the other
+  ranks' terms reaching x through :func:`gather`) is ``W ∂L/∂x``, the contract again. With
+  equal sizes the factor is 1.
 
-All ranks must pass tensors of the same shape (equal per-rank batch sizes).
+Ranks may hold different numbers of rows (DDP without ``drop_last`` gives a short last batch):
+the gathers exchange the row counts first and pad to the largest, since ``all_gather`` needs
+equal shapes.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -43,43 +45,70 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def gather_sizes(rows: int, device: torch.device) -> List[int]:
+    """Every rank's row count (one tiny all-gather; the counts are read on the host)."""
+    count = torch.tensor([rows], dtype=torch.int64, device=device)
+    counts = [torch.empty_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    return [int(c) for c in torch.cat(counts).tolist()]
+
+
+def _all_gather_padded(x: Tensor, sizes: List[int]) -> Tensor:
+    """Concatenate every rank's ``x`` (``sizes[r]`` rows on rank r) along dim 0."""
+    x = x.contiguous()
+    largest = max(sizes)
+    if all(size == largest for size in sizes):
+        parts = [torch.empty_like(x) for _ in sizes]
+        dist.all_gather(parts, x)
+        return torch.cat(parts, dim=0)
+    padded = x.new_zeros((largest,) + tuple(x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)], dim=0)
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0; backward all-reduces (sums) the gradient and returns this rank's slice."""
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x)
-        ctx.rows = x.shape[0]
-        return torch.cat(parts, dim=0)
+    def forward(ctx, x: Tensor, sizes: List[int]) -> Tensor:  # type: ignore[override]
+        rank_ = dist.get_rank()
+        ctx.start, ctx.stop = sum(sizes[:rank_]), sum(sizes[: rank_ + 1])
+        return _all_gather_padded(x, sizes)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        # Every rank holds the gradient of the whole concatenation: same shape everywhere.
         grad = grad.contiguous()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        start = dist.get_rank() * ctx.rows
-        return grad[start : start + ctx.rows]
+        return grad[ctx.start : ctx.stop], None
 
 
-def gather(x: Tensor) -> Tensor:
-    """Concatenate ``x`` (n, ...) from all ranks into (W·n, ...), differentiably.
+def gather(x: Tensor, sizes: Optional[List[int]] = None) -> Tensor:
+    """Concatenate ``x`` (n_rank, ...) from all ranks into (Σ n_rank, ...), differentiably.
+
+    Args:
+        x: this rank's rows; ranks may hold different numbers of rows.
+        sizes: every rank's row count, when already known (see :func:`gather_sizes`).
 
     Outside a multi-process group it returns ``x`` itself.
     """
     if not is_distributed():
         return x
-    return _GatherWithGrad.apply(x)
+    if sizes is None:
+        sizes = gather_sizes(x.shape[0], x.device)
+    return _GatherWithGrad.apply(x, sizes)
 
 
 @torch.no_grad()
-def gather_no_grad(x: Tensor) -> Tensor:
-    """Concatenate ``x`` from all ranks without a gradient (memory banks, queues)."""
+def gather_no_grad(x: Tensor, sizes: Optional[List[int]] = None) -> Tensor:
+    """Concatenate ``x`` from all ranks without a gradient (memory banks, queues, statistics)."""
     if not is_distributed():
         return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
+    if sizes is None:
+        sizes = gather_sizes(x.shape[0], x.device)
+    return _all_gather_padded(x, sizes)
 
 
 def all_reduce_sum_(x: Tensor) -> Tensor:
@@ -104,17 +133,35 @@ def all_reduce_logsumexp(log_sums: Tensor) -> Tensor:
     return shift + torch.log(shifted)
 
 
-def global_mean(local_loss: Tensor) -> Tensor:
-    """Report the mean of ``local_loss`` over ranks, keeping the local gradient (see module doc)."""
+def global_mean(local_loss: Tensor, local_rows: Optional[int] = None) -> Tensor:
+    """Report the row-weighted mean of ``local_loss`` over ranks, with the contract's gradient.
+
+    Args:
+        local_loss: this rank's loss, a mean over its ``local_rows`` rows.
+        local_rows: the row count behind ``local_loss``; None weighs every rank equally (right
+            when all ranks hold the same number of rows).
+
+    Returns ``Σ_j n_j L_j / N`` in value, and the gradient of ``(W n_k / N) L_k`` (module doc).
+    The weights stay on the device: no host sync.
+    """
     if not is_distributed():
         return local_loss
+    world = dist.get_world_size()
     with torch.no_grad():
-        mean = local_loss.detach().clone()
-        dist.all_reduce(mean, op=dist.ReduceOp.SUM)
-        mean /= dist.get_world_size()
-    return local_loss + (mean - local_loss.detach())
+        weight = torch.ones((), dtype=local_loss.dtype, device=local_loss.device)
+        if local_rows is not None:
+            weight = weight * local_rows
+        packed = torch.stack([local_loss.detach() * weight, weight])
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        mean = packed[0] / packed[1]
+        scale = world * weight / packed[1]
+    scaled = local_loss * scale
+    return scaled + (mean - scaled.detach())
 
 
-def rank_row_offset(local_rows: int, group_rank: Optional[int] = None) -> int:
-    """Index of this rank's first row in the gathered tensor."""
-    return (rank() if group_rank is None else group_rank) * local_rows
+def rank_row_offset(local_rows: int, group_rank: Optional[int] = None, sizes: Optional[List[int]] = None) -> int:
+    """Index of this rank's first row in the gathered tensor (``sizes`` for unequal ranks)."""
+    rank_ = rank() if group_rank is None else group_rank
+    if sizes is not None:
+        return sum(sizes[:rank_])
+    return rank_ * local_rows
