@@ -50,9 +50,14 @@ from fastssl._checks import (
     check_tensor,
 )
 
-# fp32 elements of one (rows, K) temporary per chunk: 2**18 is 1 MiB, a few of which stay in a
-# CPU's L2/L3 cache (and are far above a GPU kernel's launch overhead).
-_CHUNK_ELEMENTS = 1 << 18
+# fp32 elements of one (rows, K) temporary per chunk. Per chunk the paths run about ten fused
+# kernels, so the chunk trades cache locality against kernel count: on CPU 2**21 (8 MiB) keeps
+# the number of parallel regions close to the unchunked formula's (a loaded machine makes every
+# region wait for its slowest thread), on CUDA 2**24 (64 MiB) keeps the launches few while the
+# temporaries stay a small fraction of iBOT's (5000 × 65536) inputs. Tests set an int here.
+_CHUNK_ELEMENTS: Optional[int] = None
+_DEVICE_CHUNK_ELEMENTS = {"cpu": 1 << 21}
+_DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
 Prior = Union[None, Tensor, Callable[[Tensor], Tensor]]
 
@@ -61,8 +66,14 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _rows_per_chunk(width: int) -> int:
-    return max(1, _CHUNK_ELEMENTS // max(1, width))
+def _chunk_elements(device: torch.device) -> int:
+    if _CHUNK_ELEMENTS is not None:
+        return _CHUNK_ELEMENTS
+    return _DEVICE_CHUNK_ELEMENTS.get(device.type, _DEFAULT_CHUNK_ELEMENTS)
+
+
+def _rows_per_chunk(width: int, device: torch.device) -> int:
+    return max(1, _chunk_elements(device) // max(1, width))
 
 
 # exp(x) for x below these is under the smallest normal number. Clamping the argument there
@@ -121,13 +132,12 @@ def _target_logits(
         rows = teacher[start:stop]
     else:
         rows = teacher.index_select(0, teacher_rows[start:stop])
-    logits = rows.to(dtype) * teacher_scale
-    if offset_rows is None:
-        logits -= offsets
-    else:
-        logits -= offsets.index_select(0, offset_rows[start:stop])
+    # ``offsets`` and ``row_shift`` arrive negated (see _soft_target_ce): one fused kernel
+    # computes −U[h(i)] + t·(1/τ_t), promoting a half-precision teacher on the fly.
+    bias = offsets if offset_rows is None else offsets.index_select(0, offset_rows[start:stop])
+    logits = torch.add(bias, rows, alpha=teacher_scale)
     if row_shift is not None:
-        logits -= row_shift[start:stop, None]
+        logits += row_shift[start:stop, None]
     return logits
 
 
@@ -172,7 +182,7 @@ class _SoftTargetCrossEntropy(torch.autograd.Function):
         target_mass = None if normalize else torch.empty(rows, dtype=dtype, device=device)
         total = torch.zeros((), dtype=dtype, device=device)
         teacher_sum = torch.zeros(k if want_teacher_sum else 0, dtype=dtype, device=device)
-        chunk = _rows_per_chunk(k)
+        chunk = _rows_per_chunk(k, device)
         for start in range(0, rows, chunk):
             stop = min(start + chunk, rows)
             if want_teacher_sum:
@@ -205,7 +215,7 @@ class _SoftTargetCrossEntropy(torch.autograd.Function):
             # w_i · (upstream gradient) / τ_s, one factor per row.
             row_factor = (weights * (grad_loss.to(dtype) / ctx.student_temp))[:, None]
             mass = None if target_mass is None else target_mass[:, None]
-            chunk = _rows_per_chunk(k)
+            chunk = _rows_per_chunk(k, student.device)
             for start in range(0, rows, chunk):
                 stop = min(start + chunk, rows)
                 q = _softmax_targets(
@@ -217,8 +227,10 @@ class _SoftTargetCrossEntropy(torch.autograd.Function):
                 if mass is not None:
                     p *= mass[start:stop]
                 p -= q
-                p *= row_factor[start:stop]
-                grad[start:stop] = p
+                if grad.dtype == dtype:
+                    torch.mul(p, row_factor[start:stop], out=grad[start:stop])
+                else:
+                    grad[start:stop] = p.mul_(row_factor[start:stop])
         return grad, None, None, None, None, None, None, None, None, None
 
 
@@ -237,8 +249,9 @@ def _soft_target_ce(
 ) -> Tuple[Tensor, Tensor]:
     # The teacher gets no gradient; detaching also keeps the Function's inputs distinct when the
     # same tensor is passed as teacher and student.
+    # The Function adds −U and −c: negated once here rather than per chunk.
     return _SoftTargetCrossEntropy.apply(
-        student, teacher.detach(), teacher_rows, offsets, offset_rows, row_shift, weights,
+        student, teacher.detach(), teacher_rows, -offsets, offset_rows, None if row_shift is None else -row_shift, weights,
         teacher_scale, student_temp, want_teacher_sum,
     )  # fmt: skip
 
@@ -635,7 +648,7 @@ def _capi_scalings(
     dtype = _compute_dtype(logits)
     u = torch.empty(positions, k, dtype=dtype, device=logits.device)
     v = torch.empty(positions, batch, dtype=dtype, device=logits.device)
-    per_chunk = max(1, _CHUNK_ELEMENTS // (batch * k))
+    per_chunk = _rows_per_chunk(batch * k, logits.device)
     if distributed_on:
         # Every iteration all-reduces a column sum per chunk: fewer, larger chunks.
         per_chunk = max(per_chunk, -(-positions // 8))
@@ -927,7 +940,7 @@ class _MSNCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=dtype, device=anchors_n.device)
         col_max = torch.full((k,), float("-inf"), dtype=dtype, device=anchors_n.device)
         col_sum = torch.zeros(k, dtype=dtype, device=anchors_n.device)
-        chunk = _rows_per_chunk(k)
+        chunk = _rows_per_chunk(k, anchors_n.device)
         scaled_prototypes = prototypes_n.T / temperature
         for view in range(views):
             for b0 in range(0, batch, chunk):
@@ -962,7 +975,7 @@ class _MSNCrossEntropy(torch.autograd.Function):
         g = (grad_ce.to(dtype) if grad_ce is not None else torch.zeros((), dtype=dtype, device=anchors_n.device)) / rows
         target_mass = targets_q.sum(dim=1)
         scaled_prototypes = prototypes_n.T / tau
-        chunk = _rows_per_chunk(k)
+        chunk = _rows_per_chunk(k, anchors_n.device)
         for view in range(views):
             for b0 in range(0, batch, chunk):
                 b1 = min(b0 + chunk, batch)
