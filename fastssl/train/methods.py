@@ -466,7 +466,7 @@ class DINO(Method):
 
 
 class CenterPenalty(Method):
-    """Jha et al.'s simplified objective: invariance plus a penalty on the center vector (seed 003)."""
+    """Jha et al.'s simplified objective: invariance plus a penalty on the center vector (their Sec. 3.1, eq. 32)."""
 
     name = "center_penalty"
 
