@@ -244,6 +244,9 @@ def _l2_normalize_bwd_kernel(
             dz += partner_coef[:, None] * _load_tile(PARTNER, rows64, row_mask, D, 1, d0, D, BLOCK_D).to(tl.float32)
         projection += tl.sum(tl.div_rn(x, clamped) * dz, axis=1)
     projection = tl.where(norm >= EPS, projection, 0.0)
+    # One reciprocal per row (the division's slow path, a subroutine call, once per row rather
+    # than per element; within 1 ulp of dividing each element).
+    inv_norm = 1.0 / tl.maximum(norm, EPS)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         x = _load_tile(X, rows64, row_mask, stride_xm, stride_xd, d0, D, BLOCK_D).to(tl.float32)
@@ -253,7 +256,7 @@ def _l2_normalize_bwd_kernel(
                 dz += _load_tile(DZ + p * part_stride, src_rows64, row_mask, D, 1, d0, D, BLOCK_D)
         if HAS_PARTNER:
             dz += partner_coef[:, None] * _load_tile(PARTNER, rows64, row_mask, D, 1, d0, D, BLOCK_D).to(tl.float32)
-        dx = tl.div_rn(dz - tl.div_rn(x, clamped) * projection[:, None], clamped)
+        dx = (dz - tl.div_rn(x, clamped) * projection[:, None]) * inv_norm[:, None]
         tl.store(
             DX + rows64[:, None] * D + ds[None, :],
             _round_to(dx, DX.dtype.element_ty, BF16_RTNE),
@@ -720,10 +723,11 @@ def default_config(d: int, dtype: torch.dtype) -> KernelConfig:
     GPU: 64-row blocks so that small batches still fill the chip (with the column splits of
     :func:`column_splits`); half operands up to d = 128 as one warpgroup (4 warps, wgmma
     m64n64), chosen so that ptxas (sm_90) allocates every forward and backward kernel without
-    register spills (checked by compiling for sm_90): half operands keep the whole row in one
-    register tile up to d = 256 and walk d in chunks of 64 beyond; float32 operands (IEEE
-    products on the FMA units, which hold both operands in registers) keep one tile up to
-    d = 64 and walk chunks of 32 beyond. Under the interpreter, whose cost is per operation and
+    register spills (checked by compiling the captured launches for sm_90): half operands keep
+    the whole row in one register tile up to d = 256 and walk d in chunks of 32 beyond; float32
+    operands (IEEE products on the FMA units, which hold both operands in registers; with 8
+    warps ptxas caps them at 128 registers and the backward spills) keep one tile up to d = 64
+    and walk chunks of 32 beyond, 4 warps. Under the interpreter, whose cost is per operation and
     program rather than per element, the largest tiles that stay small in memory."""
     block_d = max(16, triton.next_power_of_2(d))
     if triton_interpreter_enabled():
@@ -735,12 +739,12 @@ def default_config(d: int, dtype: torch.dtype) -> KernelConfig:
             return KernelConfig(64, 64, block_d, True, num_warps=4, num_stages=3)
         if block_d <= 256:
             return KernelConfig(64, 32, block_d, True, num_warps=8, num_stages=2)
-        return KernelConfig(64, 64, 64, False, num_warps=8, num_stages=2)
-    if block_d <= 16:
-        return KernelConfig(64, 64, block_d, True, num_warps=8, num_stages=2)
+        # d in chunks: the backward's read-modify-write of its float32 rows per chunk needs
+        # 32-wide tiles to stay within 255 registers (64-wide ones spill).
+        return KernelConfig(64, 32, 32, False, num_warps=4, num_stages=2)
     if block_d <= 64:
-        return KernelConfig(64, 32, block_d, True, num_warps=8, num_stages=2)
-    return KernelConfig(64, 64, 32, False, num_warps=8, num_stages=2)
+        return KernelConfig(64, 32, block_d, True, num_warps=4, num_stages=2)
+    return KernelConfig(64, 32, 32, False, num_warps=4, num_stages=2)
 
 
 # The H200's (and H100's) SM count: the schedule assumed for a device that is not a CUDA one
@@ -775,14 +779,19 @@ def column_splits(
     ``sweep_seconds / S`` each (one row block's whole sweep takes ``sweep_seconds`` on one
     program slot) take ``ceil(row_blocks·S / slots) · sweep_seconds / S``; each further split
     adds ``partial_seconds`` (writing and re-reading its partial results). The smallest S
-    minimizing the sum, at most one per column tile. Large batches get S = 1; NT-Xent
+    minimizing the sum (each further split must gain 5 %), at most one per column tile; S = 1
+    once the row blocks alone fill every slot. Large batches get S = 1; NT-Xent
     2N = 8192 (128 row blocks) gets 2, InfoNCE N = 256 against 65536 bank rows about 64."""
     slots = PROGRAMS_PER_SM * max(1, sms)
+    if row_blocks >= slots:
+        # The rows alone fill every slot: a split would only shave the last wave's imbalance
+        # while its partial results grow with the batch.
+        return 1
     best, best_time = 1, math.inf
     for splits in range(1, min(col_tiles, MAX_SPLITS, 4 * slots) + 1):
         waves = -(-row_blocks * splits // slots)
         time = waves * sweep_seconds / splits + (splits - 1) * partial_seconds
-        if time < best_time * (1 - 1e-9):
+        if time < best_time * 0.95:  # a split must pay for itself clearly
             best, best_time = splits, time
     return best
 

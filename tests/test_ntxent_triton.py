@@ -27,6 +27,11 @@ K = pytest.importorskip("fastssl.kernels.ntxent")
 # read-modify-write accumulation path) instead of one register tile.
 CHUNKED = K.KernelConfig(16, 16, 16, single_k=False)
 HALF_OPERANDS = K.KernelConfig(16, 16, 16, single_k=True, fp32_operands=False)
+# The column sweep split over programs (merged by log-sum-exp forward, partial gradients summed
+# backward), with one register tile and with d in chunks.
+SPLIT = K.KernelConfig(16, 16, 64, single_k=True, col_splits=3)
+SPLIT_CHUNKED = K.KernelConfig(16, 16, 16, single_k=False, col_splits=2)
+_CONFIG_NAMES = {id(CHUNKED): "chunked", id(SPLIT): "split", id(SPLIT_CHUNKED): "split-chunked"}
 
 
 def _inputs(n, d, dtype, device, non_contiguous=False, views=2):
@@ -60,6 +65,13 @@ NTXENT_CASES = [
     (65, 3, torch.float32, -1.0, True, None),
     (65, 3, torch.bfloat16, 0.1, False, None),
     (5, 129, torch.bfloat16, 0.01, True, None),  # 2/|τ| = 200: the two-exponential backward
+    # Split sweeps: 37 rows per view (row blocks straddle the views, so a tile holds self and
+    # positive columns of both), a single pair, fully masked first tiles of later splits.
+    (37, 3, torch.bfloat16, 0.1, False, SPLIT),
+    (1, 3, torch.float16, 7.0, True, SPLIT),
+    (3, 1, torch.float32, -1.0, True, SPLIT),
+    (2, 129, torch.float16, 0.5, True, SPLIT_CHUNKED),
+    (9, 33, torch.float32, 0.01, False, SPLIT_CHUNKED),
 ]
 # Larger shapes for the compiled kernels only (GPU configs: one register tile up to d = 256,
 # d-chunks beyond).
@@ -76,7 +88,7 @@ NTXENT_GPU_CASES = [
 
 def _case_id(case):
     n, d, dtype, t, nc, cfg = case
-    return f"n{n}-d{d}-{str(dtype)[6:]}-t{t}" + ("-strided" if nc else "") + ("-chunked" if cfg is CHUNKED else "")
+    return f"n{n}-d{d}-{str(dtype)[6:]}-t{t}" + ("-strided" if nc else "") + (f"-{_CONFIG_NAMES[id(cfg)]}" if cfg is not None else "")
 
 
 def _check_ntxent(device, case):
@@ -108,6 +120,9 @@ INFONCE_CASES = [
     (3, 129, torch.float32, 1.0, 16, False, None),
     (65, 3, torch.float16, 0.1, 16, True, None),
     (17, 37, torch.bfloat16, 1.0, 17, False, CHUNKED),
+    (37, 3, torch.float16, 0.2, 40, False, SPLIT),
+    (1, 129, torch.bfloat16, 1.0, 33, True, SPLIT_CHUNKED),
+    (2, 1, torch.float32, -0.5, 17, True, SPLIT),
 ]
 
 
@@ -130,7 +145,8 @@ def test_infonce_triton_matches_reference(device, case):
 @pytest.mark.parametrize(
     "n,d,dtype,t,config",
     [(2, 1, torch.float32, 2.0, None), (3, 129, torch.float32, 0.5, CHUNKED), (65, 3, torch.float32, 2.0, None),
-     (33, 129, torch.bfloat16, 2.0, None), (17, 3, torch.float16, 1.0, CHUNKED)],
+     (33, 129, torch.bfloat16, 2.0, None), (17, 3, torch.float16, 1.0, CHUNKED), (2, 3, torch.float32, 2.0, SPLIT),
+     (37, 3, torch.bfloat16, 2.0, SPLIT), (5, 129, torch.float32, 1.0, SPLIT_CHUNKED)],
 )
 def test_uniformity_triton_matches_reference(device, n, d, dtype, t, config):
     (z,) = _inputs(n, d, dtype, device, non_contiguous=True, views=1)
@@ -153,7 +169,7 @@ def test_uniformity_triton_edge_cases(device):
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
-@pytest.mark.parametrize("config", [None, CHUNKED], ids=["default", "chunked"])
+@pytest.mark.parametrize("config", [None, CHUNKED, SPLIT, SPLIT_CHUNKED], ids=["default", "chunked", "split", "split-chunked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_launchers_write_every_output(device, config, dtype):
     n, d = 9, 37  # no tile size divides 2N or d
@@ -174,8 +190,10 @@ def test_launchers_write_every_output(device, config, dtype):
     assert torch.isfinite(lse).all() and torch.isfinite(row_loss).all()
 
     grad_one = torch.ones((), device=device)
+    splits, _ = K._split_columns(config or K.default_config(d, dtype), r, r, 0.0, 0.0, torch.device(device))
+    assert (splits > 1) == (config is not None and config.col_splits is not None)
     dz, coef = K.pair_lse_backward(z, z, pos_cos, lse, lse, grad_one, 2.0, 1.0 / r, n, 0, config,
-                                   out=poisoned((r, d), torch.float32, device),
+                                   out=poisoned((splits, r, d), torch.float32, device),
                                    positive_coef=poisoned((r,), torch.float32, device))
     assert torch.isfinite(dz).all() and torch.isfinite(coef).all()
 
@@ -188,8 +206,9 @@ def test_launchers_write_every_output(device, config, dtype):
                                       lse=poisoned((n,), torch.float32, device),
                                       row_loss=poisoned((n,), torch.float32, device))
     assert torch.isfinite(q_lse).all() and torch.isfinite(q_loss).all()
+    bank_splits, _ = K._split_columns(config or K.default_config(d, dtype), n, 23, 0.0, 0.0, torch.device(device))
     dq, q_coef = K.infonce_backward(z[:n], pos_cos, bank, q_lse, grad_one, 2.0, 1.0 / n, config,
-                                    grad_q=poisoned((n, d), torch.float32, device),
+                                    grad_q=poisoned((bank_splits, n, d), torch.float32, device),
                                     positive_coef=poisoned((n,), torch.float32, device))
     assert torch.isfinite(dq).all() and torch.isfinite(q_coef).all()
     dk = K.l2_normalize_rows_backward(b, norms[n:], None, 0, out=poisoned((n, d), dtype, device),
@@ -449,6 +468,34 @@ def test_kernel_argument_errors():
         K.KernelConfig(24, 16, 16, True)
     with pytest.raises(ValueError, match="single_k"):
         K.ntxent_loss_triton(torch.randn(3, 40), torch.randn(3, 40), 0.5, config=K.KernelConfig(16, 16, 16, True))
+
+
+def test_headline_shapes_fill_the_chip(monkeypatch):
+    """The GPU schedule (132 SMs): NT-Xent 2N = 8192 and InfoNCE N = 256 against 65536 bank rows
+    launch at least one full wave for the forward and the backward sweeps; 2N = 2**20 needs no
+    split (and none is paid for)."""
+    monkeypatch.setattr(K, "triton_interpreter_enabled", lambda: False)
+    cpu = torch.device("cpu")  # not CUDA: the H200's 132 SMs are assumed
+    cfg = K.default_config(128, torch.bfloat16)
+    assert (cfg.block_m, cfg.num_warps) == (64, 4)
+
+    def programs(rows, cols, flops, partial_bytes):
+        splits, cols_per_split = K._split_columns(cfg, rows, cols, flops, partial_bytes, cpu)
+        assert cols_per_split % cfg.block_n == 0 and (splits - 1) * cols_per_split < cols <= splits * cols_per_split
+        return splits, -(-rows // cfg.block_m) * splits
+
+    d = 128
+    assert programs(8192, 8192, 2 * d, 16 * 8192) == (2, 256)  # NT-Xent forward
+    assert programs(8192, 8192, 4 * d, 8 * 8192 * d) == (2, 256)  # backward, partial gradients
+    splits, count = programs(256, 65536, 2 * d, 16 * 256)  # InfoNCE forward
+    assert count >= K.DEFAULT_SMS and splits > 32
+    splits, count = programs(256, 65536, 4 * d, 8 * 256 * d)  # backward
+    assert count >= K.DEFAULT_SMS and splits * 256 * d * 4 <= 16 * 2**20  # partials ≤ 16 MiB
+    assert programs(2**20, 2**20, 4 * d, 8 * 2**20 * d)[0] == 1
+    # The rule itself: whole waves, then the cheapest split.
+    assert K.column_splits(row_blocks=264, col_tiles=100, sweep_seconds=1.0, partial_seconds=0.0) == 1
+    assert K.column_splits(row_blocks=1, col_tiles=5, sweep_seconds=1.0, partial_seconds=0.0) == 5
+    assert K.column_splits(row_blocks=1, col_tiles=1000, sweep_seconds=1.0, partial_seconds=1.0) == 1
 
 
 def test_default_configs_cover_every_width(monkeypatch):
