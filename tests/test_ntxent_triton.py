@@ -595,3 +595,52 @@ def test_large_batch_runs_deterministically_in_bounded_memory():
     assert torch.equal(first[0], a.grad) and torch.equal(first[1], b.grad)
     torch_value = FS.ntxent_loss(a.detach(), b.detach(), 0.1, backend="torch")
     assert loss.item() == pytest.approx(torch_value.item(), rel=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bank_size", [0, 96], ids=["simclr", "moco"])
+def test_training_step_is_captured_in_a_cuda_graph(bank_size):
+    """Forward, backward and optimizer step with NTXentLoss on the kernels, captured in one CUDA
+    graph (no host sync, no host-to-device copy, no allocation outside the graph's pool) and
+    replayed: the same loss, weights and bank as the same step run eagerly."""
+    import copy
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)).cuda()
+    loss_fn = fastssl.NTXentLoss(0.2, memory_bank_size=(bank_size, 32) if bank_size else 0, backend="triton").cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(40, 48, device="cuda")
+    noise = 0.1 * torch.randn(40, 48, device="cuda")
+
+    def step(model, loss_fn, optimizer):
+        optimizer.zero_grad(set_to_none=False)
+        loss = loss_fn(model(x), model(x + noise))
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compile the kernels, allocate the bank and grads
+        for _ in range(3):
+            step(model, loss_fn, optimizer)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step(model, loss_fn, optimizer)
+
+    twin_model, twin_loss_fn = copy.deepcopy(model), copy.deepcopy(loss_fn)
+    twin_optimizer = torch.optim.SGD(twin_model.parameters(), lr=0.1, momentum=0.9)
+    twin_optimizer.load_state_dict(optimizer.state_dict())
+    for _ in range(2):
+        graph.replay()
+        expected = step(twin_model, twin_loss_fn, twin_optimizer)
+        torch.cuda.synchronize()
+        torch.testing.assert_close(static_loss, expected, rtol=1e-5, atol=1e-6)
+        for ours, theirs in zip(model.parameters(), twin_model.parameters()):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        if bank_size:
+            torch.testing.assert_close(loss_fn.memory_bank.bank, twin_loss_fn.memory_bank.bank)
+            assert torch.equal(loss_fn.memory_bank.bank_ptr, twin_loss_fn.memory_bank.bank_ptr)
