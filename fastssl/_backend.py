@@ -19,7 +19,7 @@ import functools
 import importlib.util
 import os
 import warnings
-from typing import Callable, Optional, Set, TypeVar
+from typing import Any, Callable, Optional, Set, TypeVar
 
 import torch
 
@@ -132,6 +132,80 @@ def triton_with_fallback(
                 stacklevel=3,
             )
         return run_torch()
+
+
+# --------------------------------------------------------------------------------------------
+# The "reference" backend's dtype rule
+# --------------------------------------------------------------------------------------------
+
+
+def _floating_tensors(value: Any):
+    """The floating-point tensors in an argument: a tensor, or a list/tuple of them (nested)."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point():
+            yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _floating_tensors(item)
+
+
+def reference_dtype(*args: Any, **kwargs: Any) -> torch.dtype:
+    """The dtype the ``"reference"`` backend computes in for these arguments: the promoted dtype
+    of every floating tensor argument of at least one dimension, and at least float32.
+
+    float16/bfloat16 inputs give float32 (PyTorch's half-precision reductions, exponentials and
+    factorizations are what the other backends avoid by accumulating in float32), float64 gives
+    float64, views of different dtypes their promotion (float16 with bfloat16: float32).
+    0-d tensors (a learnable temperature, say) follow the inputs and do not promote them, as in
+    PyTorch's own type promotion.
+    """
+    dtype = torch.float32
+    for value in (*args, *kwargs.values()):
+        for tensor in _floating_tensors(value):
+            if tensor.dim() > 0:
+                dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)) and any(True for _ in _floating_tensors(value)):
+        return type(value)(_cast_floating(item, dtype) for item in value)
+    return value
+
+
+def _as_float32(result: Any) -> Any:
+    if isinstance(result, torch.Tensor):
+        return result.float() if result.is_floating_point() else result
+    if isinstance(result, tuple):
+        return tuple(_as_float32(item) for item in result)
+    return result
+
+
+def run_reference(formula: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a formula of :mod:`fastssl.reference` the way the public ``backend="reference"`` runs it.
+
+    The rule (the dtype contract every backend keeps): the textbook formula is evaluated in
+    :func:`reference_dtype` of the arguments -- float32 for float16/bfloat16 inputs, the promoted
+    dtype for views of different dtypes, float64 for float64 --; every floating tensor argument,
+    in lists too (crops, views, a float32 center or memory bank beside half inputs), is cast to
+    it; the casts are differentiable, so each input's gradient comes back in its own dtype;
+    floating results are returned in float32 (the loss as a 0-d float32 tensor). Integer and
+    bool tensors (labels, masks), Python numbers and other arguments pass through unchanged.
+
+    The functions of :mod:`fastssl.reference` called directly stay in their inputs' dtype: the
+    tests run them at half precision to measure PyTorch's own error.
+
+    Example::
+
+        if impl == "reference":
+            return run_reference(reference.ntxent_loss, out0, out1, temperature)
+    """
+    dtype = reference_dtype(*args, **kwargs)
+    args = tuple(_cast_floating(value, dtype) for value in args)
+    kwargs = {key: _cast_floating(value, dtype) for key, value in kwargs.items()}
+    return _as_float32(formula(*args, **kwargs))
 
 
 def _first_tensor(args: tuple) -> Optional[torch.Tensor]:

@@ -7,6 +7,7 @@ and triton paths reject the same inputs with the same errors.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from typing import Sequence
 
@@ -97,18 +98,33 @@ def check_tensor_list(
     return list(xs)
 
 
+def _real_scalar(name: str, value: object) -> float:
+    """``value`` as a Python float when it is a real scalar as lightly's arithmetic takes one:
+    a Python or NumPy number (``numpy.float32``, ``numpy.int64``, ...; registered as
+    :class:`numbers.Real`), a 0-d NumPy array of a real dtype, or a one-element tensor. bool
+    (Python or NumPy) is rejected: a flag passed where a number belongs is a bug."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        raise TypeError(f"{name} must be a real number, got bool")
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype == torch.bool:
+        if value.is_complex():
+            raise TypeError(f"{name} must be a real number, got a complex tensor")
+        return float(value)
+    if getattr(value, "shape", None) == () and getattr(getattr(value, "dtype", None), "kind", "") in "fiu" \
+            and hasattr(value, "item"):
+        return float(value.item())  # a 0-d NumPy array
+    raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+
+
 def check_finite(name: str, value: object) -> float:
-    """A finite real number (bool rejected)."""
+    """A finite real number (Python, NumPy or one-element tensor; bool rejected)."""
     if _compiling():
         return value  # type: ignore[return-value]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = float(value)
-        else:
-            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = _real_scalar(name, value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
+    return value
 
 
 def check_positive(name: str, value: object, allow_zero: bool = False) -> float:
@@ -160,3 +176,27 @@ def check_distributed_available(flag_name: str, flag: bool) -> None:
             f"{flag_name}=True but torch.distributed is not available in this PyTorch build; "
             f"set {flag_name}=False"
         )
+
+
+class DimensionError(ValueError, IndexError):
+    """A ``dim`` argument outside the tensor's dimensions.
+
+    A ``ValueError`` (fastssl's convention) that is also an ``IndexError``, the type PyTorch (and
+    so lightly) raises for an out-of-range dimension."""
+
+
+def check_dim(name: str, dim: object, ndim: int | None = None) -> int:
+    """An integer dimension (Python or NumPy; bool rejected); with ``ndim``, one that indexes a
+    tensor of that many dimensions (``-ndim <= dim < ndim``). Returns it as a Python int."""
+    if isinstance(dim, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        dim = operator.index(dim)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(dim).__name__}") from None
+    if ndim is not None and not -ndim <= dim < ndim:
+        raise DimensionError(
+            f"{name}={dim} is out of range for inputs with {ndim} dimension(s) "
+            f"(expected {-ndim} <= {name} < {ndim})"
+        )
+    return dim

@@ -16,10 +16,17 @@ from fastssl._backend import (
     check_backend_name,
     outside_autocast,
     resolve_backend,
+    run_reference,
     triton_requested_explicitly,
     triton_with_fallback,
 )
-from fastssl._checks import check_distributed_available, check_finite, check_pair, check_positive
+from fastssl._checks import (
+    BatchShapeError,
+    check_distributed_available,
+    check_finite,
+    check_pair,
+    check_positive,
+)
 
 PATHS = ("auto", "gram", "cross")
 # Batch-norm epsilon of Barlow Twins (lightly and the original code: BatchNorm1d defaults).
@@ -65,10 +72,20 @@ def _squared_norm(m: Tensor) -> Tensor:
 
 def _standardize(z: Tensor, acc: torch.dtype, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     """Batch-norm without affine parameters of ``z`` (N, d) in ``acc``: returns the standardized
-    (N, d) view, the column mean and ``1/sqrt(biased var + eps)`` (both (d,))."""
+    (N, d) view, the column mean and ``1/sqrt(biased var + eps)`` (both (d,)).
+
+    The statistics are taken of ``y = 2^-k z`` per column, 2^k at least the column's largest
+    magnitude when that exceeds 1 (exact: a power of two), and mapped back: mean = 2^k·mean_y,
+    1/σ = 2^-k/sqrt(var_y + eps·4^-k). Without it the squares of float32 values near 1e19
+    overflow (CUDA reduces in float32), and the loss, invariant to the columns' scale, would not
+    be."""
     z = z.to(acc)
-    var, mean = torch.var_mean(z, dim=0, correction=0)
-    inv_std = torch.rsqrt(var + eps)
+    inverse_scale = reference.inverse_power_of_two_scale(z, 0, at_most_one=True).squeeze(0)
+    var, mean = torch.var_mean(z * inverse_scale, dim=0, correction=0)
+    # clamped at the smallest normal number: a constant column beyond 2^75 would give rsqrt(0)
+    scaled_var = (var + eps * inverse_scale * inverse_scale).clamp_min(torch.finfo(acc).tiny)
+    inv_std = torch.rsqrt(scaled_var) * inverse_scale
+    mean = mean / inverse_scale
     return (z - mean) * inv_std, mean, inv_std
 
 
@@ -352,7 +369,7 @@ def barlow_twins_loss(
     if gather_distributed:
         z_a, z_b = distributed.gather(z_a), distributed.gather(z_b)
     if impl == "reference":
-        return reference.barlow_twins_loss(z_a, z_b, lambda_param).float()
+        return run_reference(reference.barlow_twins_loss, z_a, z_b, lambda_param)
     if impl == "triton" and _triton_runs(z_a, z_b, backend, path, vicreg=False):
         n, d = z_a.shape
 
@@ -394,7 +411,12 @@ def vicreg_loss(
     Returns:
         0-d float32 loss.
     """
-    if isinstance(z_a, Tensor) and isinstance(z_b, Tensor) and z_a.dim() > 2 and z_a.shape == z_b.shape:
+    if isinstance(z_a, Tensor) and isinstance(z_b, Tensor) and max(z_a.dim(), z_b.dim()) > 2:
+        if z_a.shape != z_b.shape:
+            raise BatchShapeError(
+                "z_a and z_b must have the same shape, (batch_size, dim) or (batch_size, ..., dim), "
+                f"got {tuple(z_a.shape)} and {tuple(z_b.shape)}"
+            )
         # Invariance (a mean over all entries), variance (a mean over positions and features) and
         # covariance (a mean over positions) are all position means of the 2-D terms.
         if z_a.numel() == 0:
@@ -420,7 +442,7 @@ def vicreg_loss(
     if gather_distributed:
         z_a, z_b = distributed.gather(z_a), distributed.gather(z_b)
     if impl == "reference":
-        return reference.vicreg_loss(z_a, z_b, lambda_param, mu_param, nu_param, eps).float()
+        return run_reference(reference.vicreg_loss, z_a, z_b, lambda_param, mu_param, nu_param, eps)
     hyper = (lambda_param, mu_param, nu_param, eps)
     if impl == "triton" and _triton_runs(z_a, z_b, backend, path, vicreg=True):
         n, d = z_a.shape

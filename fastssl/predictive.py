@@ -2,18 +2,28 @@ r"""Predictive (non-contrastive) losses: SimSiam's negative cosine similarity, B
 MSE, and Jha et al.'s simplified center-penalty objective (seed 003, §3.1).
 
 These are O(N·d) elementwise reductions that PyTorch already runs at memory bandwidth, so they
-have no Triton kernel: ``backend="triton"`` and ``"auto"`` run the torch path.
+have no Triton kernel, and no optimized path beyond the formula itself: every backend evaluates
+the formula of :mod:`fastssl.reference` under the reference backend's dtype rule
+(:func:`fastssl._backend.run_reference`: float32 for half inputs, the promoted dtype of views of
+different dtypes, gradients in each input's dtype). The formulas scale each vector by a power of
+two before its norm, so float32 inputs of any finite magnitude (1e-19 or 1e36) give the
+float64 value.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastssl import distributed, reference
-from fastssl._backend import check_backend_name, outside_autocast, resolve_backend
-from fastssl._checks import check_distributed_available, check_finite, check_pair, check_positive
+from fastssl._backend import check_backend_name, outside_autocast, resolve_backend, run_reference
+from fastssl._checks import (
+    check_dim,
+    check_distributed_available,
+    check_finite,
+    check_pair,
+    check_positive,
+)
 
 
 @outside_autocast
@@ -23,14 +33,25 @@ def negative_cosine_similarity(
     r"""SimSiam's loss :math:`-\mathrm{mean}\cos(x_0, x_1)` along ``dim``. Detach the target yourself.
 
     Args:
-        x0, x1: tensors of broadcastable shapes, e.g. (N, d) predictions and (N, d) targets.
+        x0, x1: tensors of broadcastable shapes on one device, e.g. (N, d) predictions and
+            (N, d) targets.
+        dim: the dimension (of the broadcast shape) the cosine is taken along.
+        eps: lower bound on each vector's norm, as ``F.cosine_similarity``.
+        backend: ``"auto" | "triton" | "torch" | "reference"`` (all run the same formula).
     Returns:
         0-d float32 loss.
+
+    Example::
+
+        p, z = predictor(projector(x0)), projector(x1)
+        loss = negative_cosine_similarity(p, z.detach())
     """
     if not isinstance(x0, Tensor) or not isinstance(x1, Tensor):
         raise TypeError("x0 and x1 must be torch.Tensors")
     if not x0.is_floating_point() or not x1.is_floating_point():
         raise TypeError(f"x0 and x1 must be floating-point tensors, got {x0.dtype} and {x1.dtype}")
+    if x0.device != x1.device:
+        raise ValueError(f"x0 and x1 must be on the same device, got {x0.device} and {x1.device}")
     try:
         shape = torch.broadcast_shapes(x0.shape, x1.shape)
     except RuntimeError:
@@ -39,21 +60,23 @@ def negative_cosine_similarity(
         ) from None
     if len(shape) == 0 or 0 in shape:
         raise ValueError(f"x0 and x1 broadcast to the empty shape {tuple(shape)}")
-    check_positive("eps", eps, allow_zero=True)
+    dim = check_dim("dim", dim, len(shape))
+    eps = check_positive("eps", eps, allow_zero=True)
     resolve_backend(backend, x0, has_triton_kernel=False)
-    # Accumulate in float32 at least: the cosine of half-precision vectors of a few thousand
-    # entries loses most of its digits when the dot product is summed in half.
-    acc = torch.promote_types(x0.dtype, torch.float32)
-    return reference.negative_cosine_similarity(x0.to(acc), x1.to(acc), dim=dim, eps=eps).float()
+    return run_reference(reference.negative_cosine_similarity, x0, x1, dim=dim, eps=eps)
 
 
 @outside_autocast
 def byol_loss(prediction: Tensor, target: Tensor, *, backend: str = "auto") -> Tensor:
-    r"""BYOL's :math:`\mathrm{mean}_b\,(2 - 2\cos(p_b, z_b))` for (N, d) inputs. Detach the target yourself."""
+    r"""BYOL's :math:`\mathrm{mean}_b\,(2 - 2\cos(p_b, z_b))` for (N, d) inputs. Detach the target yourself.
+
+    Example::
+
+        loss = byol_loss(online_predictor(online(x0)), target_network(x1).detach())
+    """
     check_pair("prediction", prediction, "target", target)
     resolve_backend(backend, prediction, has_triton_kernel=False)
-    acc = torch.promote_types(prediction.dtype, torch.float32)
-    return reference.byol_loss(prediction.to(acc), target.to(acc)).float()
+    return run_reference(reference.byol_loss, prediction, target)
 
 
 @outside_autocast
@@ -76,15 +99,18 @@ def center_penalty_loss(
         gather_distributed: use the global batch's center vector (and mean invariance).
     Returns:
         0-d float32 loss.
+
+    Example::
+
+        loss = center_penalty_loss(projector(backbone(x0)), projector(backbone(x1)))
     """
     check_pair("z_a", z_a, "z_b", z_b)
     lambda_param = check_finite("lambda_param", lambda_param)
+    check_distributed_available("gather_distributed", gather_distributed)
     resolve_backend(backend, z_a, has_triton_kernel=False)
-    acc = torch.promote_types(z_a.dtype, torch.float32)
-    z_a, z_b = z_a.to(acc), z_b.to(acc)
     if gather_distributed:
         z_a, z_b = distributed.gather(z_a), distributed.gather(z_b)
-    return reference.center_penalty_loss(z_a, z_b, lambda_param).float()
+    return run_reference(reference.center_penalty_loss, z_a, z_b, lambda_param)
 
 
 class NegativeCosineSimilarity(nn.Module):
@@ -98,7 +124,7 @@ class NegativeCosineSimilarity(nn.Module):
 
     def __init__(self, dim: int = 1, eps: float = 1e-8, backend: str = "auto") -> None:
         super().__init__()
-        self.dim = dim
+        self.dim = check_dim("dim", dim)
         self.eps = check_positive("eps", eps, allow_zero=True)
         self.backend = check_backend_name(backend)
 

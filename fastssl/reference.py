@@ -19,6 +19,56 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # --------------------------------------------------------------------------------------------
+# Norms and batch statistics that neither overflow nor underflow
+# --------------------------------------------------------------------------------------------
+#
+# Cosines and batch-standardized columns do not depend on the scale of their vectors, but the
+# textbook evaluation squares the entries: float32 values beyond ~1.8e19 square to inf (and a
+# sum of N squares sooner), values below ~1e-19 to subnormals or zero. As LAPACK's nrm2 does,
+# each vector (a row for a norm, a column for batch statistics) is first multiplied by 2^-k,
+# with 2^k at least its largest magnitude; a power of two scales exactly, so the result is the
+# textbook value wherever that one was representable. The scale is a constant for autograd
+# (norm(x) = 2^k·norm(2^-k x) holds for any k), so gradients are the textbook gradients too.
+
+
+def _inverse_power_of_two(peak: Tensor, at_most_one: bool = False) -> Tensor:
+    """``2^-k`` with ``2^k >= peak`` (up to one rounding of log2), in ``peak``'s dtype, within
+    the dtype's range (peak 0 gives the largest power; NaN gives NaN and so propagates).
+    ``at_most_one``: never scale up (``k >= 0``)."""
+    largest = math.frexp(torch.finfo(peak.dtype).max)[1] - 1  # 2^largest is the top power of two
+    exponent = -torch.ceil(torch.log2(peak.detach()))
+    return torch.exp2(exponent.clamp(min=-largest - 1, max=0 if at_most_one else largest))
+
+
+def _max_abs(x: Tensor, dim: int) -> Tensor:
+    return torch.linalg.vector_norm(x.detach(), ord=float("inf"), dim=dim, keepdim=True)
+
+
+def inverse_power_of_two_scale(x: Tensor, dim: int, at_most_one: bool = False) -> Tensor:
+    """Per vector along ``dim`` (kept as a size-1 dimension): ``2^-k`` with ``2^k`` at least the
+    vector's largest magnitude, a constant for autograd. ``at_most_one``: only scale down."""
+    return _inverse_power_of_two(_max_abs(x, dim), at_most_one)
+
+
+def vector_norm(x: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
+    r"""Euclidean norm along ``dim``, computed on ``2^-k x`` (no overflow of the squares)."""
+    inverse_scale = _inverse_power_of_two(_max_abs(x, dim))
+    norm = torch.linalg.vector_norm(x * inverse_scale, dim=dim, keepdim=True) / inverse_scale
+    return norm if keepdim else norm.squeeze(dim)
+
+
+def normalize(x: Tensor, dim: int = 1, eps: float = 1e-12) -> Tensor:
+    r"""``F.normalize``: :math:`x / \max(\|x\|_2, \epsilon)` along ``dim``, on the scaled vector
+    (:math:`y = 2^{-k}x`, :math:`y / \max(\|y\|, 2^{-k}\epsilon)`; the gradient passes where the
+    norm is not clamped, as ``F.normalize``'s)."""
+    inverse_scale = _inverse_power_of_two(_max_abs(x, dim))
+    y = x * inverse_scale
+    norm = torch.linalg.vector_norm(y, dim=dim, keepdim=True)
+    floor = eps * inverse_scale
+    return y / torch.where(norm >= floor, norm, floor)
+
+
+# --------------------------------------------------------------------------------------------
 # Contrastive: NT-Xent (SimCLR) and InfoNCE with a memory bank (MoCo)
 # --------------------------------------------------------------------------------------------
 
@@ -42,7 +92,7 @@ def ntxent_loss(out0: Tensor, out1: Tensor, temperature: float = 0.5) -> Tensor:
         0-d loss.
     """
     n = out0.shape[0]
-    z = F.normalize(torch.cat([out0, out1], dim=0), dim=1)
+    z = normalize(torch.cat([out0, out1], dim=0), dim=1)
     logits = z @ z.T / temperature
     self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
     logits = logits.masked_fill(self_mask, float("-inf"))
@@ -62,8 +112,8 @@ def infonce_loss(query: Tensor, key: Tensor, negatives: Tensor, temperature: flo
     Args:
         query: (N, d); key: (N, d); negatives: (K, d) memory bank.
     """
-    q = F.normalize(query, dim=1)
-    k = F.normalize(key, dim=1)
+    q = normalize(query, dim=1)
+    k = normalize(key, dim=1)
     positive = (q * k).sum(dim=1, keepdim=True)
     negative = q @ negatives.to(q.dtype).T
     logits = torch.cat([positive, negative], dim=1) / temperature
@@ -80,14 +130,27 @@ def negative_cosine_similarity(x0: Tensor, x1: Tensor, dim: int = 1, eps: float 
     r"""SimSiam's :math:`-\cos(x_0, x_1)` averaged over the batch; the caller detaches the target.
 
     .. math:: \cos(a, b) = \frac{a\cdot b}{\max(\|a\|,\epsilon)\,\max(\|b\|,\epsilon)}
+
+    ``F.cosine_similarity`` (lightly's formula) evaluated on scaled vectors (see
+    :func:`normalize`), with its gradient: where a norm is clamped at ε it differentiates the
+    norm as if unclamped (PyTorch clamps the norm's value only).
     """
-    return -F.cosine_similarity(x0, x1, dim=dim, eps=eps).mean()
+    x0, x1 = torch.broadcast_tensors(x0, x1)
+
+    def unit(x: Tensor) -> Tensor:
+        inverse_scale = _inverse_power_of_two(_max_abs(x, dim))
+        y = x * inverse_scale
+        norm = torch.linalg.vector_norm(y, dim=dim, keepdim=True)
+        clamped = norm + (torch.clamp_min(norm, eps * inverse_scale) - norm).detach()
+        return y / clamped
+
+    return -(unit(x0) * unit(x1)).sum(dim=dim).mean()
 
 
 def byol_loss(prediction: Tensor, target: Tensor) -> Tensor:
     r"""BYOL's normalized MSE :math:`\|\hat p - \hat z\|^2 = 2 - 2\cos(p, z)`, batch mean."""
-    p = F.normalize(prediction, dim=1)
-    z = F.normalize(target, dim=1)
+    p = normalize(prediction, dim=1)
+    z = normalize(target, dim=1)
     return (2 - 2 * (p * z).sum(dim=1)).mean()
 
 
@@ -97,10 +160,17 @@ def byol_loss(prediction: Tensor, target: Tensor) -> Tensor:
 
 
 def batch_standardize(z: Tensor, eps: float = 1e-5) -> Tensor:
-    """Per-feature batch-norm without affine parameters: biased variance, ``eps`` inside the root."""
-    mean = z.mean(dim=0, keepdim=True)
-    var = z.var(dim=0, unbiased=False, keepdim=True)
-    return (z - mean) / torch.sqrt(var + eps)
+    """Per-feature batch-norm without affine parameters: biased variance, ``eps`` inside the root.
+
+    Columns whose largest magnitude exceeds 1 are first scaled by a power of two 2^-k below it
+    (``(z − mean)/sqrt(var + eps)`` = ``(y − mean_y)/sqrt(var_y + eps·4^-k)`` for ``y = 2^-k z``),
+    so that no square overflows; smaller columns are used as they are (their squares can only
+    underflow where ``eps`` dominates the variance anyway)."""
+    inverse_scale = _inverse_power_of_two(_max_abs(z, 0), at_most_one=True)
+    y = z * inverse_scale
+    mean = y.mean(dim=0, keepdim=True)
+    var = y.var(dim=0, unbiased=False, keepdim=True)
+    return (y - mean) / torch.sqrt(var + eps * inverse_scale * inverse_scale)
 
 
 def barlow_twins_loss(z_a: Tensor, z_b: Tensor, lambda_param: float = 5e-3) -> Tensor:
@@ -338,7 +408,7 @@ def wmse_loss(
 
 def center_vector(*views: Tensor) -> Tensor:
     r"""The center vector :math:`s = \mathbb{E}[\hat z]`: mean of the L2-normalized rows of all views."""
-    return torch.cat([F.normalize(v, dim=1) for v in views]).mean(dim=0)
+    return torch.cat([normalize(v, dim=1) for v in views]).mean(dim=0)
 
 
 def center_penalty_loss(z_a: Tensor, z_b: Tensor, lambda_param: float = -1.0) -> Tensor:
@@ -348,8 +418,8 @@ def center_penalty_loss(z_a: Tensor, z_b: Tensor, lambda_param: float = -1.0) ->
     normalized views and :math:`s` the center vector of both views; the paper sets
     :math:`\lambda_L = -1`, so the center vector's magnitude is penalized.
     """
-    za = F.normalize(z_a, dim=1)
-    zb = F.normalize(z_b, dim=1)
+    za = normalize(z_a, dim=1)
+    zb = normalize(z_b, dim=1)
     invariance = ((za - zb) ** 2).sum(dim=1).mean()
     return 0.5 * (invariance - lambda_param * torch.linalg.vector_norm(center_vector(z_a, z_b)))
 

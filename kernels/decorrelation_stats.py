@@ -79,6 +79,17 @@ def _power_of_two_scale(max_m2):
 
 
 @triton.jit
+def _column_inverse_scale(peak):
+    """Barlow Twins: 2^-k with 2^k > ``peak`` (a column's largest magnitude) when peak >= 1, else
+    1, from the exponent bits: peak in [2^E, 2^(E+1)) has the biased exponent e = E + 127 and
+    2^-(E+1) the biased exponent 253 − e, clamped to [1, 127] (1: normal for inf/NaN peaks too,
+    whose non-finite values propagate through the data; 127: never scale up)."""
+    biased_exponent = ((peak.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32)
+    scaled_exponent = tl.minimum(tl.maximum(253 - biased_exponent, 1), 127)
+    return (scaled_exponent << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _standardize_kernel(
     a_ptr,
     a_stride_n,
@@ -120,15 +131,41 @@ def _standardize_kernel(
         m2_a = tl.zeros([BLOCK_D], dtype=tl.float32)
         m2_b = tl.zeros([BLOCK_D], dtype=tl.float32)
         sq_diff = tl.zeros([BLOCK_D], dtype=tl.float32)
+        # Barlow Twins: each column's statistics are of 2^-k·z, 2^k above the largest magnitude
+        # seen so far (1 below magnitude 1): the squares of float32 values near 1e19 overflow
+        # otherwise. When a chunk raises a column's 2^k, its running mean and M2 are rescaled by
+        # the (exact) power-of-two ratio. VICReg (not scale-invariant) keeps 2^k = 1.
+        peak_a = tl.zeros([BLOCK_D], dtype=tl.float32)
+        peak_b = tl.zeros([BLOCK_D], dtype=tl.float32)
+        inv_a = tl.full([BLOCK_D], 1.0, dtype=tl.float32)
+        inv_b = tl.full([BLOCK_D], 1.0, dtype=tl.float32)
         for r0 in range(0, n_rows, BLOCK_N):
             rows = r0 + row_offsets
             mask = (rows < n_rows)[:, None] & col_mask[None, :]
             rows64 = rows[:, None].to(tl.int64)
             x = tl.load(a_ptr + rows64 * a_stride_n + a_cols, mask=mask, other=0.0).to(tl.float32)
             y = tl.load(b_ptr + rows64 * b_stride_n + b_cols, mask=mask, other=0.0).to(tl.float32)
+            if VICREG:
+                xs = x
+                ys = y
+            else:
+                peak_a = tl.maximum(peak_a, tl.max(tl.abs(x), axis=0))
+                peak_b = tl.maximum(peak_b, tl.max(tl.abs(y), axis=0))
+                new_inv_a = _column_inverse_scale(peak_a)
+                new_inv_b = _column_inverse_scale(peak_b)
+                ratio_a = new_inv_a / inv_a
+                ratio_b = new_inv_b / inv_b
+                mean_a = mean_a * ratio_a
+                mean_b = mean_b * ratio_b
+                m2_a = m2_a * (ratio_a * ratio_a)
+                m2_b = m2_b * (ratio_b * ratio_b)
+                inv_a = new_inv_a
+                inv_b = new_inv_b
+                xs = x * inv_a[None, :]
+                ys = y * inv_b[None, :]
             chunk = tl.sum((rows < n_rows).to(tl.float32), axis=0)
-            chunk_mean_a = tl.sum(x, axis=0) / chunk
-            chunk_mean_b = tl.sum(y, axis=0) / chunk
+            chunk_mean_a = tl.sum(xs, axis=0) / chunk
+            chunk_mean_b = tl.sum(ys, axis=0) / chunk
             # Chan et al.'s merge of (count, mean, M2) with this chunk's
             total = count + chunk
             delta_a = chunk_mean_a - mean_a
@@ -136,14 +173,17 @@ def _standardize_kernel(
             cross_weight = count * chunk / total
             mean_a += delta_a * (chunk / total)
             mean_b += delta_b * (chunk / total)
-            dx = tl.where(mask, x - chunk_mean_a[None, :], 0.0)
+            dx = tl.where(mask, xs - chunk_mean_a[None, :], 0.0)
             m2_a += tl.sum(dx * dx, axis=0) + delta_a * delta_a * cross_weight
-            dy = tl.where(mask, y - chunk_mean_b[None, :], 0.0)
+            dy = tl.where(mask, ys - chunk_mean_b[None, :], 0.0)
             m2_b += tl.sum(dy * dy, axis=0) + delta_b * delta_b * cross_weight
             if VICREG:
                 diff = x - y
                 sq_diff += tl.sum(diff * diff, axis=0)
             count = total
+        if not VICREG:
+            mean_a = mean_a / inv_a
+            mean_b = mean_b / inv_b
         tl.store(ws_ptr + COL_MEAN_A * n_cols + cols, mean_a, mask=col_mask)
         tl.store(ws_ptr + COL_MEAN_B * n_cols + cols, mean_b, mask=col_mask)
         if VICREG:
@@ -162,8 +202,12 @@ def _standardize_kernel(
             tl.store(blk + BLK_5, tl.max(m2_a, axis=0))
             tl.store(blk + BLK_6, tl.max(m2_b, axis=0))
         else:
-            scale_a = 1.0 / tl.sqrt(m2_a / n_rows + bn_eps)
-            scale_b = 1.0 / tl.sqrt(m2_b / n_rows + bn_eps)
+            # 1/σ = 2^-k / sqrt(var_y + eps·4^-k), var_y of the scaled column; clamped at the
+            # smallest normal number (a constant column beyond 2^75: eps·4^-k underflows)
+            scaled_var_a = tl.maximum(m2_a / n_rows + bn_eps * inv_a * inv_a, 1.1754943508222875e-38)
+            scaled_var_b = tl.maximum(m2_b / n_rows + bn_eps * inv_b * inv_b, 1.1754943508222875e-38)
+            scale_a = inv_a / tl.sqrt(scaled_var_a)
+            scale_b = inv_b / tl.sqrt(scaled_var_b)
     if PHASE != 0:
         if PHASE == 1:
             mean_a = tl.load(ws_ptr + COL_MEAN_A * n_cols + cols, mask=col_mask, other=0.0)
