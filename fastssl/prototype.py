@@ -632,11 +632,12 @@ class IBOTPlusPlusPatchLoss(IBOTPatchLoss):
 #     Q[t, b, k] = exp(X[t, b, k] − u[t, k] − v[t, b])
 #
 # with u (T, K) starting at the column maximum and gaining log(column sum + ε) per step, and
-# v (T, B) gaining log(row sum + ε). We run the iterations chunk by chunk over positions on a
-# working copy (every entry stays in [0, 1]: the column maximum maps to 1, and a division by a
-# sum that contains the entry plus ε never increases it) and keep only the log-domain scalings
-# u and v; the cross-entropy pass then rebuilds each target row as exp(X − u − v), so the
-# (B, T, K) assignments are never stored. This is lightly's arithmetic, ε included.
+# v (T, B) gaining log(row sum + ε). Chunk by chunk over positions we form E = exp(X − max_b X)
+# once (entries in [0, 1]) and iterate on the scalings alone, Q = diag(d) E diag(a): a column
+# sum is a_k (Eᵀd)_k and a row sum d_b (E a)_b, one matrix-vector product each, E read and never
+# rewritten; then u = max − log a and v = −log d. The cross-entropy pass rebuilds each target
+# row as exp(X − u − v), so the (B, T, K) assignments are never stored. This is lightly's
+# arithmetic, ε included (with a global column maximum and column sums under gather, as lightly).
 
 
 @torch.no_grad()
@@ -654,24 +655,24 @@ def _capi_scalings(
         per_chunk = max(per_chunk, -(-positions // 8))
     for start in range(0, positions, per_chunk):
         stop = min(start + per_chunk, positions)
+        # E = exp(X − max_b X) once; the iterations only rescale it, Q = diag(d) E diag(a), so
+        # each half-step is one matrix-vector product over E (read, never rewritten).
         x = logits[:, start:stop].transpose(0, 1).to(dtype) * teacher_scale  # (t, B, K)
-        col = x.amax(dim=1, keepdim=True)
+        col_max = x.amax(dim=1, keepdim=True)  # (t, 1, K)
         if distributed_on:
-            dist.all_reduce(col, op=dist.ReduceOp.MAX)
-        q = _exp_(x - col)
-        row = torch.zeros(stop - start, batch, 1, dtype=dtype, device=logits.device)
+            dist.all_reduce(col_max, op=dist.ReduceOp.MAX)
+        e = _exp_(x.sub_(col_max))
+        a = torch.ones(stop - start, k, 1, dtype=dtype, device=logits.device)
+        d = torch.ones(stop - start, batch, 1, dtype=dtype, device=logits.device)
         for _ in range(iterations):
-            col_sum = q.sum(dim=1, keepdim=True)
+            col_sum = torch.bmm(e.transpose(1, 2), d).mul_(a)  # Σ_b Q[b, k], (t, K, 1)
             if distributed_on:
                 dist.all_reduce(col_sum)
-            col_sum += epsilon
-            q /= col_sum
-            col += col_sum.log_()
-            row_sum = q.sum(dim=2, keepdim=True) + epsilon
-            q /= row_sum
-            row += row_sum.log_()
-        u[start:stop] = col[:, 0]
-        v[start:stop] = row[..., 0]
+            a = a / col_sum.add_(epsilon)
+            row_sum = torch.bmm(e, a).mul_(d)  # Σ_k Q[b, k], (t, B, 1)
+            d = d / row_sum.add_(epsilon)
+        u[start:stop] = col_max[:, 0] - a[..., 0].log()
+        v[start:stop] = -d[..., 0].log()
     return u, v
 
 
