@@ -314,6 +314,7 @@ def _check_ibot_pair(teacher_out: Tensor, student_out: Tensor) -> None:
         )
 
 
+@outside_autocast
 def _ibot_dispatch(
     teacher: Tensor,
     student: Tensor,
@@ -1108,6 +1109,7 @@ def _check_msn_hyperparameters(temperature, sinkhorn_iterations, regularization_
     return temperature, sinkhorn_iterations, regularization_weight, target_sharpen_temperature
 
 
+@outside_autocast
 def _msn_with_regularization(
     anchors: Tensor,
     targets: Tensor,

@@ -595,3 +595,19 @@ def test_gather_distributed_semantics(world):
     expected_center = 0.5 * data["ibot"].mean(0)
     for r in range(world):
         _close(ranks[r]["ibot-center"].flatten(), expected_center, "ibot centre", atol=1e-6)
+
+
+def test_modules_under_autocast_compute_in_float32():
+    """The modules run their chunked paths outside autocast (bf16 matrix products would cost MSN
+    its float32 agreement)."""
+    inputs = _msn_inputs(2, 4, 9, 16, torch.float32)
+    plain = fastssl.MSNLoss()(*inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = fastssl.MSNLoss()(*inputs)
+    assert autocast.dtype == torch.float32 and autocast.item() == pytest.approx(plain.item(), rel=1e-6)
+    mask = _mask(2, 3, 3)
+    t, s = torch.randn(2, int(mask.sum()), 7).unbind(0)
+    plain = fastssl.IBOTPatchLoss(output_dim=7)(t, s, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = fastssl.IBOTPatchLoss(output_dim=7)(t, s, mask)
+    assert autocast.item() == pytest.approx(plain.item(), rel=1e-6)
