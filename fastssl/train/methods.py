@@ -214,9 +214,12 @@ class MoCo(Method):
         self.projector = mlp([f, self._dim(cfg.proj_hidden_dim, f), dim])
         self.key_backbone = _frozen_copy(self.backbone)
         self.key_projector = _frozen_copy(self.projector)
-        # A bank of at most half the data set: a bank much larger than the data would hold
-        # several stale keys of every image.
-        bank = min(4096, max(cfg.batch_size * world_size, num_train // 2))
+        # Four global batches of keys (at most half the data set, at most 4096): keys written
+        # many steps ago come from an older key encoder and no longer match the queries. On
+        # the default run a bank of half the data (2000 keys, 16 batches old) ended at kNN
+        # 0.337, four batches (512) at 0.368; see docs/training.md.
+        global_batch = cfg.batch_size * world_size
+        bank = min(4096, max(global_batch, min(num_train // 2, 4 * global_batch)))
         self.criterion = _build_loss(cfg, {"temperature": 0.2, "memory_bank_size": (bank, dim)}, world_size > 1)
         self.ema_momentum = cfg.ema_momentum
 
