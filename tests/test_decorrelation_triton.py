@@ -630,3 +630,18 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     if "ptxas" in result.stderr and "not found" in result.stderr:
         pytest.skip("no ptxas in this Triton installation")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("path", ["gram", "cross"])
+def test_barlow_twins_statistics_rescale_as_row_chunks_grow(path, device, monkeypatch):
+    """Column magnitudes from 1e-2 to 1e36 down the rows, 16-row statistics chunks: every chunk
+    raises the columns' power-of-two scale, so the running mean and M2 are rescaled each time
+    (float32 squares beyond ~1.8e19 would overflow without the scale)."""
+    monkeypatch.setattr(kernels, "_FORCED_TILES", (16, 16))
+    n, d = 50, 21
+    magnitude = torch.logspace(-2, 36, n, dtype=torch.float64).unsqueeze(1)
+    a = torch.randn(n, d, dtype=torch.float64) * magnitude
+    b = a * (1 + 0.3 * torch.randn(n, d, dtype=torch.float64))
+    inputs = [a.float().to(device), b.float().to(device)]
+    assert_matches_reference(_bt(path), _bt_ref(), inputs, rtol=2e-5, atol=0.0)
