@@ -245,7 +245,7 @@ def _probability_list(text: str) -> List[float]:
 
 RECIPES = """recipes:
   python -m fastssl.train                                    SimCLR on generated shapes, CPU, minutes
-  python -m fastssl.train --method byol                      any method with its own tested defaults
+  python -m fastssl.train --method vicreg                    any method, with its recipe (docs/training.md: what each reaches)
   python -m fastssl.train --data-path ~/images               your ImageFolder (root/<class>/<image>)
   python -m fastssl.train --data-path cifar-10-python.tar.gz --backbone resnet18 --epochs 200
   python -m fastssl.train --data-path /big/folder --stream   decode from disk batch by batch
