@@ -180,19 +180,32 @@ def _short(value: Any) -> Any:
     return str(name if name is not None else value)
 
 
+_REPO_PREFIX = str(REPO_ROOT) + os.sep
+_THIS_FILE = str(Path(__file__).resolve())
+
+
+@functools.lru_cache(maxsize=4096)
+def _repository_path(filename: str) -> Optional[str]:
+    """``filename`` relative to the repository when it is the repository's own code (not this
+    module), else None."""
+    if not os.path.isabs(filename):  # "<string>", "<frozen ...>"
+        return None
+    path = str(Path(filename).resolve())
+    if not path.startswith(_REPO_PREFIX) or path == _THIS_FILE:
+        return None
+    return path[len(_REPO_PREFIX):]
+
+
 def _site() -> str:
-    """The innermost frame of the repository's own code (not this module), as 'path:line'."""
-    here = Path(__file__).resolve()
-    for frame in reversed(traceback.extract_stack()[:-1]):
-        path = Path(frame.filename)
-        try:
-            rel = path.resolve().relative_to(REPO_ROOT)
-        except ValueError:
-            continue
-        if path.resolve() == here or rel.parts[0] == "tests" and "launch" in rel.name:
-            continue
-        return f"{rel}:{frame.lineno}"
-    return "?"
+    """The innermost frame of the repository's own code (not this module), as 'path:line';
+    '(autograd engine)' for work no Python line of the repository asked for."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        rel = _repository_path(frame.f_code.co_filename)
+        if rel is not None:
+            return f"{rel}:{frame.f_lineno}"
+        frame = frame.f_back
+    return "(autograd engine)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,7 +337,7 @@ def _record_sync(op: str, kind: str = "sync") -> None:
 
 _ALLOC_OPS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "empty_permuted"}
 _DATA_DEPENDENT_OPS = {"nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_consecutive",
-                       "unique_dim", "nonzero_static_", "repeat_interleave", "_assert_async", "equal",
+                       "unique_dim", "repeat_interleave", "equal",
                        "is_nonzero", "allclose"}
 _MATMUL_OPS = {"mm", "bmm", "addmm", "baddbmm", "addbmm", "_scaled_mm"}
 
@@ -423,7 +436,7 @@ def _make_mode_class():
                 if name == "copy_":
                     return args[0]
                 return result
-            if name in _DATA_DEPENDENT_OPS and meta_in:
+            if name in _DATA_DEPENDENT_OPS and meta_in and kwargs.get("output_size") is None:
                 _record_sync(f"aten.{name} (data-dependent output)")
             h2d = target_meta and any(t.numel() > 0 for t in real_in) and name in ("_to_copy", "copy_", "lift_fresh_copy")
             _state.real_devices += 1
