@@ -31,9 +31,10 @@ and targets differ). When the rows are the columns and the exclusion is symmetri
           \big(g_k e^{S_{km}-\mathrm{lse}_k} + g_m e^{S_{km}-\mathrm{lse}_m}\big) z_m,
 
 so one recomputed chunk of rows gives whole rows of the gradient: no column pass, no
-accumulation (``_SymmetricRowLSE``: DCL, DCLW, SupCon, MACL, DetCon-S). The second exponential
-is the first times :math:`e^{\mathrm{lse}_k - c}\,e^{c - \mathrm{lse}_m}` wherever that cannot
-under- or overflow (``_exp_factorizable``), one exponential per logit instead of two.
+accumulation (``_SymmetricRowLSE``: DCL, DCLW, SupCon, MACL, DetCon-S). Wherever
+``_exp_factorizable`` allows, both exponentials come from one :math:`P = e^{S - b}` taken
+against a constant :math:`b \ge 1/|\tau|`, and the backward is a single product of P with
+:math:`[Z, \alpha\odot Z]` (see ``_SymmetricRowLSE``).
 
 **Distributed** (``gather_distributed=True``): the loss equals the single-process loss on the
 concatenation of every rank's batch, and each rank's input gradient is ``world_size ×`` its slice
@@ -114,13 +115,13 @@ def _normalize(x: Tensor, acc: torch.dtype) -> Tensor:
 
 
 def _exp_factorizable(inv_temp_bound: float, n_cols: int) -> bool:
-    r"""Whether :math:`e^{S_{km}-\mathrm{lse}_m}` may be computed as
-    :math:`e^{S_{km}-\mathrm{lse}_k}\cdot e^{\mathrm{lse}_k-c}\cdot e^{c-\mathrm{lse}_m}`.
+    r"""Whether the exponentials may be taken against the constant :math:`b` = ``inv_temp_bound``
+    :math:`\ge 1/|	au| \ge |S_{km}|` (unit vectors) instead of a row maximum.
 
-    Unit vectors give :math:`|S| \le 1/|\tau|` and :math:`\mathrm{lse} \in \pm 1/|\tau| + [0,
-    \log C]`; with :math:`c = \log(C-1)` no factor exceeds :math:`e^{1/|\tau| + \log C}` and the
-    first stays above :math:`e^{-(2/|\tau| + \log C)}`, well inside float32 while that bound is
-    below 80. ``inv_temp_bound`` bounds :math:`1/|\tau|` (``inf`` when nothing bounds it)."""
+    Then :math:`P = e^{S-b} \in [e^{-2b}, 1]`, a row sum lies in :math:`[e^{-2b}, C]` and
+    :math:`g\,e^{b-\mathrm{lse}} \le g\,e^{2b}`: all normal float32 numbers while
+    :math:`2b + \log C < 80`. Otherwise (:math:`|	au|` below about 0.03, or a temperature nothing
+    bounds) the log-sum-exps take row maxima and the symmetric backward two exponentials."""
     return 2.0 * inv_temp_bound + math.log(max(n_cols, 2)) < 80.0
 
 
@@ -129,34 +130,25 @@ def _exp_factorizable(inv_temp_bound: float, n_cols: int) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _lse_keeping_exponentials(logits: Tensor) -> Tuple[Tensor, Tensor]:
-    r"""In place: ``logits`` (R, C) becomes :math:`e^{S_{km} - \max_m S_{km}}` (0 where
-    excluded); returns (lse (R,), row sums of those exponentials (R,)). The backward reuses the
-    exponentials (``e^{S-lse_k}`` is them over the row sum) instead of recomputing the product."""
-    row_max = logits.amax(dim=1, keepdim=True)
-    # A row whose every column is excluded (max -inf) keeps exp(-inf) = 0 and lse = -inf.
-    row_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
-    sums = logits.sub_(row_max).exp_().sum(dim=1)
-    return row_max.squeeze(1) + sums.log(), sums
-
-
-def _reciprocal_or_zero(x: Tensor) -> Tensor:
-    """1/x, and 0 where x = 0 (rows with no column left: their exponentials are all 0)."""
-    return torch.where(x > 0, 1.0 / x, torch.zeros_like(x))
-
-
 class _SymmetricRowLSE(torch.autograd.Function):
     r"""``lse_k = log Σ_{m ∉ E_k} exp(S_km)`` for the rows ``z`` (R, d) against columns that
     contain them: ``z`` itself (``z_cols`` None), or every rank's rows gathered, this rank's at
     ``col_offset``. Requires a symmetric exclusion; ``excluded`` (R, E) holds global column
     indices (repeats allowed). A row whose every column is excluded gets ``-inf`` and no gradient.
-    ``inv_temp`` is a float or a 0-d tensor (then ``inv_temp_bound`` bounds its magnitude, or is
-    ``inf``).
+    ``inv_temp`` is a float or a 0-d tensor; ``inv_temp_bound`` bounds :math:`1/|	au|` (``inf``
+    when nothing does).
 
-    Returns lse (R,). Backward: the symmetric formula of the module docstring. In the factorized
-    form it needs no elementwise pass over the logits: with :math:`E_{km} = e^{S_{km}-\mathrm{lse}_k}`,
-    :math:`\sum_m E_{km}(g_k + a_k\gamma_m) z_m = g_k (EZ)_k + a_k (E(\gamma\odot Z))_k`, one
-    product of E with the (C, 2d) matrix :math:`[Z, \gamma\odot Z]`.
+    Returns lse (R,). Backward: the symmetric formula of the module docstring. Where
+    :func:`_exp_factorizable` allows, every exponential is taken against the constant
+    :math:`b \ge 1/|	au| \ge |S_{km}|` instead of a row maximum: :math:`P_{km} = e^{S_{km} - b}`
+    (0 on the excluded entries), :math:`s_k = \sum_m P_{km}`, :math:`\mathrm{lse}_k = b + \log s_k`.
+    Then :math:`e^{S_{km}-\mathrm{lse}_k} = P_{km}/s_k` and :math:`e^{S_{km}-\mathrm{lse}_m} =
+    P_{km}/s_m` (S is symmetric), so with :math:`lpha = g/s`
+
+    .. math:: \sum_m P_{km}(lpha_k + lpha_m) z_m = lpha_k (PZ)_k + (P(lpha\odot Z))_k,
+
+    one product of the kept (or recomputed) P with the (C, 2d) matrix :math:`[Z, lpha\odot Z]`
+    and no elementwise pass over the logits.
     """
 
     @staticmethod
@@ -177,57 +169,56 @@ class _SymmetricRowLSE(torch.autograd.Function):
         factored = _exp_factorizable(inv_temp_bound, n_cols)
         # Rows pre-scaled by 1/τ: the product gives the logits without another pass over them.
         scaled_rows = z * inv_temp
-        lse_parts, sum_parts = [], []
+        lse_parts = []
         logits = None
         for start in range(0, n_rows, chunk):
             stop = min(n_rows, start + chunk)
             logits = scaled_rows[start:stop] @ cols.T
-            logits.scatter_(1, excluded[start:stop], float("-inf"))
             if factored:
-                lse_chunk, sums = _lse_keeping_exponentials(logits)
-                sum_parts.append(sums)
+                # P = e^{S - b}: no row maximum needed, and above e^{-2b}, a normal float32.
+                logits.sub_(inv_temp_bound).exp_().scatter_(1, excluded[start:stop], 0.0)
+                lse_parts.append(logits.sum(dim=1).log_().add_(inv_temp_bound))
             else:
-                lse_chunk = torch.logsumexp(logits, dim=1)
-            lse_parts.append(lse_chunk)
+                logits.scatter_(1, excluded[start:stop], float("-inf"))
+                lse_parts.append(torch.logsumexp(logits, dim=1))
         lse = torch.cat(lse_parts)
-        # One chunk: kept for the backward (its exponentials, or its logits for two exponentials).
+        # One chunk: kept for the backward (its P, or its logits for two exponentials).
         single_chunk = logits if chunk >= n_rows else None
-        row_sums = torch.cat(sum_parts) if factored and single_chunk is not None else None
         lse_cols = distributed.gather_no_grad(lse) if use_dist else lse
         temp_tensor = inv_temp if isinstance(inv_temp, Tensor) else None
-        ctx.save_for_backward(z, z_cols, excluded, lse, lse_cols, single_chunk, row_sums, temp_tensor)
-        ctx.meta = (None if temp_tensor is not None else inv_temp, factored, use_dist, chunk)
+        ctx.save_for_backward(z, z_cols, excluded, lse, lse_cols, single_chunk, temp_tensor)
+        ctx.meta = (None if temp_tensor is not None else inv_temp, inv_temp_bound, factored, use_dist, chunk)
         return lse
 
     @staticmethod
     def backward(ctx, grad_lse: Tensor):  # type: ignore[override]
-        z, z_cols, excluded, lse, lse_cols, single_chunk, row_sums, temp_tensor = ctx.saved_tensors
-        inv_temp_float, factored, use_dist, chunk = ctx.meta
+        z, z_cols, excluded, lse, lse_cols, single_chunk, temp_tensor = ctx.saved_tensors
+        inv_temp_float, bound, factored, use_dist, chunk = ctx.meta
         inv_temp = temp_tensor if temp_tensor is not None else inv_temp_float
         cols = z if z_cols is None else z_cols
-        n_rows, n_cols, d = z.shape[0], cols.shape[0], z.shape[1]
+        n_rows, d = z.shape
         grad_lse = grad_lse.to(z.dtype).contiguous()
         # The column rows' g_m live on their own ranks: gather them (one float per row).
         grad_cols = distributed.gather_no_grad(grad_lse) if use_dist else grad_lse
         scaled_rows = z * inv_temp if single_chunk is None else None
         parts = []
         if factored:
-            shift = math.log(max(n_cols - 1, 1))
-            # γ_m = g_m e^{c - lse_m}; 0 for a column excluded from every row (lse_m = -inf).
-            gamma = torch.where(lse_cols == float("-inf"), torch.zeros_like(lse_cols), (shift - lse_cols).exp() * grad_cols)
-            cols_pair = torch.cat([cols, gamma[:, None] * cols], dim=1)
+
+            def alpha(g: Tensor, row_lse: Tensor) -> Tensor:
+                # g/s = g e^{b - lse}; 0 for a row with no column (lse = -inf, P = 0 throughout).
+                return torch.where(row_lse == float("-inf"), torch.zeros_like(g), g * (bound - row_lse).exp())
+
+            alpha_rows = alpha(grad_lse, lse)
+            cols_pair = torch.cat([cols, alpha(grad_cols, lse_cols)[:, None] * cols], dim=1)
             for start in range(0, n_rows, chunk):
                 stop = min(n_rows, start + chunk)
                 if single_chunk is not None:
-                    probs, row_scale = single_chunk, _reciprocal_or_zero(row_sums)
+                    probs = single_chunk
                 else:
-                    probs = (scaled_rows[start:stop] @ cols.T).sub_(lse[start:stop, None]).exp_()
+                    probs = (scaled_rows[start:stop] @ cols.T).sub_(bound).exp_()
                     probs.scatter_(1, excluded[start:stop], 0.0)
-                    row_scale = torch.ones_like(lse[start:stop])
                 both = probs @ cols_pair
-                own = (grad_lse[start:stop] * row_scale)[:, None]
-                crossed = ((lse[start:stop] - shift).exp() * row_scale)[:, None]
-                parts.append(own * both[:, :d] + crossed * both[:, d:])
+                parts.append(both[:, d:].addcmul_(alpha_rows[start:stop, None], both[:, :d]))
         else:
             for start in range(0, n_rows, chunk):
                 stop = min(n_rows, start + chunk)
@@ -248,33 +239,45 @@ class _SymmetricRowLSE(torch.autograd.Function):
 class _RowLSE(torch.autograd.Function):
     r"""``lse_k = log Σ_{m ∉ E_k} exp(S_km)`` for rows ``z_rows`` (R, d) against different columns
     ``z_cols`` (C, d); gradients for both (DetCon-B's predictions against its targets). With
-    :math:`G = \mathrm{diag}(g) E`, both gradients are products with E and a row scaling:
-    :math:`G Z_c = g\odot(E Z_c)` and :math:`G^\top Z_r = E^\top(g\odot Z_r)`."""
+    :math:`G = \mathrm{diag}(g) E`, :math:`E_{km} = e^{S_{km} - \mathrm{lse}_k}`, both gradients
+    are products with E and a row scaling: :math:`G Z_c = g\odot(E Z_c)` and
+    :math:`G^\top Z_r = E^\top(g\odot Z_r)`. The exponentials are taken against the constant
+    ``inv_temp_bound`` where :func:`_exp_factorizable` allows, else against row maxima."""
 
     @staticmethod
-    def forward(ctx, z_rows: Tensor, z_cols: Tensor, excluded: Tensor, inv_temp: float, chunk_rows: Optional[int]) -> Tensor:  # type: ignore[override]
+    def forward(ctx, z_rows: Tensor, z_cols: Tensor, excluded: Tensor, inv_temp: float, inv_temp_bound: float,  # type: ignore[override]
+                chunk_rows: Optional[int]) -> Tensor:
         n_rows, n_cols = z_rows.shape[0], z_cols.shape[0]
         chunk = _rows_per_chunk(n_rows, n_cols, chunk_rows)
+        constant_shift = _exp_factorizable(inv_temp_bound, n_cols)
         scaled_rows = z_rows * inv_temp
-        lse_parts, sum_parts = [], []
+        lse_parts, shift_parts = [], []
         exponentials = None
         for start in range(0, n_rows, chunk):
             stop = min(n_rows, start + chunk)
             exponentials = scaled_rows[start:stop] @ z_cols.T
-            exponentials.scatter_(1, excluded[start:stop], float("-inf"))
-            lse_chunk, sums = _lse_keeping_exponentials(exponentials)
-            lse_parts.append(lse_chunk)
-            sum_parts.append(sums)
+            if constant_shift:
+                exponentials.sub_(inv_temp_bound).exp_().scatter_(1, excluded[start:stop], 0.0)
+                lse_parts.append(exponentials.sum(dim=1).log_().add_(inv_temp_bound))
+                shift_parts.append(torch.full_like(lse_parts[-1], inv_temp_bound))
+            else:
+                exponentials.scatter_(1, excluded[start:stop], float("-inf"))
+                row_max = exponentials.amax(dim=1, keepdim=True)
+                # A row whose every column is excluded keeps exp(-inf) = 0 and lse = -inf.
+                row_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
+                lse_parts.append(exponentials.sub_(row_max).exp_().sum(dim=1).log_().add_(row_max[:, 0]))
+                shift_parts.append(row_max[:, 0])
         lse = torch.cat(lse_parts)
+        # One chunk: its exponentials e^{S - shift_k} are kept for the backward.
         single_chunk = exponentials if chunk >= n_rows else None
-        row_sums = torch.cat(sum_parts) if single_chunk is not None else None
-        ctx.save_for_backward(z_rows, z_cols, excluded, lse, single_chunk, row_sums)
+        shifts = torch.cat(shift_parts) if single_chunk is not None else None
+        ctx.save_for_backward(z_rows, z_cols, excluded, lse, single_chunk, shifts)
         ctx.meta = (inv_temp, chunk)
         return lse
 
     @staticmethod
     def backward(ctx, grad_lse: Tensor):  # type: ignore[override]
-        z_rows, z_cols, excluded, lse, single_chunk, row_sums = ctx.saved_tensors
+        z_rows, z_cols, excluded, lse, single_chunk, shifts = ctx.saved_tensors
         inv_temp, chunk = ctx.meta
         grad_lse = grad_lse.to(z_rows.dtype)
         scaled_rows = z_rows * inv_temp if single_chunk is None else None
@@ -282,16 +285,17 @@ class _RowLSE(torch.autograd.Function):
         grad_cols = torch.zeros_like(z_cols)
         for start in range(0, z_rows.shape[0], chunk):
             stop = min(z_rows.shape[0], start + chunk)
+            g = grad_lse[start:stop]
             if single_chunk is not None:
-                probs, row_scale = single_chunk, _reciprocal_or_zero(row_sums)
+                # E = e^{S - shift_k} · e^{shift_k - lse_k}; rows with lse = -inf are all zeros.
+                probs, row_lse = single_chunk, lse[start:stop]
+                g = torch.where(row_lse == float("-inf"), torch.zeros_like(g), g * (shifts - row_lse).exp())
             else:
                 probs = (scaled_rows[start:stop] @ z_cols.T).sub_(lse[start:stop, None]).exp_()
                 probs.scatter_(1, excluded[start:stop], 0.0)
-                row_scale = torch.ones_like(lse[start:stop])
-            weight = (grad_lse[start:stop] * row_scale)[:, None]  # G = diag(g / s) · exponentials
-            grad_rows.append(weight * (probs @ z_cols))
-            grad_cols.addmm_(probs.T, weight * z_rows[start:stop])
-        return torch.cat(grad_rows).mul_(inv_temp), grad_cols.mul_(inv_temp), None, None, None
+            grad_rows.append(g[:, None] * (probs @ z_cols))
+            grad_cols.addmm_(probs.T, g[:, None] * z_rows[start:stop])
+        return torch.cat(grad_rows).mul_(inv_temp), grad_cols.mul_(inv_temp), None, None, None, None
 
 
 def _columns(z: Tensor, use_dist: bool) -> Tuple[Optional[Tensor], int]:
@@ -938,7 +942,7 @@ def _detcon_torch(
         )
     else:
         z_cols = distributed.gather(targets) if use_dist else targets
-        lse = _RowLSE.apply(preds, z_cols, excluded, inv_temp, chunk_rows)
+        lse = _RowLSE.apply(preds, z_cols, excluded, inv_temp, abs(inv_temp), chunk_rows)
     # Positives: the same image's regions of the other view with the same mask id (M×M blocks).
     p = preds.reshape(2, b, m, d)
     t_other = targets.reshape(2, b, m, d).flip(0)
