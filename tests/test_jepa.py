@@ -443,3 +443,14 @@ def test_gather_distributed_needs_torch_distributed(monkeypatch):
                         (fastssl.VISRegLoss, {}), (fastssl.TiCoLoss, {})]:  # fmt: skip
         with pytest.raises(ValueError, match="gather_distributed"):
             cls(gather_distributed=True, **kwargs)
+
+
+def test_losses_compile_without_graph_breaks():
+    proj = torch.randn(2, 16, 6)
+    directions = _unit(6, 10).float()
+
+    def losses(p):
+        return FS.sigreg_loss(p, directions=directions) + FS.visreg_loss(p, p[:1], slices=directions)
+
+    compiled = torch.compile(losses, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(proj), losses(proj))

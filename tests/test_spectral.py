@@ -417,3 +417,13 @@ def test_losses_compile_without_graph_breaks():
     compiled = torch.compile(lambda x, y: FS.frossl_loss([x, y], backend="torch") + FS.emp_ssl_loss([x, y]),
                              fullgraph=True, backend="aot_eager")  # fmt: skip
     torch.testing.assert_close(compiled(a, b), FS.frossl_loss([a, b]) + FS.emp_ssl_loss([a, b]))
+
+
+def test_more_losses_compile_without_graph_breaks():
+    x = torch.randn(3, 8, 5)
+
+    def losses(z):
+        return (FS.tico_loss(z[0], z[1])[0] + FS.mmcr_loss(z, z) + FS.patch_kernel_alignment_loss(z, z.detach()))
+
+    compiled = torch.compile(losses, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), losses(x))
