@@ -125,6 +125,17 @@ CPU_POINTS: Dict[str, list] = {
     "wmse": [({"d": 128, "w_size": 256, "sub_batches": 4}, FP32)],
 }
 
+# The shapes where a CPU user meets these losses in practice (ImageNet-style multi-crop SwAV,
+# MoCo's queue); on a GPU at DESIGN §5's MoCo shape and with SwAV's 3000 prototypes.
+GPU_POINTS.update(
+    swav_multicrop=[({"b": 256, "k": 3000, "high": 2, "low": 6}, FP32)],
+    ntxent_bank=[({"n": 256, "d": 128, "bank": 65536}, FP32)],
+)
+CPU_POINTS.update(
+    swav_multicrop=[({"b": 256, "k": 1000, "high": 2, "low": 4}, FP32)],
+    ntxent_bank=[({"n": 256, "d": 128, "bank": 16384}, FP32)],
+)
+
 
 def cases(loss: str) -> List[Case]:
     """The cases of ``loss`` for this machine (GPU shapes on CUDA, CPU shapes otherwise)."""
@@ -157,6 +168,21 @@ def _prototype_scores(b: int, k: int, dtype: torch.dtype, device: torch.device, 
 
 def _swav_inputs(shape: Mapping[str, int], dtype: torch.dtype, device: torch.device) -> tuple:
     return ([_prototype_scores(shape["b"], shape["k"], dtype, device, True) for _ in range(SWAV_CROPS)],)
+
+
+def _swav_multicrop_inputs(shape: Mapping[str, int], dtype: torch.dtype, device: torch.device) -> tuple:
+    """``high`` high-resolution and ``low`` low-resolution crops of ``b`` × ``k`` cosine scores."""
+    b, k = shape["b"], shape["k"]
+    crops = [_prototype_scores(b, k, dtype, device, True) for _ in range(shape["high"] + shape["low"])]
+    return crops[: shape["high"]], crops[shape["high"] :]
+
+
+def _ntxent_bank_inputs(shape: Mapping[str, int], dtype: torch.dtype, device: torch.device) -> tuple:
+    """Two views (n, d) and a bank of ``bank`` L2-normalized keys (the reference's negatives;
+    the modules keep their own bank of the same size)."""
+    out0, out1 = _pair_inputs(shape, dtype, device)
+    bank = F.normalize(torch.randn(shape["bank"], shape["d"], device=device), dim=1).to(dtype)
+    return out0, out1, bank
 
 
 def _sinkhorn_inputs(shape: Mapping[str, int], dtype: torch.dtype, device: torch.device) -> tuple:
@@ -196,6 +222,22 @@ def _lightly_swav(shape, device):
         temperature=SWAV_TEMPERATURE, sinkhorn_iterations=SINKHORN_ITERATIONS, sinkhorn_epsilon=SINKHORN_EPSILON
     ).to(device)
     return lambda high: module(high, [])
+
+
+def _lightly_swav_multicrop(shape, device):
+    module = lightly_loader.load("SwaVLoss")(
+        temperature=SWAV_TEMPERATURE, sinkhorn_iterations=SINKHORN_ITERATIONS, sinkhorn_epsilon=SINKHORN_EPSILON
+    ).to(device)
+    return lambda high, low: module(high, low)
+
+
+def _lightly_ntxent_bank(shape, device):
+    # lightly 1.6 fills a (size, dim) bank with normalized random keys at construction and
+    # enqueues each call's keys after using the bank, as fastssl's module does.
+    module = lightly_loader.load("NTXentLoss")(
+        temperature=NTXENT_TEMPERATURE, memory_bank_size=(shape["bank"], shape["d"])
+    ).to(device)
+    return lambda out0, out1, bank: module(out0, out1)
 
 
 def _lightly_sinkhorn(shape, device):
@@ -275,6 +317,31 @@ def _swav_fastssl(high: List[Tensor], backend: str) -> Tensor:
     return FS.swav_loss(high, [], None, SWAV_TEMPERATURE, SINKHORN_ITERATIONS, SINKHORN_EPSILON, backend=backend)
 
 
+def _swav_multicrop_reference(high: List[Tensor], low: List[Tensor]) -> Tensor:
+    return reference.swav_loss(high, low, None, SWAV_TEMPERATURE, SINKHORN_ITERATIONS, SINKHORN_EPSILON)
+
+
+def _swav_multicrop_fastssl(high: List[Tensor], low: List[Tensor], backend: str) -> Tensor:
+    return FS.swav_loss(high, low, None, SWAV_TEMPERATURE, SINKHORN_ITERATIONS, SINKHORN_EPSILON, backend=backend)
+
+
+def _ntxent_bank_reference(out0: Tensor, out1: Tensor, bank: Tensor) -> Tensor:
+    return reference.infonce_loss(out0, out1, bank, NTXENT_TEMPERATURE)
+
+
+@functools.lru_cache(maxsize=None)
+def _ntxent_bank_module(backend: str, size: int, dim: int, device: torch.device) -> torch.nn.Module:
+    import fastssl
+
+    return fastssl.NTXentLoss(NTXENT_TEMPERATURE, memory_bank_size=(size, dim), backend=backend).to(device)
+
+
+def _ntxent_bank_fastssl(out0: Tensor, out1: Tensor, bank: Tensor, backend: str) -> Tensor:
+    """fastssl's module with its own bank of ``bank``'s size, as a user runs MoCo (the bank is
+    read, then this call's keys are enqueued)."""
+    return _ntxent_bank_module(backend, bank.shape[0], bank.shape[1], out0.device)(out0, out1)
+
+
 def _sinkhorn_reference(scores: Tensor) -> Tensor:
     return reference.sinkhorn(scores, SINKHORN_ITERATIONS, SINKHORN_EPSILON)
 
@@ -307,7 +374,32 @@ FAMILIES: Dict[str, Family] = {
     "sinkhorn": Family("sinkhorn", _sinkhorn_inputs, _sinkhorn_reference, _sinkhorn_fastssl, _lightly_sinkhorn, backward=False),
     "dino": Family("dino", _dino_inputs, _dino_reference, _dino_fastssl, _lightly_dino),
     "wmse": Family("wmse", _wmse_inputs, _wmse_reference, _wmse_fastssl, _lightly_wmse),
+    "swav_multicrop": Family(
+        "swav_multicrop", _swav_multicrop_inputs, _swav_multicrop_reference, _swav_multicrop_fastssl,
+        _lightly_swav_multicrop,
+    ),
+    "ntxent_bank": Family(
+        "ntxent_bank", _ntxent_bank_inputs, _ntxent_bank_reference, _ntxent_bank_fastssl, _lightly_ntxent_bank
+    ),
 }
+
+
+def _swav_multicrop_cost(shape: Mapping[str, int], dtype: torch.dtype) -> roofline.Cost:
+    """Element-wise (Sinkhorn on the high-resolution crops, cross-entropies on all): every crop
+    read once and its gradient written once."""
+    crops = shape["high"] + shape["low"]
+    return roofline.Cost(flops=0.0, bytes=2.0 * crops * shape["b"] * shape["k"] * roofline._element_size(dtype))
+
+
+def _ntxent_bank_cost(shape: Mapping[str, int], dtype: torch.dtype) -> roofline.Cost:
+    """Queries against the bank, forward (2·n·K·d) and the queries' gradient (2·n·K·d); the bank
+    read once, both views read and their gradients written."""
+    n, d, k = shape["n"], shape["d"], shape["bank"]
+    return roofline.Cost(flops=4.0 * n * k * d, bytes=(k * d + 4.0 * n * d) * roofline._element_size(dtype))
+
+
+# New keys only: the costs of the other families stay in roofline.py.
+roofline.COSTS.update(swav_multicrop=_swav_multicrop_cost, ntxent_bank=_ntxent_bank_cost)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,3 +16,10 @@ def test_swav(benchmark, case, impl):
 @pytest.mark.parametrize("case", _harness.cases("sinkhorn"), ids=str)
 def test_sinkhorn(benchmark, case, impl):
     _harness.run_case(benchmark, case, impl)
+
+
+@pytest.mark.parametrize("impl", _harness.impls())
+@pytest.mark.parametrize("case", _harness.cases("swav_multicrop"), ids=str)
+def test_swav_multicrop(benchmark, case, impl):
+    """SwAV as trained: 2 high-resolution crops (codes) and small crops (predictions only)."""
+    _harness.run_case(benchmark, case, impl)
