@@ -611,3 +611,28 @@ def test_modules_under_autocast_compute_in_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         autocast = fastssl.IBOTPatchLoss(output_dim=7)(t, s, mask)
     assert autocast.item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_fullgraph_compile_of_the_modules():
+    """The chunked paths (Python loops over chunks, hand-written autograd Functions) trace into
+    one graph: no graph break under torch.compile(fullgraph=True)."""
+    mask = _mask(2, 3, 3)
+    rows = int(mask.sum())
+    teacher_rows, teacher_tokens, targets, prototypes_ = (
+        torch.randn(rows, 7), torch.randn(2, 5, 7), torch.randn(3, 7), torch.randn(5, 7)
+    )
+    cases = [
+        (lambda: fastssl.IBOTPatchLoss(output_dim=7), lambda m, s: m(teacher_rows, s, mask), (rows, 7)),
+        (fastssl.CAPILoss, lambda m, s: m(teacher_tokens, s), (2, 5, 7)),
+        (fastssl.MSNLoss, lambda m, s: m(s, targets, prototypes_), (6, 7)),
+    ]
+    for factory, call, shape in cases:  # a fresh module per call: iBOT's centre moves
+        student = torch.randn(*shape, requires_grad=True)
+        eager = call(factory(), student)
+        (grad_eager,) = torch.autograd.grad(eager, student)
+        module = factory()
+        compiled = torch.compile(lambda s: call(module, s), fullgraph=True, backend="aot_eager")(student)
+        (grad_compiled,) = torch.autograd.grad(compiled, student)
+        assert compiled.item() == pytest.approx(eager.item(), rel=1e-5)
+        _close(grad_compiled, grad_eager, "compiled gradient")
