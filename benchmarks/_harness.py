@@ -423,7 +423,7 @@ def build_impl(family: Family, impl: str, case: Case, device: torch.device) -> C
         # reached by earlier rows cannot silently send this one back to eager.
         torch._dynamo.reset()
         return torch.compile(family.reference)
-    if impl in ("fastssl-torch", "fastssl-triton"):
+    if impl in ("fastssl-auto", "fastssl-torch", "fastssl-triton"):
         if impl == "fastssl-triton" and device.type != "cuda":
             raise RowUnavailable("fastssl-triton rows need a CUDA device")
         return functools.partial(family.fastssl, backend=impl.split("-")[1])
@@ -661,3 +661,134 @@ def machine_info() -> Dict[str, object]:
         "rates": roofline.measured_rates(),
         "load_average": [x for x in (*_LOAD_AT_START, _load_average()) if x is not None],
     }
+
+
+# --------------------------------------------------------------------------------------------
+# CPU comparison: each case in its own process, repetitions interleaved
+# --------------------------------------------------------------------------------------------
+#
+# On a shared CPU the load drifts over minutes, and one process's allocator and thread-pool
+# state carry over from row to row. ``compare`` therefore times every (case, implementation)
+# in a fresh process, ``repetitions`` times, rotating the order of the implementations in each
+# repetition, and reports the median over the processes of each process's median call.
+#
+#   python -m benchmarks._harness barlow_twins vicreg --repetitions 3 --seconds 3
+
+#: The implementations compared: what a user gets by default (``backend="auto"``) and the others.
+COMPARED = ("fastssl-auto", "reference", "reference-compiled", "lightly")
+
+
+def register_all_families() -> None:
+    """Import every ``benchmarks/test_bench_*.py``: the files that register their own families
+    (and shapes, costs) into this module's tables do so on import."""
+    import importlib
+
+    for path in sorted(Path(__file__).parent.glob("test_bench_*.py")):
+        importlib.import_module(f"benchmarks.{path.stem}")
+
+
+def time_row(loss: str, case_index: int, impl: str, seconds: float) -> Dict[str, object]:
+    """Time one implementation on one case in this process: a warm-up call (which compiles for
+    ``reference-compiled``), then calls on fresh inputs for about ``seconds`` (3 to 30 calls).
+    Returns the median and fastest call in seconds, or the reason the row cannot run."""
+    register_all_families()
+    device = bench_device()
+    case = cases(loss)[case_index]
+    family = FAMILIES[loss]
+    try:
+        fn = build_impl(family, impl, case, device)
+        _step(fn, family.make_inputs(case.shape, case.dtype, device), family.backward, device)
+    except RowUnavailable as error:
+        return {"skipped": str(error)}
+    except Exception as error:  # noqa: BLE001 - a row that cannot run is reported, not fatal
+        return {"skipped": _first_line(error)}
+    times: List[float] = []
+    started = time.perf_counter()
+    while len(times) < 3 or (len(times) < 30 and time.perf_counter() - started < seconds):
+        args = family.make_inputs(case.shape, case.dtype, device)
+        begin = time.perf_counter()
+        _step(fn, args, family.backward, device)
+        times.append(time.perf_counter() - begin)
+    times.sort()
+    return {"median_s": times[len(times) // 2], "min_s": times[0], "calls": len(times)}
+
+
+def _time_row_in_subprocess(loss: str, case_index: int, impl: str, seconds: float) -> Dict[str, object]:
+    import json
+    import sys
+
+    code = (
+        "import json; from benchmarks._harness import time_row; "
+        f"print(json.dumps(time_row({loss!r}, {case_index}, {impl!r}, {seconds})))"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "FASTSSL_BACKEND"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        return {"skipped": f"process failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compare(
+    losses: Sequence[str], impls: Sequence[str] = COMPARED, repetitions: int = 3, seconds: float = 3.0
+) -> List[Dict[str, object]]:
+    """Every case of ``losses`` x ``impls``, one process per (case, implementation, repetition),
+    the implementations' order rotated in each repetition. One result per case and
+    implementation: the median over the repetitions of each process's median call."""
+    results: List[Dict[str, object]] = []
+    for loss in losses:
+        for index, case in enumerate(cases(loss)):
+            samples: Dict[str, List[float]] = {impl: [] for impl in impls}
+            skipped: Dict[str, str] = {}
+            for repetition in range(repetitions):
+                shift = repetition % len(impls)
+                for impl in list(impls[shift:]) + list(impls[:shift]):
+                    if impl in skipped:
+                        continue
+                    row = _time_row_in_subprocess(loss, index, impl, seconds)
+                    if "skipped" in row:
+                        skipped[impl] = str(row["skipped"])
+                    else:
+                        samples[impl].append(float(row["median_s"]))  # type: ignore[arg-type]
+            for impl in impls:
+                values = sorted(samples[impl])
+                results.append({
+                    "loss": loss, "case": str(case), "impl": impl,
+                    "median_ms": 1e3 * values[len(values) // 2] if values else None,
+                    "runs_ms": [round(1e3 * v, 2) for v in values],
+                    "skipped": skipped.get(impl),
+                })  # fmt: skip
+    return results
+
+
+def format_comparison(results: Sequence[Dict[str, object]], default: str = "fastssl-auto") -> str:
+    """A markdown table: per case and implementation the median time and the default's speed-up
+    over it (> 1: the default is faster)."""
+    lines = ["| loss | case | implementation | median ms | runs ms | default's speed-up |", "|---|---|---|---|---|---|"]
+    defaults = {(r["loss"], r["case"]): r["median_ms"] for r in results if r["impl"] == default}
+    for r in results:
+        base = defaults.get((r["loss"], r["case"]))
+        if r["median_ms"] is None:
+            lines.append(f"| {r['loss']} | {r['case']} | {r['impl']} | - | - | skipped: {r['skipped']} |")
+            continue
+        speedup = f"{r['median_ms'] / base:.2f}x" if base else "-"
+        runs = ", ".join(f"{v:.1f}" for v in r["runs_ms"])  # type: ignore[union-attr]
+        lines.append(f"| {r['loss']} | {r['case']} | {r['impl']} | {r['median_ms']:.1f} | {runs} | {speedup} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    register_all_families()
+    parser = argparse.ArgumentParser(description="Interleaved one-process-per-row CPU comparison")
+    parser.add_argument("losses", nargs="+", choices=sorted(FAMILIES))
+    parser.add_argument("--impls", nargs="+", default=list(COMPARED))
+    parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--json", help="also write the results to this file")
+    options = parser.parse_args()
+    found = compare(options.losses, options.impls, options.repetitions, options.seconds)
+    print(format_comparison(found))
+    if options.json:
+        Path(options.json).write_text(json.dumps({"machine": machine_info(), "rows": found}, indent=1))

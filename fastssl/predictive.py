@@ -120,6 +120,14 @@ class NegativeCosineSimilarity(nn.Module):
         dim: dimension along which the cosine is taken.
         eps: lower bound on each vector's norm.
         backend: ``"auto" | "triton" | "torch" | "reference"`` (all run the same O(N·d) code).
+
+    Forward ``(x0, x1)``: broadcastable tensors on one device, e.g. (N, d); returns a 0-d float32
+    loss.
+
+    Example::
+
+        criterion = NegativeCosineSimilarity()
+        loss = 0.5 * (criterion(p0, z1.detach()) + criterion(p1, z0.detach()))  # SimSiam
     """
 
     def __init__(self, dim: int = 1, eps: float = 1e-8, backend: str = "auto") -> None:
@@ -142,6 +150,13 @@ class CenterPenaltyLoss(nn.Module):
         lambda_param: the Lagrange multiplier :math:`\lambda_L`.
         gather_distributed: center vector over the global batch.
         backend: accepted for symmetry; every backend runs the same O(N·d) code.
+
+    Forward ``(z_a, z_b)``, each (N, d); returns a 0-d float32 loss.
+
+    Example::
+
+        criterion = CenterPenaltyLoss(lambda_param=-1.0)
+        loss = criterion(projector(backbone(x0)), projector(backbone(x1)))
     """
 
     def __init__(
