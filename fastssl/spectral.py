@@ -210,36 +210,59 @@ class TiCoLoss(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def _frossl_torch(z_views: Sequence[Tensor], invariance_weight: float) -> Tensor:
-    r"""FroSSL on the smaller Gram side, all views batched.
+class _FroSSLFunction(torch.autograd.Function):
+    r"""FroSSL of the stacked views Z (V, N, d) with a hand-written backward.
 
-    With Ẑ the column-normalized view and G its Gram matrix on the smaller side (N×N or d×d),
-    ``log‖G/tr‖²_F = log‖G‖²_F - 2 log tr`` and the gradient of ``log‖G‖²_F`` is
-    ``4 G Ẑ / ‖G‖²_F`` (N×N side; ``4 Ẑ G / ‖G‖²_F`` on the d×d side). The trace
-    ``Σ_j ‖ẑ_j‖² `` counts the non-zero columns (each has unit norm), so it is a constant, as
-    lightly's ``.item()`` makes it -- but here without a host synchronization.
+    With :math:`\hat Z` the column-normalized views (column norms r, clamped at 1e-12 as
+    ``F.normalize``), G the Gram matrix on the smaller side and :math:`\bar Z` the mean view,
+
+    .. math:: L = \sum_v \big(\log\|G_v\|_F^2 - 2\log\mathrm{tr}\,G_v\big)
+              + w\,\frac{V}{N}\sum_v\|\hat Z_v - \bar Z\|^2
+
+    The trace ``Σ_j ‖ẑ_j‖²`` counts the non-zero columns (each has unit norm): a constant, as
+    lightly's ``.item()`` makes it, here without a host synchronization. The gradient with
+    respect to :math:`\hat Z_v` is :math:`4G_v\hat Z_v/\|G_v\|^2` (N×N side; :math:`4\hat Z_vG_v/\|G_v\|^2`
+    on the d×d side) plus :math:`2w\frac VN(\hat Z_v - \bar Z)` (the mean's own contribution sums
+    to zero over the views), and through the normalization, per column,
+    :math:`(g - \hat z\,(\hat z\cdot g))/r`.
     """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, invariance_weight: float) -> Tensor:  # type: ignore[override]
+        n_views, n, d = z.shape
+        norms = torch.linalg.vector_norm(z, dim=1, keepdim=True).clamp_min(1e-12)
+        zn = z / norms
+        trace = zn.square().sum(dim=(1, 2))
+        gram = zn.mT @ zn if n > d else zn @ zn.mT
+        squared_norm = gram.square().sum(dim=(1, 2))
+        mean_view = zn.mean(dim=0)
+        deviation = zn - mean_view
+        loss = (torch.log(squared_norm) - 2 * torch.log(trace)).sum()
+        loss = loss + invariance_weight * (n_views / n) * deviation.square().sum()
+        ctx.save_for_backward(zn, norms, gram, squared_norm, deviation)
+        ctx.invariance_weight = invariance_weight
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
+        zn, norms, gram, squared_norm, deviation = ctx.saved_tensors
+        n_views, n, d = zn.shape
+        direction = zn @ gram if n > d else gram @ zn
+        grad_zn = torch.add(
+            direction * (4 / squared_norm)[:, None, None],
+            deviation,
+            alpha=2 * ctx.invariance_weight * n_views / n,
+        )
+        # through ẑ = z / r per column: (g - ẑ (ẑ·g)) / r
+        grad_z = (grad_zn - zn * (zn * grad_zn).sum(dim=1, keepdim=True)) / norms
+        return grad_z * grad_loss, None
+
+
+def _frossl_torch(z_views: Sequence[Tensor], invariance_weight: float) -> Tensor:
     acc = _accumulation_dtype(*z_views)
-    z = torch.stack([v.to(acc) for v in z_views])  # (V, N, d)
-    n_views, n, d = z.shape
-    zn = F.normalize(z, p=2, dim=1)
-    zd = zn.detach()
-    trace = zd.square().sum(dim=(1, 2))
-    if n > d:
-        gram = zd.mT @ zd
-        direction = zd @ gram
-    else:
-        gram = zd @ zd.mT
-        direction = gram @ zd
-    squared_norm = gram.square().sum(dim=(1, 2))
-    regularization = torch.log(squared_norm) - 2 * torch.log(trace)
-    regularization = _with_gradient(
-        regularization.sum(), direction * (4 / squared_norm)[:, None, None], zn
-    )
-    mean_view = zn.mean(dim=0)
-    # V·d·MSE(ẑ_v, mean) summed over v = (V/N)·Σ_v ‖ẑ_v - mean‖²
-    invariance = (zn - mean_view).square().sum() * (n_views / n)
-    return (regularization + invariance_weight * invariance).float()
+    z = torch.stack([v.to(acc) for v in z_views])  # (V, N, d); gradients back in each view's dtype
+    return _FroSSLFunction.apply(z, invariance_weight).float()
 
 
 @outside_autocast
