@@ -31,7 +31,9 @@ HALF_OPERANDS = K.KernelConfig(16, 16, 16, single_k=True, fp32_operands=False)
 # backward), with one register tile and with d in chunks.
 SPLIT = K.KernelConfig(16, 16, 64, single_k=True, col_splits=3)
 SPLIT_CHUNKED = K.KernelConfig(16, 16, 16, single_k=False, col_splits=2)
-_CONFIG_NAMES = {id(CHUNKED): "chunked", id(SPLIT): "split", id(SPLIT_CHUNKED): "split-chunked"}
+SPLIT_WIDE = K.KernelConfig(64, 64, 16, single_k=True, col_splits=4)  # larger N, few programs
+_CONFIG_NAMES = {id(CHUNKED): "chunked", id(SPLIT): "split", id(SPLIT_CHUNKED): "split-chunked",
+                 id(SPLIT_WIDE): "split-wide"}
 
 
 def _inputs(n, d, dtype, device, non_contiguous=False, views=2):
@@ -68,6 +70,7 @@ NTXENT_CASES = [
     # Split sweeps: 37 rows per view (row blocks straddle the views, so a tile holds self and
     # positive columns of both), a single pair, fully masked first tiles of later splits.
     (37, 3, torch.bfloat16, 0.1, False, SPLIT),
+    (127, 3, torch.float16, 0.2, True, SPLIT_WIDE),
     (1, 3, torch.float16, 7.0, True, SPLIT),
     (3, 1, torch.float32, -1.0, True, SPLIT),
     (2, 129, torch.float16, 0.5, True, SPLIT_CHUNKED),
@@ -121,6 +124,7 @@ INFONCE_CASES = [
     (65, 3, torch.float16, 0.1, 16, True, None),
     (17, 37, torch.bfloat16, 1.0, 17, False, CHUNKED),
     (37, 3, torch.float16, 0.2, 40, False, SPLIT),
+    (127, 3, torch.bfloat16, 0.5, 200, True, SPLIT_WIDE),
     (1, 129, torch.bfloat16, 1.0, 33, True, SPLIT_CHUNKED),
     (2, 1, torch.float32, -0.5, 17, True, SPLIT),
 ]
