@@ -550,42 +550,58 @@ class EMPSSLLoss(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-class _KernelInnerProducts(torch.autograd.Function):
-    r"""Per image, ``(⟨K_s, K_t⟩_F, ‖K_s‖²_F, ‖K_t‖²_F)`` of ``K = X̃X̃ᵀ`` for centered
-    features S̃, T̃ (B, N, d), each (B,). T̃ gets no gradient.
-
-    When d < N the Gram identity runs in reverse, on d×d matrices: ``⟨K_s, K_t⟩ = ‖S̃ᵀT̃‖²``,
-    ``‖K_s‖² = ‖S̃ᵀS̃‖²``; the gradients are ``2 T̃ (S̃ᵀT̃)ᵀ`` and ``4 S̃ (S̃ᵀS̃)``. Otherwise the
-    N×N kernels, with gradients ``2 K_t S̃`` and ``4 K_s S̃``.
-    """
+class _FeatureSideInnerProducts(torch.autograd.Function):
+    r"""Per image, ``(⟨K_s, K_t⟩_F, ‖K_s‖²_F, ‖K_t‖²_F)`` of the centered kernels ``K = X̃X̃ᵀ``,
+    given the centered features S̃, T̃ (B, N, d) with d < N: the Gram identity in reverse, on
+    d×d matrices, ``⟨K_s, K_t⟩ = ‖S̃ᵀT̃‖²``, ``‖K_s‖² = ‖S̃ᵀS̃‖²``, with the gradients
+    ``2 T̃ (S̃ᵀT̃)ᵀ`` and ``4 S̃ (S̃ᵀS̃)``. T̃ gets no gradient."""
 
     @staticmethod
     def forward(ctx, s: Tensor, t: Tensor):  # type: ignore[override]
-        n, d = s.shape[-2:]
-        feature_side = d < n
-        if feature_side:
-            st, ss, tt = s.mT @ t, s.mT @ s, t.mT @ t
-            ctx.save_for_backward(s, t, st, ss)
-            products = (st.square().sum(dim=(1, 2)), ss.square().sum(dim=(1, 2)), tt.square().sum(dim=(1, 2)))
-        else:
-            k_s, k_t = s @ s.mT, t @ t.mT
-            ctx.save_for_backward(s, k_s, k_t)
-            products = ((k_s * k_t).sum(dim=(1, 2)), k_s.square().sum(dim=(1, 2)), k_t.square().sum(dim=(1, 2)))
-        ctx.feature_side = feature_side
+        st, ss, tt = s.mT @ t, s.mT @ s, t.mT @ t
+        ctx.save_for_backward(s, t, st, ss)
+        products = (st.square().sum(dim=(1, 2)), ss.square().sum(dim=(1, 2)), tt.square().sum(dim=(1, 2)))
         ctx.mark_non_differentiable(products[2])
         return products
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_st: Tensor, grad_ss: Tensor, _grad_tt: Tensor):  # type: ignore[override]
-        g_st, g_ss = (2 * grad_st)[:, None, None], (4 * grad_ss)[:, None, None]
-        if ctx.feature_side:
-            s, t, st, ss = ctx.saved_tensors
-            grad = torch.baddbmm(s @ (ss * g_ss), t, st.mT * g_st)
-        else:
-            s, k_s, k_t = ctx.saved_tensors
-            grad = (k_t * g_st + k_s * g_ss) @ s
+        s, t, st, ss = ctx.saved_tensors
+        grad = torch.baddbmm(s @ (ss * (4 * grad_ss)[:, None, None]), t, st.mT * (2 * grad_st)[:, None, None])
         return grad, None
+
+
+class _TokenSideInnerProducts(torch.autograd.Function):
+    r"""The same inner products from the N×N kernels (N <= d), double-centered over the valid
+    tokens as lightly does it: ``K̃ = Q K Q`` with ``Q = diag(w) - wwᵀ/n`` the (idempotent)
+    centering on the n valid tokens. Since ``⟨Q K_s Q, K̃_t⟩ = ⟨K_s, K̃_t⟩``, the gradients with
+    respect to the raw student features S are ``2 K̃_t S`` and ``4 K̃_s S``: only O(N²) work
+    beyond the two kernels and one product."""
+
+    @staticmethod
+    def forward(ctx, s: Tensor, t: Tensor, weights: Tensor):  # type: ignore[override]
+        k_s, k_t = _double_center(s @ s.mT, weights), _double_center(t @ t.mT, weights)
+        ctx.save_for_backward(s, k_s, k_t)
+        products = ((k_s * k_t).sum(dim=(1, 2)), k_s.square().sum(dim=(1, 2)), k_t.square().sum(dim=(1, 2)))
+        ctx.mark_non_differentiable(products[2])
+        return products
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_st: Tensor, grad_ss: Tensor, _grad_tt: Tensor):  # type: ignore[override]
+        s, k_s, k_t = ctx.saved_tensors
+        kernel = k_t * (2 * grad_st)[:, None, None] + k_s * (4 * grad_ss)[:, None, None]
+        return kernel @ s, None, None
+
+
+def _double_center(kernel: Tensor, weights: Tensor) -> Tensor:
+    """``(K - row means - column means + total mean) ∘ wwᵀ`` over the valid tokens (B, N, N)."""
+    count = weights.sum(dim=-1).clamp(min=1.0)[:, None]
+    row_mean = (kernel @ weights[..., None])[..., 0] / count  # K is symmetric: column means too
+    total = (row_mean * weights).sum(dim=-1, keepdim=True) / count
+    centered = kernel - row_mean[:, :, None] - row_mean[:, None, :] + total[:, :, None]
+    return centered * weights[:, :, None] * weights[:, None, :]
 
 
 def _prepare_dense_features(
@@ -610,20 +626,23 @@ def _prepare_dense_features(
 
 
 def _patch_kernel_alignment_torch(student: Tensor, teacher: Tensor, valid: Tensor) -> Tensor:
-    r"""Double centering of ``K = XXᵀ`` over the valid tokens equals ``X̃X̃ᵀ`` with
-    ``X̃ = (X - mean over valid tokens) ∘ valid``: centering the features first avoids the
-    N×N kernel (and the cancellation of subtracting its means)."""
+    r"""When d < N, double centering of ``K = XXᵀ`` over the valid tokens equals ``X̃X̃ᵀ`` with
+    ``X̃ = (X - mean over valid tokens) ∘ valid``: the features are centered and the kernels'
+    inner products taken on the d×d side. Otherwise the N×N kernels are formed and centered."""
     acc = _accumulation_dtype(student, teacher)
-    weights = valid.to(acc)[..., None]
-    count = weights.sum(dim=1, keepdim=True).clamp(min=1.0)
+    weights = valid.to(acc)
+    if student.shape[-1] < student.shape[-2]:
+        count = weights.sum(dim=1, keepdim=True).clamp(min=1.0)[..., None]
 
-    def center(x: Tensor) -> Tensor:
-        x = x.to(acc)
-        return (x - (x * weights).sum(dim=1, keepdim=True) / count) * weights
+        def center(x: Tensor) -> Tensor:
+            x = x.to(acc)
+            return (x - (x * weights[..., None]).sum(dim=1, keepdim=True) / count) * weights[..., None]
 
-    hsic_st, hsic_ss, hsic_tt = _KernelInnerProducts.apply(center(student), center(teacher))
+        hsic_st, hsic_ss, hsic_tt = _FeatureSideInnerProducts.apply(center(student), center(teacher))
+    else:
+        hsic_st, hsic_ss, hsic_tt = _TokenSideInnerProducts.apply(student.to(acc), teacher.to(acc), weights)
     cka = hsic_st / (hsic_ss.clamp_min(CKA_EPS).sqrt() * hsic_tt.clamp_min(CKA_EPS).sqrt())
-    valid_image = (weights.sum(dim=(1, 2)) >= 2).to(acc)
+    valid_image = (weights.sum(dim=-1) >= 2).to(acc)
     # Images with fewer than two valid tokens are left out; none left gives 0 (no host sync).
     return (((1 - cka) * valid_image).sum() / valid_image.sum().clamp(min=1.0)).float()
 
