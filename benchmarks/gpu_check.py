@@ -112,7 +112,7 @@ LAUNCH_REPORT = REPO_ROOT / "benchmarks" / "results" / "launch-report.json"
 #: side by side; phase 2 starts when phase 1 is done, and its sections share one worker, in
 #: this order.
 SECTIONS: Dict[str, Tuple[int, float]] = {
-    "environment": (1, 0.15),
+    "environment": (1, 0.47),
     "graphs": (1, 0.45),
     "correctness": (1, 0.47),
     "warmup": (1, 0.47),
@@ -456,53 +456,90 @@ def _worker_env(dry_run: bool) -> Dict[str, str]:
     return env
 
 
-def run_units(
-    units: Sequence[Unit],
-    store: ResultStore,
-    *,
-    workers: int,
-    deadlines: Dict[str, float],
-    global_deadline: float,
-    dry_run: bool,
-    seed: int,
-    scratch: Path,
-    grace_s: float,
-    poll_s: float = 0.2,
-) -> None:
-    """Run ``units`` on up to ``workers`` worker processes until they are done or their sections'
-    deadlines have passed; record every unit's outcome in ``store`` (flushed after each)."""
-    if not units:
-        return
-    claims = scratch / "claims"
-    claims.mkdir(parents=True, exist_ok=True)
-    by_id = {u.id: u for u in units}
-    job = {
-        "units": [u.to_json() for u in units], "deadlines": deadlines, "global_deadline": global_deadline,
-        "dry_run": dry_run, "seed": seed, "claims": str(claims),
-    }  # fmt: skip
-    log_path = scratch / "workers.log"
-    env = _worker_env(dry_run)
-    running: List[_Worker] = []
-    spawned = [0]
+class WorkerPool:
+    """The worker processes of one phase: their job (units, deadlines), claims and event files
+    under ``scratch``. A pool may start one worker ahead of its phase (:meth:`start_standby`): it
+    imports torch and fastssl while the previous phase runs, and claims units once the ``go``
+    file exists."""
 
-    def startable() -> List[Unit]:
-        now = time.time()
-        return [u for u in units if not _claim_path(claims, u.id).exists() and can_start(u, now, deadlines, global_deadline)]
+    def __init__(self, units: Sequence[Unit], *, deadlines: Dict[str, float], global_deadline: float, dry_run: bool,
+                 seed: int, scratch: Path) -> None:
+        self.units = list(units)
+        self.scratch = scratch
+        self.claims = scratch / "claims"
+        self.claims.mkdir(parents=True, exist_ok=True)
+        self.go = scratch / "go"
+        self.log_path = scratch / "workers.log"
+        self.deadlines, self.global_deadline = deadlines, global_deadline
+        self.env = _worker_env(dry_run)
+        # Workers of real runs import torch, fastssl and Dynamo before their first unit (the
+        # test suite's self-test units need none of it).
+        preload = any(u.kind != "selftest" for u in units)
+        self.job = {
+            "units": [u.to_json() for u in units], "deadlines": deadlines, "global_deadline": global_deadline,
+            "dry_run": dry_run, "seed": seed, "claims": str(self.claims), "preload": preload,
+        }  # fmt: skip
+        self.spawned = 0
+        self.standby: List[_Worker] = []
 
-    def spawn() -> None:
-        index = spawned[0]
-        spawned[0] += 1
-        events = scratch / f"worker-{index}.jsonl"
-        job_path = scratch / f"job-{index}.json"
-        job_path.write_text(json.dumps(dict(job, events=str(events), worker=index)))
-        with open(log_path, "a") as log:
+    def spawn(self, wait_for_go: bool = False) -> _Worker:
+        index = self.spawned
+        self.spawned += 1
+        events = self.scratch / f"worker-{index}.jsonl"
+        job_path = self.scratch / f"job-{index}.json"
+        job_path.write_text(json.dumps(dict(self.job, events=str(events), worker=index,
+                                            start_after=str(self.go) if wait_for_go else None)))
+        with open(self.log_path, "a") as log:
             log.write(f"\n===== worker {index} ({_now_iso()}) =====\n")
             log.flush()
             process = subprocess.Popen(
                 [sys.executable, str(Path(__file__).resolve()), "--worker", str(job_path)],
-                cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
-        running.append(_Worker(index, process, events))
+        return _Worker(index, process, events)
+
+    def start_standby(self) -> None:
+        if self.units:
+            self.standby.append(self.spawn(wait_for_go=True))
+
+    def stop_standby(self) -> None:
+        """Kill a standby worker whose phase never ran."""
+        for worker in self.standby:
+            if worker.process.poll() is None:
+                _kill_group(worker.process)
+        self.standby = []
+
+    def startable(self) -> List[Unit]:
+        now = time.time()
+        return [u for u in self.units if not _claim_path(self.claims, u.id).exists()
+                and can_start(u, now, self.deadlines, self.global_deadline)]  # fmt: skip
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # the worker and its compile processes
+    except (ProcessLookupError, PermissionError):
+        pass
+    process.wait()
+
+
+def run_units(pool: WorkerPool, store: ResultStore, *, workers: int, grace_s: float, poll_s: float = 0.2) -> None:
+    """Run the pool's units on up to ``workers`` worker processes (its standby first) until they
+    are done or their sections' deadlines have passed; record every unit's outcome in ``store``
+    (flushed after each)."""
+    units = pool.units
+    if not units:
+        return
+    by_id = {u.id: u for u in units}
+    deadlines, global_deadline = pool.deadlines, pool.global_deadline
+    log_path = pool.log_path
+    running: List[_Worker] = list(pool.standby)
+    pool.standby = []
+    pool.go.touch()
+    startable = pool.startable
+
+    def spawn() -> None:
+        running.append(pool.spawn())
 
     def read_events(worker: _Worker) -> None:
         try:
@@ -547,13 +584,9 @@ def run_units(
 
     def kill(worker: _Worker, reason: str) -> None:
         worker.killed_reason = reason
-        try:
-            os.killpg(worker.process.pid, signal.SIGKILL)  # the worker and its compile processes
-        except (ProcessLookupError, PermissionError):
-            pass
-        worker.process.wait()
+        _kill_group(worker.process)
 
-    for _ in range(min(workers, len(units))):
+    for _ in range(min(workers, len(units)) - len(running)):
         spawn()
     while running:
         time.sleep(poll_s)
@@ -587,7 +620,7 @@ def run_units(
         if not running and startable():
             spawn()
     for unit in units:
-        if not _claim_path(claims, unit.id).exists():
+        if not _claim_path(pool.claims, unit.id).exists():
             left = deadlines[unit.section] - time.time()
             store.record(unit, "skipped", reason=f"not started: needs ~{unit.estimate_s:.0f} s, "
                          f"{max(left, 0):.0f} s were left before the {unit.section} deadline")
@@ -640,6 +673,11 @@ def worker_main(job_path: str) -> int:
     else:
         os.environ.pop("TRITON_INTERPRET", None)
     os.environ.pop("FASTSSL_BACKEND", None)
+    if job.get("preload"):
+        _preload(dry_run)
+    if job.get("start_after"):  # a standby: wait for the previous phase to end
+        while not os.path.exists(job["start_after"]) and time.time() < job["global_deadline"]:
+            time.sleep(0.05)
     events = open(job["events"], "a", buffering=1)
 
     def emit(event: Dict[str, Any]) -> None:
@@ -687,6 +725,21 @@ def worker_main(job_path: str) -> int:
                 os._exit(3)
     events.close()
     return 0
+
+
+def _preload(dry_run: bool) -> None:
+    """What every real unit needs first: torch, fastssl and its kernels, the benchmark harness,
+    Dynamo (the custom ops' autograd imports it on first use) and, on the GPU, a CUDA context."""
+    import torch
+    import torch._dynamo  # noqa: F401
+
+    import fastssl.functional  # noqa: F401
+    import fastssl.kernels.ntxent  # noqa: F401
+
+    _harness()
+    if not dry_run and torch.cuda.is_available():
+        torch.cuda.init()
+        torch.empty(1, device="cuda")
 
 
 def device_error() -> Optional[str]:
@@ -1932,12 +1985,18 @@ def run_check(outdir: Path, units: Sequence[Unit], *, total_s: float, workers: i
     grace = grace_s if grace_s is not None else (5.0 if dry_run else 15.0)
     with tempfile.TemporaryDirectory(prefix="fastssl-gpu-check-") as scratch_dir:
         scratch = Path(scratch_dir)
+        pools = [
+            WorkerPool([u for u in units if SECTIONS[u.section][0] == phase], deadlines=deadlines,
+                       global_deadline=global_deadline, dry_run=dry_run, seed=seed, scratch=scratch / f"phase{phase}")
+            for phase in (1, 2)
+        ]  # fmt: skip
         try:
-            for phase, n_workers in ((1, workers), (2, 1)):
-                phase_units = [u for u in units if SECTIONS[u.section][0] == phase]
-                run_units(phase_units, store, workers=n_workers, deadlines=deadlines, global_deadline=global_deadline,
-                          dry_run=dry_run, seed=seed, scratch=scratch / f"phase{phase}", grace_s=grace)
+            pools[1].start_standby()  # phase 2's worker gets ready while phase 1 runs
+            for pool, n_workers in zip(pools, (workers, 1)):
+                run_units(pool, store, workers=n_workers, grace_s=grace)
         finally:
+            for pool in pools:
+                pool.stop_standby()
             logs = sorted(scratch.glob("phase*/workers.log"))
             text = "".join(f"##### {p.parent.name}\n{p.read_text(errors='replace')}" for p in logs)
             _write_atomic(outdir / "workers.log", text[-(2 << 20):])
