@@ -687,24 +687,33 @@ def register_all_families() -> None:
         importlib.import_module(f"benchmarks.{path.stem}")
 
 
-def time_row(loss: str, case_index: int, impl: str, seconds: float) -> Dict[str, object]:
+def time_row(loss: str, case_index: int, impl: str, seconds: float, threads: int = 0) -> Dict[str, object]:
     """Time one implementation on one case in this process: a warm-up call (which compiles for
     ``reference-compiled``), then calls on fresh inputs for about ``seconds`` (3 to 30 calls).
-    Returns the median and fastest call in seconds, or the reason the row cannot run."""
+    A call longer than a third of ``seconds`` (the textbook formulas at d = 8192 take tens of
+    seconds on a CPU) is timed once after the warm-up. Returns the median and fastest call in
+    seconds, or the reason the row cannot run. ``threads`` > 0 sets PyTorch's intra-op threads
+    (1 on a machine shared with other jobs: two OpenMP threads that are descheduled in turn
+    make every parallel elementwise op wait at its barrier, which measures the load, not the
+    implementation)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
     register_all_families()
     device = bench_device()
     case = cases(loss)[case_index]
     family = FAMILIES[loss]
     try:
         fn = build_impl(family, impl, case, device)
+        warm_up = time.perf_counter()
         _step(fn, family.make_inputs(case.shape, case.dtype, device), family.backward, device)
+        fewest = 3 if time.perf_counter() - warm_up < seconds / 3 else 1
     except RowUnavailable as error:
         return {"skipped": str(error)}
     except Exception as error:  # noqa: BLE001 - a row that cannot run is reported, not fatal
         return {"skipped": _first_line(error)}
     times: List[float] = []
     started = time.perf_counter()
-    while len(times) < 3 or (len(times) < 30 and time.perf_counter() - started < seconds):
+    while len(times) < fewest or (len(times) < 30 and time.perf_counter() - started < seconds):
         args = family.make_inputs(case.shape, case.dtype, device)
         begin = time.perf_counter()
         _step(fn, args, family.backward, device)
@@ -713,13 +722,13 @@ def time_row(loss: str, case_index: int, impl: str, seconds: float) -> Dict[str,
     return {"median_s": times[len(times) // 2], "min_s": times[0], "calls": len(times)}
 
 
-def _time_row_in_subprocess(loss: str, case_index: int, impl: str, seconds: float) -> Dict[str, object]:
+def _time_row_in_subprocess(loss: str, case_index: int, impl: str, seconds: float, threads: int) -> Dict[str, object]:
     import json
     import sys
 
     code = (
         "import json; from benchmarks._harness import time_row; "
-        f"print(json.dumps(time_row({loss!r}, {case_index}, {impl!r}, {seconds})))"
+        f"print(json.dumps(time_row({loss!r}, {case_index}, {impl!r}, {seconds}, {threads})))"
     )
     env = {key: value for key, value in os.environ.items() if key != "FASTSSL_BACKEND"}
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, env=env)
@@ -729,14 +738,22 @@ def _time_row_in_subprocess(loss: str, case_index: int, impl: str, seconds: floa
 
 
 def compare(
-    losses: Sequence[str], impls: Sequence[str] = COMPARED, repetitions: int = 3, seconds: float = 3.0
+    losses: Sequence[str],
+    impls: Sequence[str] = COMPARED,
+    repetitions: int = 3,
+    seconds: float = 3.0,
+    only: Optional[str] = None,
+    threads: int = 0,
 ) -> List[Dict[str, object]]:
-    """Every case of ``losses`` x ``impls``, one process per (case, implementation, repetition),
-    the implementations' order rotated in each repetition. One result per case and
-    implementation: the median over the repetitions of each process's median call."""
+    """Every case of ``losses`` (those whose name contains ``only``, when given) x ``impls``,
+    one process per (case, implementation, repetition), the implementations' order rotated in
+    each repetition. One result per case and implementation: the median over the repetitions of
+    each process's median call. Each case's rows are printed as they complete."""
     results: List[Dict[str, object]] = []
     for loss in losses:
         for index, case in enumerate(cases(loss)):
+            if only is not None and only not in str(case):
+                continue
             samples: Dict[str, List[float]] = {impl: [] for impl in impls}
             skipped: Dict[str, str] = {}
             for repetition in range(repetitions):
@@ -744,13 +761,14 @@ def compare(
                 for impl in list(impls[shift:]) + list(impls[:shift]):
                     if impl in skipped:
                         continue
-                    row = _time_row_in_subprocess(loss, index, impl, seconds)
+                    row = _time_row_in_subprocess(loss, index, impl, seconds, threads)
                     if "skipped" in row:
                         skipped[impl] = str(row["skipped"])
                     else:
                         samples[impl].append(float(row["median_s"]))  # type: ignore[arg-type]
             for impl in impls:
                 values = sorted(samples[impl])
+                print(f"{loss} {case} {impl}: {[round(1e3 * v, 1) for v in values]} ms {skipped.get(impl, '')}", flush=True)
                 results.append({
                     "loss": loss, "case": str(case), "impl": impl,
                     "median_ms": 1e3 * values[len(values) // 2] if values else None,
@@ -786,9 +804,11 @@ if __name__ == "__main__":
     parser.add_argument("--impls", nargs="+", default=list(COMPARED))
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--only", help="only the cases whose name contains this, e.g. d=8192")
+    parser.add_argument("--threads", type=int, default=0, help="PyTorch threads per process (0: its default)")
     parser.add_argument("--json", help="also write the results to this file")
     options = parser.parse_args()
-    found = compare(options.losses, options.impls, options.repetitions, options.seconds)
+    found = compare(options.losses, options.impls, options.repetitions, options.seconds, options.only, options.threads)
     print(format_comparison(found))
     if options.json:
         Path(options.json).write_text(json.dumps({"machine": machine_info(), "rows": found}, indent=1))

@@ -74,19 +74,40 @@ def _standardize(z: Tensor, acc: torch.dtype, eps: float) -> Tuple[Tensor, Tenso
     """Batch-norm without affine parameters of ``z`` (N, d) in ``acc``: returns the standardized
     (N, d) view, the column mean and ``1/sqrt(biased var + eps)`` (both (d,)).
 
-    The statistics are taken of ``y = 2^-k z`` per column, 2^k at least the column's largest
-    magnitude when that exceeds 1 (exact: a power of two), and mapped back: mean = 2^k·mean_y,
-    1/σ = 2^-k/sqrt(var_y + eps·4^-k). Without it the squares of float32 values near 1e19
-    overflow (CUDA reduces in float32), and the loss, invariant to the columns' scale, would not
-    be."""
+    The variance of float32 columns beyond ~1.8e19 overflows float32 although the loss, invariant
+    to the columns' scale, is finite. The rule per device:
+
+    * CPU: PyTorch's CPU reductions accumulate float32 in float64, so the standard deviation
+      (not its square) of any finite column is representable: one ``std_mean`` pass, and
+      ``1/sqrt(std² + eps)`` on the (d,) vector in float64. No extra pass over the data.
+    * CUDA (float32 accumulation): the statistics are taken of ``y = 2^-k z`` per column, 2^k at
+      least the column's largest magnitude when that exceeds 1 (exact: a power of two), and
+      mapped back: mean = 2^k·mean_y, 1/σ = 2^-k/sqrt(var_y + eps·4^-k). Two more passes, at
+      memory bandwidth.
+    """
     z = z.to(acc)
-    inverse_scale = reference.inverse_power_of_two_scale(z, 0, at_most_one=True).squeeze(0)
-    var, mean = torch.var_mean(z * inverse_scale, dim=0, correction=0)
-    # clamped at the smallest normal number: a constant column beyond 2^75 would give rsqrt(0)
-    scaled_var = (var + eps * inverse_scale * inverse_scale).clamp_min(torch.finfo(acc).tiny)
-    inv_std = torch.rsqrt(scaled_var) * inverse_scale
-    mean = mean / inverse_scale
-    return (z - mean) * inv_std, mean, inv_std
+    if _reductions_accumulate_in_float64(z.device):
+        std, mean = torch.std_mean(z, dim=0, correction=0)
+        wide = torch.promote_types(acc, torch.float64)
+        inv_std = torch.rsqrt(std.to(wide).square() + eps).to(acc)
+    else:
+        inverse_scale = reference.inverse_power_of_two_scale(z, 0, at_most_one=True).squeeze(0)
+        var, mean = torch.var_mean(z * inverse_scale, dim=0, correction=0)
+        # clamped at the smallest normal number: a constant column beyond 2^75 would give rsqrt(0)
+        scaled_var = (var + eps * inverse_scale * inverse_scale).clamp_min(torch.finfo(acc).tiny)
+        inv_std = torch.rsqrt(scaled_var) * inverse_scale
+        mean = mean / inverse_scale
+    return _centered_scaled(z, mean, inv_std), mean, inv_std
+
+
+def _reductions_accumulate_in_float64(device: torch.device) -> bool:
+    """Whether PyTorch's float32 reductions on ``device`` accumulate in float64 (CPU: yes)."""
+    return device.type == "cpu"
+
+
+def _centered_scaled(z: Tensor, mean: Tensor, inv_std: Tensor) -> Tensor:
+    """``(z − mean)·inv_std`` in one pass over (N, d): ``z·inv_std + (−mean·inv_std)``."""
+    return torch.addcmul(-mean * inv_std, z, inv_std)
 
 
 class _BarlowTwinsFunction(torch.autograd.Function):
@@ -116,7 +137,7 @@ class _BarlowTwinsFunction(torch.autograd.Function):
         b, mean_b, inv_std_b = _standardize(z_b, acc, BATCH_NORM_EPS)
         if use_gram:
             gram_a, gram_b = a @ a.T, b @ b.T
-            c_diag = (a * b).sum(dim=0) / n
+            c_diag = torch.linalg.vecdot(a, b, dim=0) / n
             # ‖C‖² − Σ C_ii²: C has rank <= N, so the off-diagonal part is at least
             # (Σ C_ii)²/N − Σ C_ii², which keeps the subtraction well conditioned for N well below d.
             off_diag = torch.dot(gram_a.reshape(-1), gram_b.reshape(-1)) / (n * n) - _squared_norm(c_diag)
@@ -140,8 +161,8 @@ class _BarlowTwinsFunction(torch.autograd.Function):
         lam = ctx.lambda_param
         n = z_a.shape[0]
         acc = mean_a.dtype
-        a = (z_a.to(acc) - mean_a) * inv_std_a
-        b = (z_b.to(acc) - mean_b) * inv_std_b
+        a = _centered_scaled(z_a.to(acc), mean_a, inv_std_a)
+        b = _centered_scaled(z_b.to(acc), mean_b, inv_std_b)
         if ctx.use_gram:
             gram_a, gram_b = ctx.saved_tensors[7:]
             g = 2 * ((1 - lam) * c_diag - 1)

@@ -276,3 +276,17 @@ def test_vicreg_positions_shape_mismatch_names_both_shapes():
             fastssl.VICRegLoss()(torch.randn(4, 3, 8), torch.randn(*shape_b))
     with pytest.raises(AssertionError):  # lightly asserts this condition
         FS.vicreg_loss(torch.randn(4, 8), torch.randn(4, 3, 8))
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("path", ["gram", "cross"])
+def test_barlow_twins_torch_statistics_of_float32_reductions(path, scale, monkeypatch):
+    """The torch path's rule for devices whose reductions accumulate in float32 (CUDA): columns
+    scaled by a power of two before the variance. Run here on CPU tensors by taking that branch."""
+    from fastssl import decorrelation
+
+    monkeypatch.setattr(decorrelation, "_reductions_accumulate_in_float64", lambda device: False)
+    assert_matches_reference(
+        lambda a, b: FS.barlow_twins_loss(a, b, backend="torch", path=path),
+        reference.barlow_twins_loss, _scaled_pair(scale), rtol=2e-5, atol=0.0,
+    )
