@@ -44,7 +44,7 @@ from fastssl._checks import check_distributed_available, check_finite, check_int
 # Elements of one chunk of angles (…, chunk of S, K, N): each elementwise pass large enough that a
 # loaded CPU's thread barriers do not dominate, small enough to bound the memory;
 # on a GPU large enough to fill it.
-CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 25}
+CHUNK_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 25}
 
 
 def _accumulation_dtype(*tensors: Tensor) -> torch.dtype:
