@@ -741,7 +741,7 @@ class KernelConfig:
             raise ValueError(f"col_splits must be >= 1, got {self.col_splits}")
 
 
-def default_config(d: int, dtype: torch.dtype) -> KernelConfig:
+def default_config(d: int, dtype: torch.dtype, bank: bool = False) -> KernelConfig:
     """Tiles for feature dimension ``d`` and operand ``dtype``.
 
     GPU: 64-row blocks so that small batches still fill the chip (with the column splits of
@@ -751,7 +751,7 @@ def default_config(d: int, dtype: torch.dtype) -> KernelConfig:
     the whole row in one register tile up to d = 256 and walk d in chunks of 32 beyond; float32
     operands (IEEE products on the FMA units, which hold both operands in registers) keep one
     tile up to d = 64 and walk chunks of 32 beyond, with the warps and stages that keep both
-    the NT-Xent and the InfoNCE backward spill-free. Under the interpreter, whose cost is per operation and
+    the NT-Xent and the InfoNCE (``bank``) kernels spill-free under Triton 3.6 and 3.9. Under the interpreter, whose cost is per operation and
     program rather than per element, the largest tiles that stay small in memory."""
     block_d = max(16, triton.next_power_of_2(d))
     if triton_interpreter_enabled():
@@ -772,6 +772,10 @@ def default_config(d: int, dtype: torch.dtype) -> KernelConfig:
         return KernelConfig(64, 64, block_d, True, num_warps=4, num_stages=2)
     if block_d <= 64:
         return KernelConfig(64, 32, block_d, True, num_warps=8, num_stages=1)
+    # d in chunks. Triton 3.6 caps the registers of the bank kernels lower (64-80) than 3.9 and
+    # spills them with 64-row blocks; 32-row blocks fit both.
+    if bank:
+        return KernelConfig(32, 32, 32, False, num_warps=4, num_stages=1)
     return KernelConfig(64, 32, 32, False, num_warps=4, num_stages=1)
 
 
@@ -856,8 +860,8 @@ def operand_dtype(d: int, dtype: torch.dtype, config: Optional[KernelConfig] = N
     return torch.float32 if fp32 or dtype == torch.float32 else dtype
 
 
-def _resolve_config(config: Optional[KernelConfig], d: int, dtype: torch.dtype) -> KernelConfig:
-    config = config or default_config(d, dtype)
+def _resolve_config(config: Optional[KernelConfig], d: int, dtype: torch.dtype, bank: bool = False) -> KernelConfig:
+    config = config or default_config(d, dtype, bank)
     if config.single_k and config.block_k < d:
         raise ValueError(f"single_k needs block_k >= d, got block_k={config.block_k} for d={d}")
     return config
@@ -1102,7 +1106,7 @@ def infonce_forward(
     bank (K, d), any strides]."""
     n, d = q_hat.shape
     k = bank.shape[0]
-    cfg = _resolve_config(config, d, q_hat.dtype)
+    cfg = _resolve_config(config, d, q_hat.dtype, bank=True)
     bank = _int32_addressable(bank, cfg)
     splits, cols_per_split = _split_columns(cfg, n, k, 2.0 * d, 16.0 * n, q_hat.device)
     lse, row_loss, partials = _lse_outputs(n, splits, True, q_hat.device, lse, row_loss)
@@ -1129,7 +1133,7 @@ def infonce_backward(
     normalization backward)."""
     n, d = q_hat.shape
     k = bank.shape[0]
-    cfg = _resolve_config(config, d, q_hat.dtype)
+    cfg = _resolve_config(config, d, q_hat.dtype, bank=True)
     bank = _int32_addressable(bank, cfg)
     splits, cols_per_split = _split_columns(cfg, n, k, 4.0 * d, 8.0 * n * d, q_hat.device)
     grad_q = _gradient_buffer(grad_q, splits, n, d, q_hat.device)
