@@ -121,8 +121,8 @@ any kernel at the headline or the awkward shapes):
 
 | launch | 2N = 8192, d = 128, bf16 | InfoNCE N = 256, K = 65536 |
 |---|---|---|
-| forward programs (waves on 132 SMs) | 256 (1.94), 92 registers, 3 per SM | 256 (1.94), 64 registers |
-| backward programs | 256 (1.94), 186 registers, 2 per SM | 256 (1.94), 141 registers |
+| forward programs (waves on 132 SMs) | 256 (1.94), 93 / 92 registers (3.9 / 3.6), 3 per SM | 256 (1.94), 69 / 64 registers |
+| backward programs | 256 (1.94), 210 / 186 registers, 2 per SM | 244 (1.85), 141 / 141 registers |
 | forward hot loop, unmasked tile | ≈ 5.6 instructions per logit (FMUL, FMNMX, FADD, ex2, FADD) + 1 MUFU | same, no masks |
 | eager ops per forward + backward | 13 (12 allocations, 1 mean) | 13 |
 
