@@ -134,6 +134,7 @@ ERROR_FLOORS = {"float32": 5e-5, "float16": 3e-3, "bfloat16": 2e-2}
 ABSOLUTE_FLOORS = {"float32": 1e-6, "float16": 1e-4, "bfloat16": 1e-3}
 
 FAILING = ("fail", "error", "crashed")
+MAX_FAILED_STARTS = 3  # workers of one phase that may die before their first unit
 
 
 # ============================================================================================
@@ -560,6 +561,8 @@ def run_units(pool: WorkerPool, store: ResultStore, *, workers: int, grace_s: fl
     def spawn() -> None:
         running.append(pool.spawn())
 
+    started_any: set = set()  # workers that started at least one unit
+
     def read_events(worker: _Worker) -> None:
         try:
             with open(worker.events, "rb") as f:
@@ -579,6 +582,7 @@ def run_units(pool: WorkerPool, store: ResultStore, *, workers: int, grace_s: fl
             kind = event.get("event")
             unit = by_id.get(event.get("unit", ""))
             if kind == "start" and unit is not None:
+                started_any.add(worker.index)
                 worker.unit, worker.unit_started = unit, time.time()
                 store.record(unit, "running", started=_now_iso(), worker=worker.index)
                 changed = True
@@ -605,6 +609,12 @@ def run_units(pool: WorkerPool, store: ResultStore, *, workers: int, grace_s: fl
         worker.killed_reason = reason
         _kill_group(worker.process)
 
+    # Workers that die before starting any unit (a broken import, say): three in all, then stop.
+    failed_starts = [0]
+
+    def may_respawn() -> bool:
+        return failed_starts[0] < MAX_FAILED_STARTS and bool(startable())
+
     for _ in range(min(workers, len(units)) - len(running)):
         spawn()
     while running:
@@ -623,6 +633,8 @@ def run_units(pool: WorkerPool, store: ResultStore, *, workers: int, grace_s: fl
             read_events(worker)
             running.remove(worker)
             code = worker.process.returncode
+            if worker.index not in started_any and code != 0 and not worker.killed_reason:
+                failed_starts[0] += 1
             if worker.unit is not None:  # it died or was killed in the middle of a unit
                 if worker.killed_reason:
                     status, reason = "timeout", worker.killed_reason
@@ -634,15 +646,23 @@ def run_units(pool: WorkerPool, store: ResultStore, *, workers: int, grace_s: fl
                              log_tail=_tail(log_path, 4000))
                 store.log(f"{status:8s} {worker.unit.id}: {reason}")
                 store.flush()
-            if (code != 0 or worker.killed_reason) and startable():
+            if (code != 0 or worker.killed_reason) and may_respawn():
                 spawn()  # a fresh process for the units still waiting
-        if not running and startable():
+        if not running and may_respawn():
             spawn()
     for unit in units:
+        entry = store.data["units"].get(unit.id)
         if not _claim_path(pool.claims, unit.id).exists():
-            left = deadlines[unit.section] - time.time()
-            store.record(unit, "skipped", reason=f"not started: needs ~{unit.estimate_s:.0f} s, "
-                         f"{max(left, 0):.0f} s were left before the {unit.section} deadline")
+            if failed_starts[0] >= MAX_FAILED_STARTS:
+                store.record(unit, "error", reason="not started: the worker processes died before their first unit",
+                             log_tail=_tail(log_path, 4000))
+            else:
+                left = deadlines[unit.section] - time.time()
+                store.record(unit, "skipped", reason=f"not started: needs ~{unit.estimate_s:.0f} s, "
+                             f"{max(left, 0):.0f} s were left before the {unit.section} deadline")
+        elif entry is None or entry.get("status") == "running":  # claimed, then its worker vanished
+            store.record(unit, "crashed", reason="claimed by a worker that ended without a result",
+                         log_tail=_tail(log_path, 4000))
     store.flush()
 
 
@@ -693,7 +713,10 @@ def worker_main(job_path: str) -> int:
         os.environ.pop("TRITON_INTERPRET", None)
     os.environ.pop("FASTSSL_BACKEND", None)
     if job.get("preload"):
-        _preload(dry_run)
+        try:
+            _preload(dry_run)
+        except Exception:  # noqa: BLE001 - each unit then fails with its own traceback
+            traceback.print_exc()
     if job.get("start_after"):  # a standby: wait for the previous phase to end
         while not os.path.exists(job["start_after"]) and time.time() < job["global_deadline"]:
             time.sleep(0.05)
@@ -1105,8 +1128,7 @@ def check_recipes() -> Dict[str, CheckRecipe]:
         "swav": CheckRecipe(swav, lambda t, e, b: FS.swav_loss(t[: e["high"]], t[e["high"]:], None, 0.1, 3, 0.05, backend=b)),
         "sinkhorn": CheckRecipe(lambda s, dt, dev, st: ([cosines(s["b"], s["k"], dt, dev, st, grad=False)], {}),
                                 lambda t, e, b: FS.sinkhorn(t[0], 3, 0.05, backend=b), backward=False),
-        "dino": CheckRecipe(dino, lambda t, e, b: FS.dino_loss(
-            t[e["views"]:], t[: e["views"]], e["center"].to(t[0].dtype), 0.04, 0.1, backend=b)),
+        "dino": CheckRecipe(dino, lambda t, e, b: FS.dino_loss(t[e["views"]:], t[: e["views"]], e["center"], 0.04, 0.1, backend=b)),
         "wmse": CheckRecipe(wmse, run_wmse),
         "directclr": CheckRecipe(directclr, lambda t, e, b: FS.directclr_loss(t[0], t[1], loss_dim=e["loss_dim"], backend=b)),
         "vicregl": CheckRecipe(vicregl, run_vicregl),
@@ -1764,7 +1786,8 @@ def headline_rows(data: Dict[str, Any]) -> List[Dict[str, Any]]:
     rates = data.get("rates", {})
     predictions = data.get("predictions", {})
     rows = []
-    for uid, entry in units.items():
+    order = {uid: index for index, uid in enumerate((data.get("meta") or {}).get("plan") or [])}
+    for uid, entry in sorted(units.items(), key=lambda item: order.get(item[0], len(order))):
         if not uid.startswith("time/"):
             continue
         name = uid[len("time/"):]
@@ -2020,6 +2043,7 @@ def run_check(outdir: Path, units: Sequence[Unit], *, total_s: float, workers: i
     global_deadline = start + total_s
     seed = int.from_bytes(os.urandom(4), "little") % (2**31)
     meta = {
+        "plan": [u.id for u in units],
         "started": _now_iso(), "commit": commit_id(), "source_sha1": source_digest(), "dry_run": dry_run,
         "deadline_s": total_s, "workers": workers,
         "seed": seed, "argv": argv or [], "script": "benchmarks/gpu_check.py",

@@ -132,6 +132,24 @@ def test_failing_units_are_recorded_and_the_others_still_run(tmp_path, capsys):
     assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("FAIL: selftest")
 
 
+def test_workers_that_die_before_their_first_unit_are_not_replaced_forever(tmp_path, monkeypatch):
+    import subprocess
+
+    spawned = []
+
+    def broken_spawn(self, wait_for_go=False):
+        spawned.append(1)
+        process = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(1)"], start_new_session=True)
+        return G._Worker(len(spawned), process, self.scratch / "none.jsonl")
+
+    monkeypatch.setattr(G.WorkerPool, "spawn", broken_spawn)
+    code = G.run_check(tmp_path, [_selftest("a", "ok"), _selftest("b", "ok")], total_s=20.0, workers=1, dry_run=True)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert len(spawned) == 3 and code == 1
+    assert {e["status"] for e in data["units"].values()} == {"error"}
+    assert "died before their first unit" in data["units"]["a"]["reason"]
+
+
 def test_a_run_of_passing_units_exits_zero(tmp_path):
     code = G.run_check(tmp_path, [_selftest("a", "ok"), _selftest("b", "skip")], total_s=20.0, workers=2, dry_run=True)
     assert code == 0
