@@ -513,65 +513,6 @@ def test_default_configs_cover_every_width(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
-# Compilation for the H100 without one: Triton lowers to PTX and runs ptxas for sm_90
-# --------------------------------------------------------------------------------------------
-
-_SM90_COMPILE = r"""
-import os, sys
-os.environ.pop("TRITON_INTERPRET", None)
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import fastssl.kernels.ntxent as K
-
-TY = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
-
-def build(fn, pointers, floats, constexprs, cfg):
-    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in floats else "i32")
-                 for n in fn.arg_names}
-    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                   target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-
-for d, dtype in [(128, torch.bfloat16), (1000, torch.bfloat16), (64, torch.float32), (128, torch.float32)]:
-    cfg = K.default_config(d, dtype)
-    z = TY[dtype]
-    tiles = dict(FP32_IEEE=dtype == torch.float32, BF16_RTNE=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                 BLOCK_K=cfg.block_k, SINGLE_K=cfg.single_k)
-    build(K._pair_lse_fwd_kernel, dict(ZR=z, ZC=z, POS_COS="*fp32", LSE="*fp32", ROW_LOSS="*fp32"),
-          ("inv_temp",), dict(tiles, HAS_POSITIVE=True), cfg)
-    build(K._pair_lse_bwd_kernel, dict(ZR=z, ZC=z, POS_COS="*fp32", LSE_R="*fp32", LSE_C="*fp32",
-          GRAD_LOSS="*fp32", DZ="*fp32", POS_COEF="*fp32"), ("inv_temp", "grad_scale", "lse_shift"),
-          dict(tiles, HAS_POSITIVE=True, FACTORED=True), cfg)
-    build(K._infonce_fwd_kernel, dict(ZQ=z, POS_COS="*fp32", BANK="*fp32", LSE="*fp32", ROW_LOSS="*fp32"),
-          ("inv_temp",), tiles, cfg)
-    build(K._infonce_bwd_kernel, dict(ZQ=z, POS_COS="*fp32", BANK="*fp32", LSE="*fp32", GRAD_LOSS="*fp32",
-          DQ="*fp32", POS_COEF="*fp32"), ("inv_temp", "grad_scale"), tiles, cfg)
-    rows = dict(EPS=1e-12, BF16_RTNE=False, BLOCK_M=16, BLOCK_D=128)
-    build(K._l2_normalize_fwd_kernel, dict(X=z, Z=z, NORM="*fp32"), (), rows, cfg)
-    build(K._l2_normalize_bwd_kernel, dict(X=z, NORM="*fp32", DZ="*fp32", DX=z, PARTNER=z, PARTNER_COEF="*fp32"),
-          (), dict(rows, HAS_DZ=True, HAS_PARTNER=True), cfg)
-    build(K._rowwise_cosine_kernel, dict(X=z, Y=z, NORM_X="*fp32", NORM_Y="*fp32", OUT="*fp32"), (),
-          dict(EPS=1e-12, BLOCK_M=16, BLOCK_D=128), cfg)
-print("compiled")
-"""
-
-
-@pytest.mark.slow
-def test_kernels_compile_for_sm90():
-    """The interpreter accepts programs the compiler rejects (shapes, dtypes, layouts): compile
-    every kernel with its default GPU tiles for sm_90 (PTX and ptxas), which needs no GPU."""
-    import subprocess
-    import sys
-
-    from triton.backends import backends
-
-    if "nvidia" not in backends:
-        pytest.skip("Triton's NVIDIA backend is not installed")
-    result = subprocess.run([sys.executable, "-c", _SM90_COMPILE], capture_output=True, text=True, timeout=1800)
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
-
-
-# --------------------------------------------------------------------------------------------
 # GPU lane only: the sizes the design targets
 # --------------------------------------------------------------------------------------------
 
