@@ -5,48 +5,62 @@ PyTorch path and the drop-in :class:`DINOLoss`. The Triton kernels live in
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+import math
+import numbers
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from fastssl import reference
-from fastssl._backend import check_backend_name, outside_autocast, resolve_backend, triton_with_fallback
+from fastssl._backend import (
+    check_backend_name,
+    outside_autocast,
+    resolve_backend,
+    run_reference,
+    triton_with_fallback,
+)
 from fastssl._checks import check_int, check_nonzero, check_probability, check_tensor_list
+from fastssl.swav import check_module_temperature, check_temperature
 
 # --------------------------------------------------------------------------------------------
 # Optimized PyTorch path
 # --------------------------------------------------------------------------------------------
 #
 # With P_t = softmax((t − c)/τ_t) for the T teacher views and log P_s = log_softmax(s/τ_s) for the
-# S student views, DINO sums −P_t·log P_s over all pairs except (v, v), v < min(T, S). Grouped by
-# student view s, the teachers it is compared with sum to
+# S student views, DINO sums −P_t·log P_s over all pairs except (v, v), v < min(T, S). With W the
+# (S, T) matrix of the pairs that count (all ones but the diagonal) and n = T·S − min(T, S):
 #
-#     Q_s = Σ_t P_t − [s < T] P_s,        L = −1/(n B) Σ_s Σ_{b,k} Q_s[b, k] log P_s[b, k],
+#     L = −1/(n B) Σ_{s,t} W_st ⟨P_t, log P_s⟩,
+#     ∂L/∂s = (m_s · softmax(s/τ_s) − Q_s)/(τ_s n B),   Q_s = Σ_t W_st P_t,  m_s = Σ_t W_st,
+#     ∂L/∂τ_s = −Σ_s ⟨∂L/∂s, s/τ_s⟩                      (a learnable student temperature).
 #
-# n = T·S − min(T, S): O(T + S) products instead of O(T·S), and every term is a non-negative
-# weight times a log-probability (nothing large cancels). Since each P_t sums to 1 over k,
-# Σ_k Q_s = T − [s < T] =: m_s, and
-#
-#     ∂L/∂s[b, :] = (m_s · softmax(s[b]/τ_s) − Q_s[b]) / (τ_s n B).
-#
-# The batch is processed in chunks of rows, so the (views, B, K) probability tensors are never
-# materialized (K = 65536 in DINO); the gradient is written chunk by chunk in the forward and
-# only scaled in the backward. Teacher column sums (the center's batch mean) come out of the same
-# pass.
+# Both the (T, S) pair sums ⟨P_t, log P_s⟩ and the targets Q are matrix products over the
+# flattened (rows · K) axis -- one GEMM each, as lightly's einsum, instead of a target tensor and
+# a product per student view; every term is a non-negative weight times a log-probability
+# (nothing large cancels). The gradient is written in the forward, into the softmax's own buffer
+# (m_s p_s − Q_s by one scaling and one in-place GEMM), and only scaled in the backward. The
+# batch is processed in chunks of rows, so the (views, rows, K) temporaries stay bounded
+# (K = 65536 in DINO); teacher column sums (the center's batch mean) come out of the same pass.
 
-# fp32 elements of one (rows, K) temporary per chunk: 2**21 is 8 MiB.
-_CHUNK_ELEMENTS = 1 << 21
+# fp32 elements of one (views, rows, K) temporary per chunk: 2**22 is 16 MiB.
+_CHUNK_ELEMENTS = 1 << 22
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _as_scalar(value: Union[float, Tensor], dtype: torch.dtype) -> Union[float, Tensor]:
+    """A temperature as the compute dtype's 0-d tensor (no gradient) or a Python float."""
+    return value.detach().to(dtype).reshape(()) if isinstance(value, Tensor) else value
+
+
 class _DinoTorchFunction(torch.autograd.Function):
     """Chunked DINO loss; inputs ``(center, teacher_temp, student_temp, n_teacher, *views)`` with
-    the T teacher views first. Returns the 0-d loss and the (K,) column sums of the teacher views
+    the T teacher views first (temperatures: floats or one-element tensors; the student's gets a
+    gradient). Returns the 0-d loss and the (K,) column sums of the teacher views
     (non-differentiable)."""
 
     @staticmethod
@@ -56,34 +70,53 @@ class _DinoTorchFunction(torch.autograd.Function):
         n_student = len(students)
         batch, k = students[0].shape
         dtype = _compute_dtype(students[0])
+        device = students[0].device
         n_terms = n_teacher * n_student - min(n_teacher, n_student)
         need_grad = any(ctx.needs_input_grad[4 + n_teacher :])
-        center = center.detach().reshape(1, k).to(dtype)
-        grads = [torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in students] if need_grad else []
-        grad_scale = 1.0 / (student_temp * n_terms * batch)
-        chunk = max(1, _CHUNK_ELEMENTS // k)
-        total = torch.zeros((), dtype=dtype, device=students[0].device)
-        teacher_colsum = torch.zeros(k, dtype=dtype, device=students[0].device)
+        need_temperature_grad = isinstance(student_temp, Tensor) and ctx.needs_input_grad[2]
+        center = center.detach().reshape(1, 1, k).to(dtype)
+        inv_teacher_temp = 1.0 / _as_scalar(teacher_temp, dtype)
+        inv_student_temp = 1.0 / _as_scalar(student_temp, dtype)
+        # W (S, T): the pairs that count; m_s = its row sums.
+        pairs = torch.ones(n_student, n_teacher, dtype=dtype, device=device)
+        same = min(n_teacher, n_student)
+        pairs[torch.arange(same), torch.arange(same)] = 0
+        matches = (n_teacher - (torch.arange(n_student, device=device) < n_teacher).to(dtype)).reshape(-1, 1, 1)
+        grad_scale = inv_student_temp / (n_terms * batch)
+        grads = torch.empty((n_student, batch, k), dtype=dtype, device=device) if need_grad or need_temperature_grad else None
+        chunk = max(1, _CHUNK_ELEMENTS // (k * (n_teacher + n_student)))
+        total = torch.zeros((), dtype=dtype, device=device)
+        temperature_grad = torch.zeros((), dtype=dtype, device=device)
+        teacher_colsum = torch.zeros(k, dtype=dtype, device=device)
         for start in range(0, batch, chunk):
             stop = min(start + chunk, batch)
-            probs = []
-            for t in teachers:
-                rows = t[start:stop].to(dtype)
-                teacher_colsum += rows.sum(dim=0)
-                probs.append(torch.softmax((rows - center) / teacher_temp, dim=1))
-            prob_sum = probs[0]
-            for p in probs[1:]:
-                prob_sum = prob_sum + p
+            rows = stop - start
+            raw = torch.stack([t[start:stop] for t in teachers]).to(dtype)  # (T, rows, K)
+            teacher_colsum += raw.sum(dim=(0, 1))
+            teacher_probs = torch.softmax((raw - center) * inv_teacher_temp, dim=2).reshape(n_teacher, rows * k)
+            scaled = torch.empty((n_student, rows, k), dtype=dtype, device=device)  # x_s = s/τ_s
             for v, s in enumerate(students):
-                log_p = torch.log_softmax(s[start:stop].to(dtype) / student_temp, dim=1)
-                target = prob_sum - probs[v] if v < n_teacher else prob_sum
-                total = total - (target * log_p).sum()
-                if need_grad:
-                    matches = n_teacher - 1 if v < n_teacher else n_teacher
-                    grads[v][start:stop] = (matches * torch.exp(log_p) - target) * grad_scale
-        ctx.save_for_backward(*grads)
+                torch.mul(s[start:stop].to(dtype), inv_student_temp, out=scaled[v])
+            log_probs = torch.log_softmax(scaled, dim=2)
+            pair_sums = teacher_probs @ log_probs.reshape(n_student, rows * k).T  # (T, S)
+            total = total - (pair_sums * pairs.T).sum()
+            if grads is not None:
+                grad = grads[:, start:stop]  # (S, rows, K), each view's rows contiguous
+                torch.exp(log_probs, out=grad)
+                grad.mul_(matches * grad_scale)
+                grad.view(n_student, rows * k).addmm_(pairs * (-grad_scale), teacher_probs)
+                if need_temperature_grad:
+                    for v in range(n_student):
+                        temperature_grad = temperature_grad - torch.dot(grad[v].reshape(-1), scaled[v].reshape(-1))
+        if need_grad:
+            student_grads = [g if g.dtype == s.dtype else g.to(s.dtype) for g, s in zip(grads.unbind(0), students)]
+        else:
+            student_grads = []
+        ctx.save_for_backward(*student_grads)
         ctx.n_teacher = n_teacher
         ctx.need_grad = need_grad
+        ctx.temperature_grad = temperature_grad if need_temperature_grad else None
+        ctx.temperature_meta = (student_temp.shape, student_temp.dtype) if isinstance(student_temp, Tensor) else None
         loss = (total / (n_terms * batch)).float()
         teacher_colsum = teacher_colsum.float()
         ctx.mark_non_differentiable(teacher_colsum)
@@ -95,16 +128,26 @@ class _DinoTorchFunction(torch.autograd.Function):
         n_student = len(ctx.needs_input_grad) - 4 - ctx.n_teacher
         if not student_grads:
             student_grads = [None] * n_student
-        return (None, None, None, None, *([None] * ctx.n_teacher), *student_grads)
+        temperature_grad = None
+        if ctx.temperature_grad is not None:
+            shape, dtype = ctx.temperature_meta
+            temperature_grad = (ctx.temperature_grad * grad_loss).to(dtype).reshape(shape)
+        return (None, None, temperature_grad, None, *([None] * ctx.n_teacher), *student_grads)
 
 
 def _dino_torch_with_colsum(
-    teacher: Sequence[Tensor], student: Sequence[Tensor], center: Tensor, teacher_temp: float, student_temp: float
+    teacher: Sequence[Tensor],
+    student: Sequence[Tensor],
+    center: Tensor,
+    teacher_temp: Union[float, Tensor],
+    student_temp: Union[float, Tensor],
 ) -> Tuple[Tensor, Tensor]:
     """Loss (0-d float32) and the (K,) float32 sum of the teacher outputs over views and batch."""
     # The teacher gets no gradient; detaching also gives the Function distinct inputs when the
     # same tensor is passed as a teacher and a student view (which torch.compile requires).
     teacher = [t.detach() for t in teacher]
+    if isinstance(teacher_temp, Tensor):
+        teacher_temp = teacher_temp.detach()  # as lightly: the teacher temperature is not trained
     return _DinoTorchFunction.apply(center, teacher_temp, student_temp, len(teacher), *teacher, *student)
 
 
@@ -145,8 +188,8 @@ def dino_loss(
     teacher_out: Sequence[Tensor],
     student_out: Sequence[Tensor],
     center: Optional[Tensor] = None,
-    teacher_temp: float = 0.04,
-    student_temp: float = 0.1,
+    teacher_temp: Union[float, Tensor] = 0.04,
+    student_temp: Union[float, Tensor] = 0.1,
     *,
     backend: str = "auto",
 ) -> Tensor:
@@ -156,12 +199,20 @@ def dino_loss(
         teacher_out: list of T tensors (B, K); no gradient flows to them.
         student_out: list of S tensors (B, K).
         center: (K,) or (1, 1, K) teacher center; zeros when None.
+        teacher_temp: a number or a one-element tensor (used without gradient, as lightly).
+        student_temp: a number or a one-element tensor; a tensor that requires grad (a learnable
+            temperature) gets its gradient on every backend.
     Returns:
         0-d float32 loss.
+
+    Example::
+
+        loss = dino_loss([t0, t1], [s0, s1, s2, s3], center, teacher_temp=0.04)
+        loss.backward()
     """
     _check_views(teacher_out, student_out, center)
-    teacher_temp = check_nonzero("teacher_temp", teacher_temp)
-    student_temp = check_nonzero("student_temp", student_temp)
+    teacher_temp = check_temperature("teacher_temp", teacher_temp)
+    student_temp = check_temperature("student_temp", student_temp)
     if center is None:
         center = teacher_out[0].new_zeros(teacher_out[0].shape[1])
     return _dino_dispatch(teacher_out, student_out, center, teacher_temp, student_temp, backend)[0]
@@ -171,8 +222,8 @@ def _dino_dispatch(
     teacher_out: Sequence[Tensor],
     student_out: Sequence[Tensor],
     center: Tensor,
-    teacher_temp: float,
-    student_temp: float,
+    teacher_temp: Union[float, Tensor],
+    student_temp: Union[float, Tensor],
     backend: str,
     center_momentum: Optional[float] = None,
 ) -> Tuple[Tensor, Tensor]:
@@ -186,15 +237,18 @@ def _dino_dispatch(
     def with_center(loss: Tensor, teacher_sum: Tensor) -> Tuple[Tensor, Tensor]:
         if center_momentum is None:
             return loss, teacher_sum
-        return loss, _center_ema(center, teacher_sum / n_teacher_rows, center_momentum)
+        return loss, _center_ema(center, teacher_sum, n_teacher_rows, center_momentum)
 
     def run_torch() -> Tuple[Tensor, Tensor]:
         return with_center(*_dino_torch_with_colsum(teacher_out, student_out, center, teacher_temp, student_temp))
 
     if impl == "reference":
-        loss = reference.dino_loss(teacher_out, student_out, center, teacher_temp, student_temp).float()
+        # The teacher side carries no gradient (DINO's stop-gradient), as on the other backends.
+        teacher = [t.detach() for t in teacher_out]
+        fixed_teacher_temp = teacher_temp.detach() if isinstance(teacher_temp, Tensor) else teacher_temp
+        loss = run_reference(reference.dino_loss, teacher, list(student_out), center, fixed_teacher_temp, student_temp)
         with torch.no_grad():
-            teacher_sum = torch.stack([t.detach().float() for t in teacher_out]).sum(dim=(0, 1))
+            teacher_sum = torch.stack([t.float() for t in teacher]).sum(dim=(0, 1))
         return with_center(loss, teacher_sum)
     if impl == "triton":
 
@@ -218,23 +272,32 @@ def _process_group() -> bool:
 
 
 @torch.no_grad()
-def _center_ema(center: Tensor, batch_center: Tensor, momentum: float) -> Tensor:
-    """``m·c + (1−m)·batch_center``, the batch center first averaged over ranks when a process
-    group is initialized (lightly's ``center_mean`` does the same, whatever the flags)."""
-    batch_center = batch_center.float()
+def _center_ema(center: Tensor, teacher_sum: Tensor, teacher_rows: int, momentum: float) -> Tensor:
+    """``m·c + (1−m)·mean``, with mean = ``teacher_sum / teacher_rows`` -- over every rank's rows
+    when a process group is initialized (one all-reduce of the sum and the row count, on the
+    device): the mean of the global batch, whatever each rank holds.
+
+    lightly averages the ranks' own means instead (``center_mean`` all-reduces the mean and
+    divides by the world size), which weighs a short last batch like a full one; the two agree
+    when every rank holds the same number of rows."""
+    teacher_sum = teacher_sum.float().reshape(-1)
     if _process_group():
-        dist.all_reduce(batch_center)
-        batch_center = batch_center / dist.get_world_size()
+        packed = torch.cat([teacher_sum, teacher_sum.new_full((1,), float(teacher_rows))])
+        dist.all_reduce(packed)
+        batch_center = packed[:-1] / packed[-1]
+    else:
+        batch_center = teacher_sum / teacher_rows
     # Broadcast, as lightly: a (K,) batch center updates a (1, 1, K) center.
-    return center * momentum + batch_center.to(center.dtype) * (1 - momentum)
+    return center * momentum + batch_center.reshape((1,) * (center.dim() - 1) + (-1,)).to(center.dtype) * (1 - momentum)
 
 
 @torch.no_grad()
 def dino_center_update(center: Tensor, teacher_out: Sequence[Tensor], momentum: float = 0.9) -> Tensor:
     r"""New center :math:`m\,c + (1-m)\,\bar t`, with :math:`\bar t` the mean teacher output over
-    views and batch -- and over ranks when a process group is initialized, as lightly does."""
-    batch_center = torch.stack([t.detach().float() for t in teacher_out]).mean(dim=(0, 1))
-    return _center_ema(center, batch_center, momentum)
+    views and batch -- over the global batch when a process group is initialized (row-weighted;
+    see :func:`_center_ema` for the difference from lightly)."""
+    stacked = torch.stack([t.detach().float() for t in teacher_out])
+    return _center_ema(center, stacked.sum(dim=(0, 1)), stacked.shape[0] * stacked.shape[1], momentum)
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,20 +306,34 @@ def dino_center_update(center: Tensor, teacher_out: Sequence[Tensor], momentum: 
 
 
 class DINOLoss(nn.Module):
-    """Drop-in for ``lightly.loss.DINOLoss`` (teacher-temperature warm-up, center EMA).
+    """Drop-in for ``lightly.loss.DINOLoss`` (Caron et al. 2021, Alg. 1: centered, sharpened
+    teacher-to-student cross-entropy; teacher-temperature warm-up, center EMA).
 
     Args:
         output_dim: number of prototypes K (size of the center buffer).
         warmup_teacher_temp: teacher temperature at epoch 0 of the warm-up.
-        teacher_temp: teacher temperature after the warm-up.
+        teacher_temp: teacher temperature after the warm-up (a number or a one-element tensor,
+            used without gradient, as lightly).
         warmup_teacher_temp_epochs: length of the linear warm-up, in epochs.
-        student_temp: student temperature.
+        student_temp: student temperature: a number, or a one-element tensor; an
+            ``nn.Parameter`` is registered (as lightly's attribute assignment registers it) and
+            trained, with its gradient on every backend.
         center_momentum: EMA momentum of the center.
         center_mode: only ``"mean"`` (as lightly).
         backend: ``"auto" | "triton" | "torch" | "reference"`` (env ``FASTSSL_BACKEND``).
 
     Forward ``(teacher_out, student_out, teacher_temp=None, epoch=None)``: lists of (B, K)
-    tensors; returns a 0-d float32 loss and updates ``center`` (shape (1, 1, K)).
+    tensors; returns a 0-d float32 loss and updates ``center`` (shape (1, 1, K)). ``epoch``
+    (an int, or an integral float such as ``3.0``) picks the warm-up temperature; an epoch at or
+    beyond ``warmup_teacher_temp_epochs`` uses ``teacher_temp``, as lightly's schedule does.
+    Under a process group the center moves to the mean of the global batch (rows of all ranks,
+    row-weighted; lightly averages the ranks' means, which differs only for unequal batches).
+
+    Example::
+
+        criterion = DINOLoss(output_dim=4096, warmup_teacher_temp_epochs=10)
+        loss = criterion([t0, t1], [s0, s1, s2, s3], epoch=epoch)  # (B, 4096) each
+        loss.backward()
     """
 
     center: Tensor
@@ -265,17 +342,17 @@ class DINOLoss(nn.Module):
         self,
         output_dim: int = 65536,
         warmup_teacher_temp: float = 0.04,
-        teacher_temp: float = 0.04,
+        teacher_temp: Union[float, Tensor] = 0.04,
         warmup_teacher_temp_epochs: int = 30,
-        student_temp: float = 0.1,
+        student_temp: Union[float, Tensor] = 0.1,
         center_momentum: float = 0.9,
         center_mode: str = "mean",
         backend: str = "auto",
     ) -> None:
         super().__init__()
         check_int("output_dim", output_dim, minimum=1)
-        self.teacher_temp = check_nonzero("teacher_temp", teacher_temp)
-        self.student_temp = check_nonzero("student_temp", student_temp)
+        self.teacher_temp = check_module_temperature("teacher_temp", teacher_temp)
+        self.student_temp = check_module_temperature("student_temp", student_temp)
         check_nonzero("warmup_teacher_temp", warmup_teacher_temp)
         self.warmup_teacher_temp_epochs = check_int("warmup_teacher_temp_epochs", warmup_teacher_temp_epochs)
         self.center_momentum = check_probability("center_momentum", center_momentum)
@@ -283,25 +360,28 @@ class DINOLoss(nn.Module):
             raise ValueError(f"Unknown mode '{center_mode}'. Valid modes are ['mean'].")
         self.backend = check_backend_name(backend)
         self.register_buffer("center", torch.zeros(1, 1, output_dim))
+        final_teacher_temp = float(teacher_temp.detach()) if isinstance(teacher_temp, Tensor) else teacher_temp
         self.teacher_temp_schedule = torch.linspace(
-            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs
+            float(warmup_teacher_temp), float(final_teacher_temp), warmup_teacher_temp_epochs
         )
         # The same float32 values as Python floats: looking one up needs no tensor read (which
         # would break a torch.compile graph).
         self._teacher_temp_values = self.teacher_temp_schedule.tolist()
 
-    def _teacher_temperature(self, teacher_temp: Optional[float], epoch: Optional[int]) -> float:
+    def _teacher_temperature(self, teacher_temp: object, epoch: object) -> Union[float, Tensor]:
         if teacher_temp is not None:
-            return check_nonzero("teacher_temp", teacher_temp)
-        if epoch is not None and epoch < self.warmup_teacher_temp_epochs:
-            return self._teacher_temp_values[epoch]
+            return check_temperature("teacher_temp", teacher_temp)
+        if epoch is not None:
+            epoch = _epoch_index(epoch)
+            if epoch < self.warmup_teacher_temp_epochs:
+                return self._teacher_temp_values[epoch]
         return self.teacher_temp
 
     def forward(
         self,
         teacher_out: List[Tensor],
         student_out: List[Tensor],
-        teacher_temp: Optional[float] = None,
+        teacher_temp: Optional[Union[float, Tensor]] = None,
         epoch: Optional[int] = None,
     ) -> Tensor:
         _check_views(teacher_out, student_out, self.center)
@@ -322,8 +402,28 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_out: Tensor) -> None:
         """lightly's public EMA step: ``center ← m·center + (1−m)·teacher_out.mean(dim=(0, 1))``
-        (kept dims, broadcast to the center; averaged over ranks when a process group is
-        initialized). ``teacher_out`` is the stacked (views, B, K) teacher output; as in lightly,
-        a 2-D tensor is averaged over both of its dimensions."""
-        batch_center = teacher_out.detach().float().mean(dim=(0, 1), keepdim=True)
-        self.center.copy_(_center_ema(self.center, batch_center, self.center_momentum))
+        (broadcast to the center; over the global batch when a process group is initialized).
+        ``teacher_out`` is the stacked (views, B, K) teacher output; as in lightly, a 2-D tensor
+        is averaged over both of its dimensions."""
+        teacher = teacher_out.detach().float()
+        rows = teacher.shape[0] * teacher.shape[1]
+        self.center.copy_(_center_ema(self.center, teacher.sum(dim=(0, 1)), rows, self.center_momentum))
+
+
+def _epoch_index(epoch: object) -> int:
+    """``epoch`` as an int: an int (Python, NumPy, 0-d integer tensor) or an integral float
+    (``3.0``: epoch counters computed as floats); negative epochs and fractions are rejected."""
+    if isinstance(epoch, bool):
+        raise TypeError("epoch must be an int, got bool")
+    if isinstance(epoch, numbers.Integral) or (isinstance(epoch, Tensor) and not epoch.is_floating_point()):
+        value = int(epoch)
+    elif isinstance(epoch, (numbers.Real, Tensor)):
+        as_float = float(epoch)
+        if not math.isfinite(as_float) or as_float != int(as_float):
+            raise ValueError(f"epoch must be a whole number, got {epoch}")
+        value = int(as_float)
+    else:
+        raise TypeError(f"epoch must be an int, got {type(epoch).__name__}")
+    if value < 0:
+        raise ValueError(f"epoch must be >= 0, got {value}")
+    return value

@@ -74,7 +74,7 @@ predicted 180-250 µs, ≈ 26-37 % of the floor (and 170-230 µs under a CUDA gr
 from __future__ import annotations
 
 import math
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import triton
@@ -358,28 +358,38 @@ def _swav_ce_kernel(
     row_sums_offset,
     loss_offset,
     grad_ptr,
+    temperature_ptr,
+    temperature_grad_offset,
     n_high,
     n_rows,
     k_units,
     inv_temperature,
     inv_epsilon,
-    grad_scale,
+    inv_normalizer,
     C_VIEWS: tl.constexpr,
     C_UNIFORM: tl.constexpr,
     C_ROW_ALIGN: tl.constexpr,
     K_ALIGN: tl.constexpr,
     UNIT_ROW_SUMS: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
+    TEMPERATURE_TENSOR: tl.constexpr,
+    TEMPERATURE_GRAD: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_PROTO: tl.constexpr,
 ):
     """Crop v = program_id(1), rows of program_id(0):
     loss[v, pid] = −Σ_b Σ_k T[b, k] log p, grad[v] = (w p − T)·grad_scale, with
     T = targets − (the crop's own codes, recomputed from its scores, if v < n_high) and
-    w = Σ_k T (H − [v < H] when UNIT_ROW_SUMS, else from the codes' row sums (H, B)).
-    Potentials a (H, K), c (H, c_stride_problem) and grad (V, B, K) are contiguous."""
+    w = Σ_k T (H − [v < H] when UNIT_ROW_SUMS, else from the codes' row sums (H, B)),
+    grad_scale = 1/(τ M). TEMPERATURE_TENSOR: τ is read from temperature_ptr (a learnable
+    temperature, 0-d on the device) instead of inv_temperature; TEMPERATURE_GRAD: also
+    ∂L/∂τ's partial −Σ (w p − T)·x/(τ M) at temperature_grad_offset + (v, pid). Potentials
+    a (H, K), c (H, c_stride_problem) and grad (V, B, K) are contiguous."""
     pid = tl.program_id(0)
     v = tl.program_id(1)
+    if TEMPERATURE_TENSOR:
+        inv_temperature = 1.0 / tl.load(temperature_ptr).to(tl.float32)
+    grad_scale = inv_temperature * inv_normalizer
     n_proto = k_units * K_ALIGN
     base = view_base(v, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, c_view_stride, C_VIEWS, C_UNIFORM)
     rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -412,6 +422,7 @@ def _swav_ce_kernel(
     grad_row = grad_ptr + v.to(tl.int64) * n_rows * n_proto + rows64[:, None] * n_proto
     targets_row = ws_ptr + targets_offset + rows64[:, None] * n_proto
     acc = tl.zeros([BLOCK_ROWS, BLOCK_PROTO], tl.float32)
+    temperature_acc = tl.zeros([BLOCK_ROWS, BLOCK_PROTO], tl.float32)
     for k0 in range(0, n_proto, BLOCK_PROTO):
         cols = k0 + tl.arange(0, BLOCK_PROTO)
         col_mask = cols < n_proto
@@ -419,17 +430,27 @@ def _swav_ce_kernel(
         s = tl.load(row_ptr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         # (x − max) − log Σ: no rounding at the magnitude of x. Padding lanes: log_p = 0 and
         # target = 0, so they add nothing and exp stays finite.
-        log_p = tl.where(mask, (s * inv_temperature - row_max[:, None]) - log_sum[:, None], 0.0)
+        x = s * inv_temperature
+        log_p = tl.where(mask, (x - row_max[:, None]) - log_sum[:, None], 0.0)
         target = tl.load(targets_row + cols[None, :], mask=mask, other=0.0)
         if is_high:
             own_a = tl.load(ws_ptr + a_offset + v * n_proto + cols, mask=col_mask, other=0.0)
             own_log_q = tl.where(mask, s * inv_epsilon - own_a[None, :] - own_c[:, None], float("-inf"))
             target = target - tl.exp(own_log_q)
         acc += target * log_p
-        if COMPUTE_GRAD:
-            grad = (weight[:, None] * tl.exp(log_p) - target) * grad_scale
-            tl.store(grad_row + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask)
-    tl.store(ws_ptr + loss_offset + v * tl.num_programs(0) + pid, -tl.sum(tl.sum(acc, axis=1), axis=0))
+        if COMPUTE_GRAD or TEMPERATURE_GRAD:
+            # M τ ∂L/∂s; padding lanes: w·exp(0) − 0 = w, zeroed by x = 0 in the τ partial.
+            grad_x = weight[:, None] * tl.exp(log_p) - target
+            if TEMPERATURE_GRAD:
+                temperature_acc += grad_x * x
+            if COMPUTE_GRAD:
+                grad = grad_x * grad_scale
+                tl.store(grad_row + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    out = v * tl.num_programs(0) + pid
+    tl.store(ws_ptr + loss_offset + out, -tl.sum(tl.sum(acc, axis=1), axis=0))
+    if TEMPERATURE_GRAD:
+        # ∂L/∂τ = −1/τ Σ ∂L/∂x · x, with ∂L/∂x = grad_x/M.
+        tl.store(ws_ptr + temperature_grad_offset + out, -tl.sum(tl.sum(temperature_acc, axis=1), axis=0) * grad_scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -474,9 +495,12 @@ class _Workspace(NamedTuple):
     row_sums: int  # (H, B) the codes' row sums (no iterations only)
     targets: int  # (B, K) Σ_h codes (loss only)
     loss: int  # (V, row blocks) loss partials (loss only)
+    temperature_grad: int  # (V, row blocks) partials of ∂L/∂τ (learnable temperature only)
 
 
-def _workspace(n_problems, n_samples, n_proto, rows_out, splits, targets_size, loss_size, device) -> _Workspace:
+def _workspace(
+    n_problems, n_samples, n_proto, rows_out, splits, targets_size, loss_size, device, temperature_grad_size=0
+) -> _Workspace:
     sizes = [
         n_problems * n_proto,
         n_problems * n_samples,
@@ -485,6 +509,7 @@ def _workspace(n_problems, n_samples, n_proto, rows_out, splits, targets_size, l
         n_problems * rows_out,
         targets_size,
         loss_size,
+        temperature_grad_size,
     ]
     offsets = [0]
     for size in sizes[:-1]:
@@ -545,12 +570,11 @@ def _sinkhorn_potentials(
     if iterations == 0:
         # q = N_global·exp(L − LSE_{b,k} L): lightly's division by the global sum, times B.
         _lse_sweep(problems, ws, n_problems, False, None, ws.c, scale, n_samples, n_samples, n_proto)
-        n_global = n_samples * (distributed.world_size() if distributed_on else 1)
         if distributed_on:
-            _distributed_zero_iteration(ws, n_problems, n_samples, n_proto, rows_out, n_global)
+            _distributed_zero_iteration(ws, n_problems, n_samples, n_proto, rows_out)
             return
         _zero_iteration_kernel[(n_problems,)](
-            ws.buffer, ws.a, ws.c, ws.row_sums, n_samples, rows_out, n_proto, n_samples, math.log(n_global),
+            ws.buffer, ws.a, ws.c, ws.row_sums, n_samples, rows_out, n_proto, n_samples, math.log(n_samples),
             BLOCK=_MERGE_BLOCK,
         )  # fmt: skip
         return
@@ -573,12 +597,14 @@ def _sinkhorn_potentials(
         _lse_sweep(problems, ws, n_problems, False, ws.a, ws.c, scale, rows, n_samples, n_proto)
 
 
-def _distributed_zero_iteration(ws: _Workspace, n_problems: int, n_samples: int, n_proto: int, rows_out: int, n_global: int) -> None:
-    """Without iterations, across ranks: the global sum is a log-sum-exp over every rank's rows."""
+def _distributed_zero_iteration(ws: _Workspace, n_problems: int, n_samples: int, n_proto: int, rows_out: int) -> None:
+    """Without iterations, across ranks: the global sum is a log-sum-exp over every rank's rows,
+    and N the global row count (ranks may hold different numbers), summed on the device."""
     buffer = ws.buffer
     row_lse = buffer[ws.c : ws.c + n_problems * n_samples].view(n_problems, n_samples)
     log_total = all_reduce_logsumexp(torch.logsumexp(row_lse, dim=1, keepdim=True))
-    potential = log_total - math.log(n_global)
+    n_global = distributed.all_reduce_sum_(torch.full((), n_samples, dtype=torch.float32, device=buffer.device))
+    potential = log_total - torch.log(n_global)
     buffer[ws.row_sums : ws.row_sums + n_problems * rows_out].view(n_problems, rows_out).copy_(
         torch.exp(row_lse[:, :rows_out] - potential)
     )
@@ -647,13 +673,17 @@ def _swav_forward(
     queue: Optional[List[Tensor]],
     n_high: int,
     temperature: float,
+    temperature_tensor: Optional[Tensor],
     iterations: int,
     epsilon: float,
     gather_distributed: bool,
     compute_grad: bool,
-) -> Tuple[Tensor, Tensor]:
-    """The rank-local loss (0-d float32) and, with ``compute_grad``, the (V, B, K) gradient of
-    the loss with respect to the crops (in their common dtype; empty otherwise)."""
+    compute_temperature_grad: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The rank-local loss (0-d float32); with ``compute_grad``, the (V, B, K) gradient of the
+    loss with respect to the crops (in their common dtype; empty otherwise); with
+    ``compute_temperature_grad``, ∂L/∂τ (0-d float32; empty otherwise). τ is
+    ``temperature_tensor`` (a 0-d tensor read on the device) when given, else ``temperature``."""
     dtype = common_dtype(crops)
     crop_views = prepare_views(crops, dtype)
     n_crops = len(crops)
@@ -664,13 +694,18 @@ def _swav_forward(
         # The high-resolution crops themselves are the Sinkhorn problems: the first H views.
         problems, n_samples = crop_views, batch
     else:
-        scores = [torch.cat([h, q.detach().to(dtype)]) for h, q in zip(crop_views.tensors[:n_high], queue)]
+        # (Inside the custom op, below autograd: nothing to detach; no cast op for a same dtype.)
+        scores = [torch.cat([h, q if q.dtype == dtype else q.to(dtype)]) for h, q in zip(crop_views.tensors[:n_high], queue)]
         problems, n_samples = prepare_views(scores, dtype), scores[0].shape[0]
     resident = iterations > 0 and _resident(n_samples, n_proto, distributed_on)
     splits = 0 if resident else _max_splits(n_samples, n_proto, n_high, device)
     block_proto, block_rows = _tile(n_proto, batch)
     row_blocks = triton.cdiv(batch, block_rows)
-    ws = _workspace(n_high, n_samples, n_proto, batch, splits, batch * n_proto, n_crops * row_blocks, device)
+    with_temperature_grad = compute_temperature_grad and temperature_tensor is not None
+    ws = _workspace(
+        n_high, n_samples, n_proto, batch, splits, batch * n_proto, n_crops * row_blocks, device,
+        n_crops * row_blocks if with_temperature_grad else 0,
+    )  # fmt: skip
     _sinkhorn_potentials(problems, ws, n_high, n_samples, n_proto, batch, iterations, epsilon, distributed_on)
     _sum_of_codes(problems, ws, n_high, n_samples, n_proto, batch, epsilon, ws.buffer, ws.targets)
 
@@ -679,50 +714,66 @@ def _swav_forward(
     normalizer = n_high * (n_crops - 1) * batch
     _swav_ce_kernel[(row_blocks, n_crops)](
         *crop_views.args(), ws.buffer, ws.targets, ws.a, ws.c, n_samples, ws.row_sums, ws.loss, grads,
-        n_high, batch, n_proto // k_align(n_proto), 1.0 / temperature, 1.0 / epsilon,
-        1.0 / (temperature * normalizer),
+        ws.buffer if temperature_tensor is None else temperature_tensor, ws.temperature_grad,
+        n_high, batch, n_proto // k_align(n_proto), 1.0 / temperature, 1.0 / epsilon, 1.0 / normalizer,
         **crop_views.constexprs("C_"), K_ALIGN=k_align(n_proto), UNIT_ROW_SUMS=iterations > 0, COMPUTE_GRAD=compute_grad,
+        TEMPERATURE_TENSOR=temperature_tensor is not None, TEMPERATURE_GRAD=with_temperature_grad,
         BLOCK_ROWS=block_rows, BLOCK_PROTO=block_proto,
     )  # fmt: skip
     loss = _new_buffer((), dtype=torch.float32, device=device)
     sum_to_scalar_kernel[(1,)](ws.buffer, ws.loss, n_crops * row_blocks, loss, 1.0 / normalizer, BLOCK=1024)
-    return loss, grads
+    temperature_grad = _new_buffer(() if with_temperature_grad else (0,), dtype=torch.float32, device=device)
+    if with_temperature_grad:
+        sum_to_scalar_kernel[(1,)](ws.buffer, ws.temperature_grad, n_crops * row_blocks, temperature_grad, 1.0, BLOCK=1024)
+    return loss, grads, temperature_grad
 
 
 _swav_op = torch.library.custom_op(
     "fastssl::swav",
     _swav_forward,
     mutates_args=(),
-    schema="(Tensor[] crops, Tensor[]? queue, int n_high, float temperature, int iterations, float epsilon, "
-    "bool gather_distributed, bool compute_grad) -> (Tensor, Tensor)",
+    schema="(Tensor[] crops, Tensor[]? queue, int n_high, float temperature, Tensor? temperature_tensor, "
+    "int iterations, float epsilon, bool gather_distributed, bool compute_grad, bool compute_temperature_grad) "
+    "-> (Tensor, Tensor, Tensor)",
 )
 
 
 @_swav_op.register_fake
-def _(crops, queue, n_high, temperature, iterations, epsilon, gather_distributed, compute_grad):
+def _(crops, queue, n_high, temperature, temperature_tensor, iterations, epsilon, gather_distributed, compute_grad,
+      compute_temperature_grad):  # fmt: skip
     dtype = common_dtype(crops)
     shape = (len(crops), *crops[0].shape) if compute_grad else (0,)
-    return crops[0].new_empty((), dtype=torch.float32), crops[0].new_empty(shape, dtype=dtype)
+    with_temperature_grad = compute_temperature_grad and temperature_tensor is not None
+    return (
+        crops[0].new_empty((), dtype=torch.float32),
+        crops[0].new_empty(shape, dtype=dtype),
+        crops[0].new_empty(() if with_temperature_grad else (0,), dtype=torch.float32),
+    )
 
 
 def _swav_setup(ctx, inputs, output) -> None:
-    # The saved gradient output gets no incoming gradient: no (V, B, K) zeros materialized.
+    # The saved gradient outputs get no incoming gradient: no (V, B, K) zeros materialized.
     ctx.set_materialize_grads(False)
-    crops = inputs[0]
+    crops, temperature_tensor = inputs[0], inputs[4]
     ctx.input_dtypes = [c.dtype for c in crops]
     ctx.n_queue = None if inputs[1] is None else len(inputs[1])
-    ctx.save_for_backward(output[1])
+    ctx.temperature_meta = None if temperature_tensor is None else (temperature_tensor.shape, temperature_tensor.dtype)
+    ctx.save_for_backward(output[1], output[2])
 
 
-def _swav_gradient(ctx, grad_loss, _grad_grads):
-    (saved,) = ctx.saved_tensors
+def _swav_gradient(ctx, grad_loss, _grad_grads, _grad_temperature_grad):
+    saved, temperature_grad = ctx.saved_tensors
     if saved.numel() == 0:
         crop_grads = [None] * len(ctx.input_dtypes)
     else:
         scaled = scale_gradient(saved, grad_loss).unbind(0)
         crop_grads = [g if g.dtype == dtype else g.to(dtype) for g, dtype in zip(scaled, ctx.input_dtypes)]
     queue_grads = None if ctx.n_queue is None else [None] * ctx.n_queue
-    return crop_grads, queue_grads, None, None, None, None, None, None
+    grad_temperature = None
+    if ctx.temperature_meta is not None and temperature_grad.numel() > 0:
+        shape, dtype = ctx.temperature_meta
+        grad_temperature = (temperature_grad * grad_loss).to(dtype).reshape(shape)
+    return crop_grads, queue_grads, None, None, grad_temperature, None, None, None, None, None
 
 
 _swav_op.register_autograd(_swav_gradient, setup_context=_swav_setup)
@@ -732,7 +783,7 @@ def swav_loss_triton(
     high: Sequence[Tensor],
     low: Sequence[Tensor],
     queue: Optional[Sequence[Tensor]],
-    temperature: float,
+    temperature: Union[float, Tensor],
     iterations: int,
     epsilon: float,
     gather_distributed: bool = False,
@@ -740,18 +791,32 @@ def swav_loss_triton(
     """SwAV's swapped-prediction loss (see :func:`fastssl.swav.swav_loss`) on the kernels.
 
     Args:
-        high: H tensors (B, K); low: tensors (B, K); queue: None or H tensors (Q, K).
+        high: H tensors (B, K); low: tensors (B, K); queue: None or H tensors (Q, K);
+        temperature: a number, or a one-element tensor read by the kernel on the device (a
+            learnable temperature gets ∂L/∂τ).
     Returns:
-        0-d float32 loss: the mean over this rank's samples, reported as the mean over ranks
-        when ``gather_distributed`` (DESIGN §3).
+        0-d float32 loss: the mean over this rank's samples, reported as the row-weighted mean
+        over ranks when ``gather_distributed`` (DESIGN §3; ranks may hold different batches).
+
+    Example::
+
+        loss = swav_loss_triton([h0, h1], [l0, l1], None, 0.1, 3, 0.05)
+        loss.backward()
     """
     crops = list(high) + list(low)
     compute_grad = torch.is_grad_enabled() and any(c.requires_grad for c in crops)
     queue_list = None if queue is None else [q.detach() for q in queue]
-    loss, _ = _swav_op(
-        crops, queue_list, len(high), float(temperature), int(iterations), float(epsilon),
-        bool(gather_distributed), compute_grad,
+    temperature_tensor = None
+    if isinstance(temperature, Tensor):
+        temperature_tensor = temperature.reshape(())
+        compute_temperature_grad = torch.is_grad_enabled() and temperature.requires_grad
+        temperature = 1.0  # unused: the kernel reads the tensor
+    else:
+        compute_temperature_grad = False
+    loss, _, _ = _swav_op(
+        crops, queue_list, len(high), float(temperature), temperature_tensor, int(iterations), float(epsilon),
+        bool(gather_distributed), compute_grad, compute_temperature_grad,
     )  # fmt: skip
     if gather_distributed:
-        return distributed.global_mean(loss)
+        return distributed.global_mean(loss, crops[0].shape[0])
     return loss

@@ -72,7 +72,7 @@ SPLITS = {
 
 
 # Losses whose rank-local paths still assume equal per-rank sizes (checked with equal splits only).
-UNEQUAL_PENDING = {"ntxent", "swav", "dino_center"}
+UNEQUAL_PENDING = {"ntxent"}
 
 
 def _global_inputs(sizes):

@@ -264,46 +264,64 @@ def test_swav_torch_path_compiles_with_inductor():
 # Distributed Sinkhorn (gloo, CPU)
 # --------------------------------------------------------------------------------------------
 
-_PER_RANK, _QUEUE_PER_RANK, _K = 3, 2, 5
+_K = 5
+# Per-rank (batch rows, queue rows): equal, and unequal as DDP without drop_last gives them
+# (a rank with one row; queues of different lengths).
+_SPLITS = {
+    "equal-2": [(3, 2), (3, 2)],
+    "unequal-2": [(2, 3), (5, 1)],
+    "unequal-3": [(4, 2), (1, 3), (3, 0)],
+}
 
 
-def _distributed_inputs(world: int):
+def _distributed_inputs(split):
+    sizes = _SPLITS[split]
+    rows, queue_rows = sum(b for b, _ in sizes), sum(q for _, q in sizes)
     g = torch.Generator().manual_seed(7)
     offsets = torch.randn(_K, generator=g, dtype=torch.float64) * 400 * 0.05
-    crops = [torch.randn(_PER_RANK * world, _K, generator=g, dtype=torch.float64) for _ in range(3)]
-    queue = [torch.randn(_QUEUE_PER_RANK * world, _K, generator=g, dtype=torch.float64) for _ in range(2)]
-    extreme = [offsets + 0.1 * torch.randn(_PER_RANK * world, _K, generator=g, dtype=torch.float64) for _ in range(2)]
+    crops = [torch.randn(rows, _K, generator=g, dtype=torch.float64) for _ in range(3)]
+    queue = [torch.randn(queue_rows, _K, generator=g, dtype=torch.float64) for _ in range(2)]
+    extreme = [offsets + 0.1 * torch.randn(rows, _K, generator=g, dtype=torch.float64) for _ in range(2)]
     return crops, queue, extreme
 
 
+def _rank_rows(split, rank):
+    """This rank's slices of the global batch and of the global queue."""
+    sizes = _SPLITS[split]
+    start = sum(b for b, _ in sizes[:rank])
+    queue_start = sum(q for _, q in sizes[:rank])
+    return slice(start, start + sizes[rank][0]), slice(queue_start, queue_start + sizes[rank][1])
+
+
 def _distributed_backends():
-    backends = ["torch"]
+    backends = ["torch", "reference"]
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         backends.append("triton")
     return backends
 
 
-def _distributed_worker(rank: int, world: int, port: int, result_dir: str) -> None:
+def _distributed_worker(rank: int, world: int, port: int, result_dir: str, split: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        crops, queue, extreme = _distributed_inputs(world)
-        rows = slice(rank * _PER_RANK, (rank + 1) * _PER_RANK)
-        queue_rows = slice(rank * _QUEUE_PER_RANK, (rank + 1) * _QUEUE_PER_RANK)
+        crops, queue, extreme = _distributed_inputs(split)
+        rows, queue_rows = _rank_rows(split, rank)
         results = {}
         for backend in _distributed_backends():
             for iterations in [0, 3]:
                 local = [c[rows].float().clone().requires_grad_(True) for c in crops]
+                # A learnable temperature: its gradient is summed over ranks by DDP, like a weight's.
+                temperature = torch.tensor(0.1, requires_grad=True)
                 local_queue = [q[queue_rows].float() for q in queue]
                 loss = FS.swav_loss(
-                    local[:2], local[2:], local_queue, 0.1, iterations, 0.05,
+                    local[:2], local[2:], local_queue, temperature, iterations, 0.05,
                     sinkhorn_gather_distributed=True, backend=backend,
                 )  # fmt: skip
-                grads = torch.autograd.grad(loss, local)
-                codes = FS.sinkhorn(
-                    extreme[0][rows].float(), iterations, 0.05, gather_distributed=True, backend=backend
-                )
+                grads = torch.autograd.grad(loss, local + [temperature])
+                # The textbook reference overflows on the extreme scores (on purpose): mild ones.
+                scores = crops[2] if backend == "reference" else extreme[0]
+                codes = FS.sinkhorn(scores[rows].float(), iterations, 0.05, gather_distributed=True, backend=backend)
                 results[(backend, iterations)] = (loss.detach(), [g.detach() for g in grads], codes)
         torch.save(results, os.path.join(result_dir, f"rank{rank}.pt"))
     finally:
@@ -316,52 +334,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _interleave_queue(crops_rows: torch.Tensor, queue_rows: torch.Tensor, world: int) -> torch.Tensor:
-    """The global Sinkhorn input that the ranks' [batch; queue] blocks form together."""
-    return torch.cat(
-        [
-            torch.cat(
-                [
-                    crops_rows[r * _PER_RANK : (r + 1) * _PER_RANK],
-                    queue_rows[r * _QUEUE_PER_RANK : (r + 1) * _QUEUE_PER_RANK],
-                ]
-            )
-            for r in range(world)
-        ]
-    )
-
-
 @pytest.mark.slow
-def test_distributed_sinkhorn_is_the_global_sinkhorn():
-    """Each rank's codes equal the single-process codes of the concatenated batch (queue rows
-    included), the loss equals the single-process loss, and each rank's gradient is W times its
-    slice of the single-process gradient -- also for scores where lightly's exp overflows."""
-    world = 2
+@pytest.mark.parametrize("split", sorted(_SPLITS))
+def test_distributed_sinkhorn_is_the_global_sinkhorn(split):
+    """Each rank's codes equal the single-process codes of the concatenated batch (every rank's
+    queue included), the loss equals the single-process loss, and each rank's gradient is W
+    times its slice of the single-process gradient -- for equal and unequal per-rank batch and
+    queue sizes, on every backend, also for scores where lightly's exp overflows. The
+    temperature's gradients, summed over ranks (as DDP does for a parameter, up to its 1/W
+    average), are W times the single-process one."""
+    world = len(_SPLITS[split])
     port = _free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_distributed_worker, args=(world, port, tmp), nprocs=world, join=True)
+        mp.spawn(_distributed_worker, args=(world, port, tmp, split), nprocs=world, join=True)
         per_rank = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
-    crops, queue, extreme = _distributed_inputs(world)
+    crops, queue, extreme = _distributed_inputs(split)
     for backend in _distributed_backends():
         for iterations in [0, 3]:
-            # Single process: codes of the interleaved [batch_r; queue_r] blocks, rows of the
-            # batch kept.
+            # Single process: Sinkhorn over the whole batch with the whole queue appended (the
+            # order of the samples does not change Sinkhorn's codes), rows of the batch kept.
             full = [c.float().double().requires_grad_(True) for c in crops]
-            codes = []
-            for i in range(2):
-                scores = _interleave_queue(full[i].detach(), queue[i].float().double(), world)
-                all_codes = log_domain_sinkhorn_oracle(scores, iterations, 0.05)
-                block = _PER_RANK + _QUEUE_PER_RANK
-                keep = torch.cat([torch.arange(r * block, r * block + _PER_RANK) for r in range(world)])
-                codes.append(all_codes[keep])
-            exact = swav_loss_with_codes(full, 2, codes, 0.1)
-            exact_grads = torch.autograd.grad(exact, full)
-            exact_codes = log_domain_sinkhorn_oracle(extreme[0].float().double(), iterations, 0.05)
+            temperature = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+            batch = full[0].shape[0]
+            codes = [
+                log_domain_sinkhorn_oracle(torch.cat([full[i].detach(), queue[i].float().double()]), iterations, 0.05)[:batch]
+                for i in range(2)
+            ]
+            exact = swav_loss_with_codes(full, 2, codes, temperature)
+            exact_grads = torch.autograd.grad(exact, full + [temperature])
+            scores = crops[2] if backend == "reference" else extreme[0]
+            exact_codes = log_domain_sinkhorn_oracle(scores.float().double(), iterations, 0.05)
+            temperature_grad_sum = 0.0
             for r in range(world):
                 loss, grads, rank_codes = per_rank[r][(backend, iterations)]
-                rows = slice(r * _PER_RANK, (r + 1) * _PER_RANK)
+                rows, _ = _rank_rows(split, r)
                 assert loss.item() == pytest.approx(exact.item(), rel=1e-5), (backend, iterations, r)
-                for g, g_exact in zip(grads, exact_grads):
+                for g, g_exact in zip(grads[:-1], exact_grads[:-1]):
                     _assert_close(g, world * g_exact[rows], rtol=1e-5)
+                temperature_grad_sum += grads[-1].item()
                 assert torch.isfinite(rank_codes).all()
                 _assert_close(rank_codes, exact_codes[rows], rtol=1e-4)
+            assert temperature_grad_sum == pytest.approx(world * exact_grads[-1].item(), rel=1e-4), (backend, iterations)
