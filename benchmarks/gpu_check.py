@@ -67,7 +67,8 @@ Budget and isolation
 Units run in worker processes (so a sticky CUDA error, a crash or a hang costs one unit, not the
 run). Phase 1 runs the environment, correctness, graph and warm-up units on several workers at
 once (their cost is mostly compiling); phase 2 runs the rates and timings on one worker, alone
-on the GPU. Every section has a deadline, a fixed fraction of the global deadline
+on the GPU, started during phase 1 so that its imports are done when phase 1 ends. With
+``--workers 1`` (the dry run's default on a busy machine) one worker runs every section in order. Every section has a deadline, a fixed fraction of the global deadline
 (:data:`SECTIONS`); a worker starts a unit only if its estimated duration fits before its
 section's deadline, the orchestrator kills a unit that runs past its own timeout or past its
 section's deadline (plus a grace period), and units that never started are recorded as skipped
@@ -1808,7 +1809,7 @@ def headline_rows(data: Dict[str, Any]) -> List[Dict[str, Any]]:
         prediction = predictions.get(name) or {}
         predicted_ms = 1e3 * prediction["predicted_s"] if prediction.get("predicted_s") else None
         path = prediction.get("path")
-        measured_for_prediction = ms["torch"] if path == "torch" else triton
+        measured_for_prediction = (ms["torch"] if path == "torch" else triton) if predicted_ms else None
         family = case.get("family") or name.split(" ", 1)[0]
         check_families, graph_families = ROW_CHECKS.get(family, ((family,), (family,)))
         prefixes = [f"check/{f}/" for f in check_families] + [f"nan/{f}" for f in check_families]
@@ -1831,7 +1832,7 @@ def _x(value: Optional[float]) -> str:
 
 
 def _pct(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.0f}%"
+    return "-" if value is None else f"{value:.1f}%" if value < 10 else f"{value:.0f}%"
 
 
 def render_table(data: Dict[str, Any]) -> str:
