@@ -1,6 +1,6 @@
 """Backend selection shared by every loss.
 
-Three implementations exist for each loss (see DESIGN):
+Three implementations exist for each loss:
 
 * ``"reference"`` -- the textbook formula in :mod:`fastssl.reference`;
 * ``"torch"``     -- optimized pure PyTorch in each family's module (``fastssl/<family>.py``),

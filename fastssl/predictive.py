@@ -1,5 +1,5 @@
 r"""Predictive (non-contrastive) losses: SimSiam's negative cosine similarity, BYOL's normalized
-MSE, and Jha et al.'s simplified center-penalty objective (seed 003, §3.1).
+MSE, and Jha et al.'s simplified center-penalty objective (Jha et al. 2024, Sec. 3.1).
 
 These are O(N·d) elementwise reductions that PyTorch already runs at memory bandwidth, so they
 have no Triton kernel, and no optimized path beyond the formula itself: every backend evaluates
@@ -88,7 +88,7 @@ def center_penalty_loss(
     gather_distributed: bool = False,
     backend: str = "auto",
 ) -> Tensor:
-    r"""Jha et al.'s simplified objective :math:`0.5\,(L_{inv} - \lambda_L\|s\|)`, eq. (32) of seed 003.
+    r"""Jha et al.'s simplified objective :math:`0.5\,(L_{inv} - \lambda_L\|s\|)`, eq. (32) of Jha et al. 2024.
 
     :math:`L_{inv} = \mathrm{mean}_b\|\hat z_a - \hat z_b\|^2` on L2-normalized rows and
     :math:`s` the center vector (mean normalized embedding over both views). The paper's

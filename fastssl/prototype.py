@@ -797,7 +797,7 @@ def capi_loss(
         teacher_index: optional int64 (B, P) positions of the predicted tokens among the T;
             without it T = P and tokens pair position by position.
         gather_distributed: Sinkhorn's batch sums over all ranks; the loss is then the global mean
-            (each rank's gradient its own slice's, as DESIGN's distributed contract asks).
+            (each rank's gradient its own slice's, as fastssl's distributed contract asks).
     Returns:
         0-d float32 loss.
 
@@ -1024,7 +1024,7 @@ def _check_msn_inputs(anchors: Tensor, targets: Tensor, prototypes: Tensor) -> i
 
 def _global_log_mean(log_mean: Tensor) -> Tensor:
     """log of the mean anchor probabilities over all ranks' anchors, with this rank's gradient
-    scaled as DESIGN's contract asks: value LSE_r(log m_r) − log W, gradient to log m_r
+    scaled as the distributed contract asks: value LSE_r(log m_r) − log W, gradient to log m_r
     ``W · (1/W) exp(log m_r − log m)`` = ``m_r / m`` times the incoming one."""
     with torch.no_grad():
         global_log_mean = _all_reduce_logsumexp(log_mean.detach()) - math.log(distributed.world_size())
@@ -1034,7 +1034,7 @@ def _global_log_mean(log_mean: Tensor) -> Tensor:
 
 def _global_mean_probs(mean_probs: Tensor) -> Tensor:
     """The mean anchor probabilities over all ranks, this rank's gradient passed through
-    unchanged (= W × its 1/W share, DESIGN's contract)."""
+    unchanged (= W × its 1/W share, the distributed contract)."""
     with torch.no_grad():
         global_mean = mean_probs.detach().clone()
         dist.all_reduce(global_mean)
