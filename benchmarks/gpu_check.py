@@ -296,8 +296,11 @@ def build_plan(dry_run: bool) -> List[Unit]:
     # The W-MSE extension build (nvcc, a minute or more) starts first, on its own worker.
     units.append(unit("check/wmse/build", "correctness", "wmse-build"))
     cases = timing_cases(dry_run)
-    units += [unit(f"check/{f}/small", "correctness", "check", family=f, set="small") for f in CHECK_FAMILIES]
-    units += [unit(f"graph/{family}", "graphs", "graph", family=family) for family in GRAPH_FAMILIES]
+    # Small checks and graph captures alternate: a run cut short still has some of each.
+    small = [unit(f"check/{f}/small", "correctness", "check", family=f, set="small") for f in CHECK_FAMILIES]
+    graphs = [unit(f"graph/{family}", "graphs", "graph", family=family) for family in GRAPH_FAMILIES]
+    for index in range(max(len(small), len(graphs))):
+        units += small[index : index + 1] + graphs[index : index + 1]
     # Compiling the references takes the longest; started early, they leave the timed phase's
     # torch.compile rows warm Inductor and Triton caches.
     units += [unit(f"warm/{c.name}", "warmup", "warm", case=c.to_json()) for c in cases if c.harness_family]
@@ -2085,10 +2088,10 @@ def run_check(outdir: Path, units: Sequence[Unit], *, total_s: float, workers: i
     store.log(f"done in {time.time() - start:.0f} s: {failing} failing, {incomplete} timed out or skipped; "
               f"results in {outdir}/results.json and summary.md")
     store.close()
-    print()
-    print(render_table(store.data))
     print(f"\n{'FAIL' if failing else 'OK'}: "
           + ", ".join(f"{section} " + "/".join(f"{n} {s}" for s, n in sorted(c.items())) for section, c in sorted(counts.items())))
+    print()
+    print(render_table(store.data))  # last: the reply of a device call carries the end of the output
     return 1 if failing else 0
 
 
