@@ -62,7 +62,7 @@ def _accumulation_dtype(*tensors: Tensor) -> torch.dtype:
 class _AllReduceSum(torch.autograd.Function):
     """Sum over ranks; the backward sums the incoming gradients over ranks too. Every rank
     computes the same loss from the summed statistic, so rank r's gradient with respect to its
-    own contribution is ``Σ_ranks ∂L/∂S = W ∂L/∂S`` -- the DESIGN §3 contract."""
+    own contribution is ``Σ_ranks ∂L/∂S = W ∂L/∂S`` -- the distributed contract of :mod:`fastssl.distributed`."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]

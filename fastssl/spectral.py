@@ -164,7 +164,7 @@ class TiCoLoss(nn.Module):
     Args:
         beta: EMA coefficient of the covariance.
         rho: weight of the covariance-contrast term.
-        gather_distributed: loss and covariance over the global batch (gradients as DESIGN §3).
+        gather_distributed: loss and covariance over the global batch (gradients as :mod:`fastssl.distributed` describes).
         backend: ``"auto" | "triton" | "torch" | "reference"`` (env ``FASTSSL_BACKEND``).
 
     Forward ``(z_a, z_b, update_covariance_matrix=True)``, each (N, d) with N >= 2; returns a

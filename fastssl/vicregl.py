@@ -260,7 +260,7 @@ def vicregl_loss(
         alpha: weight of the global term; the local term gets ``1 - alpha``.
         eps: added to the variance under the square root.
         num_matches: positions kept by the first and the second nearest-neighbour search.
-        gather_distributed: variance and covariance over the global batch (DESIGN §3).
+        gather_distributed: variance and covariance over the global batch (see :mod:`fastssl.distributed`).
         backend: ``"auto" | "triton" | "torch" | "reference"``; the global term's VICReg uses
             the decorrelation family's backend (Triton on CUDA under ``"auto"``).
     Returns:
