@@ -1447,7 +1447,7 @@ def unit_graph(ctx: UnitContext, family: str) -> Dict[str, Any]:
         expected = step(twin, twin_state, twin_optimizer)
         _sync(device)
         compare(loss, expected, "loss")
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         for ours, theirs in zip(model.parameters(), twin.parameters()):
             compare(ours, theirs, "weights after the step")
         if isinstance(state, torch.nn.Module):
@@ -2088,8 +2088,11 @@ def run_check(outdir: Path, units: Sequence[Unit], *, total_s: float, workers: i
     store.log(f"done in {time.time() - start:.0f} s: {failing} failing, {incomplete} timed out or skipped; "
               f"results in {outdir}/results.json and summary.md")
     store.close()
+    kernels = store.data["registers"]
+    spilling = sorted({k["kernel"].replace("fastssl.kernels.", "") for k in kernels if k.get("n_spills")})
     print(f"\n{'FAIL' if failing else 'OK'}: "
-          + ", ".join(f"{section} " + "/".join(f"{n} {s}" for s, n in sorted(c.items())) for section, c in sorted(counts.items())))
+          + ", ".join(f"{section} " + "/".join(f"{n} {s}" for s, n in sorted(c.items())) for section, c in sorted(counts.items()))
+          + f"; {len(kernels)} compiled kernels, " + (f"SPILLING: {', '.join(spilling)}" if spilling else "none spills"))
     print()
     print(render_table(store.data))  # last: the reply of a device call carries the end of the output
     return 1 if failing else 0
