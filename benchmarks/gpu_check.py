@@ -14,9 +14,11 @@ finished unit (a killed run still leaves what it measured): ``results.json`` (ra
 ``summary.md`` (rendered), ``log.txt`` (progress) and ``workers.log`` (the worker processes'
 output). Where the copy of the tree has no git metadata, put ``FASTSSL_COMMIT=<hash>`` before
 ``python3`` (the results also carry a digest of the sources). Commit ``results.json`` and
-``summary.md`` under ``benchmarks/results/`` as ``gpu-check-<date>.{json,md}``. ``--only REGEX``
-reruns some units (``--list`` prints them); ``--dry-run OUTDIR`` runs the same code on the CPU
-(see below).
+``summary.md`` under ``benchmarks/results/`` as ``gpu-check-<date>.{json,md}``. lightly is not
+installed there: for its column, download its wheel here (``pip download --no-deps lightly==1.6.0
+-d .whl``, with ``/.whl/`` in ``.git/info/exclude``) and name ``.whl`` in the call's ``carry``;
+the script puts it on its workers' path. ``--only REGEX`` reruns some units (``--list`` prints
+them); ``--dry-run OUTDIR`` runs the same code on the CPU (see below).
 
 What runs
 ---------
@@ -465,11 +467,27 @@ def _claim_path(claims: Path, unit_id: str) -> Path:
     return claims / hashlib.sha1(unit_id.encode()).hexdigest()
 
 
-def _worker_env(dry_run: bool) -> Dict[str, str]:
+def unpack_lightly_wheel(folder: Path, wheels: Path = REPO_ROOT / ".whl") -> Optional[Path]:
+    """Where lightly is not installed (the GPU machine), a lightly wheel carried in ``.whl/`` is
+    unpacked into ``folder`` for the workers' path (its loss files need none of its
+    dependencies: :mod:`benchmarks.lightly_loader`). Returns the folder, or None."""
+    import importlib.util
+    import zipfile
+
+    found = sorted(wheels.glob("lightly-*.whl")) if wheels.is_dir() else []
+    if not found or importlib.util.find_spec("lightly") is not None:
+        return None
+    with zipfile.ZipFile(found[-1]) as wheel:
+        wheel.extractall(folder)
+    return folder
+
+
+def _worker_env(dry_run: bool, extra_paths: Sequence[Path] = ()) -> Dict[str, str]:
     env = dict(os.environ)
     env.pop("FASTSSL_BACKEND", None)  # "auto" must mean auto
     env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    paths = [str(REPO_ROOT)] + [str(p) for p in extra_paths] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
     # Parallelism comes from the workers; one Inductor compile thread each avoids a process pool
     # per worker.
     env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
@@ -487,7 +505,7 @@ class WorkerPool:
     file exists."""
 
     def __init__(self, units: Sequence[Unit], *, deadlines: Dict[str, float], global_deadline: float, dry_run: bool,
-                 seed: int, scratch: Path) -> None:
+                 seed: int, scratch: Path, extra_paths: Sequence[Path] = ()) -> None:
         self.units = list(units)
         self.scratch = scratch
         self.claims = scratch / "claims"
@@ -495,7 +513,7 @@ class WorkerPool:
         self.go = scratch / "go"
         self.log_path = scratch / "workers.log"
         self.deadlines, self.global_deadline = deadlines, global_deadline
-        self.env = _worker_env(dry_run)
+        self.env = _worker_env(dry_run, extra_paths)
         # Workers of real runs import torch, fastssl and Dynamo before their first unit (the
         # test suite's self-test units need none of it).
         preload = any(u.kind != "selftest" for u in units)
@@ -2066,8 +2084,12 @@ def run_check(outdir: Path, units: Sequence[Unit], *, total_s: float, workers: i
         # One worker runs every section in order; several run phase 1 side by side, then one
         # worker (started ahead, so that its imports overlap phase 1) has the GPU to itself.
         groups = [list(units)] if workers == 1 else [[u for u in units if SECTIONS[u.section][0] == p] for p in (1, 2)]
+        lightly_site = unpack_lightly_wheel(scratch / "site")
+        if lightly_site:
+            store.log(f"lightly: unpacked {lightly_site} from .whl/ for the workers")
         pools = [WorkerPool(group, deadlines=deadlines, global_deadline=global_deadline, dry_run=dry_run, seed=seed,
-                            scratch=scratch / f"phase{index + 1}") for index, group in enumerate(groups)]  # fmt: skip
+                            scratch=scratch / f"phase{index + 1}", extra_paths=[lightly_site] if lightly_site else [])
+                 for index, group in enumerate(groups)]  # fmt: skip
         try:
             if len(pools) > 1:
                 pools[1].start_standby()

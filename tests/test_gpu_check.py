@@ -157,6 +157,22 @@ def test_a_run_of_passing_units_exits_zero(tmp_path):
     assert code == 0
 
 
+def test_a_carried_lightly_wheel_is_unpacked_for_the_workers_where_lightly_is_missing(tmp_path, monkeypatch):
+    import importlib.util
+    import zipfile
+
+    wheels = tmp_path / ".whl"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "lightly-1.6.0-py3-none-any.whl", "w") as wheel:
+        wheel.writestr("lightly/__init__.py", "__version__ = '1.6.0'\n")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lightly" else real_find_spec(name, *a))
+    site = G.unpack_lightly_wheel(tmp_path / "site", wheels)
+    assert site == tmp_path / "site" and (site / "lightly" / "__init__.py").is_file()
+    assert str(site) in G._worker_env(False, [site])["PYTHONPATH"].split(os.pathsep)
+    assert G.unpack_lightly_wheel(tmp_path / "none", tmp_path / "no-wheels") is None
+
+
 # --------------------------------------------------------------------------------------------
 # Judging a Triton path
 # --------------------------------------------------------------------------------------------
