@@ -232,6 +232,15 @@ def merge_lse_partials(max_ptr, sum_ptr, offsets, mask, n_splits, split_stride):
 
 
 @triton.jit
+def inverse_temperature(inverse, temperature_ptr, FROM_TENSOR: tl.constexpr):
+    """1/τ: read from the 0-d tensor at ``temperature_ptr`` when FROM_TENSOR (a learnable or
+    scheduled temperature stays on the device: no host read), else ``inverse`` as passed."""
+    if FROM_TENSOR:
+        inverse = 1.0 / tl.load(temperature_ptr).to(tl.float32)
+    return inverse
+
+
+@triton.jit
 def scale_gradient_kernel(src_ptr, upstream_ptr, dst_ptr, n_elements, BLOCK: tl.constexpr):
     """dst = src · upstream[0]: the backward of a loss whose gradient the forward wrote, scaled
     by the incoming gradient read on the device (no host synchronization)."""

@@ -64,7 +64,7 @@ workspace (teacher column sums per row block, 2 MB, and O(V B · splits) floats)
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 import triton
@@ -73,6 +73,7 @@ from torch import Tensor
 
 from fastssl.kernels._common import (
     common_dtype,
+    inverse_temperature,
     k_align,
     merge_lse_partials,
     next_pow2,
@@ -109,6 +110,8 @@ def _dino_stats_kernel(
     s_max_offset,
     s_sum_offset,
     colsum_offset,
+    teacher_temp_ptr,
+    student_temp_ptr,
     n_rows,
     k_units,
     k_per_split,
@@ -122,14 +125,19 @@ def _dino_stats_kernel(
     S_ROW_ALIGN: tl.constexpr,
     K_ALIGN: tl.constexpr,
     WITH_COLSUM: tl.constexpr,
+    TEACHER_TEMP_TENSOR: tl.constexpr,
+    STUDENT_TEMP_TENSOR: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """Per (view, row) over one K chunk: m = max y, s = Σ exp(y − m), with y = (t − c)/τ_t for
     teachers and s/τ_s for students; stored at [view, split, row]. With WITH_COLSUM, also
-    colsum[row block, k] = Σ_t Σ_rows t[row, k]."""
+    colsum[row block, k] = Σ_t Σ_rows t[row, k]. *_TEMP_TENSOR: that temperature is read from its
+    0-d tensor (a learnable or scheduled temperature, on the device) instead of the float."""
     pid_rows = tl.program_id(0)
     pid_split = tl.program_id(1)
+    inv_teacher_temp = inverse_temperature(inv_teacher_temp, teacher_temp_ptr, TEACHER_TEMP_TENSOR)
+    inv_student_temp = inverse_temperature(inv_student_temp, student_temp_ptr, STUDENT_TEMP_TENSOR)
     # K = k_units·K_ALIGN: written as a product with a constant, the compiler knows that K-axis
     # masks and row offsets are constant over K_ALIGN-wide groups and keeps 16-byte accesses.
     n_proto = k_units * K_ALIGN
@@ -230,14 +238,17 @@ def _dino_loss_grad_kernel(
     row_max_offset,
     log_sum_offset,
     loss_offset,
+    temperature_grad_offset,
     grad_ptr,
     grad_stride_view,
+    teacher_temp_ptr,
+    student_temp_ptr,
     n_rows,
     k_units,
     k_per_split,
     inv_teacher_temp,
     inv_student_temp,
-    grad_scale,
+    inv_normalizer,
     T_VIEWS: tl.constexpr,
     T_UNIFORM: tl.constexpr,
     T_ROW_ALIGN: tl.constexpr,
@@ -246,20 +257,31 @@ def _dino_loss_grad_kernel(
     S_ROW_ALIGN: tl.constexpr,
     K_ALIGN: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
+    TEACHER_TEMP_TENSOR: tl.constexpr,
+    STUDENT_TEMP_TENSOR: tl.constexpr,
+    TEMPERATURE_GRAD: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """loss[program] = −Σ_s Σ_{rows, chunk} Q_s log P_s and, with COMPUTE_GRAD,
-    grad[s] = (m_s P_s − Q_s)·grad_scale over the chunk (grad contiguous (S, B, K)). Row
-    statistics (max, log Σ) are stored teachers first, (V, B)."""
+    grad[s] = (m_s P_s − Q_s)·grad_scale over the chunk (grad contiguous (S, B, K)),
+    grad_scale = 1/(τ_s n B); with TEMPERATURE_GRAD, the partial −Σ_s ⟨grad[s], x_s⟩ of ∂L/∂τ_s
+    (x_s = s/τ_s) at temperature_grad_offset. Row statistics (max, log Σ) are stored teachers
+    first, (V, B)."""
     pid_rows = tl.program_id(0)
     pid_split = tl.program_id(1)
+    inv_teacher_temp = inverse_temperature(inv_teacher_temp, teacher_temp_ptr, TEACHER_TEMP_TENSOR)
+    inv_student_temp = inverse_temperature(inv_student_temp, student_temp_ptr, STUDENT_TEMP_TENSOR)
+    grad_scale = inv_student_temp * inv_normalizer
     n_proto = k_units * K_ALIGN
     rows = pid_rows * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = rows < n_rows
     rows64 = rows.to(tl.int64)
     k_begin = pid_split * k_per_split
-    acc = tl.zeros([BLOCK_ROWS, BLOCK_K], tl.float32)
+    # Accumulated per row, not per tile lane: full-tile accumulators (32 registers per thread
+    # each at 8 x 512 with 4 warps) spilled at the CUDA tiles.
+    acc = tl.zeros([BLOCK_ROWS], tl.float32)
+    temperature_acc = tl.zeros([BLOCK_ROWS], tl.float32)
     # The gradient pointer advances by one view (grad_stride_view = B·K, an int64 argument when
     # it needs one) per student: 64-bit pointer arithmetic, where view index x B·K could
     # overflow int32.
@@ -287,7 +309,8 @@ def _dino_loss_grad_kernel(
             row_max = tl.load(max_ptr + (T_VIEWS + s) * n_rows, mask=row_mask, other=0.0)
             log_sum = tl.load(log_sum_ptr + (T_VIEWS + s) * n_rows, mask=row_mask, other=0.0)
             # Padding lanes: log_p = 0 and target = 0, so they add nothing and exp stays finite.
-            log_p = tl.where(mask, (raw * inv_student_temp - row_max[:, None]) - log_sum[:, None], 0.0)
+            x = raw * inv_student_temp
+            log_p = tl.where(mask, (x - row_max[:, None]) - log_sum[:, None], 0.0)
             # m_s: the teachers this student view is compared with (its own index excluded).
             matches = tl.where(s < T_VIEWS, T_VIEWS - 1.0, T_VIEWS * 1.0)
             target = prob_sum
@@ -301,13 +324,19 @@ def _dino_loss_grad_kernel(
                 target = prob_sum - tl.exp(
                     tl.where(mask, (y - same_max[:, None]) - same_log_sum[:, None], float("-inf"))
                 )
-            acc += target * log_p
-            if COMPUTE_GRAD:
+            acc += tl.sum(target * log_p, axis=1)
+            if COMPUTE_GRAD or TEMPERATURE_GRAD:
                 grad = (matches * tl.exp(log_p) - target) * grad_scale
-                tl.store(out_ptr, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+                if TEMPERATURE_GRAD:
+                    temperature_acc += tl.sum(grad * x, axis=1)  # padding lanes: x = 0
+                if COMPUTE_GRAD:
+                    tl.store(out_ptr, grad.to(grad_ptr.dtype.element_ty), mask=mask)
             out_ptr += grad_stride_view
-    total = tl.sum(tl.sum(acc, axis=1), axis=0)
-    tl.store(ws_ptr + loss_offset + pid_rows * tl.num_programs(1) + pid_split, -total)
+    total = tl.sum(acc, axis=0)
+    program = pid_rows * tl.num_programs(1) + pid_split
+    tl.store(ws_ptr + loss_offset + program, -total)
+    if TEMPERATURE_GRAD:
+        tl.store(ws_ptr + temperature_grad_offset + program, -tl.sum(temperature_acc, axis=0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,13 +350,18 @@ def _dino_forward(
     center: Tensor,
     teacher_temp: float,
     student_temp: float,
+    teacher_temp_tensor: Optional[Tensor],
+    student_temp_tensor: Optional[Tensor],
     center_momentum: float,
     center_mode: int,
     compute_grad: bool,
+    compute_temperature_grad: bool,
 ):
     """Returns the 0-d float32 loss, the (K,) float32 center output (``center_mode``: empty,
-    the teacher column sum, or the EMA-updated center) and the (S, B, K) student gradient of the
-    loss (empty without ``compute_grad``)."""
+    the teacher column sum, or the EMA-updated center), the (S, B, K) student gradient of the
+    loss (empty without ``compute_grad``) and ∂L/∂τ_s (0-d float32; empty without
+    ``compute_temperature_grad``). A temperature given as a 0-d tensor is read on the device
+    instead of its float."""
     n_teacher, n_student = len(teacher), len(student)
     t_views = prepare_views(teacher, common_dtype(teacher))
     student_dtype = common_dtype(student)
@@ -337,6 +371,7 @@ def _dino_forward(
     if not center.is_contiguous():
         center = center.contiguous()
     n_terms = n_teacher * n_student - min(n_teacher, n_student)
+    with_temperature_grad = compute_temperature_grad and student_temp_tensor is not None
 
     block_k = min(next_pow2(n_proto), _TILE_CONTIGUOUS)
     block_rows = min(next_pow2(n_rows), max(1, _TILE_ELEMENTS // block_k))
@@ -348,26 +383,37 @@ def _dino_forward(
     grid = (row_blocks, splits)
 
     # Workspace sections (float32 elements): partial (max, sum) per (view, split, row), merged
-    # (row max, log Σ) per (view, row), teacher column sums per row block, loss partials.
+    # (row max, log Σ) per (view, row), teacher column sums per row block, loss partials and
+    # (learnable student temperature) ∂L/∂τ_s partials.
     n_views = n_teacher + n_student
     partials = n_views * splits * n_rows
     with_colsum = center_mode != CENTER_NONE
-    sizes = [partials, partials, n_views * n_rows, n_views * n_rows, row_blocks * n_proto if with_colsum else 0]
+    sizes = [
+        partials, partials, n_views * n_rows, n_views * n_rows, row_blocks * n_proto if with_colsum else 0,
+        row_blocks * splits,
+    ]  # fmt: skip
     offsets = [0]
     for size in sizes:
         offsets.append(offsets[-1] + (size + 3) // 4 * 4)
-    part_max, part_sum, row_max, log_sum, colsum, loss_partials = offsets
-    ws = _new_buffer((loss_partials + row_blocks * splits,), dtype=torch.float32, device=device)
+    part_max, part_sum, row_max, log_sum, colsum, loss_partials, temperature_partials = offsets
+    ws = _new_buffer((temperature_partials + (row_blocks * splits if with_temperature_grad else 0),), dtype=torch.float32, device=device)
 
     views = (*t_views.args(), *s_views.args())
     constexprs = dict(**t_views.constexprs("T_"), **s_views.constexprs("S_"), K_ALIGN=k_align(n_proto))
+    temperature_flags = dict(
+        TEACHER_TEMP_TENSOR=teacher_temp_tensor is not None, STUDENT_TEMP_TENSOR=student_temp_tensor is not None
+    )
+    temperature_pointers = (
+        ws if teacher_temp_tensor is None else teacher_temp_tensor,
+        ws if student_temp_tensor is None else student_temp_tensor,
+    )
     k_units = n_proto // k_align(n_proto)
     # Student partials follow the teachers' in the same (view, split, row) layout.
     s_part = n_teacher * splits * n_rows
     _dino_stats_kernel[grid](
-        *views, center, ws, part_max, part_sum, part_max + s_part, part_sum + s_part, colsum,
+        *views, center, ws, part_max, part_sum, part_max + s_part, part_sum + s_part, colsum, *temperature_pointers,
         n_rows, k_units, k_per_split, 1.0 / teacher_temp, 1.0 / student_temp,
-        **constexprs, WITH_COLSUM=with_colsum, BLOCK_ROWS=block_rows, BLOCK_K=block_k,
+        **constexprs, **temperature_flags, WITH_COLSUM=with_colsum, BLOCK_ROWS=block_rows, BLOCK_K=block_k,
     )  # fmt: skip
     center_out = _new_buffer((n_proto,) if with_colsum else (0,), dtype=torch.float32, device=device)
     lse_programs = triton.cdiv(n_views * n_rows, _EPILOGUE_BLOCK)
@@ -380,14 +426,21 @@ def _dino_forward(
 
     grads = _new_buffer((n_student, n_rows, n_proto) if compute_grad else (0,), dtype=student_dtype, device=device)
     _dino_loss_grad_kernel[grid](
-        *views, center, ws, row_max, log_sum, loss_partials, grads if compute_grad else ws, n_rows * n_proto,
-        n_rows, k_units, k_per_split, 1.0 / teacher_temp, 1.0 / student_temp,
-        1.0 / (student_temp * n_terms * n_rows),
-        **constexprs, COMPUTE_GRAD=compute_grad, BLOCK_ROWS=block_rows, BLOCK_K=block_k,
+        *views, center, ws, row_max, log_sum, loss_partials, temperature_partials, grads if compute_grad else ws,
+        n_rows * n_proto, *temperature_pointers,
+        n_rows, k_units, k_per_split, 1.0 / teacher_temp, 1.0 / student_temp, 1.0 / (n_terms * n_rows),
+        **constexprs, **temperature_flags, COMPUTE_GRAD=compute_grad, TEMPERATURE_GRAD=with_temperature_grad,
+        BLOCK_ROWS=block_rows, BLOCK_K=block_k,
+        # The temperature's partials keep one more tile live: 8 warps halve the registers per
+        # thread (4 spill at 8 x 512).
+        num_warps=8 if with_temperature_grad else 4,
     )  # fmt: skip
     loss = _new_buffer((), dtype=torch.float32, device=device)
     sum_to_scalar_kernel[(1,)](ws, loss_partials, row_blocks * splits, loss, 1.0 / (n_terms * n_rows), BLOCK=1024)
-    return loss, center_out, grads
+    temperature_grad = _new_buffer(() if with_temperature_grad else (0,), dtype=torch.float32, device=device)
+    if with_temperature_grad:
+        sum_to_scalar_kernel[(1,)](ws, temperature_partials, row_blocks * splits, temperature_grad, 1.0, BLOCK=1024)
+    return loss, center_out, grads, temperature_grad
 
 
 _dino_op = torch.library.custom_op(
@@ -395,37 +448,47 @@ _dino_op = torch.library.custom_op(
     _dino_forward,
     mutates_args=(),
     schema="(Tensor[] teacher, Tensor[] student, Tensor center, float teacher_temp, float student_temp, "
-    "float center_momentum, int center_mode, bool compute_grad) -> (Tensor, Tensor, Tensor)",
+    "Tensor? teacher_temp_tensor, Tensor? student_temp_tensor, float center_momentum, int center_mode, "
+    "bool compute_grad, bool compute_temperature_grad) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 
 
 @_dino_op.register_fake
-def _(teacher, student, center, teacher_temp, student_temp, center_momentum, center_mode, compute_grad):
+def _(teacher, student, center, teacher_temp, student_temp, teacher_temp_tensor, student_temp_tensor, center_momentum,
+      center_mode, compute_grad, compute_temperature_grad):  # fmt: skip
     n_proto = student[0].shape[1]
     grad_shape = (len(student), *student[0].shape) if compute_grad else (0,)
+    with_temperature_grad = compute_temperature_grad and student_temp_tensor is not None
     return (
         center.new_empty((), dtype=torch.float32),
         center.new_empty((n_proto,) if center_mode != CENTER_NONE else (0,), dtype=torch.float32),
         student[0].new_empty(grad_shape, dtype=common_dtype(student)),
+        center.new_empty(() if with_temperature_grad else (0,), dtype=torch.float32),
     )
 
 
 def _dino_setup(ctx, inputs, output) -> None:
-    # The saved gradient output gets no incoming gradient: no (V, B, K) zeros materialized.
+    # The saved gradient outputs get no incoming gradient: no (V, B, K) zeros materialized.
     ctx.set_materialize_grads(False)
     ctx.n_teacher = len(inputs[0])
     ctx.input_dtypes = [s.dtype for s in inputs[1]]
-    ctx.save_for_backward(output[2])
+    student_temp_tensor = inputs[6]
+    ctx.temperature_meta = None if student_temp_tensor is None else (student_temp_tensor.shape, student_temp_tensor.dtype)
+    ctx.save_for_backward(output[2], output[3])
 
 
-def _dino_gradient(ctx, grad_loss, _grad_center, _grad_grads):
-    (saved,) = ctx.saved_tensors
+def _dino_gradient(ctx, grad_loss, _grad_center, _grad_grads, _grad_temperature_grad):
+    saved, temperature_grad = ctx.saved_tensors
     if saved.numel() == 0:
         student_grads = [None] * len(ctx.input_dtypes)
     else:
         scaled = scale_gradient(saved, grad_loss).unbind(0)
         student_grads = [g if g.dtype == dtype else g.to(dtype) for g, dtype in zip(scaled, ctx.input_dtypes)]
-    return [None] * ctx.n_teacher, student_grads, None, None, None, None, None, None
+    grad_student_temp = None
+    if ctx.temperature_meta is not None and temperature_grad.numel() > 0:
+        shape, dtype = ctx.temperature_meta
+        grad_student_temp = (temperature_grad * grad_loss).to(dtype).reshape(shape)
+    return [None] * ctx.n_teacher, student_grads, None, None, None, None, grad_student_temp, None, None, None, None
 
 
 _dino_op.register_autograd(_dino_gradient, setup_context=_dino_setup)
@@ -435,8 +498,8 @@ def dino_loss_triton(
     teacher_out: Sequence[Tensor],
     student_out: Sequence[Tensor],
     center: Tensor,
-    teacher_temp: float,
-    student_temp: float,
+    teacher_temp: Union[float, Tensor],
+    student_temp: Union[float, Tensor],
     *,
     center_momentum: float = 0.0,
     center_mode: int = CENTER_NONE,
@@ -446,6 +509,8 @@ def dino_loss_triton(
     Args:
         teacher_out: T tensors (B, K), no gradient; student_out: S tensors (B, K);
         center: K entries ((K,) or (1, 1, K)).
+        teacher_temp, student_temp: numbers or one-element tensors (read by the kernels on the
+            device); a student temperature that requires grad gets ∂L/∂τ_s.
         center_mode: :data:`CENTER_NONE` returns the loss only; :data:`CENTER_TEACHER_SUM` also
             the (K,) float32 sum of the teacher outputs over views and batch;
             :data:`CENTER_EMA` also the new center ``m·center + (1−m)·mean`` (flattened,
@@ -464,9 +529,19 @@ def dino_loss_triton(
     # The teacher gets no gradient; detaching also keeps a tensor passed as both a teacher and a
     # student view from being two inputs of one autograd node.
     teacher = [t.detach() if t.requires_grad else t for t in teacher_out]
-    loss, center_out, _ = _dino_op(
-        teacher, student, center.detach() if center.requires_grad else center, float(teacher_temp), float(student_temp), float(center_momentum),
-        int(center_mode), compute_grad,
+    teacher_temp_tensor = student_temp_tensor = None
+    compute_temperature_grad = False
+    device = student[0].device
+    # A temperature tensor elsewhere (a CPU scalar beside CUDA views) is copied to the views' device.
+    if isinstance(teacher_temp, Tensor):
+        teacher_temp_tensor, teacher_temp = teacher_temp.detach().reshape(()).to(device), 1.0
+    if isinstance(student_temp, Tensor):
+        compute_temperature_grad = torch.is_grad_enabled() and student_temp.requires_grad
+        student_temp_tensor, student_temp = student_temp.reshape(()).to(device), 1.0
+    loss, center_out, _, _ = _dino_op(
+        teacher, student, center.detach() if center.requires_grad else center, float(teacher_temp),
+        float(student_temp), teacher_temp_tensor, student_temp_tensor, float(center_momentum), int(center_mode),
+        compute_grad, compute_temperature_grad,
     )  # fmt: skip
     if center_mode == CENTER_NONE:
         return loss

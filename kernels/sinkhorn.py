@@ -808,7 +808,8 @@ def swav_loss_triton(
     queue_list = None if queue is None else [q.detach() for q in queue]
     temperature_tensor = None
     if isinstance(temperature, Tensor):
-        temperature_tensor = temperature.reshape(())
+        # A CPU scalar beside CUDA crops is copied to their device (the kernel reads it there).
+        temperature_tensor = temperature.reshape(()).to(crops[0].device)
         compute_temperature_grad = torch.is_grad_enabled() and temperature.requires_grad
         temperature = 1.0  # unused: the kernel reads the tensor
     else:

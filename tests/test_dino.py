@@ -199,3 +199,93 @@ def test_dino_update_center_method_matches_lightly():
         ours.update_center(x)
         assert ours.center.shape == (1, 1, 6)
         _assert_close(ours.center, theirs.center, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Learnable student temperature, epochs, the reference backend's dtype rule
+# --------------------------------------------------------------------------------------------
+
+
+def learnable_temperature_fns(n_teacher: int, center: torch.Tensor, backend: str):
+    """(impl, ref) over ``[*teacher views, *student views, student_temp]`` (a 0-d tensor input,
+    so that assert_matches_reference checks its gradient)."""
+
+    def impl(*xs):
+        c = center.to(device=xs[0].device, dtype=xs[0].dtype)
+        return FS.dino_loss(list(xs[:n_teacher]), list(xs[n_teacher:-1]), c, 0.04, xs[-1], backend=backend)
+
+    def ref(*xs):
+        c = center.to(device=xs[0].device, dtype=xs[0].dtype)
+        return reference.dino_loss(list(xs[:n_teacher]), list(xs[n_teacher:-1]), c, 0.04, xs[-1])
+
+    return impl, ref
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("n_teacher,n_student,b,k", [(2, 3, 1, 5), (1, 2, 3, 129), (2, 2, 4, 3)])
+def test_dino_learnable_student_temperature_gets_its_gradient(backend, n_teacher, n_student, b, k):
+    views = awkward_inputs(b, k, views=n_teacher + n_student)
+    center = 0.1 * torch.randn(k)
+    impl, ref = learnable_temperature_fns(n_teacher, center, backend)
+    assert_matches_reference(impl, ref, list(views) + [torch.tensor(0.12)])
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_dino_module_registers_and_trains_a_student_temperature_parameter(backend):
+    """As lightly: ``DINOLoss(student_temp=nn.Parameter(...))`` registers it; it is trained with
+    the float64 formula's gradient. A tensor teacher temperature is accepted and not trained."""
+    student_temp = torch.nn.Parameter(torch.tensor(0.2))
+    criterion = dino_module.DINOLoss(output_dim=6, student_temp=student_temp, teacher_temp=torch.tensor(0.05),
+                                     warmup_teacher_temp=0.05, backend=backend)  # fmt: skip
+    assert dict(criterion.named_parameters()) == {"student_temp": student_temp}
+    teacher = [torch.randn(4, 6) for _ in range(2)]
+    student = [torch.randn(4, 6) for _ in range(3)]
+    criterion(teacher, student).backward()
+    exact_temp = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    exact = reference.dino_loss([t.double() for t in teacher], [s.double() for s in student],
+                                torch.zeros(6, dtype=torch.float64), 0.05, exact_temp)  # fmt: skip
+    (exact_grad,) = torch.autograd.grad(exact, [exact_temp])
+    assert student_temp.grad.item() == pytest.approx(exact_grad.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("epoch", [0, 2, 2.0, 5, 5.0, 100, torch.tensor(3)])
+def test_dino_epoch_within_and_beyond_the_warmup(epoch):
+    """Integral floats index the warm-up schedule like ints; epochs at or beyond its end use
+    ``teacher_temp``, as lightly's schedule does."""
+    ours = dino_module.DINOLoss(output_dim=5, warmup_teacher_temp=0.02, teacher_temp=0.06, warmup_teacher_temp_epochs=5, backend="torch")
+    index = int(epoch)
+    expected_temp = ours.teacher_temp_schedule[index].item() if index < 5 else 0.06
+    teacher = [torch.randn(3, 5) for _ in range(2)]
+    student = [torch.randn(3, 5) for _ in range(2)]
+    loss = ours(teacher, student, epoch=epoch)
+    expected = reference.dino_loss([t.double() for t in teacher], [s.double() for s in student],
+                                   torch.zeros(5, dtype=torch.float64), expected_temp, 0.1)  # fmt: skip
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("epoch,error", [(2.5, ValueError), (-1, ValueError), (float("nan"), ValueError), ("3", TypeError), (True, TypeError)])
+def test_dino_bad_epoch_is_a_clear_error(epoch, error):
+    criterion = dino_module.DINOLoss(output_dim=5, warmup_teacher_temp_epochs=5, backend="torch")
+    with pytest.raises(error, match="epoch"):
+        criterion([torch.randn(3, 5)] * 2, [torch.randn(3, 5)] * 2, epoch=epoch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dino_reference_backend_computes_half_inputs_in_float32(dtype):
+    """Half-precision views beside the module's float32 center: the reference backend
+    evaluates the formula in float32 (no dtype clash), gradients come back in the views' dtype."""
+    criterion = dino_module.DINOLoss(output_dim=7, backend="reference")
+    criterion.center.copy_(0.1 * torch.randn(1, 1, 7))
+    center = criterion.center.clone()
+    teacher = [torch.randn(4, 7).to(dtype) for _ in range(2)]
+    student = [torch.randn(4, 7).to(dtype).requires_grad_(True) for _ in range(3)]
+    loss = criterion(teacher, student)
+    grads = torch.autograd.grad(loss, student)
+    exact_student = [s.detach().double().requires_grad_(True) for s in student]
+    expected = reference.dino_loss([t.double() for t in teacher], exact_student, center.double(), 0.04, 0.1)
+    expected_grads = torch.autograd.grad(expected, exact_student)
+    assert loss.dtype == torch.float32
+    _assert_close(loss, expected, rtol=1e-5)
+    for g, g_exact in zip(grads, expected_grads):
+        assert g.dtype == dtype
+        _assert_close(g, g_exact, rtol=1e-2)

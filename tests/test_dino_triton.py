@@ -145,8 +145,11 @@ def _views(prefix: str, dtype: str) -> dict:
 
 _TABLES_BF16 = {**_views("t", "*bf16"), **_views("s", "*bf16")}
 _TABLES_MIXED = {**_views("t", "*fp32"), **_views("s", "*fp16"), "s_view_stride": "i64"}
-_BF16 = {"T_VIEWS": 2, "S_VIEWS": 12, "T_UNIFORM": False, "S_UNIFORM": False, "T_ROW_ALIGN": 8, "S_ROW_ALIGN": 8, "K_ALIGN": 8}
-_MIXED = {"T_VIEWS": 1, "S_VIEWS": 17, "T_UNIFORM": False, "S_UNIFORM": True, "T_ROW_ALIGN": 4, "S_ROW_ALIGN": 1, "K_ALIGN": 1}
+_FLOAT_TEMPS = {"TEACHER_TEMP_TENSOR": False, "STUDENT_TEMP_TENSOR": False}
+_BF16 = {"T_VIEWS": 2, "S_VIEWS": 12, "T_UNIFORM": False, "S_UNIFORM": False, "T_ROW_ALIGN": 8, "S_ROW_ALIGN": 8, "K_ALIGN": 8, **_FLOAT_TEMPS}
+_MIXED = {"T_VIEWS": 1, "S_VIEWS": 17, "T_UNIFORM": False, "S_UNIFORM": True, "T_ROW_ALIGN": 4, "S_ROW_ALIGN": 1, "K_ALIGN": 1, **_FLOAT_TEMPS}
+# Temperatures read from 0-d tensors (a learnable student temperature, with its ∂L/∂τ partials).
+_TENSOR_TEMPS = {"TEACHER_TEMP_TENSOR": True, "STUDENT_TEMP_TENSOR": True}
 
 
 @pytest.mark.slow
@@ -156,9 +159,11 @@ def test_dino_kernels_compile_for_sm90():
     compile_for_sm90([
         (_MODULE, "_dino_stats_kernel", _TABLES_BF16, {**_BF16, "WITH_COLSUM": True, "BLOCK_ROWS": 8, "BLOCK_K": 512, "n_rows": 1}, 4),
         (_MODULE, "_dino_stats_kernel", _TABLES_MIXED, {**_MIXED, "WITH_COLSUM": False, "BLOCK_ROWS": 2, "BLOCK_K": 16}, 4),
-        (_MODULE, "_dino_loss_grad_kernel", {**_TABLES_BF16, "grad_ptr": "*bf16", "grad_stride_view": "i64"}, {**_BF16, "COMPUTE_GRAD": True, "BLOCK_ROWS": 8, "BLOCK_K": 512, "n_rows": 1}, 4),
-        (_MODULE, "_dino_loss_grad_kernel", {**_TABLES_MIXED, "grad_ptr": "*fp16"}, {**_MIXED, "COMPUTE_GRAD": False, "BLOCK_ROWS": 2, "BLOCK_K": 16}, 4),
+        (_MODULE, "_dino_loss_grad_kernel", {**_TABLES_BF16, "grad_ptr": "*bf16", "grad_stride_view": "i64"}, {**_BF16, "COMPUTE_GRAD": True, "TEMPERATURE_GRAD": False, "BLOCK_ROWS": 8, "BLOCK_K": 512, "n_rows": 1}, 4),
+        (_MODULE, "_dino_loss_grad_kernel", {**_TABLES_MIXED, "grad_ptr": "*fp16"}, {**_MIXED, "COMPUTE_GRAD": False, "TEMPERATURE_GRAD": False, "BLOCK_ROWS": 2, "BLOCK_K": 16}, 4),
         (_MODULE, "_dino_stats_kernel", _TABLES_BF16, {**_BF16, "WITH_COLSUM": True, "BLOCK_ROWS": 2, "BLOCK_K": 8, "k_units": 1}, 4),
+        (_MODULE, "_dino_stats_kernel", _TABLES_BF16, {**_BF16, **_TENSOR_TEMPS, "WITH_COLSUM": True, "BLOCK_ROWS": 8, "BLOCK_K": 512}, 4),
+        (_MODULE, "_dino_loss_grad_kernel", {**_TABLES_BF16, "grad_ptr": "*bf16", "grad_stride_view": "i64"}, {**_BF16, **_TENSOR_TEMPS, "COMPUTE_GRAD": True, "TEMPERATURE_GRAD": True, "BLOCK_ROWS": 8, "BLOCK_K": 512}, 8),
     ])  # fmt: skip
 
 
@@ -270,3 +275,22 @@ def test_dino_training_step_captures_in_a_cuda_graph():
     module = fastssl.DINOLoss(output_dim=300, backend="triton").cuda()
     # Teacher views from the same network without gradient, as a momentum teacher would give.
     capture_training_step(lambda outputs: module([o.detach() for o in outputs[:2]], outputs), views=6)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("tiles", [False, True])
+def test_dino_triton_learnable_student_temperature_gets_its_gradient(device, tiles, monkeypatch):
+    """Temperatures given as 0-d tensors are read by the kernels on the device; the student's
+    gets ∂L/∂τ_s from the kernel's per-program partials (several K splits with small tiles)."""
+    if tiles:
+        monkeypatch.setattr(kernels, "_TILE_ELEMENTS", 32)
+        monkeypatch.setattr(kernels, "_TILE_CONTIGUOUS", 8)
+    from test_dino import learnable_temperature_fns
+
+    views = [v.to(device) for v in awkward_inputs(3, 37, views=5)]
+    impl, ref = learnable_temperature_fns(2, 0.1 * torch.randn(37), "triton")
+    assert_matches_reference(impl, ref, views + [torch.tensor(0.12, device=device)])
+    student_temp = torch.nn.Parameter(torch.tensor(0.2, device=device))
+    criterion = fastssl.DINOLoss(output_dim=37, student_temp=student_temp, teacher_temp=torch.tensor(0.05), backend="triton")
+    criterion.to(device)(views[:2], views[2:]).backward()
+    assert student_temp.grad is not None and torch.isfinite(student_temp.grad)

@@ -231,7 +231,7 @@ def test_swav_triton_non_finite_scores_give_nan(device, bad, config, monkeypatch
 # interpreter objects that the compiler cannot call.
 
 _COMPILE_SCRIPT = r"""
-import importlib, inspect, json, sys
+import importlib, inspect, json, os, subprocess, sys, tempfile
 try:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -241,7 +241,8 @@ try:
 except Exception as e:
     print("unsupported:", repr(e))
     sys.exit(77)
-FLOATS = {"scale", "inv_temperature", "inv_epsilon", "grad_scale", "inv_teacher_temp", "inv_student_temp"}
+FLOATS = {"scale", "inv_temperature", "inv_epsilon", "grad_scale", "inv_teacher_temp", "inv_student_temp", "inv_normalizer"}
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 failures = []
 for module_name, kernel_name, types, constexprs, num_warps in json.loads(sys.argv[1]):
     kernel = getattr(importlib.import_module(module_name), kernel_name)
@@ -258,9 +259,19 @@ for module_name, kernel_name, types, constexprs, num_warps in json.loads(sys.arg
     source = ASTSource(fn=kernel, signature=signature,
                        constexprs={(params.index(p),): v for p, v in values.items()})
     try:
-        triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     except Exception as e:
         failures.append(f"{kernel_name} {constexprs}: {type(e).__name__}: {str(e)[:3000]}")
+        continue
+    # Register spills show as a stack frame in the cubin's resource usage (ptxas -v's figure).
+    if os.path.exists(CUOBJDUMP):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "kernel.cubin")
+            with open(path, "wb") as f:
+                f.write(compiled.asm["cubin"])
+            usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+        if "STACK:" in usage and int(usage.split("STACK:")[1].split()[0]) > 0:
+            failures.append(f"{kernel_name} {constexprs}: register spills ({usage.strip()[:300]})")
 print("\n".join(failures))
 sys.exit(1 if failures else 0)
 """
@@ -268,7 +279,8 @@ sys.exit(1 if failures else 0)
 
 def compile_for_sm90(specs) -> None:
     """Compile ``(module, kernel, {param: type}, {param: constexpr value}, num_warps)`` specs for
-    sm_90 in a subprocess without the interpreter; skips where this Triton cannot."""
+    sm_90 in a subprocess without the interpreter, and check that none spills registers; skips
+    where this Triton cannot."""
     if torch.cuda.is_available():
         pytest.skip("the gpu lane compiles and runs the kernels on the device")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -294,8 +306,10 @@ _P_BF16 = _views("p", "*bf16")
 _P_FP16 = _views("p", "*fp16")
 _BF16 = {"P_VIEWS": 2, "P_UNIFORM": False, "P_ROW_ALIGN": 8, "K_ALIGN": 16}
 _FP16 = {"P_VIEWS": 1, "P_UNIFORM": True, "P_ROW_ALIGN": 1, "K_ALIGN": 1}
-_C_BF16 = {"C_VIEWS": 3, "C_UNIFORM": False, "C_ROW_ALIGN": 8, "K_ALIGN": 16}
-_C_FP16 = {"C_VIEWS": 2, "C_UNIFORM": True, "C_ROW_ALIGN": 1, "K_ALIGN": 1}
+_C_BF16 = {"C_VIEWS": 3, "C_UNIFORM": False, "C_ROW_ALIGN": 8, "K_ALIGN": 16, "TEMPERATURE_TENSOR": False, "TEMPERATURE_GRAD": False}
+_C_FP16 = {"C_VIEWS": 2, "C_UNIFORM": True, "C_ROW_ALIGN": 1, "K_ALIGN": 1, "TEMPERATURE_TENSOR": False, "TEMPERATURE_GRAD": False}
+# A learnable temperature: read from its 0-d tensor, with the ∂L/∂τ partials.
+_C_LEARNED = {"TEMPERATURE_TENSOR": True, "TEMPERATURE_GRAD": True}
 SINKHORN_COMPILE_SPECS = [
     (_MODULE, "_partial_lse_kernel", _P_BF16, {**_BF16, "REDUCE_ROWS": True, "HAS_POTENTIAL": True, "BLOCK_KEEP": 128, "BLOCK_REDUCE": 32}, 4),
     (_MODULE, "_partial_lse_kernel", {**_P_FP16, "p_view_stride": "i64"}, {**_FP16, "REDUCE_ROWS": False, "HAS_POTENTIAL": False, "BLOCK_KEEP": 8, "BLOCK_REDUCE": 512, "n_rows": 1}, 4),
@@ -306,6 +320,8 @@ SINKHORN_COMPILE_SPECS = [
     # K = 16: k_units = 1 arrives as a constant.
     (_MODULE, "_partial_lse_kernel", _P_BF16, {**_BF16, "REDUCE_ROWS": True, "HAS_POTENTIAL": False, "BLOCK_KEEP": 16, "BLOCK_REDUCE": 32, "k_units": 1}, 4),
     (_MODULE, "_swav_ce_kernel", _views("c", "*bf16"), {**_C_BF16, "UNIT_ROW_SUMS": True, "COMPUTE_GRAD": True, "BLOCK_ROWS": 4, "BLOCK_PROTO": 16, "k_units": 1}, 4),
+    (_MODULE, "_swav_ce_kernel", {**_views("c", "*bf16"), "grad_ptr": "*bf16"}, {**_C_BF16, **_C_LEARNED, "UNIT_ROW_SUMS": True, "COMPUTE_GRAD": True, "BLOCK_ROWS": 4, "BLOCK_PROTO": 1024}, 4),
+    (_MODULE, "_swav_ce_kernel", _views("c", "*fp32"), {**_C_FP16, **_C_LEARNED, "UNIT_ROW_SUMS": False, "COMPUTE_GRAD": False, "BLOCK_ROWS": 8, "BLOCK_PROTO": 512}, 4),
 ]  # fmt: skip
 
 
@@ -489,3 +505,23 @@ def capture_training_step(loss_of_outputs, views: int, rows: int = 64, dim: int 
         torch.testing.assert_close(static_loss, expected, rtol=1e-4, atol=1e-5)
     for p, p_ref in zip(model.parameters(), reference_model.parameters()):
         torch.testing.assert_close(p, p_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("iterations", [0, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swav_triton_learnable_temperature_gets_its_gradient(device, iterations, dtype, monkeypatch):
+    """A one-element temperature tensor is read by the kernel on the device (no host read) and
+    gets ∂L/∂τ, summed from the kernel's per-program partials."""
+    _configure(monkeypatch, "split")
+    from test_swav import learnable_temperature_fns
+
+    # Mild scores so that the reference run at half precision (PyTorch's own error) is finite.
+    scale = 1.0 if dtype == torch.float32 else 0.3
+    crops = [_scores(5, 7, device, dtype=dtype, scale=scale, non_contiguous=(v == 1)) for v in range(4)]
+    impl, ref = learnable_temperature_fns(2, iterations, "triton")
+    assert_matches_reference(impl, ref, crops + [torch.tensor(0.13, device=device)])
+    # The module path, a Parameter in float32 beside the crops' dtype.
+    temperature = torch.nn.Parameter(torch.tensor(0.2, device=device))
+    fastssl.SwaVLoss(temperature=temperature, backend="triton")(crops[:2], crops[2:]).backward()
+    assert temperature.grad is not None and temperature.grad.dtype == torch.float32 and torch.isfinite(temperature.grad)

@@ -375,3 +375,94 @@ def test_distributed_sinkhorn_is_the_global_sinkhorn(split):
                 assert torch.isfinite(rank_codes).all()
                 _assert_close(rank_codes, exact_codes[rows], rtol=1e-4)
             assert temperature_grad_sum == pytest.approx(world * exact_grads[-1].item(), rel=1e-4), (backend, iterations)
+
+
+# --------------------------------------------------------------------------------------------
+# Learnable temperature, empty queues, the reference backend's dtype rule
+# --------------------------------------------------------------------------------------------
+
+
+def learnable_temperature_fns(n_high: int, iterations: int, backend: str):
+    """(impl, ref) over ``[*crops, temperature]``: the temperature a 0-d tensor input, so that
+    assert_matches_reference checks its gradient beside the crops'."""
+
+    def impl(*xs):
+        return FS.swav_loss(list(xs[:n_high]), list(xs[n_high:-1]), None, xs[-1], iterations, 0.05, backend=backend)
+
+    def ref(*xs):
+        return reference.swav_loss(list(xs[:n_high]), list(xs[n_high:-1]), None, xs[-1], iterations, 0.05)
+
+    return impl, ref
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("iterations", [0, 3])
+@pytest.mark.parametrize("b,k", [(1, 3), (5, 129)])
+def test_swav_learnable_temperature_gets_its_gradient(backend, iterations, b, k):
+    crops = [_scores(b, k, non_contiguous=(v == 2)) for v in range(4)]
+    impl, ref = learnable_temperature_fns(2, iterations, backend)
+    assert_matches_reference(impl, ref, crops + [torch.tensor(0.13)])
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_swav_module_registers_and_trains_a_temperature_parameter(backend):
+    """As lightly: ``SwaVLoss(temperature=nn.Parameter(...))`` registers the parameter, and an
+    optimizer step moves it (with the gradient of the float64 formula)."""
+    temperature = torch.nn.Parameter(torch.tensor(0.2))
+    criterion = fastssl.SwaVLoss(temperature=temperature, backend=backend)
+    assert dict(criterion.named_parameters()) == {"temperature": temperature}
+    assert "temperature" in criterion.state_dict()
+    crops = [_scores(6, 7) for _ in range(3)]
+    criterion(crops[:2], crops[2:]).backward()
+    exact_temperature = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    exact = reference.swav_loss([c.double() for c in crops[:2]], [crops[2].double()], None, exact_temperature)
+    (exact_grad,) = torch.autograd.grad(exact, [exact_temperature])
+    assert temperature.grad is not None and temperature.grad.item() == pytest.approx(exact_grad.item(), rel=1e-4)
+    torch.optim.SGD([temperature], lr=1e-3).step()
+    assert temperature.item() != 0.2
+
+
+def test_swav_temperature_tensor_must_be_one_floating_element():
+    crops = [torch.randn(4, 5) for _ in range(2)]
+    with pytest.raises(TypeError, match="temperature"):
+        FS.swav_loss(crops, [], None, torch.tensor([0.1, 0.2]))
+    with pytest.raises(TypeError, match="temperature"):
+        fastssl.SwaVLoss(temperature=torch.tensor(1))
+    with pytest.raises(ValueError, match="temperature"):
+        fastssl.SwaVLoss(temperature=torch.nn.Parameter(torch.tensor(0.0)))
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_swav_empty_queue_is_no_queue(backend):
+    """lightly accepts (0, K) queue tensors (a queue not yet filled): the loss is the loss
+    without a queue."""
+    crops = [_scores(5, 6) for _ in range(3)]
+    empty = [torch.empty(0, 6) for _ in range(2)]
+    without = FS.swav_loss(crops[:2], crops[2:], None, backend=backend)
+    with_empty = FS.swav_loss(crops[:2], crops[2:], empty, backend=backend)
+    assert with_empty.item() == pytest.approx(without.item(), rel=1e-6)
+    lightly_swav = load_lightly_swav()
+    expected = lightly_swav.SwaVLoss()(crops[:2], crops[2:], empty)
+    assert with_empty.item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="prototypes"):
+        FS.swav_loss(crops[:2], crops[2:], [torch.empty(0, 5)] * 2, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_swav_reference_backend_computes_half_inputs_in_float32(dtype):
+    """The textbook formula in float16 overflows (exp(s/ε) > 65504 beyond s/ε ≈ 11); the
+    reference backend evaluates it in float32 and returns gradients in the input dtype."""
+    crops = [(_scores(6, 5) * 0.8).to(dtype).requires_grad_(True) for _ in range(3)]
+    loss = FS.swav_loss(crops[:2], crops[2:], backend="reference")
+    grads = torch.autograd.grad(loss, crops)
+    exact = [c.detach().double().requires_grad_(True) for c in crops]
+    expected = reference.swav_loss(exact[:2], exact[2:])
+    expected_grads = torch.autograd.grad(expected, exact)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    _assert_close(loss, expected, rtol=1e-5)
+    for g, g_exact in zip(grads, expected_grads):
+        assert g.dtype == dtype
+        _assert_close(g, g_exact, rtol=1e-2)
+    codes = FS.sinkhorn(crops[0].detach(), 3, 0.05, backend="reference")
+    assert codes.dtype == torch.float32 and torch.isfinite(codes).all()
+    _assert_close(codes, reference.sinkhorn(crops[0].detach().double(), 3, 0.05), rtol=1e-5)
