@@ -1834,6 +1834,8 @@ def headline_rows(data: Dict[str, Any]) -> List[Dict[str, Any]]:
         family = case.get("family") or name.split(" ", 1)[0]
         check_families, graph_families = ROW_CHECKS.get(family, ((family,), (family,)))
         prefixes = [f"check/{f}/" for f in check_families] + [f"nan/{f}" for f in check_families]
+        if (data.get("meta") or {}).get("dry_run") and case.get("shape"):  # say what really ran
+            name = f"{family} tiny {', '.join(f'{k}={v}' for k, v in case['shape'].items())} {dtype}"
         rows.append({
             "case": name, "family": family, "status": entry.get("status"), "ms": ms, "cells": cells,
             "vs_eager": speedup(ms["eager"]), "vs_compiled": speedup(ms["compiled"]), "vs_lightly": speedup(ms["lightly"]),
