@@ -351,6 +351,8 @@ def _sinkhorn_fastssl(scores: Tensor, backend: str) -> Tensor:
 
 
 def _dino_reference(teacher: List[Tensor], student: List[Tensor], center: Tensor) -> Tensor:
+    # The textbook formula in the views' dtype (the center buffer is float32, as in lightly).
+    center = center.to(teacher[0].dtype)
     return reference.dino_loss(teacher, student, center, DINO_TEACHER_TEMP, DINO_STUDENT_TEMP)
 
 
