@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastssl import reference
-from fastssl._backend import check_backend_name, outside_autocast, resolve_backend
+from fastssl._backend import check_backend_name, outside_autocast, reference_dtype, resolve_backend, run_reference
 from fastssl._checks import check_finite, check_int, check_probability, check_tensor
 
 WHITENINGS = ("cholesky", "zca")
@@ -308,6 +308,19 @@ def _use_cuda_kernel(x: Tensor, whitening: str) -> bool:
     return wmse_cuda.load_extension() is not None
 
 
+def _use_fused_cuda_loss(x: Tensor, whitening: str, num_samples: int) -> bool:
+    """The default loss with Cholesky whitening of CUDA float32/float16/bfloat16 tensors, d <= 256
+    and 2 to 8 views runs as one custom op of CUDA kernels (whitening, normalized MSE and its
+    gradient), in eager mode and inside ``torch.compile``."""
+    if whitening != "cholesky" or x.dtype == torch.float64 or x.shape[1] > CUDA_KERNEL_MAX_DIM:
+        return False
+    if not 2 <= num_samples <= 8 or not _on_cuda(x):
+        return False
+    from fastssl.kernels import wmse_cuda
+
+    return wmse_cuda.extension_available()
+
+
 def _whiten_blocks(x: Tensor, index: Tensor, eps: float, whitening: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     if _use_cuda_kernel(x, whitening):
         from fastssl.kernels import wmse_cuda
@@ -390,6 +403,10 @@ def _wmse_batched(
     Returns the 0-d float32 loss, and the (S, d) means and (S, d, d) covariances of the blocks
     in lightly's call order (for the running statistics).
     """
+    if (loss_fn is None or loss_fn is norm_mse_loss) and _use_fused_cuda_loss(input, whitening, num_samples):
+        from fastssl.kernels import wmse_cuda
+
+        return wmse_cuda.wmse_loss_cholesky(input, perms, num_samples, w_size, eps)
     x = input.to(_accumulation_dtype(input))
     index = _subbatch_index(perms, num_samples, w_size, bs)
     z, means, covs, failed = _whiten_blocks(x, index, eps, whitening)
@@ -440,8 +457,11 @@ def _wmse_loop(
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     white: "Whitening2d",
 ) -> Tensor:
-    """``backend="reference"`` of :class:`WMSELoss`: lightly's loop in the input dtype, with the
-    running statistics updated after every block (no batching, no closed forms)."""
+    """``backend="reference"`` of :class:`WMSELoss`: lightly's loop, with the running statistics
+    updated after every block (no batching, no closed forms), in the reference backend's dtype
+    (float32 for half inputs: PyTorch has no half-precision Cholesky on CPU; the cast is
+    differentiable, so the gradient comes back in the input dtype)."""
+    input = input.to(reference_dtype(input))
     use_running = not white.training and white.track_running_stats
     update = white.training and white.track_running_stats
     whiten = reference.whiten_cholesky if whitening == "cholesky" else reference.whiten_zca
@@ -509,7 +529,7 @@ def wmse_loss(
     bs = _check_wmse_args(input, num_samples, w_size, w_iter, eps, whitening)
     impl = resolve_backend(backend, input, has_triton_kernel=False)
     if impl == "reference":
-        return reference.wmse_loss(input, num_samples, w_size, w_iter, eps, whitening, permutations).float()
+        return run_reference(reference.wmse_loss, input, num_samples, w_size, w_iter, eps, whitening, permutations)
     perms = _draw_permutations(bs, w_iter, permutations, input.device)
     loss, _, _ = _wmse_batched(input, bs, num_samples, w_size, perms, eps, whitening)
     return loss
@@ -622,7 +642,21 @@ class WMSELoss(nn.Module):
     float32 loss. Raises :class:`WMSEBatchSizeError` (a RuntimeError, as lightly, and a
     ValueError) when the rows are not divisible by num_samples or the images per view by
     w_size, and ValueError when there are fewer images per view than w_size or a covariance is
-    singular.
+    singular (CPU tensors).
+
+    On CUDA tensors the step never waits for the host (it can be captured in a CUDA graph),
+    which changes two things against lightly: a singular sub-batch covariance gives a NaN loss
+    instead of an error (raising would need the factorization's status on the host every
+    call), and the sub-batch permutations come from the CUDA generator (``torch.rand`` on the
+    device, argsorted), so ``torch.manual_seed`` reproduces fastssl's own runs but not lightly's
+    CPU ``torch.randperm`` draws; the permutations are uniform all the same. float16/bfloat16
+    inputs are whitened in float32 on every backend (``"reference"`` included).
+
+    Example::
+
+        criterion = WMSELoss(embedding_dim=64, w_size=128)
+        loss = criterion(torch.cat([z_view0, z_view1]))  # (2 * batch_size, 64)
+        loss.backward()
     """
 
     def __init__(

@@ -1,29 +1,83 @@
-r"""Loader, launcher and ``autograd.Function`` of the CUDA C++ W-MSE whitening kernel
-(``csrc/wmse_whitening.cu``, installed as ``fastssl.csrc``).
+r"""Loader, launchers, custom op and ``autograd.Function`` of the CUDA C++ W-MSE kernels
+(``csrc/wmse_whitening.cu``, installed as ``fastssl.csrc``): Cholesky whitening of sub-batches
+and the normalized MSE between views (Ermolov et al. 2021, "Whitening for Self-Supervised
+Representation Learning", Eq. 3-5), forward and backward.
 
 Build. The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (nvcc
 and ninja needed; the result is cached in torch's extension directory). When it cannot be
 built — no CUDA, no nvcc, a compiler error — :func:`load_extension` warns once and returns
 ``None`` for the rest of the process, and :mod:`fastssl.wmse` runs its batched PyTorch path.
 
-Use. :mod:`fastssl.wmse` calls :func:`whiten_cholesky` for Cholesky whitening of CUDA tensors
-with d <= 256 (float32/float16/bfloat16 inputs, computed in float32) outside ``torch.compile``;
-ZCA whitening, float64 inputs, larger d and compiled graphs take the PyTorch path.
+Use. :mod:`fastssl.wmse` calls
 
-Forward (kernel): per sub-batch of w rows, Z = X_c L⁻ᵀ with (1-ε)Σ + εI = L Lᵀ, and W = L⁻¹
-saved. Backward (batched PyTorch, from the saved W and Z — a handful of batched products, no
-factorization): with G = ∂ℓ/∂Z,
+* :func:`wmse_loss_cholesky` — the whole default loss (whitening of every sub-batch, the
+  normalized MSE between 2 to 8 views, its gradient) as the custom op
+  ``fastssl::wmse_cholesky_loss`` with a registered autograd and fake implementation, so that
+  ``torch.compile(fullgraph=True)`` keeps it whole;
+* :func:`whiten_cholesky` — whitening alone (a custom ``loss_fn``, ``Whitening2d``), eager.
 
-.. math:: P = \mathrm{tril}(-G^\top Z),\quad
-          S = \tfrac12\big(P + \mathrm{tril}(P, -1)^\top\big),\quad
-          \partial\ell/\partial X_c = \big(G + \tfrac{2(1-\epsilon)}{w-1} Z S\big) W,\quad
-          \partial\ell/\partial X = \partial\ell/\partial X_c - \tfrac1w \mathbf 1\mathbf 1^\top \partial\ell/\partial X_c.
+Both take CUDA float32/float16/bfloat16 inputs with d <= 256 (read in their dtype, computed in
+float32, the gradient written in the input dtype).
 
-The first term is the direct path Z = X_c Wᵀ; the second is the path through the covariance:
-∂ℓ/∂L = -Wᵀ Gᵀ Z, so Lᵀ ∂ℓ/∂L = -Gᵀ Z, and Cholesky's backward (Murray 2016, as PyTorch writes
-it) gives ∂ℓ/∂Σ = Wᵀ S W, which the symmetric product Σ = X_cᵀ X_c (1-ε)/(w-1) sends to
-X_c as 2(1-ε)/(w-1) X_c Wᵀ S W = 2(1-ε)/(w-1) Z S W. Cost 3 batched products of S·w·d² FMAs
-each (the forward's order).
+Cost at the headline shape (DESIGN §5: d = 128, w = 256, 4 sub-batches per view, 2 views,
+w_iter = 1: S = 8 sub-batches, N = 2048 rows)
+-----------------------------------------------------------------------------------------------
+Per sub-batch, FMA = 2 FLOP, minimum (symmetry and triangles exploited):
+
+=====================================  ====================  ==========
+step                                   FLOP                  at S = 8
+=====================================  ====================  ==========
+covariance  X_cᵀX_c (lower half)       w·d(d+1)              34 M
+LDLᵀ + inverse (one sweep)             2/3·d³                11 M
+whitening   Z = X_c Wᵀ (triangular)    w·d(d+1)              34 M
+backward    Gᵀ Z (lower half)          w·d(d+1)              34 M
+            Z S' (full)                2·w·d²                67 M
+            H W (triangular)           w·d(d+1)              34 M
+=====================================  ====================  ==========
+
+214 MFLOP in all (the launch report's model, which counts the torch path's full products,
+says 290 MFLOP). Bytes: read x (1 MB) and write its gradient (1 MB) = 2.1 MB. Floor on an
+H200 = max(FLOP / rate, bytes / 4.3 TB/s):
+
+* float32 on the FMA units (60 TFLOP/s): 3.6 µs (290 MFLOP: 4.8 µs) — the floor of an
+  implementation that keeps float32 products, which a Cholesky of a covariance needs;
+* TF32 tensor-core rate (395 TFLOP/s, the launch report's): 0.73 µs (bytes: 0.49 µs).
+
+Launch plan (5 launches per forward + backward; +1 when w_iter > 1)
+-------------------------------------------------------------------
+====  =====================  ===========================  =========  ======  ====================
+#     kernel                 grid at the headline shape    regs       smem    predicted (H200)
+====  =====================  ===========================  =========  ======  ====================
+F1    gram_kernel<0>         S x 10 lower 32-tiles = 80   77-83      38 KB   ≈ 3 µs
+F2    factor_kernel<8,reg>   S = 8 (one per sub-batch)    123        3 KB    ≈ 15 µs (128 steps)
+F3    whiten_kernel<loss>    S/V x w/8 = 128              58-64      80 KB   ≈ 4 µs
+B1    gram_kernel<1>         S x 10 = 80                  75         38 KB   ≈ 3 µs
+B2    row_gradient_kernel    S x w/8 = 256                ≤ 48       69 KB   ≈ 3 µs
+====  =====================  ===========================  =========  ======  ====================
+
+(registers from ``nvcc -arch=sm_90 -Xptxas -v``, nvcc 13; zero spills in every instance.)
+F2 is the one sequential part: d elimination steps, each one barrier and a rank-1 update of
+the square held in registers (8 x 8 per thread); ≈ 100 issued instructions per warp and step
+on 8 warps ≈ 230 cycles -> 128 steps ≈ 15 µs. Everything else has more than one block per
+sub-batch (10 in F1/B1, 32 row blocks per view pair in F3, 32 per sub-batch in B2) and is
+bound by L2 round trips (one per staged operand: W and S' are staged whole for d <= 128).
+
+Predicted forward + backward: GPU ≈ 28 µs of kernels + 5 launch gaps ≈ 33 µs; host: two
+custom-op calls and the eager ops counted by ``tests/test_wmse_cuda.py`` (2 before the op:
+the device permutation, ``rand`` + ``argsort``; 4 allocations in the forward binding, 2 in the
+backward) -> host-bound in eager mode (≈ 2 x 15 µs + 5 launches x 4 µs + ~12 ops x 4 µs ≈ 100
+µs with the launch report's constants), GPU-bound (≈ 33 µs) under a CUDA graph. Against the
+floors: ≈ 33 µs is 2 % of the TF32 floor and 11-15 % of the float32-FMA floor; before
+(batched PyTorch: 129 eager ops, a cuSOLVER batched Cholesky and triangular solves, three
+more solves in the backward) the launch report predicted 516 µs (0.1 % of the TF32 floor).
+What would close the rest: a blocked F2 (4-column panels, a quarter of the barriers) and a
+persistent single launch per direction; neither changes the interface.
+
+Determinism. No atomic accumulation anywhere: every reduction has a fixed order (warp order
+in the Gram tiles, lane order in the row norms, block order for the loss, whose blocks take a
+ticket from one counter so that the last one adds the partials); each input row's gradient
+is written once per iteration (the sub-batches of one iteration partition the rows), and the
+w_iter slices are added in order.
 """
 
 from __future__ import annotations
@@ -33,7 +87,7 @@ import threading
 import warnings
 from pathlib import Path
 from types import ModuleType
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -43,7 +97,13 @@ import fastssl.csrc as _csrc_package
 # The sources live in the top-level ``csrc/`` of the repository, installed as ``fastssl.csrc``.
 CSRC = Path(_csrc_package.__file__).resolve().parent
 SOURCES = ("wmse_whitening.cpp", "wmse_whitening.cu")
-EXTENSION_NAME = "fastssl_wmse_whitening"
+EXTENSION_NAME = "fastssl_wmse_kernels"
+
+# Limits of the kernels (csrc/wmse_whitening.h): kMaxDim, kMaxViews, kRowTile.
+MAX_DIM = 256
+MAX_VIEWS = 8
+ROW_TILE = 8
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _lock = threading.Lock()
 _extension: Optional[ModuleType] = None
@@ -63,7 +123,7 @@ def _build_extension() -> ModuleType:
         sources=[str(CSRC / name) for name in SOURCES],
         extra_include_paths=[str(CSRC)],
         extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", "-std=c++17"],
         verbose=False,
     )
 
@@ -89,6 +149,13 @@ def load_extension() -> Optional[ModuleType]:
     return _extension
 
 
+@torch.compiler.assume_constant_result
+def extension_available() -> bool:
+    """Whether the extension is (or can be) built; a constant for ``torch.compile`` (evaluated
+    once while tracing, so the build and its warning stay out of the graph)."""
+    return load_extension() is not None
+
+
 def build_failure() -> Optional[str]:
     """Why the extension could not be built, or ``None``."""
     return _failure
@@ -102,18 +169,150 @@ def _reset() -> None:
         _failure = None
 
 
-def _run_extension(x: Tensor, index: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Launch on x's device and current stream: (Z, W, means, covariances, info)."""
+def _require_extension() -> ModuleType:
     extension = load_extension()
     if extension is None:
         raise RuntimeError(f"the W-MSE CUDA extension is unavailable: {_failure}")
-    with torch.cuda.device(x.device):
-        stream = torch.cuda.current_stream(x.device).cuda_stream
-        return tuple(extension.whiten_forward(x, index, float(eps), stream))  # type: ignore[return-value]
+    return extension
+
+
+def _stream(x: Tensor) -> int:
+    """The current stream of x's device as an integer handle (0 off CUDA: the tests' host
+    emulation)."""
+    return torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
+
+
+def num_blocks(perms: Tensor, views: int, w_size: int) -> int:
+    """S = iterations · (bs / w_size) · views sub-batches for (iterations, bs) permutations."""
+    return perms.shape[0] * (perms.shape[1] // w_size) * views
+
+
+def forward_layout(blocks: int, views: int, w: int, d: int, with_loss: bool) -> Dict[str, int]:
+    """Offsets (in float32 elements) of the forward workspace's parts, as ``forward_layout`` in
+    ``csrc/wmse_whitening.cu``: Z (S, w, d), G (S, w, d) with the loss, W (S, d, d), the factor
+    scratch (S, d, d) for d > 128, the loss partials, info (S,) int32, the ticket counter."""
+    rows, squares = blocks * w * d, blocks * d * d
+    layout = {"z": 0}
+    layout["grad_z"] = rows
+    layout["w_inv"] = layout["grad_z"] + (rows if with_loss else 0)
+    layout["square"] = layout["w_inv"] + squares
+    layout["partials"] = layout["square"] + (squares if d > 128 else 0)
+    layout["info"] = layout["partials"] + ((blocks // views) * -(-w // ROW_TILE) if with_loss else 0)
+    layout["counter"] = layout["info"] + blocks
+    layout["total"] = layout["counter"] + 1
+    return layout
+
+
+def _launch_forward(x: Tensor, perms: Tensor, views: int, w_size: int, eps: float, with_loss: bool,
+                    loss_scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, means (S, d), covariances (S, d, d), workspace) on x's device and current stream."""
+    extension = _require_extension()
+    if x.is_cuda:
+        with torch.cuda.device(x.device):
+            return tuple(extension.forward(x, perms, views, w_size, eps, with_loss, loss_scale, _stream(x)))
+    return tuple(extension.forward(x, perms, views, w_size, eps, with_loss, loss_scale, 0))
+
+
+def _launch_backward(grad_loss: Optional[Tensor], grad_z: Optional[Tensor], workspace: Tensor, x: Tensor,
+                     perms: Tensor, views: int, w_size: int, eps: float, iterations: int) -> Tensor:
+    """∂ℓ/∂x (N, d) in x's dtype, from the fused loss's gradient or from G = ∂ℓ/∂Z."""
+    extension = _require_extension()
+    args = (grad_loss, grad_z, workspace, x, perms, views, w_size, eps, iterations)
+    if x.is_cuda:
+        with torch.cuda.device(x.device):
+            return extension.backward(*args, _stream(x))
+    return extension.backward(*args, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# The fused loss: one custom op per direction
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastssl::wmse_cholesky_loss", mutates_args=())
+def _loss_op(x: Tensor, perms: Tensor, views: int, w_size: int, eps: float,
+             loss_scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    loss, mean, cov, workspace = _launch_forward(x, perms, views, w_size, eps, True, loss_scale)
+    return loss, mean, cov, workspace
+
+
+@_loss_op.register_fake
+def _(x, perms, views, w_size, eps, loss_scale):
+    blocks, d = num_blocks(perms, views, w_size), x.shape[1]
+    total = forward_layout(blocks, views, w_size, d, True)["total"]
+    return (x.new_empty((), dtype=torch.float32), x.new_empty((blocks, d), dtype=torch.float32),
+            x.new_empty((blocks, d, d), dtype=torch.float32), x.new_empty((total,), dtype=torch.float32))
+
+
+@torch.library.custom_op("fastssl::wmse_cholesky_loss_backward", mutates_args=())
+def _loss_backward_op(grad_loss: Tensor, workspace: Tensor, x: Tensor, perms: Tensor, views: int, w_size: int,
+                      eps: float) -> Tensor:
+    return _launch_backward(grad_loss, None, workspace, x, perms, views, w_size, eps, perms.shape[0])
+
+
+@_loss_backward_op.register_fake
+def _(grad_loss, workspace, x, perms, views, w_size, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _loss_setup_context(ctx, inputs, output) -> None:
+    x, perms, views, w_size, eps, _ = inputs
+    _, mean, cov, workspace = output
+    ctx.save_for_backward(x, perms, workspace)
+    ctx.views, ctx.w_size, ctx.eps = views, w_size, eps
+    ctx.mark_non_differentiable(mean, cov, workspace)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics and workspace
+
+
+def _loss_gradient(ctx, grad_loss, grad_mean, grad_cov, grad_workspace):
+    x, perms, workspace = ctx.saved_tensors
+    grad_x = None
+    if grad_loss is not None and ctx.needs_input_grad[0]:
+        grad_x = _loss_backward_op(grad_loss, workspace, x, perms, ctx.views, ctx.w_size, ctx.eps)
+    return grad_x, None, None, None, None, None
+
+
+_loss_op.register_autograd(_loss_gradient, setup_context=_loss_setup_context)
+
+
+def wmse_loss_cholesky(x: Tensor, perms: Tensor, views: int, w_size: int, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """W-MSE's default loss (Cholesky whitening, normalized MSE) in one custom op.
+
+    Args:
+        x: (views · bs, d) CUDA float32/float16/bfloat16, views stacked; d <= 256.
+        perms: (w_iter, bs) int64, contiguous, one permutation of range(bs) per iteration.
+        views: num_samples, 2 to 8.
+        w_size: rows per sub-batch (divides bs).
+        eps: shrinkage toward the identity.
+    Returns:
+        The 0-d float32 loss (NaN when a sub-batch covariance could not be factored), and the
+        (S, d) means and (S, d, d) unshrunk covariances of the sub-batches in lightly's order.
+
+    Example::
+
+        perms = torch.rand(1, 512, device="cuda").argsort(dim=1)
+        loss, _, _ = wmse_loss_cholesky(torch.randn(1024, 64, device="cuda"), perms, 2, 256, 0.0)
+    """
+    iterations, bs = perms.shape
+    pairs = views * (views - 1) // 2
+    loss_scale = 2.0 / (iterations * pairs * bs)  # loss = 2 - 2 · mean of the cosines
+    loss, mean, cov, _ = _loss_op(x, perms, views, w_size, float(eps), loss_scale)
+    return loss, mean, cov
+
+
+# --------------------------------------------------------------------------------------------
+# Whitening alone (custom loss_fn, Whitening2d)
+# --------------------------------------------------------------------------------------------
 
 
 def whitening_backward(grad_z: Tensor, z: Tensor, w_inv: Tensor, eps: float) -> Tensor:
-    r"""Gradient of Cholesky whitening with respect to the (S, w, d) sub-batch rows.
+    r"""The kernels' backward written in batched PyTorch (a reference for the tests).
+
+    With G = ∂ℓ/∂Z, P = tril(-Gᵀ Z), S = ½(P + tril(P, -1)ᵀ):
+    ∂ℓ/∂X_c = (G + 2(1-ε)/(w-1) · Z S) W, ∂ℓ/∂X = ∂ℓ/∂X_c minus its column means. The first
+    term is the direct path Z = X_c Wᵀ; the second the path through the covariance:
+    Lᵀ ∂ℓ/∂L = -Gᵀ Z, Cholesky's backward (Murray 2016) gives ∂ℓ/∂Σ = Wᵀ S W, and
+    Σ = X_cᵀ X_c (1-ε)/(w-1) sends it to X_c as 2(1-ε)/(w-1) · Z S W.
 
     Args:
         grad_z: (S, w, d) ∂ℓ/∂Z.
@@ -121,7 +320,7 @@ def whitening_backward(grad_z: Tensor, z: Tensor, w_inv: Tensor, eps: float) -> 
         w_inv: (S, d, d) W = L⁻¹.
         eps: the shrinkage of the forward.
     Returns:
-        (S, w, d) ∂ℓ/∂X (see the module docstring for the formula).
+        (S, w, d) ∂ℓ/∂X.
     """
     w = z.shape[1]
     p = torch.tril(-(grad_z.mT @ z))
@@ -131,14 +330,20 @@ def whitening_backward(grad_z: Tensor, z: Tensor, w_inv: Tensor, eps: float) -> 
 
 
 class _CholeskyWhitening(torch.autograd.Function):
-    """x (N, d) float32, index (S, w) -> Z (S, w, d), means (S, d), covariances (S, d, d), info (S,)."""
+    """x (N, d), index (S, w) covering every row of x the same number of times, in passes of
+    S / passes blocks -> Z (S, w, d), means (S, d), covariances (S, d, d), info (S,) int32."""
 
     @staticmethod
     def forward(ctx, x: Tensor, index: Tensor, eps: float):  # type: ignore[override]
-        z, w_inv, mean, cov, info = _run_extension(x, index, eps)
-        ctx.save_for_backward(z, w_inv, index)
-        ctx.eps = eps
-        ctx.rows = x.shape[0]
+        blocks, w = index.shape
+        d = x.shape[1]
+        table = index.reshape(1, -1)  # an index table: one "permutation" row, one view
+        _, mean, cov, workspace = _launch_forward(x, table, 1, w, eps, False, 0.0)
+        layout = forward_layout(blocks, 1, w, d, False)
+        z = workspace[layout["z"]: layout["z"] + blocks * w * d].view(blocks, w, d)
+        info = workspace[layout["info"]: layout["info"] + blocks].view(torch.int32)
+        ctx.save_for_backward(x, table, workspace)
+        ctx.eps, ctx.w = eps, w
         ctx.mark_non_differentiable(mean, cov, info)
         return z, mean, cov, info
 
@@ -146,25 +351,29 @@ class _CholeskyWhitening(torch.autograd.Function):
     def backward(ctx, grad_z: Optional[Tensor], *unused):  # type: ignore[override]
         if grad_z is None:
             return None, None, None
-        z, w_inv, index = ctx.saved_tensors
-        d = z.shape[-1]
-        grad_blocks = whitening_backward(grad_z, z, w_inv, ctx.eps)
-        # Every input row lies in w_iter blocks (one per permutation): sum their gradients.
-        grad_x = grad_blocks.new_zeros(ctx.rows, d).index_add_(0, index.reshape(-1), grad_blocks.reshape(-1, d))
+        x, table, workspace = ctx.saved_tensors
+        passes = table.numel() // x.shape[0]
+        grad = grad_z.to(torch.float32).contiguous()
+        grad_x = _launch_backward(None, grad, workspace, x, table, 1, ctx.w, ctx.eps, passes)
         return grad_x, None, None
 
 
 def whiten_cholesky(x: Tensor, index: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Cholesky-whiten the blocks ``x[index]`` with the CUDA kernel.
+    """Cholesky-whiten the blocks ``x[index]`` with the CUDA kernels.
 
     Args:
-        x: (N, d) CUDA tensor, d <= 256 (computed in float32).
-        index: (S, w) int64 rows of x per block.
+        x: (N, d) CUDA tensor, float32/float16/bfloat16, d <= 256 (computed in float32).
+        index: (S, w) int64 rows of x per block; every row of x must appear the same number of
+            times p, in p passes of S / p consecutive blocks (as W-MSE's sub-batches do).
         eps: shrinkage toward the identity, in [0, 1].
     Returns:
         Z (S, w, d) float32 (differentiable with respect to x), means (S, d), covariances
         (S, d, d) and ``failed`` (S,) bool, as :func:`fastssl.wmse._whiten_blocks_torch`.
+
+    Example::
+
+        x = torch.randn(512, 64, device="cuda")
+        z, mean, cov, failed = whiten_cholesky(x, torch.arange(512, device="cuda").view(2, 256), 0.0)
     """
-    x32 = x if x.dtype == torch.float32 else x.float()
-    z, mean, cov, info = _CholeskyWhitening.apply(x32, index.to(torch.int64).contiguous(), float(eps))
+    z, mean, cov, info = _CholeskyWhitening.apply(x, index.to(torch.int64).contiguous(), float(eps))
     return z, mean, cov, info != 0

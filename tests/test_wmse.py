@@ -1,15 +1,12 @@
 """W-MSE: the batched PyTorch path against the reference loop (values and gradients), drop-in
 equivalence with lightly's WMSELoss (running statistics, eval mode, state, errors), singular
-covariances, the CUDA whitening kernel (run on the CPU through host_emulation.h, and compiled
-on a GPU in the ``gpu`` lane), its hand-written backward, the loader's fallback, and
+covariances, the CUDA kernels' backward formula and dispatch (the kernels themselves, run on
+the CPU through host_emulation.h, are tested in test_wmse_cuda.py), the loader's fallback, and
 torch.compile."""
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
-import shutil
-import subprocess
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -469,169 +466,8 @@ def test_hand_written_whitening_backward_matches_autograd(blocks, w, d, eps):
 
 
 # --------------------------------------------------------------------------------------------
-# The CUDA kernel on the CPU (host_emulation.h: one fiber per CUDA thread)
+# The CUDA kernels on the CPU (host emulation), their values and gradients: test_wmse_cuda.py
 # --------------------------------------------------------------------------------------------
-
-_HARNESS = r"""
-#include "host_emulation.h"
-#include "wmse_whitening.cu"
-
-extern "C" int fastssl_emulate_whiten(const float* x, int64_t row_stride, int64_t col_stride, const int64_t* index,
-                                      int64_t num_blocks, int w, int d, float one_minus_eps, float eps,
-                                      int factor_in_shared, float* z, float* w_inv, float* mean, float* cov,
-                                      int* info, unsigned seed) {
-  fastssl_wmse::Params p{};
-  p.x = x; p.x_row_stride = row_stride; p.x_col_stride = col_stride; p.index = index;
-  p.num_blocks = num_blocks; p.w = w; p.d = d; p.one_minus_eps = one_minus_eps; p.eps = eps;
-  p.z = z; p.w_inv = w_inv; p.mean = mean; p.cov = cov; p.info = info; p.factor_in_shared = factor_in_shared;
-  const size_t bytes = fastssl_wmse::shared_floats(d, factor_in_shared != 0) * sizeof(float);
-  return fastssl_emulation::launch(static_cast<unsigned>(num_blocks), fastssl_wmse::kThreads, bytes, seed,
-                                   fastssl_wmse::whiten_kernel, p);
-}
-"""
-
-
-@pytest.fixture(scope="module")
-def emulated_kernel(tmp_path_factory) -> Callable:
-    """``run(x, index, eps, factor_in_shared=True, seed=0)`` -> (z, w_inv, mean, cov, info),
-    the kernel of wmse_whitening.cu run on the host; outputs start as NaN (info as -7)."""
-    compiler = shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        pytest.skip("no C++ compiler to build the host emulation of the CUDA kernel")
-    build = tmp_path_factory.mktemp("wmse_emulation")
-    source = build / "harness.cpp"
-    source.write_text(_HARNESS)
-    library = build / "libwmse_emulation.so"
-    result = subprocess.run(
-        [compiler, "-std=c++17", "-O1", "-shared", "-fPIC", "-w", f"-I{CSRC}", "-o", str(library), str(source)],
-        capture_output=True, text=True,
-    )
-    assert result.returncode == 0, f"host emulation build failed:\n{result.stderr[-3000:]}"
-    entry = ctypes.CDLL(str(library)).fastssl_emulate_whiten
-    entry.restype = ctypes.c_int
-
-    def run(x: torch.Tensor, index: torch.Tensor, eps: float, factor_in_shared: bool = True, seed: int = 0):
-        assert x.dtype == torch.float32 and index.dtype == torch.int64 and index.is_contiguous()
-        blocks, w = index.shape
-        d = x.shape[1]
-        z = torch.full((blocks, w, d), float("nan"))
-        w_inv = torch.full((blocks, d, d), float("nan"))
-        mean = torch.full((blocks, d), float("nan"))
-        cov = torch.full((blocks, d, d), float("nan"))
-        info = torch.full((blocks,), -7, dtype=torch.int32)
-        pointer = lambda t: ctypes.c_void_p(t.data_ptr())
-        rc = entry(pointer(x), ctypes.c_int64(x.stride(0)), ctypes.c_int64(x.stride(1)), pointer(index),
-                   ctypes.c_int64(blocks), w, d, ctypes.c_float(1.0 - eps), ctypes.c_float(eps), int(factor_in_shared),
-                   pointer(z), pointer(w_inv), pointer(mean), pointer(cov), pointer(info), seed)
-        assert rc == 0, "a __syncthreads() was reached by some threads of a block and not by others"
-        return z, w_inv, mean, cov, info
-
-    return run
-
-
-def _exact_whitening(x: torch.Tensor, index: torch.Tensor, eps: float):
-    z, mean, cov, failed = wmse._whiten_blocks_torch(x.double(), index, eps, "cholesky")
-    factor = torch.linalg.cholesky(wmse._shrink(cov, eps))
-    eye = torch.eye(x.shape[1], dtype=torch.float64).expand_as(factor)
-    return z, torch.linalg.solve_triangular(factor, eye, upper=False), mean, cov
-
-
-# (rows N, d, w, blocks, eps, factor in shared memory): one and several 64-tiles in both
-# directions, d = 1, w = d + 1, both factor placements.
-EMULATED = [
-    (40, 1, 5, 3, 0.0, True),
-    (40, 3, 4, 4, 0.0, False),
-    (40, 3, 8, 4, 0.1, True),
-    (60, 16, 17, 2, 0.1, False),
-    (80, 16, 32, 2, 0.0, True),
-    (300, 70, 130, 2, 0.0, True),
-    (300, 70, 130, 1, 0.05, False),
-]
-
-
-@pytest.mark.parametrize("rows, d, w, blocks, eps, shared", EMULATED, ids=lambda v: str(v))
-def test_emulated_kernel_matches_float64(emulated_kernel, rows, d, w, blocks, eps, shared):
-    x = torch.randn(rows, 2 * d)[:, ::2]  # strided input rows and columns
-    index = torch.stack([torch.randperm(rows)[:w] for _ in range(blocks)])
-    outputs = emulated_kernel(x, index, eps, shared, seed=rows + d)
-    *kernel_values, info = outputs
-    assert info.tolist() == [0] * blocks
-    exact = _exact_whitening(x, index, eps)
-    float32 = wmse._whiten_blocks_torch(x, index, eps, "cholesky")
-    torch_errors = [_max_rel_err(float32[0], exact[0]), 0.0, _max_rel_err(float32[1], exact[2]), _max_rel_err(float32[2], exact[3])]
-    for name, ours, truth, torch_err in zip(("z", "w_inv", "mean", "cov"), kernel_values, exact, torch_errors):
-        assert torch.isfinite(ours).all(), f"{name}: elements left unwritten"
-        # float32 precision: twice PyTorch's own float32 error (cuSOLVER/LAPACK path), at least
-        # 2e-5 relative (PyTorch has no float32 W to compare with).
-        assert _max_rel_err(ours, truth) <= 2 * torch_err + 2e-5, name
-    assert (torch.triu(kernel_values[1], diagonal=1) == 0).all(), "w_inv must be lower triangular"
-
-
-@pytest.mark.slow
-def test_emulated_kernel_at_the_largest_dimension(emulated_kernel):
-    """d = 256, the kernel's limit: the factor cannot live in an H100's shared memory and is
-    factored in global memory."""
-    rows, d, w = 1024, 256, 512
-    x = torch.randn(rows, d)
-    index = torch.randperm(rows)[:w].view(1, w)
-    z, w_inv, mean, cov, info = emulated_kernel(x, index, 0.0, False)
-    exact = _exact_whitening(x, index, 0.0)
-    float32 = wmse._whiten_blocks_torch(x, index, 0.0, "cholesky")
-    assert info.item() == 0
-    assert _max_rel_err(z, exact[0]) <= 2 * _max_rel_err(float32[0], exact[0]) + 2e-5
-    assert _max_rel_err(w_inv, exact[1]) <= 1e-3
-
-
-def test_emulated_kernel_reports_singular_blocks(emulated_kernel):
-    x = torch.randn(24, 3)
-    x[8:16] = torch.randint(-3, 4, (1, 3)).float()  # block 1: one row repeated, zero covariance
-    index = torch.arange(24).view(3, 8)
-    z, w_inv, mean, cov, info = emulated_kernel(x, index, 0.0)
-    assert info.tolist() == [0, 1, 0]  # the first pivot of block 1 is 0
-    assert torch.isnan(z[1]).all() and torch.isnan(w_inv[1]).all()
-    assert torch.isfinite(z[[0, 2]]).all() and torch.isfinite(cov).all()
-    assert (cov[1] == 0).all()
-    z, w_inv, mean, cov, info = emulated_kernel(x, index, 0.1)  # shrinkage: factorable
-    assert info.tolist() == [0, 0, 0] and torch.isfinite(z).all()
-
-
-@pytest.fixture
-def emulated_extension(emulated_kernel, mocker):
-    """The whole CUDA dispatch of fastssl.wmse on CPU tensors, with the emulated kernel as the
-    compiled extension: eligibility, the autograd.Function, the hand-written backward and the
-    scatter of the gradient."""
-    mocker.patch.object(wmse, "_on_cuda", return_value=True)
-    mocker.patch.object(wmse_cuda, "load_extension", return_value=object())
-
-    def run_extension(x, index, eps):
-        return emulated_kernel(x, index, eps)
-
-    return mocker.patch.object(wmse_cuda, "_run_extension", side_effect=run_extension)
-
-
-@pytest.mark.parametrize("d, w_size, num_samples, w_iter, eps", [(3, 8, 2, 2, 0.0), (16, 32, 3, 1, 0.1), (1, 4, 2, 1, 0.0)])
-def test_loss_through_the_emulated_kernel_matches_reference(emulated_extension, d, w_size, num_samples, w_iter, eps):
-    bs = 2 * w_size
-    x = _views(bs, d, num_samples, non_contiguous=True)
-    perms = _perms(bs, w_iter)
-    impl = lambda t: FS.wmse_loss(t, num_samples, w_size, w_iter, eps, permutations=perms, backend="auto")
-    ref = lambda t: reference.wmse_loss(t, num_samples, w_size, w_iter, eps, "cholesky", perms)
-    assert_matches_reference_conditioned(impl, ref, x)
-    assert emulated_extension.call_count >= 1
-
-
-def test_module_through_the_emulated_kernel(emulated_extension):
-    kwargs = dict(embedding_dim=3, momentum=0.3, w_iter=2, w_size=8)
-    kernel = fastssl.WMSELoss(**kwargs, backend="torch")
-    loop = fastssl.WMSELoss(**kwargs, backend="reference")
-    for step in range(2):
-        x = _views(16, 3, 2)
-        _assert_close(_step(kernel, x, step)[1], _step(loop, x, step)[1], "grad", 1e-4)
-        for name, buffer in loop.state_dict().items():
-            _assert_close(kernel.state_dict()[name], buffer, name, 2e-5)
-    x = _collapsed_views()
-    with pytest.raises(ValueError, match="singular"):
-        FS.wmse_loss(x, 2, 8, permutations=[torch.arange(16)])
 
 
 def test_kernel_eligibility(mocker):
@@ -749,36 +585,6 @@ def _cuda_extension():
     return extension
 
 
-def _poison_cuda_allocator(nbytes: int) -> None:
-    """Fill the caching allocator's free blocks with NaN, so that outputs the extension
-    allocates with at::empty start as NaN and an unwritten element shows."""
-    torch.full((nbytes // 4 + 1024,), float("nan"), device="cuda")
-    torch.cuda.synchronize()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("allow_shared_factor", [True, False], ids=["factor-shared", "factor-global"])
-@pytest.mark.parametrize("d, w, blocks", [(1, 4, 3), (3, 8, 5), (16, 32, 4), (128, 256, 8), (200, 512, 2), (256, 512, 3)])
-def test_cuda_kernel_matches_float64(d, w, blocks, allow_shared_factor):
-    extension = _cuda_extension()
-    rows = 2 * w
-    x = torch.randn(rows, 2 * d, device="cuda")[:, ::2]
-    index = torch.stack([torch.randperm(rows)[:w] for _ in range(blocks)]).cuda()
-    _poison_cuda_allocator(4 * blocks * (w * d + 2 * d * d + d + 1) * 2)
-    with torch.cuda.device(x.device):
-        stream = torch.cuda.current_stream().cuda_stream
-        z, w_inv, mean, cov, info = extension.whiten_forward(x, index, 0.0, stream, allow_shared_factor)
-    torch.cuda.synchronize()
-    assert info.tolist() == [0] * blocks
-    exact = _exact_whitening(x.cpu(), index.cpu(), 0.0)
-    float32 = wmse._whiten_blocks_torch(x, index, 0.0, "cholesky")
-    torch_errors = [_max_rel_err(float32[0].cpu(), exact[0]), 1e-4, _max_rel_err(float32[1].cpu(), exact[2]),
-                    _max_rel_err(float32[2].cpu(), exact[3])]
-    for name, ours, truth, torch_err in zip(("z", "w_inv", "mean", "cov"), (z, w_inv, mean, cov), exact, torch_errors):
-        assert torch.isfinite(ours).all(), f"{name}: elements left unwritten"
-        assert _max_rel_err(ours.cpu(), truth) <= 2 * torch_err + 2e-5, name
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d, w_size", [(3, 8), (128, 256), (256, 512)])
@@ -874,3 +680,26 @@ def test_wmse_training_step_captures_in_a_cuda_graph():
     # One sub-batch per view (w_size = batch): the loss does not depend on the permutation
     # drawn, so graph replays and eager steps can be compared.
     capture_training_step(lambda outputs: module(torch.cat(outputs, dim=0)), views=2, rows=64, dim=16, k=32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_backend_whitens_half_inputs_in_float32(dtype):
+    """PyTorch has no half-precision Cholesky on CPU: the reference backend (module and function)
+    computes in float32, like the batched path, and returns the gradient in the input dtype."""
+    x = torch.randn(256, 8).to(dtype)
+    results = []
+    for backend in ["reference", "torch"]:
+        for call in [
+            lambda inp: fastssl.WMSELoss(embedding_dim=8, w_size=64, backend=backend)(inp),
+            lambda inp: FS.wmse_loss(inp, 2, 64, backend=backend),
+        ]:
+            leaf = x.clone().requires_grad_(True)
+            torch.manual_seed(3)
+            loss = call(leaf)
+            (grad,) = torch.autograd.grad(loss, leaf)
+            assert loss.dtype == torch.float32 and torch.isfinite(loss)
+            assert grad.dtype == dtype and torch.isfinite(grad.float()).all()
+            results.append(loss.item())
+    torch.manual_seed(3)
+    expected = reference.wmse_loss(x.double(), 2, 64).item()
+    assert results == pytest.approx([expected] * 4, rel=1e-4)
