@@ -66,9 +66,10 @@ bound by L2 round trips (one per staged operand: W and S' are staged whole for d
 Predicted forward + backward: GPU ≈ 28 µs of kernels + 5 launch gaps ≈ 33 µs; host: two
 custom-op calls and the eager ops counted by ``tests/test_wmse_cuda.py`` (2 before the op:
 the device permutation, ``rand`` + ``argsort``; 4 allocations in the forward binding, 2 in the
-backward) -> host-bound in eager mode (≈ 2 x 15 µs + 5 launches x 4 µs + ~12 ops x 4 µs ≈ 100
-µs with the launch report's constants), GPU-bound (≈ 33 µs) under a CUDA graph. Against the
-floors: ≈ 33 µs is 2 % of the TF32 floor and 11-15 % of the float32-FMA floor; before
+backward: 8 eager ops, no host sync) -> host-bound in eager mode (≈ 2 x 15 µs + 5 launches x
+4 µs + 8 ops x 4 µs ≈ 80 µs with the launch report's constants: 0.9 % of the TF32 floor),
+GPU-bound (≈ 33 µs) under a CUDA graph. Against the floors: ≈ 33 µs is 2 % of the TF32 floor
+and 11-15 % of the float32-FMA floor; before
 (batched PyTorch: 129 eager ops, a cuSOLVER batched Cholesky and triangular solves, three
 more solves in the backward) the launch report predicted 516 µs (0.1 % of the TF32 floor).
 What would close the rest: a blocked F2 (4-column panels, a quarter of the barriers) and a
