@@ -20,32 +20,58 @@ because the positive relation is an involution (:math:`p(p(k)) = k`). One recomp
 S therefore gives whole rows of the gradient: no column pass, no atomics, deterministic. The
 normalization's backward is :math:`dx = (dz - \hat z(\hat z\cdot dz))/\|x\|`.
 
-Distributed (DESIGN §3). Each rank holds 2n of the 2Wn rows. Its rows are scored against the
-gathered columns; the per-row log-sum-exps are gathered too (2Wn floats). The formula above
-then gives, for the local rows, the gradient of the *global* loss with the factor 1/(2n)
-instead of 1/(2Wn): exactly W × the single-process gradient, with no communication in the
-backward. The reported value is the global mean (:func:`fastssl.distributed.global_mean`).
+Distributed. Rank r holds 2n_r of the 2N = Σ 2n_r rows (any per-rank sizes: DDP without
+``drop_last`` gives a short last batch). Its rows are scored against the gathered columns (the
+rank-major concatenation of every rank's ``[view 0; view 1]`` block, this rank's starting at
+2Σ_{q<r} n_q, so each positive stays inside its rank's block); the per-row log-sum-exps are
+gathered too (2N floats). The formula above then gives, for the local rows, the gradient of the
+*global* loss with the factor 1/(2n_r) instead of 1/(2N); :func:`fastssl.distributed.global_mean`
+weighs the rank's loss by its 2n_r rows, which reports the global mean and multiplies that
+gradient by W·n_r/N: exactly W × the single-process gradient, with no communication in the
+backward.
+
+A learnable temperature (a tensor τ, e.g. an ``nn.Parameter``) gets its gradient from the
+gradient of the normalized embeddings, by homogeneity: the logits are ẑ_k·ẑ_m/τ, so scaling
+every ẑ by c is scaling τ by 1/c², and :math:`\partial L/\partial\tau = -\frac{1}{2\tau}
+\sum_k \hat z_k\cdot\partial L/\partial\hat z_k` (InfoNCE, where only the queries' ẑ
+enter every logit once: :math:`-\frac{1}{\tau}\sum_i \hat q_i\cdot\partial L/\partial\hat q_i`).
+The row sums :math:`\hat z_k\cdot\partial L/\partial\hat z_k` are the normalization backward's
+projections, already computed: the temperature costs one reduction. Distributed, each rank's
+sum over its rows is W × its share, so DDP's average over ranks is the global gradient.
+
+Norms never square the raw inputs: each row is first multiplied by 2^-k, 2^k at least its
+largest magnitude (exact), so float32 rows near 1e19 (whose squares overflow) or 1e-19 (whose
+squares underflow) normalize as in float64.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastssl import distributed, reference
-from fastssl._backend import check_backend_name, outside_autocast, resolve_backend, triton_with_fallback
+from fastssl._backend import (
+    check_backend_name,
+    outside_autocast,
+    resolve_backend,
+    run_reference,
+    triton_with_fallback,
+)
 from fastssl._checks import (
     check_distributed_available,
     check_finite,
     check_int,
-    check_nonzero,
     check_pair,
     check_tensor,
 )
+from fastssl.swav import check_module_temperature, check_temperature
+
+# A temperature: a number, or a one-element tensor (learnable, e.g. an ``nn.Parameter``).
+Temperature = Union[float, Tensor]
 
 # Logits held at once by one chunk of the PyTorch path (64 MiB in float32). The backward holds
 # two such buffers.
@@ -75,17 +101,49 @@ def _rows_per_chunk(n_cols: int, chunk_rows: Optional[int]) -> int:
 
 
 def _normalize_forward(x: Tensor, acc: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """Rows of ``x`` (M, d) → (ẑ (M, d) in ``acc``, ‖x‖ (M,) in ``acc``), as F.normalize."""
+    """Rows of ``x`` (M, d) → (ẑ (M, d) in ``acc``, ‖x‖ (M,) in ``acc``), as F.normalize.
+
+    Computed on y = 2^-k x with 2^k at least the row's largest magnitude (exact scaling): ẑ =
+    y / max(‖y‖, 2^-k ε) is F.normalize's value wherever float64 would represent it, also where
+    the squares of x overflow (|x| ≳ 1e19 in float32) or underflow (|x| ≲ 1e-19)."""
     x = x.to(acc)
-    norms = torch.linalg.vector_norm(x, dim=1)
-    return x / norms.clamp_min(_NORM_EPS)[:, None], norms
+    inverse_scale = reference.inverse_power_of_two_scale(x, 1)  # (M, 1)
+    y = x * inverse_scale
+    scaled_norms = torch.linalg.vector_norm(y, dim=1, keepdim=True)
+    z_hat = y / torch.maximum(scaled_norms, inverse_scale * _NORM_EPS)
+    return z_hat, (scaled_norms / inverse_scale).squeeze(1)
 
 
-def _normalize_backward(z_hat: Tensor, norms: Tensor, grad_z_hat: Tensor) -> Tensor:
-    r""":math:`dx = (dz - \hat z(\hat z\cdot dz))/\|x\|`; below the clamp ``x/eps`` is linear."""
+def _unit_rows(x: Tensor, norms: Tensor) -> Tensor:
+    """ẑ recomputed in the backward from x and the stored ‖x‖ (F.normalize's clamp)."""
+    return x / norms.clamp_min(_NORM_EPS)[:, None]
+
+
+def _normalize_backward(z_hat: Tensor, norms: Tensor, grad_z_hat: Tensor) -> Tuple[Tensor, Tensor]:
+    r""":math:`dx = (dz - \hat z(\hat z\cdot dz))/\|x\|`; below the clamp ``x/eps`` is linear.
+
+    Returns (dx, the projections ẑ·dz per row): their sum gives a tensor temperature's gradient
+    (module doc)."""
     projection = (z_hat * grad_z_hat).sum(dim=1)
-    projection = torch.where(norms >= _NORM_EPS, projection, torch.zeros_like(projection))
-    return (grad_z_hat - z_hat * projection[:, None]) / norms.clamp_min(_NORM_EPS)[:, None]
+    active = torch.where(norms >= _NORM_EPS, projection, torch.zeros_like(projection))
+    return (grad_z_hat - z_hat * active[:, None]) / norms.clamp_min(_NORM_EPS)[:, None], projection
+
+
+def _inverse_temperature(temperature: Temperature, acc: torch.dtype) -> Union[float, Tensor]:
+    """1/τ: a Python float, or for a tensor temperature a 0-d tensor in ``acc``, detached (the
+    autograd functions return τ's gradient themselves) and on its device (no host read)."""
+    if isinstance(temperature, Tensor):
+        return temperature.detach().to(acc).reshape(()).reciprocal()
+    return 1.0 / temperature
+
+
+def _temperature_gradient(
+    temperature: Tensor, inv_temp: Tensor, projection_sum: Tensor, homogeneity: int
+) -> Tensor:
+    r""":math:`\partial L/\partial\tau = -\frac{1}{h\tau}\sum \hat z\cdot\partial L/\partial\hat z`
+    for logits of degree h in the normalized rows (module doc), in τ's dtype and shape."""
+    grad = projection_sum * (inv_temp * (-1.0 / homogeneity))
+    return grad.to(temperature.dtype).reshape(temperature.shape)
 
 
 def _pair_columns(
@@ -102,92 +160,138 @@ def _pair_columns(
     return self_cols, pos_cols
 
 
+def _fixed_shift(inv_temp: Union[float, Tensor], n_cols: int) -> Optional[float]:
+    """The constant c = 1/|τ| the exponentials may be taken against instead of row maxima.
+
+    Unit rows give logits in [-c, c], so P = e^{S - c} lies in [e^{-2c}, 1] and a row sum in
+    [e^{-2c}, C]: normal float32 numbers, and their reciprocals too, while 2c + log C < 80.
+    Beyond that (|τ| below about 0.03), or for a tensor temperature (its value is not read: that
+    would wait for the device), None: row maxima."""
+    if isinstance(inv_temp, Tensor):
+        return None
+    bound = abs(inv_temp)
+    return bound if 2.0 * bound + math.log(max(n_cols, 2)) < 80.0 else None
+
+
+def _logits(rows: Tensor, cols: Tensor, inv_temp: Union[float, Tensor], shift: Optional[float]) -> Tensor:
+    """``rows·colsᵀ/τ``. With the fixed shift (|S| <= 40) the rows are pre-scaled by 1/τ, which
+    saves a pass over the logits. Without it the product is scaled after: S stays exactly
+    symmetric where rows and columns are the same vectors (the backward takes the columns'
+    exponentials from row k's entries), which scaling the rows first would break by
+    ~1e-7·|S| -- 1e-3 at |τ| = 1e-4."""
+    if shift is not None:
+        return (rows * inv_temp) @ cols.T
+    return (rows @ cols.T).mul_(inv_temp)
+
+
 def _pair_lse_forward(
     z_rows: Tensor,
     z_cols: Tensor,
-    inv_temp: float,
+    inv_temp: Union[float, Tensor],
     n_local: int,
     col_offset: int,
     with_positive: bool,
     chunk_rows: Optional[int],
-) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """Per-row log-sum-exp of ``S = z_rows z_colsᵀ · inv_temp`` over all columns but self.
+    keep: bool = False,
+) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    r"""Per-row log-sum-exp of ``S = z_rows z_colsᵀ · inv_temp`` over all columns but self, as a
+    pair (hi, lo) with :math:`\mathrm{lse}_k = hi_k + lo_k`.
 
-    Returns (lse (R,), positive logits (R,) or None, the self-masked logits (R, C) when they
-    form a single chunk, else None). Memory: one chunk of logits at a time; a single chunk is
-    returned so that the backward can reuse it instead of recomputing it, within the same bound.
-    """
-    n_rows = z_rows.shape[0]
-    chunk = _rows_per_chunk(z_cols.shape[0], chunk_rows)
-    lse_parts, pos_parts = [], []
+    With a fixed shift c (:func:`_fixed_shift`): hi = c, :math:`lo_k = \log\sum_{m\ne k}
+    e^{S_{km}-c}`, and the chunk kept is :math:`E = e^{S-c}` (self entries 0). Otherwise hi is
+    the row maximum and the chunk kept is S itself (self entries -inf). Keeping lse as a
+    pair keeps the exponents of the backward exact where they matter: at |τ| = 1e-4 the logits
+    are ~1e4, and a float32 lse carries ~1e-3 of rounding into every probability.
+
+    Returns (hi (R,), lo (R,), the positives' :math:`S_{k,p(k)} - hi_k` (R,) or None, the
+    chunk when all rows form one and ``keep``, else None). Memory: one chunk of logits."""
+    n_rows, n_cols = z_rows.shape[0], z_cols.shape[0]
+    chunk = _rows_per_chunk(n_cols, chunk_rows)
+    shift = _fixed_shift(inv_temp, n_cols)
+    hi_parts, lo_parts, pos_parts = [], [], []
     logits = None
     for start in range(0, n_rows, chunk):
         stop = min(n_rows, start + chunk)
-        logits = (z_rows[start:stop] @ z_cols.T).mul_(inv_temp)
+        logits = _logits(z_rows[start:stop], z_cols, inv_temp, shift)
         self_cols, pos_cols = _pair_columns(start, stop, n_local, col_offset, z_rows.device)
-        if with_positive:
-            pos_parts.append(logits.gather(1, pos_cols[:, None]).squeeze(1))
-        logits.scatter_(1, self_cols[:, None], float("-inf"))
-        lse_parts.append(torch.logsumexp(logits, dim=1))
+        if shift is not None:
+            logits.sub_(shift)
+            if with_positive:
+                pos_parts.append(logits.gather(1, pos_cols[:, None]).squeeze(1))
+            logits.exp_().scatter_(1, self_cols[:, None], 0.0)
+            lo_parts.append(logits.sum(dim=1).log_())
+        else:
+            logits.scatter_(1, self_cols[:, None], float("-inf"))
+            row_max = logits.amax(dim=1)
+            hi_parts.append(row_max)
+            if with_positive:
+                pos_parts.append(logits.gather(1, pos_cols[:, None]).squeeze(1).sub_(row_max))
+            # S itself stays (the kept chunk): the backward takes every exponent from S directly.
+            lo_parts.append((logits - row_max[:, None]).exp_().sum(dim=1).log_())
+    lo = torch.cat(lo_parts)
+    hi = torch.cat(hi_parts) if shift is None else torch.full_like(lo, shift)
     positives = torch.cat(pos_parts) if with_positive else None
-    single_chunk = logits if chunk >= n_rows else None
-    return torch.cat(lse_parts), positives, single_chunk
-
-
-def _exp_factorizable(inv_temp: float, n_cols: int) -> bool:
-    """Whether e^{S_km - lse_m} may be computed as e^{S_km - lse_k}·e^{lse_k - c}·e^{c - lse_m}.
-
-    Every logit lies in ±1/|τ|, every lse in ±1/|τ| + [0, log C]: with c = log(C-1) no factor
-    exceeds e^{1/|τ| + log C}, and e^{S - lse_k} stays above e^{-(2/|τ| + log C)}, far from
-    float32's underflow while that bound is below 80."""
-    return 2.0 * abs(inv_temp) + math.log(max(n_cols, 2)) < 80.0
+    kept = logits if keep and chunk >= n_rows else None
+    return hi, lo, positives, kept
 
 
 def _pair_lse_backward(
     z_rows: Tensor,
     z_cols: Tensor,
-    lse_rows: Tensor,
-    lse_cols: Tensor,
-    inv_temp: float,
+    lse_rows: Tuple[Tensor, Tensor],
+    lse_cols: Tuple[Tensor, Tensor],
+    inv_temp: Union[float, Tensor],
     n_local: int,
     col_offset: int,
     with_positive: bool,
     chunk_rows: Optional[int],
-    saved_logits: Optional[Tensor] = None,
+    kept: Optional[Tensor] = None,
 ) -> Tensor:
-    r""":math:`\sum_m (e^{S_{km}-\mathrm{lse}_k} + e^{S_{km}-\mathrm{lse}_m}) z_m - 2 z_{p(k)}` per row k
-    (self excluded; the positive term only ``with_positive``), unscaled. See the module doc.
+    r""":math:`\sum_{m\ne k} (e^{S_{km}-\mathrm{lse}_k} + e^{S_{km}-\mathrm{lse}_m}) z_m - 2 z_{p(k)}`
+    per row k (the positive term only ``with_positive``), unscaled. See the module doc.
 
-    ``saved_logits``: the forward's single chunk of self-masked logits (no recomputation).
-    The second exponential is a product of row and column scalars where that is exact
-    (:func:`_exp_factorizable`): one exponential per logit instead of two."""
+    ``lse_rows``/``lse_cols``: (hi, lo) pairs of :func:`_pair_lse_forward` for the rows and the
+    columns; ``kept``: its chunk (no recomputation). With the fixed shift c, S symmetric gives
+    :math:`e^{S_{km}-\mathrm{lse}_k} = E_{km}e^{-lo_k}` and :math:`e^{S_{km}-\mathrm{lse}_m} =
+    E_{km}e^{-lo_m}`, so the sum is :math:`e^{-lo_k}(EZ)_k + (E(e^{-lo}\odot Z))_k`: one product
+    of E with the (C, 2d) matrix :math:`[Z, e^{-lo}\odot Z]`, no exponential and no elementwise
+    pass over the logits when E is kept. Otherwise two exponentials per logit, each exponent
+    taken from S (or S - hi_k) and the (hi, lo) pairs directly."""
     n_rows, n_cols = z_rows.shape[0], z_cols.shape[0]
-    chunk = n_rows if saved_logits is not None else _rows_per_chunk(n_cols, chunk_rows)
-    factored = _exp_factorizable(inv_temp, n_cols)
-    shift = math.log(max(n_cols - 1, 1))
-    col_factor = (shift - lse_cols).exp() if factored else None
+    d = z_rows.shape[1]
+    chunk = n_rows if kept is not None else _rows_per_chunk(n_cols, chunk_rows)
+    shift = _fixed_shift(inv_temp, n_cols)
+    hi_rows, lo_rows = lse_rows
+    hi_cols, lo_cols = lse_cols
+    if shift is not None:
+        row_weight = torch.exp(-lo_rows)
+        operand = torch.cat([z_cols, z_cols * torch.exp(-lo_cols)[:, None]], dim=1)
     parts = []
     for start in range(0, n_rows, chunk):
         stop = min(n_rows, start + chunk)
-        if saved_logits is not None:
-            weights = saved_logits - lse_rows[start:stop, None]
-        else:
-            weights = (z_rows[start:stop] @ z_cols.T).mul_(inv_temp).sub_(lse_rows[start:stop, None])
-        if factored:
-            # e^{S-lse_k}·(1 + e^{lse_k - c}·e^{c - lse_m})
-            weights.exp_()
-            weights.mul_(torch.outer((lse_rows[start:stop] - shift).exp(), col_factor).add_(1.0))
-        else:
-            # e^{S-lse_m} = e^{(S-lse_k) + lse_k - lse_m}
-            other = weights.clone().add_(lse_rows[start:stop, None]).sub_(lse_cols[None, :]).exp_()
-            weights.exp_().add_(other)
-            del other
-        self_cols, pos_cols = _pair_columns(start, stop, n_local, col_offset, z_rows.device)
+        self_cols, _ = _pair_columns(start, stop, n_local, col_offset, z_rows.device)
+        if shift is not None:
+            if kept is not None:
+                probabilities = kept
+            else:
+                probabilities = _logits(z_rows[start:stop], z_cols, inv_temp, shift).sub_(shift).exp_()
+                probabilities.scatter_(1, self_cols[:, None], 0.0)
+            product = probabilities @ operand
+            parts.append(torch.addcmul(product[:, d:], product[:, :d], row_weight[start:stop, None]))
+            continue
+        # Each exponent straight from S: (S - hi) - lo, exact where the term matters.
+        logits = kept if kept is not None else _logits(z_rows[start:stop], z_cols, inv_temp, shift)
+        weights = (logits - hi_cols[None, :]).sub_(lo_cols[None, :]).exp_()
+        row_exponent = logits - hi_rows[start:stop, None] if kept is not None else logits.sub_(hi_rows[start:stop, None])
+        weights.add_(row_exponent.sub_(lo_rows[start:stop, None]).exp_())
+        del row_exponent
         weights.scatter_(1, self_cols[:, None], 0.0)
-        if with_positive:
-            weights.scatter_add_(1, pos_cols[:, None], torch.full_like(pos_cols[:, None], -2, dtype=weights.dtype))
         parts.append(weights @ z_cols)
-    return torch.cat(parts)
+    grad = torch.cat(parts)
+    if with_positive:
+        _, pos_cols = _pair_columns(0, n_rows, n_local, col_offset, z_rows.device)
+        grad.sub_(2.0 * z_cols[pos_cols])
+    return grad
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,48 +300,68 @@ def _pair_lse_backward(
 
 
 class _NTXentTorch(torch.autograd.Function):
-    """NT-Xent, row-chunked, with the hand-written backward of the module doc."""
+    """NT-Xent, row-chunked, with the hand-written backward of the module doc. ``temperature``
+    is a float, or a tensor whose gradient the backward returns; ``rank_rows`` every rank's
+    sample count in a distributed run (None: single process)."""
 
     @staticmethod
-    def forward(ctx, out0: Tensor, out1: Tensor, temperature: float, gather_distributed: bool, chunk_rows: Optional[int]) -> Tensor:  # type: ignore[override]
+    def forward(ctx, out0: Tensor, out1: Tensor, temperature: Temperature, rank_rows: Optional[List[int]],  # type: ignore[override]
+                chunk_rows: Optional[int]) -> Tensor:
         acc = _acc_dtype(out0.dtype, out1.dtype)
         n_local = out0.shape[0]
         z_rows, norms = _normalize_forward(torch.cat([out0.to(acc), out1.to(acc)]), acc)
-        inv_temp = 1.0 / temperature
-        use_dist = gather_distributed and distributed.is_distributed()
-        if use_dist:
-            z_cols = distributed.gather_no_grad(z_rows)
-            col_offset = distributed.rank() * 2 * n_local
+        inv_temp = _inverse_temperature(temperature, acc)
+        if rank_rows is not None:
+            block_rows = [2 * rows for rows in rank_rows]  # each rank's [view 0; view 1] block
+            z_cols = distributed.gather_no_grad(z_rows, block_rows)
+            col_offset = distributed.rank_row_offset(2 * n_local, sizes=block_rows)
         else:
             z_cols, col_offset = z_rows, 0
-        lse, positives, logits = _pair_lse_forward(z_rows, z_cols, inv_temp, n_local, col_offset, True, chunk_rows)
+        hi, lo, positives, kept = _pair_lse_forward(z_rows, z_cols, inv_temp, n_local, col_offset, True, chunk_rows,
+                                                    keep=any(ctx.needs_input_grad))
         assert positives is not None
-        lse_cols = distributed.gather_no_grad(lse) if use_dist else lse
-        ctx.save_for_backward(out0, out1, norms, lse, lse_cols, z_cols if use_dist else None, logits)
-        ctx.meta = (inv_temp, n_local, col_offset, chunk_rows, use_dist)
-        return (lse - positives).mean().float()
+        if rank_rows is not None:
+            hi_cols, lo_cols = distributed.gather_no_grad(torch.stack([hi, lo], dim=1), block_rows).unbind(dim=1)
+        else:
+            hi_cols, lo_cols = hi, lo
+        ctx.save_for_backward(out0, out1, norms, hi, lo, hi_cols, lo_cols, z_cols if rank_rows is not None else None,
+                              kept, temperature if isinstance(temperature, Tensor) else None)
+        ctx.meta = (inv_temp, n_local, col_offset, chunk_rows, rank_rows is not None)
+        # ℓ_k = lse_k - S_k,p(k) = lo_k - (S_k,p(k) - hi_k): no large intermediate.
+        return (lo - positives).mean().float()
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
-        out0, out1, norms, lse, lse_cols, saved_cols, logits = ctx.saved_tensors
+        out0, out1, norms, hi, lo, hi_cols, lo_cols, saved_cols, kept, temperature = ctx.saved_tensors
         inv_temp, n_local, col_offset, chunk_rows, use_dist = ctx.meta
         acc = norms.dtype
-        x = torch.cat([out0.to(acc), out1.to(acc)])
-        z_rows = x / norms.clamp_min(_NORM_EPS)[:, None]
+        z_rows = _unit_rows(torch.cat([out0.to(acc), out1.to(acc)]), norms)
         z_cols = saved_cols if use_dist else z_rows
-        grad_z = _pair_lse_backward(z_rows, z_cols, lse, lse_cols, inv_temp, n_local, col_offset, True, chunk_rows,
-                                    saved_logits=logits)
-        # 1/(2n): the row count of this rank, which makes the distributed gradient W × the global one.
+        grad_z = _pair_lse_backward(z_rows, z_cols, (hi, lo), (hi_cols, lo_cols), inv_temp, n_local, col_offset, True,
+                                    chunk_rows, kept=kept)
+        # 1/(2n): the row count of this rank (module doc: W × the global gradient when distributed).
         grad_z = grad_z * (grad_loss.to(acc) * (inv_temp / (2 * n_local)))
-        grad_x = _normalize_backward(z_rows, norms, grad_z)
-        return grad_x[:n_local].to(out0.dtype), grad_x[n_local:].to(out1.dtype), None, None, None
+        grad_x, projection = _normalize_backward(z_rows, norms, grad_z)
+        grad_temperature = None
+        if temperature is not None and ctx.needs_input_grad[2]:
+            grad_temperature = _temperature_gradient(temperature, inv_temp, projection.sum(), homogeneity=2)
+        return grad_x[:n_local].to(out0.dtype), grad_x[n_local:].to(out1.dtype), grad_temperature, None, None
+
+
+def _rank_rows(gather_distributed: bool, rows: int, device: torch.device) -> Optional[List[int]]:
+    """Every rank's row count in a distributed run (one small all-gather), else None."""
+    if gather_distributed and distributed.is_distributed():
+        return distributed.gather_sizes(rows, device)
+    return None
 
 
 def _ntxent_torch(
-    out0: Tensor, out1: Tensor, temperature: float, gather_distributed: bool, chunk_rows: Optional[int] = None
+    out0: Tensor, out1: Tensor, temperature: Temperature, gather_distributed: bool, chunk_rows: Optional[int] = None
 ) -> Tensor:
-    loss = _NTXentTorch.apply(out0, out1, temperature, gather_distributed, chunk_rows)
-    return distributed.global_mean(loss) if gather_distributed else loss
+    rank_rows = _rank_rows(gather_distributed, out0.shape[0], out0.device)
+    loss = _NTXentTorch.apply(out0, out1, temperature, rank_rows, chunk_rows)
+    # Weighted by this rank's 2n rows: the global mean, and W × the global gradient (module doc).
+    return distributed.global_mean(loss, 2 * out0.shape[0]) if gather_distributed else loss
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,52 +376,69 @@ class _InfoNCETorch(torch.autograd.Function):
     :math:`P_{ij} = e^{\hat q_i\cdot b_j/\tau - \mathrm{lse}_i}`:
     :math:`d\hat q_i = \frac{1}{N\tau}((p_{i0}-1)\hat k_i + \sum_j P_{ij} b_j)`,
     :math:`d\hat k_i = \frac{1}{N\tau}(p_{i0}-1)\hat q_i`; the bank gets no gradient.
+
+    When all N·K logits fit in one chunk and a gradient is wanted, the forward turns its logits
+    into P in place and keeps them (the chunk bound holds): the backward is then one product
+    P·B instead of recomputing the logits (two products against the bank, as lightly's autograd
+    does, instead of three).
     """
 
     @staticmethod
-    def forward(ctx, query: Tensor, key: Tensor, negatives: Tensor, temperature: float, chunk_rows: Optional[int]) -> Tensor:  # type: ignore[override]
+    def forward(ctx, query: Tensor, key: Tensor, negatives: Tensor, temperature: Temperature,  # type: ignore[override]
+                chunk_rows: Optional[int]) -> Tensor:
         acc = _acc_dtype(query.dtype, key.dtype)
         q_hat, q_norms = _normalize_forward(query, acc)
         k_hat, k_norms = _normalize_forward(key, acc)
         bank = negatives.to(acc)
-        inv_temp = 1.0 / temperature
+        inv_temp = _inverse_temperature(temperature, acc)
         positives = (q_hat * k_hat).sum(dim=1) * inv_temp
+        n_queries = q_hat.shape[0]
         chunk = _rows_per_chunk(bank.shape[0] + 1, chunk_rows)
-        lse_parts = []
-        for start in range(0, q_hat.shape[0], chunk):
+        keep_probabilities = chunk >= n_queries and any(ctx.needs_input_grad)
+        lse_parts, probabilities = [], None
+        for start in range(0, n_queries, chunk):
             logits = (q_hat[start : start + chunk] @ bank.T).mul_(inv_temp)
-            lse_parts.append(torch.logaddexp(positives[start : start + chunk], torch.logsumexp(logits, dim=1)))
+            lse_chunk = torch.logaddexp(positives[start : start + chunk], torch.logsumexp(logits, dim=1))
+            lse_parts.append(lse_chunk)
+            if keep_probabilities:
+                probabilities = logits.sub_(lse_chunk[:, None]).exp_()
         lse = torch.cat(lse_parts)
-        ctx.save_for_backward(query, key, negatives, q_norms, k_norms, lse)
+        ctx.save_for_backward(query, key, negatives, q_norms, k_norms, lse, probabilities,
+                              temperature if isinstance(temperature, Tensor) else None)
         ctx.meta = (inv_temp, chunk)
         return (lse - positives).mean().float()
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
-        query, key, negatives, q_norms, k_norms, lse = ctx.saved_tensors
+        query, key, negatives, q_norms, k_norms, lse, probabilities, temperature = ctx.saved_tensors
         inv_temp, chunk = ctx.meta
         acc = q_norms.dtype
-        q_hat = query.to(acc) / q_norms.clamp_min(_NORM_EPS)[:, None]
-        k_hat = key.to(acc) / k_norms.clamp_min(_NORM_EPS)[:, None]
+        q_hat = _unit_rows(query.to(acc), q_norms)
+        k_hat = _unit_rows(key.to(acc), k_norms)
         bank = negatives.to(acc)
         positive_weight = ((q_hat * k_hat).sum(dim=1) * inv_temp - lse).exp() - 1
-        parts = []
-        for start in range(0, q_hat.shape[0], chunk):
-            logits = (q_hat[start : start + chunk] @ bank.T).mul_(inv_temp)
-            parts.append(logits.sub_(lse[start : start + chunk, None]).exp_() @ bank)
+        if probabilities is not None:
+            from_bank = probabilities @ bank
+        else:
+            parts = []
+            for start in range(0, q_hat.shape[0], chunk):
+                logits = (q_hat[start : start + chunk] @ bank.T).mul_(inv_temp)
+                parts.append(logits.sub_(lse[start : start + chunk, None]).exp_() @ bank)
+            from_bank = torch.cat(parts)
         scale = grad_loss.to(acc) * (inv_temp / q_hat.shape[0])
-        grad_q = (torch.cat(parts) + positive_weight[:, None] * k_hat) * scale
+        grad_q = (from_bank + positive_weight[:, None] * k_hat) * scale
         grad_k = positive_weight[:, None] * q_hat * scale
-        return (
-            _normalize_backward(q_hat, q_norms, grad_q).to(query.dtype),
-            _normalize_backward(k_hat, k_norms, grad_k).to(key.dtype),
-            None,
-            None,
-            None,
-        )
+        grad_query, projection = _normalize_backward(q_hat, q_norms, grad_q)
+        grad_key, _ = _normalize_backward(k_hat, k_norms, grad_k)
+        grad_temperature = None
+        if temperature is not None and ctx.needs_input_grad[3]:
+            grad_temperature = _temperature_gradient(temperature, inv_temp, projection.sum(), homogeneity=1)
+        return grad_query.to(query.dtype), grad_key.to(key.dtype), None, grad_temperature, None
 
 
-def _infonce_torch(query: Tensor, key: Tensor, negatives: Tensor, temperature: float, chunk_rows: Optional[int] = None) -> Tensor:
+def _infonce_torch(
+    query: Tensor, key: Tensor, negatives: Tensor, temperature: Temperature, chunk_rows: Optional[int] = None
+) -> Tensor:
     return _InfoNCETorch.apply(query, key, negatives, temperature, chunk_rows)
 
 
@@ -310,30 +451,36 @@ class _UniformityTorch(torch.autograd.Function):
     r"""Uniformity through the pair machinery: with :math:`S_{ij} = 2t\,\hat z_i\cdot\hat z_j`,
     :math:`-t\|\hat z_i-\hat z_j\|^2 = S_{ij} - 2t`, so
     :math:`U = \mathrm{LSE}_{i\ne j} S_{ij} - 2t - \log n(n-1)` and
-    :math:`\partial U/\partial\hat z_i = 2t\sum_{j\ne i} 2e^{S_{ij}-T}\hat z_j` (T the global LSE)."""
+    :math:`\partial U/\partial\hat z_i = 2t\sum_{j\ne i} 2e^{S_{ij}-T}\hat z_j` (T the global LSE,
+    kept as a (hi, lo) pair as the rows' are): the pair backward with every row's and column's
+    log-sum-exp set to T."""
 
     @staticmethod
     def forward(ctx, z: Tensor, t: float, chunk_rows: Optional[int]) -> Tensor:  # type: ignore[override]
         acc = _acc_dtype(z.dtype)
         n = z.shape[0]
         z_hat, norms = _normalize_forward(z, acc)
-        row_lse, _, _ = _pair_lse_forward(z_hat, z_hat, 2.0 * t, n, 0, False, chunk_rows)
-        total_lse = torch.logsumexp(row_lse, dim=0)
-        ctx.save_for_backward(z, norms, total_lse)
+        # Kept only with the fixed shift: E = e^{S - c} serves the global form as it is (every
+        # row's hi is c), while a row-maximum chunk S - hi_k would need re-shifting.
+        keep = ctx.needs_input_grad[0] and _fixed_shift(2.0 * t, n) is not None
+        hi, lo, _, kept = _pair_lse_forward(z_hat, z_hat, 2.0 * t, n, 0, False, chunk_rows, keep=keep)
+        total_hi = hi.max()
+        total_lo = torch.logsumexp((hi - total_hi) + lo, dim=0)
+        ctx.save_for_backward(z, norms, total_hi, total_lo, kept)
         ctx.meta = (t, chunk_rows)
-        return (total_lse - 2.0 * t - math.log(n * (n - 1))).float()
+        return ((total_hi - 2.0 * t) + total_lo - math.log(n * (n - 1))).float()
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
-        z, norms, total_lse = ctx.saved_tensors
+        z, norms, total_hi, total_lo, kept = ctx.saved_tensors
         t, chunk_rows = ctx.meta
         acc = norms.dtype
         n = z.shape[0]
-        z_hat = z.to(acc) / norms.clamp_min(_NORM_EPS)[:, None]
-        lse = total_lse.expand(n)
-        grad_z = _pair_lse_backward(z_hat, z_hat, lse, lse, 2.0 * t, n, 0, False, chunk_rows)
+        z_hat = _unit_rows(z.to(acc), norms)
+        total = (total_hi.expand(n), total_lo.expand(n))
+        grad_z = _pair_lse_backward(z_hat, z_hat, total, total, 2.0 * t, n, 0, False, chunk_rows, kept=kept)
         grad_z = grad_z * (grad_loss.to(acc) * (2.0 * t))
-        return _normalize_backward(z_hat, norms, grad_z).to(z.dtype), None, None
+        return _normalize_backward(z_hat, norms, grad_z)[0].to(z.dtype), None, None
 
 
 def _uniformity_torch(z: Tensor, t: float, chunk_rows: Optional[int] = None) -> Tensor:
@@ -353,7 +500,8 @@ def _kernels():
 
 
 def _triton_dtype_ok(*tensors: Tensor) -> bool:
-    """The kernels take float32/float16/bfloat16; float64 runs on the PyTorch path."""
+    """The kernels take float32/float16/bfloat16; float64 (inputs or bank) runs on the PyTorch
+    path, which accumulates it in float64."""
     return all(x.dtype != torch.float64 for x in tensors)
 
 
@@ -361,29 +509,39 @@ def _triton_dtype_ok(*tensors: Tensor) -> bool:
 def ntxent_loss(
     out0: Tensor,
     out1: Tensor,
-    temperature: float = 0.5,
+    temperature: Temperature = 0.5,
     *,
     gather_distributed: bool = False,
     backend: str = "auto",
 ) -> Tensor:
-    r"""NT-Xent over the 2N embeddings of two views (see :func:`fastssl.reference.ntxent_loss`).
+    r"""NT-Xent over the 2N embeddings of two views (Chen et al. 2020, eq. 1; see
+    :func:`fastssl.reference.ntxent_loss`).
 
     Args:
         out0, out1: (N, d) projections of the two views (any float dtype).
-        temperature: any non-zero finite number (negative too, as lightly allows).
-        gather_distributed: negatives from every rank (DESIGN §3 semantics).
+        temperature: any non-zero finite number (negative too, as lightly allows), or a
+            one-element tensor (a learnable ``nn.Parameter``), which gets its gradient.
+        gather_distributed: negatives from every rank; ranks may hold different N (the loss is
+            the single-process loss on the concatenation, each rank's gradient W × its slice).
         backend: ``"auto" | "triton" | "torch" | "reference"``.
     Returns:
         0-d float32 loss.
+
+    Example::
+
+        tau = torch.nn.Parameter(torch.tensor(0.2))
+        loss = ntxent_loss(torch.randn(8, 16, requires_grad=True), torch.randn(8, 16), tau)
+        loss.backward()  # gradients for the first view and for tau
     """
     check_pair("out0", out0, "out1", out1)
-    temperature = check_nonzero("temperature", temperature)
+    temperature = check_temperature("temperature", temperature)
     check_distributed_available("gather_distributed", gather_distributed)
     impl = resolve_backend(backend, out0)
     if impl == "reference":
-        if gather_distributed:
-            out0, out1 = distributed.gather(out0), distributed.gather(out1)
-        return reference.ntxent_loss(out0, out1, temperature).float()
+        if gather_distributed and distributed.is_distributed():
+            sizes = distributed.gather_sizes(out0.shape[0], out0.device)
+            out0, out1 = distributed.gather(out0, sizes), distributed.gather(out1, sizes)
+        return run_reference(reference.ntxent_loss, out0, out1, temperature)
     if impl == "triton" and _triton_dtype_ok(out0, out1):
         # A kernel that cannot compile or launch here falls back to the torch path under "auto".
         return triton_with_fallback(
@@ -400,19 +558,27 @@ def infonce_loss(
     query: Tensor,
     key: Tensor,
     negatives: Tensor,
-    temperature: float = 0.5,
+    temperature: Temperature = 0.5,
     *,
     gather_distributed: bool = False,
     backend: str = "auto",
 ) -> Tensor:
-    r"""InfoNCE of queries against their keys and a bank of negatives (MoCo).
+    r"""InfoNCE of queries against their keys and a bank of negatives (MoCo, He et al. 2020, eq. 1).
 
     Args:
         query, key: (N, d), L2-normalized inside.
-        negatives: (K, d) bank, used as given (no normalization, no gradient).
-        gather_distributed: report the mean over all ranks' queries (gradients per DESIGN §3).
+        negatives: (K, d) bank, used as given (no normalization, no gradient), any float dtype.
+        temperature: a non-zero number, or a one-element tensor (learnable, with gradient).
+        gather_distributed: report the mean over all ranks' queries, weighted by each rank's N
+            (gradients: W × the slice of the single-process gradient).
     Returns:
         0-d float32 loss.
+
+    Example::
+
+        bank = torch.nn.functional.normalize(torch.randn(64, 16), dim=1)
+        loss = infonce_loss(torch.randn(8, 16, requires_grad=True), torch.randn(8, 16), bank, 0.2)
+        loss.backward()
     """
     check_pair("query", query, "key", key)
     check_tensor("negatives", negatives)
@@ -422,13 +588,13 @@ def infonce_loss(
         )
     if negatives.device != query.device:
         raise ValueError(f"negatives must be on the device of query ({query.device}), got {negatives.device}")
-    temperature = check_nonzero("temperature", temperature)
+    temperature = check_temperature("temperature", temperature)
     check_distributed_available("gather_distributed", gather_distributed)
     impl = resolve_backend(backend, query)
     negatives = negatives.detach()
     if impl == "reference":
-        loss = reference.infonce_loss(query, key, negatives, temperature).float()
-    elif impl == "triton" and _triton_dtype_ok(query, key):
+        loss = run_reference(reference.infonce_loss, query, key, negatives, temperature)
+    elif impl == "triton" and _triton_dtype_ok(query, key, negatives):
         loss = triton_with_fallback(
             "infonce",
             backend,
@@ -437,7 +603,8 @@ def infonce_loss(
         )
     else:
         loss = _infonce_torch(query, key, negatives, temperature)
-    return distributed.global_mean(loss) if gather_distributed else loss
+    # Each rank's loss is the mean over its own N queries: weighted by N (module doc).
+    return distributed.global_mean(loss, query.shape[0]) if gather_distributed else loss
 
 
 @outside_autocast
@@ -454,6 +621,11 @@ def uniformity_loss(z: Tensor, t: float = 2.0, *, backend: str = "auto") -> Tens
         backend: ``"auto" | "triton" | "torch" | "reference"``.
     Returns:
         0-d float32 value.
+
+    Example::
+
+        z = torch.randn(32, 16, requires_grad=True)
+        uniformity_loss(z).backward()
     """
     check_tensor("z", z)
     t = check_finite("t", t)
@@ -461,7 +633,7 @@ def uniformity_loss(z: Tensor, t: float = 2.0, *, backend: str = "auto") -> Tens
     if z.shape[0] < 2:
         return torch.full((), float("nan"), dtype=torch.float32, device=z.device)
     if impl == "reference":
-        return reference.uniformity(z, t).float()
+        return run_reference(reference.uniformity, z, t)
     if impl == "triton" and _triton_dtype_ok(z):
         return triton_with_fallback(
             "uniformity", backend, lambda: _kernels().uniformity_triton(z, t), lambda: _uniformity_torch(z, t)
@@ -537,7 +709,9 @@ class NTXentLoss(nn.Module):
     """Drop-in for ``lightly.loss.NTXentLoss``: SimCLR's NT-Xent, or MoCo's InfoNCE with a bank.
 
     Args:
-        temperature: scale of the logits; any ``|temperature| >= 1e-8``.
+        temperature: scale of the logits; any ``|temperature| >= 1e-8``, or a one-element tensor:
+            an ``nn.Parameter`` is registered as the module's parameter and trained, as lightly
+            does (its value is checked once, here).
         memory_bank_size: 0 (SimCLR), ``(size, dim)`` (MoCo, as lightly), or an int ``size``
             whose feature dimension is taken from the first batch.
         gather_distributed: negatives from all ranks; with a bank, the bank is filled with
@@ -548,18 +722,26 @@ class NTXentLoss(nn.Module):
     the keys; the bank (normalized keys of earlier batches, ``self.memory_bank.bank`` as in
     lightly, also reachable as ``self.bank``) provides the negatives and is updated with
     ``out1`` whenever ``out0`` requires a gradient (lightly's rule, which keeps the bank fixed
-    during evaluation). Returns a 0-d float32 loss.
+    during evaluation). Returns a 0-d float32 loss. With ``gather_distributed`` ranks may hold
+    different batch sizes.
+
+    Example::
+
+        criterion = NTXentLoss(temperature=nn.Parameter(torch.tensor(0.5)))
+        loss = criterion(torch.randn(8, 16, requires_grad=True), torch.randn(8, 16))
+        loss.backward()  # criterion.temperature.grad is set
     """
 
     def __init__(
         self,
-        temperature: float = 0.5,
+        temperature: Temperature = 0.5,
         memory_bank_size: Union[int, Sequence[int]] = 0,
         gather_distributed: bool = False,
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.temperature = check_nonzero("temperature", temperature)
+        # An nn.Parameter assigned here is registered (nn.Module.__setattr__), as in lightly.
+        self.temperature = check_module_temperature("temperature", temperature)
         check_distributed_available("gather_distributed", gather_distributed)
         self.gather_distributed = gather_distributed
         self.backend = check_backend_name(backend)
