@@ -507,6 +507,15 @@ class DCLLoss(nn.Module):
         self.backend = check_backend_name(backend)
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        """Decoupled contrastive loss of two views (DCLW too: its weights come from ``weight_fn``).
+
+        Args:
+            out0: (N, D) embeddings of the first view.
+            out1: (N, D) embeddings of the second view; row i is the positive of ``out0[i]``.
+
+        Returns:
+            0-d float32 loss, the mean of both views' terms.
+        """
         return dcl_loss(
             out0, out1, self.temperature, self.weight_fn,
             gather_distributed=self.gather_distributed, backend=self.backend,
@@ -616,6 +625,15 @@ class DirectCLRLoss(NTXentLoss):
         self.loss_dim = check_int("loss_dim", loss_dim, minimum=1)
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        """NT-Xent on the first ``loss_dim`` features of the flattened embeddings.
+
+        Args:
+            out0: (N, ...) outputs of the first view, flattened to (N, D) with D >= 1.
+            out1: (N, ...) outputs of the second view, same shape.
+
+        Returns:
+            0-d float32 loss.
+        """
         return super().forward(
             _directclr_slice(out0, "out0", self.loss_dim), _directclr_slice(out1, "out1", self.loss_dim)
         )
@@ -722,6 +740,15 @@ class MACLLoss(nn.Module):
         self.backend = check_backend_name(backend)
 
     def forward(self, z0: Tensor, z1: Tensor) -> Tensor:
+        """Model-aware contrastive loss of two views.
+
+        Args:
+            z0: (N, D) embeddings of the first view.
+            z1: (N, D) embeddings of the second view; row i is the positive of ``z0[i]``.
+
+        Returns:
+            0-d float32 loss (temperature adapted from the detached mean positive alignment).
+        """
         return macl_loss(z0, z1, self.temperature, self.alpha, self.A_0, eps=self.eps, backend=self.backend)
 
 
@@ -884,6 +911,17 @@ class SupConLoss(nn.Module):
         self.backend = check_backend_name(backend)
 
     def forward(self, out0: Tensor, out1: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        """Supervised contrastive loss of two views.
+
+        Args:
+            out0: (N, D) embeddings of the first view.
+            out1: (N, D) embeddings of the second view.
+            labels: (N,) integer class labels; samples with the same label are positives. None:
+                only the other view of the same sample is a positive (NT-Xent).
+
+        Returns:
+            0-d float32 loss.
+        """
         return supcon_loss(
             out0, out1, labels, self.temperature, self.rescale,
             gather_distributed=self.gather_distributed, backend=self.backend,
@@ -1098,6 +1136,17 @@ class DetConBLoss(nn.Module):
         mask_view0: Tensor,
         mask_view1: Tensor,
     ) -> Tensor:
+        """DetCon-B: contrast of mask-pooled region features across views and images.
+
+        Args:
+            pred_view0, pred_view1: (B, M, D) mask-pooled outputs of the prediction branch.
+            target_view0, target_view1: (B, M, D) mask-pooled outputs of the target branch.
+            mask_view0, mask_view1: (B, M) integer mask ids; regions of the same image with the
+                same id are positives.
+
+        Returns:
+            0-d float32 loss.
+        """
         return detcon_b_loss(
             pred_view0, pred_view1, target_view0, target_view1, mask_view0, mask_view1, self.temperature,
             gather_distributed=self.gather_distributed, backend=self.backend,
@@ -1125,6 +1174,15 @@ class DetConSLoss(nn.Module):
         self.detconbloss = DetConBLoss(temperature=temperature, gather_distributed=gather_distributed, backend=backend)
 
     def forward(self, view0: Tensor, view1: Tensor, mask_view0: Tensor, mask_view1: Tensor) -> Tensor:
+        """DetCon-S: DetCon-B with the predictions equal to the targets.
+
+        Args:
+            view0, view1: (B, M, D) mask-pooled outputs of the two views.
+            mask_view0, mask_view1: (B, M) integer mask ids.
+
+        Returns:
+            0-d float32 loss.
+        """
         return self.detconbloss(view0, view1, view0, view1, mask_view0, mask_view1)
 
 
@@ -1219,4 +1277,12 @@ class KoLeoLoss(nn.Module):
         self.backend = check_backend_name(backend)
 
     def forward(self, x: Tensor) -> Tensor:
+        """KoLeo regularizer: minus the mean log distance to the nearest neighbour.
+
+        Args:
+            x: (N, D) embeddings (L2-normalized inside).
+
+        Returns:
+            0-d float32 loss, finite for duplicate rows.
+        """
         return koleo_loss(x, self.p, self.eps, backend=self.backend)

@@ -303,6 +303,15 @@ class SIGReg(nn.Module):
         self.register_buffer("weights", weights)
 
     def forward(self, proj: Tensor) -> Tensor:
+        """SIGReg statistic of projections against an isotropic Gaussian.
+
+        Args:
+            proj: (..., N, C) projected embeddings: N samples of C features, with optional
+                leading dimensions (e.g. views).
+
+        Returns:
+            0-d float32 loss.
+        """
         return self.with_directions(proj, None)
 
     def with_directions(self, proj: Tensor, directions: Optional[Tensor]) -> Tensor:
@@ -448,6 +457,15 @@ class LeJEPALoss(nn.Module):
         self.backend = self.sigreg.backend
 
     def forward(self, *, local_proj: Tensor, global_proj: Tensor) -> Tensor:
+        """LeJEPA loss: SIGReg of every view plus prediction of the global-view mean.
+
+        Args:
+            local_proj: (Vl, N, D) local-view projections.
+            global_proj: (Vg, N, D) global-view projections.
+
+        Returns:
+            0-d float32 loss.
+        """
         _check_projections(local_proj, global_proj)
         all_proj = torch.cat([global_proj, local_proj], dim=0)
         gather = self.sigreg.gather_distributed
@@ -580,6 +598,16 @@ class LeWMLoss(nn.Module):
         self.backend = self.sigreg.backend
 
     def forward(self, *, predicted: Tensor, target: Tensor, embeddings: Tensor) -> Tensor:
+        """LeWM loss: next-embedding prediction error plus SIGReg over the batch axis.
+
+        Args:
+            predicted: (B, T', D) predicted next-step embeddings.
+            target: (B, T', D) observed next-step embeddings (no gradient flows to them).
+            embeddings: (B, T, D) embeddings regularized by SIGReg.
+
+        Returns:
+            0-d float32 loss.
+        """
         _check_lewm(predicted, target, embeddings)
         gather = self.sigreg.gather_distributed
         prediction = _prediction_loss(predicted, target, self.normalize, gather)
@@ -783,6 +811,15 @@ class VISRegLoss(nn.Module):
         self.backend = check_backend_name(backend)
 
     def forward(self, *, local_proj: Tensor, global_proj: Tensor) -> Tensor:
+        """VISReg loss: prediction of the global-view mean plus scale, shape and center terms.
+
+        Args:
+            local_proj: (Vl, N, D) local-view projections.
+            global_proj: (Vg, N, D) global-view projections.
+
+        Returns:
+            0-d float32 loss (``forward_components`` returns the terms).
+        """
         return self.forward_components(local_proj=local_proj, global_proj=global_proj).total
 
     def forward_components(self, *, local_proj: Tensor, global_proj: Tensor) -> VISRegLossComponents:

@@ -137,6 +137,15 @@ class NegativeCosineSimilarity(nn.Module):
         self.backend = check_backend_name(backend)
 
     def forward(self, x0: Tensor, x1: Tensor) -> Tensor:
+        """Minus the mean cosine similarity of ``x0`` and ``x1`` along ``dim``.
+
+        Args:
+            x0: (N, D) (or any shape with the compared axis at ``dim``), e.g. SimSiam's predictions.
+            x1: same shape as ``x0``; detach it yourself when it is the target.
+
+        Returns:
+            0-d float32 loss in [-1, 1].
+        """
         return negative_cosine_similarity(x0, x1, self.dim, self.eps, backend=self.backend)
 
 
@@ -169,6 +178,15 @@ class CenterPenaltyLoss(nn.Module):
         self.backend = check_backend_name(backend)
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
+        """Jha et al.'s objective: invariance plus ``lambda_param`` x the center-vector norm.
+
+        Args:
+            z_a: (N, D) embeddings of the first view.
+            z_b: (N, D) embeddings of the second view.
+
+        Returns:
+            0-d float32 loss.
+        """
         return center_penalty_loss(
             z_a, z_b, self.lambda_param, gather_distributed=self.gather_distributed, backend=self.backend
         )

@@ -575,6 +575,17 @@ class IBOTPatchLoss(nn.Module):
         mask: Tensor,
         teacher_temp: Optional[float] = None,
     ) -> Tensor:
+        """iBOT's masked-patch loss; updates the center in training mode.
+
+        Args:
+            teacher_out: (M, K) teacher outputs of the M masked tokens (no gradient flows to them).
+            student_out: (M, K) student outputs of the same tokens, in the same order.
+            mask: (B, H, W) boolean token mask with exactly M entries set.
+            teacher_temp: teacher temperature; the constructor's when None.
+
+        Returns:
+            0-d float32 loss: per image the mean over its masked tokens, averaged over images.
+        """
         _check_ibot_pair(teacher_out, student_out)
         self._check_output_dim(teacher_out)
         mask = _check_mask_dtype(mask)
@@ -611,6 +622,18 @@ class IBOTPlusPlusPatchLoss(IBOTPatchLoss):
         teacher_temp: Optional[float] = None,
         visible_loss_weight: float = 1.0,
     ) -> Tensor:
+        """iBOT++: the patch loss on every token, masked and visible.
+
+        Args:
+            teacher_out: (B, N, K) or (B * N, K) teacher outputs of all tokens (no gradient).
+            student_out: the student outputs, same shape.
+            mask: (B, N) or (B, H, W) boolean mask of the masked tokens; None: one plain mean.
+            teacher_temp: teacher temperature; the constructor's when None.
+            visible_loss_weight: weight of the visible tokens' mean (0 gives iBOT).
+
+        Returns:
+            0-d float32 loss.
+        """
         visible_loss_weight = check_finite("visible_loss_weight", visible_loss_weight)
         teacher_flat, student_flat, weights = _ibot_plus_plus_rows(teacher_out, student_out, mask, visible_loss_weight)
         self._check_output_dim(teacher_flat)
@@ -866,6 +889,17 @@ class CAPILoss(nn.Module):
         student_logits: Tensor,
         teacher_index: Optional[Tensor] = None,
     ) -> Tensor:
+        """CAPI: position-wise Sinkhorn targets from the teacher, cross-entropy of the student.
+
+        Args:
+            teacher_logits: (B, T, K) teacher cluster logits (no gradient).
+            student_logits: (B, P, K) student logits of the predicted tokens.
+            teacher_index: optional (B * P,) row-major indices of the predicted tokens among the
+                B * T teacher tokens; without it P must equal T.
+
+        Returns:
+            0-d float32 loss.
+        """
         return capi_loss(
             teacher_logits, student_logits, teacher_index, self.teacher_temperature, self.student_temperature,
             self.sinkhorn_iterations, gather_distributed=self.gather_distributed, backend=self.backend,
@@ -1276,6 +1310,18 @@ class MSNLoss(nn.Module):
         prototypes: Tensor,
         target_sharpen_temperature: float = 0.25,
     ) -> Tensor:
+        """MSN (and PMSN) loss of anchor and target views against prototypes.
+
+        Args:
+            anchors: (B * V, D) anchor-view embeddings (V anchor views per image).
+            targets: (B, D) target-view embeddings (no gradient flows to them).
+            prototypes: (K, D) prototypes.
+            target_sharpen_temperature: temperature sharpening the target probabilities.
+
+        Returns:
+            0-d float32 loss: cross-entropy plus the regularizer weighted by
+            ``regularization_weight``.
+        """
         _check_msn_inputs(anchors, targets, prototypes)
         temperature, iterations, weight, sharpen = _check_msn_hyperparameters(
             self.temperature, self.sinkhorn_iterations, self.regularization_weight, target_sharpen_temperature

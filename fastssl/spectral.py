@@ -190,6 +190,16 @@ class TiCoLoss(nn.Module):
         self.backend = check_backend_name(backend)
 
     def forward(self, z_a: Tensor, z_b: Tensor, update_covariance_matrix: bool = True) -> Tensor:
+        """TiCo loss of two views; updates the running covariance ``C`` when asked.
+
+        Args:
+            z_a: (N, D) embeddings of the online branch, N >= 2.
+            z_b: (N, D) embeddings of the momentum branch.
+            update_covariance_matrix: update ``C`` with this batch (EMA with ``beta``).
+
+        Returns:
+            0-d float32 loss.
+        """
         loss, covariance = tico_loss(
             z_a,
             z_b,
@@ -317,6 +327,14 @@ class FroSSLLoss(nn.Module):
         self.backend = check_backend_name(backend)
 
     def forward(self, z_views: List[Tensor]) -> Tensor:
+        """FroSSL loss of two or more views.
+
+        Args:
+            z_views: list of V >= 2 tensors (N, D), one per view.
+
+        Returns:
+            0-d float32 loss: the views' log Frobenius norms plus the invariance term.
+        """
         return frossl_loss(z_views, self.invariance_weight, backend=self.backend)
 
 
@@ -436,6 +454,15 @@ class MMCRLoss(nn.Module):
         self.backend = check_backend_name(backend)
 
     def forward(self, online: Tensor, momentum: Tensor) -> Tensor:
+        """MMCR loss: nuclear norm of the centroid matrix, with the per-sample penalty.
+
+        Args:
+            online: (N, k, D) online outputs, k augmented views per sample.
+            momentum: (N, k, D) momentum-branch outputs, same shape.
+
+        Returns:
+            0-d float32 loss.
+        """
         return mmcr_loss(online, momentum, self.lmda, backend=self.backend)
 
 
@@ -542,6 +569,14 @@ class EMPSSLLoss(nn.Module):
         self.backend = check_backend_name(backend)
 
     def forward(self, z_views: List[Tensor]) -> Tensor:
+        """EMP-SSL loss: total coding rate of each view plus invariance to the mean view.
+
+        Args:
+            z_views: list of V >= 2 tensors (N, D) of patch embeddings, one per view.
+
+        Returns:
+            0-d float32 loss.
+        """
         return emp_ssl_loss(z_views, self.tcr_eps, self.inv_coef, backend=self.backend)
 
 
@@ -741,6 +776,17 @@ class PatchKernelAlignmentLoss(nn.Module):
         self.backend = check_backend_name(backend)
 
     def forward(self, student_features: Tensor, teacher_features: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """1 - linear CKA between the student's and the teacher's token kernels, per image.
+
+        Args:
+            student_features: (B, N, D) dense student features.
+            teacher_features: (B, N, D) dense teacher features (no gradient flows to them).
+            mask: optional (B, N) boolean tensor, True for tokens to ignore.
+
+        Returns:
+            0-d float32 loss: the mean over images with at least two valid tokens (a
+            differentiable zero when none has).
+        """
         return patch_kernel_alignment_loss(
             student_features, teacher_features, mask, self.max_tokens, backend=self.backend
         )

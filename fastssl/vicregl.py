@@ -378,6 +378,18 @@ class VICRegLLoss(nn.Module):
         local_view_features: Optional[Sequence[Tuple[Tensor, Tensor]]] = None,
         local_view_grids: Optional[Sequence[Tensor]] = None,
     ) -> Tensor:
+        """VICRegL: alpha x VICReg of the global features + (1 - alpha) x VICReg of matched local features.
+
+        Args:
+            global_view_features: sequence of (global (B, Dg), local (B, H, W, Dl)) pairs from the
+                global crops.
+            global_view_grids: sequence of (B, H, W, 2) grids of the global crops.
+            local_view_features: optional pairs of the local crops, as above.
+            local_view_grids: optional grids of the local crops.
+
+        Returns:
+            0-d float32 loss.
+        """
         return vicregl_loss(
             global_view_features,
             global_view_grids,
