@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compile check of the CUDA C++ sources, so that a syntax error in csrc fails CI even on
 # machines without a GPU:
-#   * every csrc/*.cu with nvcc (object code for sm_90, the H100), when nvcc is on PATH;
+#   * every csrc/*.cu with nvcc (object code for sm_90, the H100/H200; a register spill is an
+#     error), when nvcc is on PATH;
 #   * every csrc/*.cpp (the PyTorch bindings) with the host C++ compiler against
 #     PyTorch's extension headers, syntax only, when a compiler and torch are available.
 # Exits 0 with a message when the tools are absent; non-zero on any compile error.
@@ -20,7 +21,7 @@ cpp_files=("$CSRC"/*.cpp)
 if command -v nvcc >/dev/null 2>&1; then
     for source in "${cu_files[@]}"; do
         echo "nvcc: $source ($ARCH)"
-        nvcc -std=c++17 -O3 -arch="$ARCH" -I"$CSRC" -c -o "$work/$(basename "$source").o" "$source"
+        nvcc -std=c++17 -O3 -arch="$ARCH" -Xptxas --warn-on-spills,--warning-as-error -I"$CSRC" -c -o "$work/$(basename "$source").o" "$source"
     done
 else
     echo "step-10-compile-cuda.sh: nvcc not found on PATH; skipping the CUDA compile check of ${#cu_files[@]} .cu file(s)"
