@@ -260,6 +260,25 @@ def test_method_recipes_apply_unless_overridden(tmp_path):
     assert "recipes" in text and "python -m fastssl.train.experiments collapse" in text
 
 
+def test_invariance_recipes_centre_the_embeddings_and_set_their_augmentations():
+    """The methods without negatives start from centred embeddings (a BatchNorm ends their
+    projector) and use the augmentations that make colour unreliable; flags still win."""
+    torch.manual_seed(0)
+    for method in ("byol", "simsiam", "center_penalty"):
+        cfg = parse_args(["--method", method])
+        assert (tuple(cfg.crop_scale), cfg.jitter_prob, cfg.grayscale_prob, tuple(cfg.blur_probs)) == ((0.6, 1.0), 1.0, 0.4, (0.0, 0.0))
+        model = build_method(TrainConfig(method=method, width=4), 3, 64)
+        assert isinstance(model.projector[-1], torch.nn.BatchNorm1d), method
+        # All-positive features (as after ReLU and pooling) still give embeddings whose batch
+        # mean is zero, the premise of the center-vector argument.
+        z = model.projector(torch.rand(16, model.feature_dim) + 1.0)
+        assert z.mean(0).abs().max() < 1e-5 and z.std(0).min() > 0.5
+    assert parse_args(["--method", "simsiam"]).predictor_lr_scale == 10.0
+    assert list(parse_args(["--method", "byol", "--crop-scale", "0.3,1"]).crop_scale) == [0.3, 1.0]
+    generic = parse_args(["--method", "simclr"])
+    assert (tuple(generic.crop_scale), generic.jitter_strength, tuple(generic.blur_probs)) == ((0.25, 1.0), 0.5, (1.0, 0.1))
+
+
 def test_predictor_learning_rate_rules():
     cfg = TrainConfig(method="simsiam", width=4, predictor_lr_scale=2.0, predictor_constant_lr=True)
     method = build_method(cfg, 3, 48)
