@@ -83,6 +83,7 @@ class _DinoTorchFunction(torch.autograd.Function):
         pairs[torch.arange(same), torch.arange(same)] = 0
         matches = (n_teacher - (torch.arange(n_student, device=device) < n_teacher).to(dtype)).reshape(-1, 1, 1)
         grad_scale = inv_student_temp / (n_terms * batch)
+        negligible = torch.finfo(dtype).tiny * 2.0**26
         grads = torch.empty((n_student, batch, k), dtype=dtype, device=device) if need_grad or need_temperature_grad else None
         chunk = max(1, _CHUNK_ELEMENTS // (k * (n_teacher + n_student)))
         total = torch.zeros((), dtype=dtype, device=device)
@@ -94,6 +95,11 @@ class _DinoTorchFunction(torch.autograd.Function):
             raw = torch.stack([t[start:stop] for t in teachers]).to(dtype)  # (T, rows, K)
             teacher_colsum += raw.sum(dim=(0, 1))
             teacher_probs = torch.softmax((raw - center) * inv_teacher_temp, dim=2).reshape(n_teacher, rows * k)
+            # Probabilities below 2**-100 (float32; 2**-996 in float64) are flushed to 0: they
+            # change no result at the compute precision (each row sums to 1), but they and their
+            # products with the gradient scale are subnormal, and every CPU operation touching a
+            # subnormal takes a slow path (sharp teachers give many: 10-20x slower GEMMs).
+            torch.nn.functional.threshold(teacher_probs, negligible, 0.0, inplace=True)
             scaled = torch.empty((n_student, rows, k), dtype=dtype, device=device)  # x_s = s/τ_s
             for v, s in enumerate(students):
                 torch.mul(s[start:stop].to(dtype), inv_student_temp, out=scaled[v])
@@ -103,6 +109,7 @@ class _DinoTorchFunction(torch.autograd.Function):
             if grads is not None:
                 grad = grads[:, start:stop]  # (S, rows, K), each view's rows contiguous
                 torch.exp(log_probs, out=grad)
+                torch.nn.functional.threshold(grad, negligible, 0.0, inplace=True)  # as the teacher's
                 grad.mul_(matches * grad_scale)
                 grad.view(n_student, rows * k).addmm_(pairs * (-grad_scale), teacher_probs)
                 if need_temperature_grad:

@@ -120,6 +120,10 @@ def _sinkhorn_log_domain(logits: Tensor, iterations: int, rows_out: int, gather_
     if iterations == 1:
         return torch.softmax(logits[:, :rows_out] - prototype_potential, dim=2)
     kernel = torch.softmax(logits - prototype_potential, dim=2)  # E, (H, N, K)
+    # Entries below 2**-100 (float32; 2**-996 in float64) are flushed to 0: negligible beside
+    # rows that sum to 1, but subnormal (or made so by the scalings), and CPU products with
+    # subnormals take a slow path (10-20x slower matrix-vector products).
+    torch.nn.functional.threshold(kernel, torch.finfo(kernel.dtype).tiny * 2.0**26, 0.0, inplace=True)
     sample_scale: Optional[Tensor] = None  # u, (H, N, 1); all ones at first
     prototype_scale = kernel[:, :1]  # v, (H, 1, K); assigned by the first pass
     for it in range(1, iterations):
@@ -160,7 +164,7 @@ def _swav_codes(
         return torch.cat(
             [_sinkhorn_log_domain(p.to(dtype)[None] / epsilon, iterations, batch, gather_distributed) for p in problems]
         )
-    return _sinkhorn_log_domain(torch.stack(problems).to(dtype) / epsilon, iterations, batch, gather_distributed)
+    return _sinkhorn_log_domain(torch.stack(problems).to(dtype).mul_(1.0 / epsilon), iterations, batch, gather_distributed)
 
 
 class _SwappedPredictionFunction(torch.autograd.Function):
@@ -191,14 +195,21 @@ class _SwappedPredictionFunction(torch.autograd.Function):
         else:
             inv_temperature = 1.0 / temperature
             grad_scale = inv_temperature / normalizer
-        all_codes = codes.sum(dim=0)
+        # Targets T_v = Σ_{i<H, i≠v} q_i: with two high-resolution crops (SwAV's setting) each
+        # high crop's target is the other's codes, taken as they are.
+        all_codes = codes.sum(dim=0) if n_high != 2 or len(crops) > 2 else None
         total = codes.new_zeros(())
         temperature_grad = codes.new_zeros(())
         grads: List[Optional[Tensor]] = []
         for v, crop in enumerate(crops):
             x = crop.detach().to(dtype) * inv_temperature
             log_p = torch.log_softmax(x, dim=1)
-            target = all_codes - codes[v] if v < n_high else all_codes
+            if v >= n_high:
+                target = all_codes
+            elif n_high == 2:
+                target = codes[1 - v]
+            else:
+                target = all_codes - codes[v]
             total = total + torch.dot(target.reshape(-1), log_p.reshape(-1))
             if not (need_crop_grad[v] or need_temperature_grad):
                 grads.append(None)
