@@ -377,10 +377,11 @@ class _InfoNCETorch(torch.autograd.Function):
     :math:`d\hat q_i = \frac{1}{N\tau}((p_{i0}-1)\hat k_i + \sum_j P_{ij} b_j)`,
     :math:`d\hat k_i = \frac{1}{N\tau}(p_{i0}-1)\hat q_i`; the bank gets no gradient.
 
-    When all N·K logits fit in one chunk and a gradient is wanted, the forward turns its logits
-    into P in place and keeps them (the chunk bound holds): the backward is then one product
-    P·B instead of recomputing the logits (two products against the bank, as lightly's autograd
-    does, instead of three).
+    Per query, hi is the largest logit (bank rows are used as given, so nothing bounds them in
+    advance), :math:`E = e^{S - hi}` and :math:`s = e^{s_{i0} - hi} + \sum_j E_{ij}`: lse = hi +
+    log s and :math:`P = E/s`. When all N·K logits fit in one chunk and a gradient is wanted,
+    E is kept (the chunk bound holds) and the backward is one product E·B: two products
+    against the bank in all, as lightly's autograd does, instead of three.
     """
 
     @staticmethod
@@ -394,39 +395,45 @@ class _InfoNCETorch(torch.autograd.Function):
         positives = (q_hat * k_hat).sum(dim=1) * inv_temp
         n_queries = q_hat.shape[0]
         chunk = _rows_per_chunk(bank.shape[0] + 1, chunk_rows)
-        keep_probabilities = chunk >= n_queries and any(ctx.needs_input_grad)
-        lse_parts, probabilities = [], None
+        keep = chunk >= n_queries and any(ctx.needs_input_grad)
+        scaled_queries = q_hat * inv_temp  # the product then gives the logits directly
+        hi_parts, sum_parts, kept = [], [], None
         for start in range(0, n_queries, chunk):
-            logits = (q_hat[start : start + chunk] @ bank.T).mul_(inv_temp)
-            lse_chunk = torch.logaddexp(positives[start : start + chunk], torch.logsumexp(logits, dim=1))
-            lse_parts.append(lse_chunk)
-            if keep_probabilities:
-                probabilities = logits.sub_(lse_chunk[:, None]).exp_()
-        lse = torch.cat(lse_parts)
-        ctx.save_for_backward(query, key, negatives, q_norms, k_norms, lse, probabilities,
+            stop = min(n_queries, start + chunk)
+            exps = scaled_queries[start:stop] @ bank.T
+            hi = torch.maximum(exps.amax(dim=1), positives[start:stop])
+            exps.sub_(hi[:, None]).exp_()
+            sum_parts.append(exps.sum(dim=1).add_((positives[start:stop] - hi).exp_()))
+            hi_parts.append(hi)
+            kept = exps if keep else None
+        hi, sums = torch.cat(hi_parts), torch.cat(sum_parts)
+        ctx.save_for_backward(query, key, negatives, q_norms, k_norms, hi, sums, kept,
                               temperature if isinstance(temperature, Tensor) else None)
         ctx.meta = (inv_temp, chunk)
-        return (lse - positives).mean().float()
+        # ℓ_i = lse_i - s_i0 = log s_i - (s_i0 - hi_i).
+        return (sums.log() - (positives - hi)).mean().float()
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
-        query, key, negatives, q_norms, k_norms, lse, probabilities, temperature = ctx.saved_tensors
+        query, key, negatives, q_norms, k_norms, hi, sums, kept, temperature = ctx.saved_tensors
         inv_temp, chunk = ctx.meta
         acc = q_norms.dtype
         q_hat = _unit_rows(query.to(acc), q_norms)
         k_hat = _unit_rows(key.to(acc), k_norms)
         bank = negatives.to(acc)
-        positive_weight = ((q_hat * k_hat).sum(dim=1) * inv_temp - lse).exp() - 1
-        if probabilities is not None:
-            from_bank = probabilities @ bank
+        inverse_sums = sums.reciprocal()
+        positive_weight = ((q_hat * k_hat).sum(dim=1) * inv_temp - hi).exp_().mul_(inverse_sums).sub_(1.0)
+        if kept is not None:
+            from_bank = kept @ bank
         else:
+            scaled_queries = q_hat * inv_temp
             parts = []
             for start in range(0, q_hat.shape[0], chunk):
-                logits = (q_hat[start : start + chunk] @ bank.T).mul_(inv_temp)
-                parts.append(logits.sub_(lse[start : start + chunk, None]).exp_() @ bank)
+                exps = (scaled_queries[start : start + chunk] @ bank.T).sub_(hi[start : start + chunk, None]).exp_()
+                parts.append(exps @ bank)
             from_bank = torch.cat(parts)
         scale = grad_loss.to(acc) * (inv_temp / q_hat.shape[0])
-        grad_q = (from_bank + positive_weight[:, None] * k_hat) * scale
+        grad_q = torch.addcmul(from_bank * inverse_sums[:, None], positive_weight[:, None], k_hat).mul_(scale)
         grad_k = positive_weight[:, None] * q_hat * scale
         grad_query, projection = _normalize_backward(q_hat, q_norms, grad_q)
         grad_key, _ = _normalize_backward(k_hat, k_norms, grad_k)
@@ -662,6 +669,12 @@ def _parse_bank_size(memory_bank_size: Union[int, Sequence[int]]) -> Tuple[int, 
     return size, dim
 
 
+def _pointer_readable_on_host(device: torch.device) -> bool:
+    """Whether the ring buffer may read its pointer as a Python int: on the CPU (no device to
+    wait for) and outside torch.compile tracing (a graph break)."""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 class MemoryBank(nn.Module):
     """Ring buffer of normalized keys, the negatives of MoCo's InfoNCE (lightly's
     ``MemoryBankModule``: same buffer names, same initial draws, same update rule).
@@ -690,13 +703,24 @@ class MemoryBank(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, keys: Tensor) -> None:
+        """Write ``keys`` (B, dim) at the pointer, lightly's ring buffer: a batch that reaches the
+        end fills it and the pointer wraps to 0 (the part that does not fit is dropped). With
+        ``gather_distributed`` the keys of every rank, in rank order (any per-rank B: the
+        gathered batch, and so the pointer, is the same on every rank)."""
         if self.gather_distributed:
             keys = distributed.gather_no_grad(keys)
-        # lightly's ring buffer: the batch is written at the pointer; a batch that reaches the end
-        # fills it and the pointer wraps to 0 (the part that does not fit is dropped). Written
-        # with tensor ops only (no int(ptr) host sync), so the step compiles without a graph
-        # break; it touches the whole bank once, as the snapshot in forward already does.
         size, batch = self.size, keys.shape[0]
+        if _pointer_readable_on_host(self.bank.device):
+            # The pointer is read without waiting for a device: write the batch's rows only (the
+            # tensor form below touches the whole bank).
+            start = int(self.bank_ptr[0])
+            stop = min(size, start + batch)
+            self.bank[start:stop] = keys[: stop - start].to(self.bank.dtype)
+            self.bank_ptr[0] = 0 if start + batch >= size else stop
+            return
+        # Tensor ops only (no int(ptr) host sync): the step compiles without a graph break and
+        # is captured in a CUDA graph; it touches the whole bank once, as the snapshot in
+        # forward already does.
         ptr = self.bank_ptr[0]
         offset = torch.arange(size, device=self.bank.device) - ptr
         in_batch = (offset >= 0) & (offset < batch)

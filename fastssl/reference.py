@@ -435,7 +435,7 @@ def uniformity(z: Tensor, t: float = 2.0) -> Tensor:
     n = z.shape[0]
     if n < 2:
         return z.new_tensor(float("nan"))
-    z = F.normalize(z, dim=1)
+    z = normalize(z, dim=1)  # F.normalize on scaled rows: no overflow of the squares
     sq_dist = (z[:, None, :] - z[None, :, :]).pow(2).sum(dim=-1)
     distinct = ~torch.eye(n, dtype=torch.bool, device=z.device)
     return torch.logsumexp(-t * sq_dist[distinct], dim=0) - math.log(n * (n - 1))

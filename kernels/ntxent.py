@@ -143,7 +143,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import triton
@@ -208,39 +208,58 @@ def _load_block(ptr, row_start, n_rows, k0, D, BLOCK_R: tl.constexpr, BLOCK_K: t
 
 
 @triton.jit
+def _inverse_power_of_two(peak):
+    """2^-k with 2^k > ``peak`` >= 0, k in [-126, 126], from the exponent bits (exact, no
+    transcendental): peak in [2^(e-127), 2^(e-126)) has biased exponent e, so k = e - 126. A
+    zero or subnormal peak gives 2^126; inf or NaN 2^-126 (then inf/inf: NaN propagates)."""
+    biased = (peak.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    k = tl.minimum(biased - 126, 126)
+    return ((127 - k) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _l2_normalize_fwd_kernel(
     X, stride_xm, stride_xd, Z, NORM, M, D, row_offset,
     EPS: tl.constexpr, BF16_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Z[row_offset + i] = X[i] / max(‖X[i]‖, EPS) (Z contiguous, Z's dtype); NORM = ‖X[i]‖."""
+    """Z[row_offset + i] = X[i] / max(‖X[i]‖, EPS) (Z contiguous, Z's dtype); NORM = ‖X[i]‖.
+
+    The squares are taken of y = 2^-k x, 2^k above the row's largest magnitude (an exact
+    scaling): float32 rows near 1e19, whose squares overflow, or 1e-19, whose squares are
+    subnormal, normalize as in float64. ẑ = y / max(‖y‖, 2^-k EPS) is the same number."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     rows64 = rows.to(tl.int64)
+    peak = tl.zeros((BLOCK_M,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        x = _load_tile(X, rows64, row_mask, stride_xm, stride_xd, d0, D, BLOCK_D).to(tl.float32)
+        peak = tl.maximum(peak, tl.max(tl.abs(x), axis=1))
+    inverse_scale = _inverse_power_of_two(peak)
     sq = tl.zeros((BLOCK_M,), tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        x = _load_tile(X, rows64, row_mask, stride_xm, stride_xd, d0, D, BLOCK_D).to(tl.float32)
-        sq += tl.sum(x * x, axis=1)
+        y = _load_tile(X, rows64, row_mask, stride_xm, stride_xd, d0, D, BLOCK_D).to(tl.float32) * inverse_scale[:, None]
+        sq += tl.sum(y * y, axis=1)
     # Correctly rounded sqrt and division (as PyTorch's): O(N·d) work, and a 1-d row then
     # normalizes to exactly ±1, whose normalization gradient is exactly 0.
-    norm = tl.sqrt_rn(sq)
-    clamped = tl.broadcast_to(tl.maximum(norm, EPS)[:, None], (BLOCK_M, BLOCK_D))
+    scaled_norm = tl.sqrt_rn(sq)
+    clamped = tl.broadcast_to(tl.maximum(scaled_norm, EPS * inverse_scale)[:, None], (BLOCK_M, BLOCK_D))
     out_rows64 = rows64 + row_offset
-    tl.store(NORM + out_rows64, norm, mask=row_mask)
+    tl.store(NORM + out_rows64, scaled_norm / inverse_scale, mask=row_mask)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
-        x = _load_tile(X, rows64, row_mask, stride_xm, stride_xd, d0, D, BLOCK_D).to(tl.float32)
+        y = _load_tile(X, rows64, row_mask, stride_xm, stride_xd, d0, D, BLOCK_D).to(tl.float32) * inverse_scale[:, None]
         tl.store(
             Z + out_rows64[:, None] * D + ds[None, :],
-            _round_to(tl.div_rn(x, clamped), Z.dtype.element_ty, BF16_RTNE),
+            _round_to(tl.div_rn(y, clamped), Z.dtype.element_ty, BF16_RTNE),
             mask=row_mask[:, None] & (ds[None, :] < D),
         )
 
 
 @triton.jit
 def _l2_normalize_bwd_kernel(
-    X, stride_xm, stride_xd, NORM, DZ, DX, M, D, row_offset, n_parts, part_stride, PARTNER, PARTNER_COEF,
-    HAS_DZ: tl.constexpr, HAS_PARTNER: tl.constexpr, EPS: tl.constexpr, BF16_RTNE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    X, stride_xm, stride_xd, NORM, DZ, DX, M, D, row_offset, n_parts, part_stride, PARTNER, PARTNER_COEF, PROJ,
+    HAS_DZ: tl.constexpr, HAS_PARTNER: tl.constexpr, STORE_PROJECTION: tl.constexpr, EPS: tl.constexpr,
+    BF16_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """DX[i] = (dz - ẑ(ẑ·dz)) / ‖x‖ with dz = Σ_p DZ[p·part_stride + row_offset + i] (float32;
     ``n_parts`` partial gradients, one per column split of the pair kernels) -- plus, with a
@@ -248,7 +267,9 @@ def _l2_normalize_bwd_kernel(
     ``_pair_lse_bwd_kernel``; PARTNER contiguous (M, D)) -- and ẑ recomputed from X. Without
     DZ (HAS_DZ false: InfoNCE's key) dz is the partner term alone.
 
-    Below the clamp (‖x‖ < EPS) the map is x/EPS, linear: the projection term vanishes."""
+    Below the clamp (‖x‖ < EPS) the map is x/EPS, linear: the projection term vanishes.
+    STORE_PROJECTION: PROJ[row_offset + i] = ẑ·dz as well (before that rule), the row's share of
+    a tensor temperature's gradient (see ``fastssl.ntxent``)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     rows64 = rows.to(tl.int64)
@@ -267,6 +288,8 @@ def _l2_normalize_bwd_kernel(
         if HAS_PARTNER:
             dz += partner_coef[:, None] * _load_tile(PARTNER, rows64, row_mask, D, 1, d0, D, BLOCK_D).to(tl.float32)
         projection += tl.sum(tl.div_rn(x, clamped) * dz, axis=1)
+    if STORE_PROJECTION:
+        tl.store(PROJ + src_rows64, projection, mask=row_mask)
     projection = tl.where(norm >= EPS, projection, 0.0)
     # One reciprocal per row (the division's slow path, a subroutine call, once per row rather
     # than per element; within 1 ulp of dividing each element).
@@ -293,19 +316,20 @@ def _rowwise_cosine_kernel(
     X, stride_xm, stride_xd, Y, stride_ym, stride_yd, NORM_X, NORM_Y, OUT, M, D,
     EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """OUT[i] = x_i·y_i / (max(‖x_i‖, EPS)·max(‖y_i‖, EPS)) in float32 from the inputs (the positive
-    pairs' cosine, kept out of the half-precision tiles)."""
+    """OUT[i] = (x_i / max(‖x_i‖, EPS))·(y_i / max(‖y_i‖, EPS)) in float32 from the inputs (the
+    positive pairs' cosine, kept out of the half-precision tiles). Each factor is scaled by its
+    reciprocal norm before the product: x·y and ‖x‖‖y‖ would overflow for rows near 1e19."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     rows64 = rows.to(tl.int64)
+    inv_x = 1.0 / tl.maximum(tl.load(NORM_X + rows, mask=row_mask, other=1.0), EPS)
+    inv_y = 1.0 / tl.maximum(tl.load(NORM_Y + rows, mask=row_mask, other=1.0), EPS)
     acc = tl.zeros((BLOCK_M,), tl.float32)
     for d0 in range(0, D, BLOCK_D):
         x = _load_tile(X, rows64, row_mask, stride_xm, stride_xd, d0, D, BLOCK_D).to(tl.float32)
         y = _load_tile(Y, rows64, row_mask, stride_ym, stride_yd, d0, D, BLOCK_D).to(tl.float32)
-        acc += tl.sum(x * y, axis=1)
-    norm_x = tl.maximum(tl.load(NORM_X + rows, mask=row_mask, other=1.0), EPS)
-    norm_y = tl.maximum(tl.load(NORM_Y + rows, mask=row_mask, other=1.0), EPS)
-    tl.store(OUT + rows, acc / (norm_x * norm_y), mask=row_mask)
+        acc += tl.sum((x * inv_x[:, None]) * (y * inv_y[:, None]), axis=1)
+    tl.store(OUT + rows, acc, mask=row_mask)
 
 
 # --- shared pieces of the pair and bank kernels ---------------------------------------------
@@ -386,6 +410,16 @@ def _store_scaled_rows(base, r, row_mask, acc, scale, D, SINGLE_K: tl.constexpr,
 
 
 @triton.jit
+def _per_temperature(value, TEMP, TEMP_IN_MEMORY: tl.constexpr):
+    """A launch argument that carries the factor 1/τ: as passed for a Python temperature; for a
+    tensor temperature (TEMP_IN_MEMORY, a learnable τ) the launcher passes it without that
+    factor and the kernel divides by τ read from device memory (no host sync)."""
+    if TEMP_IN_MEMORY:
+        value = value / tl.load(TEMP).to(tl.float32)
+    return value
+
+
+@triton.jit
 def _online_lse_step(m_i, l_i, s):
     """One tile of the base-2 online log-sum-exp: (m, l) with l = Σ 2^{s - m}. A row whose
     tiles so far were all masked keeps m = -inf; its exponents then use 0 instead of m
@@ -414,13 +448,14 @@ def _store_lse(LSE, ROW_LOSS, PART_M, PART_L, rows, row_mask, m_i, l_i, positive
 
 @triton.jit
 def _lse_merge_kernel(
-    PART_M, PART_L, POS_COS, LSE, ROW_LOSS, R, n_local, n_splits, scale2,
-    HAS_POSITIVE: tl.constexpr, BLOCK: tl.constexpr,
+    PART_M, PART_L, POS_COS, LSE, ROW_LOSS, TEMP, R, n_local, n_splits, scale2,
+    HAS_POSITIVE: tl.constexpr, TEMP_IN_MEMORY: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Merge the column splits' base-2 (m_s, l_s) of each row: M = max_s m_s,
     lse = (M + log2 Σ_s l_s·2^{m_s - M})·ln 2; with positives also the row loss lse - s₊
     (s₊ = POS_COS[sample]·scale2·ln 2, sample = row mod n_local). The split holding the
     first columns seeded its (m, l) with the positive, so M is finite."""
+    scale2 = _per_temperature(scale2, TEMP, TEMP_IN_MEMORY)
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_mask = rows < R
     m = tl.full((BLOCK,), float("-inf"), tl.float32)
@@ -462,9 +497,10 @@ def _logits_tile(
 
 @triton.jit
 def _pair_lse_fwd_kernel(
-    ZR, ZC, POS_COS, LSE, ROW_LOSS, PART_M, PART_L,
+    ZR, ZC, POS_COS, LSE, ROW_LOSS, PART_M, PART_L, TEMP,
     R, C, D, n_local, col_offset, scale2, cols_per_split,
     HAS_POSITIVE: tl.constexpr, SPLIT: tl.constexpr, FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr,
+    TEMP_IN_MEMORY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
 ):
     """LSE[r] = log Σ_{c ≠ self(r)} exp(S_rc), S = ZR·ZCᵀ/τ; ROW_LOSS[r] = LSE[r] - S_r,pos(r).
@@ -477,7 +513,9 @@ def _pair_lse_fwd_kernel(
     the cosine computed in float32 from the inputs: it seeds the online log-sum-exp of the
     first split (m = s₊, l = 1) and its column is masked in the tiles, so in half precision the
     term that dominates the loss is not rounded through the stored ẑ. Masks (self, positive,
-    column edge) are applied only on the tiles that contain such columns."""
+    column edge) are applied only on the tiles that contain such columns. A tensor temperature
+    is read from TEMP (``_per_temperature``)."""
+    scale2 = _per_temperature(scale2, TEMP, TEMP_IN_MEMORY)
     row_start, r, rows, row_mask = _row_block(R, BLOCK_M)
     col_lo, col_hi = _column_range(C, cols_per_split)
     self_lo, self_hi, pos0_lo, pos0_hi, pos1_lo, pos1_hi = _special_columns(
@@ -511,9 +549,10 @@ def _pair_lse_fwd_kernel(
 
 @triton.jit
 def _pair_lse_bwd_kernel(
-    ZR, ZC, POS_COS, LSE_R, LSE_C, GRAD_LOSS, DZ, POS_COEF,
+    ZR, ZC, POS_COS, LSE_R, LSE_C, GRAD_LOSS, DZ, POS_COEF, TEMP,
     R, C, D, n_local, col_offset, scale2, grad_scale, lse_shift2, cols_per_split,
     HAS_POSITIVE: tl.constexpr, WEIGHTS: tl.constexpr, FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr,
+    TEMP_IN_MEMORY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
 ):
     """dẑ_r = g·grad_scale·Σ_{c≠self} H_rc ZC[c], H_rc = e^{S_rc - LSE_R[r]} + e^{S_rc - LSE_C[c]} - 2[c = pos(r)],
@@ -533,7 +572,11 @@ def _pair_lse_bwd_kernel(
          β_c = 2^{shift - lse₂_c}: one exponential per logit (the launcher enables it only where
          no factor can overflow and 2^{s - lse₂_r} cannot underflow while 2^{s - lse₂_c} matters,
          see ``_factored_backward``);
-    2 -- one global log-sum-exp T in LSE_R[0] (uniformity): H = 2·2^{s - T₂}."""
+    2 -- one global log-sum-exp T in LSE_R[0] (uniformity): H = 2·2^{s - T₂}.
+    A tensor temperature (TEMP_IN_MEMORY) scales scale2 and grad_scale by 1/τ read from TEMP;
+    the launcher then uses form 0 (the factored form's bounds depend on τ's value)."""
+    scale2 = _per_temperature(scale2, TEMP, TEMP_IN_MEMORY)
+    grad_scale = _per_temperature(grad_scale, TEMP, TEMP_IN_MEMORY)
     row_start, r, rows, row_mask = _row_block(R, BLOCK_M)
     col_lo, col_hi = _column_range(C, cols_per_split)
     self_lo, self_hi, pos0_lo, pos0_hi, pos1_lo, pos1_hi = _special_columns(
@@ -636,15 +679,16 @@ def _bank_logits_tile(
 
 @triton.jit
 def _infonce_fwd_kernel(
-    ZQ, POS_COS, BANK, stride_bank_row, stride_bank_col, LSE, ROW_LOSS, PART_M, PART_L,
+    ZQ, POS_COS, BANK, stride_bank_row, stride_bank_col, LSE, ROW_LOSS, PART_M, PART_L, TEMP,
     N, K, D, scale2, cols_per_split,
-    SPLIT: tl.constexpr, FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr,
+    SPLIT: tl.constexpr, FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr, TEMP_IN_MEMORY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
 ):
     """LSE[i] = log(e^{s₊} + Σ_j e^{q̂_i·b_j/τ}), s₊ = POS_COS[i]/τ (float32 cosine of the inputs);
     ROW_LOSS[i] = LSE[i] - s₊. Grid (row blocks, bank splits), base-2 logits as the pair
     kernel; the first split's online log-sum-exp starts from the positive (m = s₊, l = 1).
-    Only the last bank tile is masked."""
+    Only the last bank tile is masked. A tensor temperature is read from TEMP."""
+    scale2 = _per_temperature(scale2, TEMP, TEMP_IN_MEMORY)
     row_start, r, rows, row_mask = _row_block(N, BLOCK_M)
     col_lo, col_hi = _column_range(K, cols_per_split)
     positive2 = tl.load(POS_COS + rows, mask=row_mask, other=0.0) * scale2
@@ -666,15 +710,17 @@ def _infonce_fwd_kernel(
 
 @triton.jit
 def _infonce_bwd_kernel(
-    ZQ, POS_COS, BANK, stride_bank_row, stride_bank_col, LSE, GRAD_LOSS, DQ, POS_COEF,
+    ZQ, POS_COS, BANK, stride_bank_row, stride_bank_col, LSE, GRAD_LOSS, DQ, POS_COEF, TEMP,
     N, K, D, scale2, grad_scale, cols_per_split,
-    FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr,
+    FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr, TEMP_IN_MEMORY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
 ):
     """dq̂_i = g·grad_scale·((p₊-1) k̂_i + Σ_j P_ij b_j), dk̂_i = g·grad_scale·(p₊-1) q̂_i, written as
     DQ[split, i] = g·grad_scale·Σ_{j in split} P_ij b_j and POS_COEF[i] = g·grad_scale·(p₊-1) (by
     split 0): the normalization backward sums the splits and adds the key (query) row times
-    the coefficient, as for NT-Xent's positive."""
+    the coefficient, as for NT-Xent's positive. A tensor temperature is read from TEMP."""
+    scale2 = _per_temperature(scale2, TEMP, TEMP_IN_MEMORY)
+    grad_scale = _per_temperature(grad_scale, TEMP, TEMP_IN_MEMORY)
     row_start, r, rows, row_mask = _row_block(N, BLOCK_M)
     col_lo, col_hi = _column_range(K, cols_per_split)
     lse2 = tl.load(LSE + rows, mask=row_mask, other=0.0) * 1.4426950408889634  # log2 e
@@ -948,12 +994,13 @@ def l2_normalize_rows(
 
 def l2_normalize_rows_backward(
     x: Tensor, norms: Tensor, grad_z: Optional[Tensor], row_offset: int = 0, out: Optional[Tensor] = None,
-    partner: Optional[Tensor] = None, partner_coef: Optional[Tensor] = None,
+    partner: Optional[Tensor] = None, partner_coef: Optional[Tensor] = None, projection: Optional[Tensor] = None,
 ) -> Tensor:
     """dx (x's shape and dtype, contiguous) from dẑ = ``grad_z[row_offset : row_offset + M]``, or
     the sum over the first axis of a (parts, ·, d) ``grad_z`` (the column splits' partial
     gradients) -- plus ``partner_coef[row_offset + i] · partner[i]`` with a partner (M, d),
-    contiguous; without ``grad_z``, that term alone."""
+    contiguous; without ``grad_z``, that term alone. With ``projection`` (float32), ẑ·dẑ of
+    each row is written to ``projection[row_offset + i]`` too."""
     m, d = x.shape
     if out is None:
         out = torch.empty((m, d), dtype=x.dtype, device=x.device)
@@ -968,7 +1015,9 @@ def l2_normalize_rows_backward(
     _launch(_l2_normalize_bwd_kernel, (triton.cdiv(m, block_m),),
         x, x.stride(0), x.stride(1), norms, grad_z if has_dz else norms, out, m, d, row_offset, n_parts, part_stride,
         partner if has_partner else norms, partner_coef if has_partner else norms,
-        HAS_DZ=has_dz, HAS_PARTNER=has_partner, EPS=_NORM_EPS, BF16_RTNE=_emulate_rtne(out.dtype), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
+        projection if projection is not None else norms,
+        HAS_DZ=has_dz, HAS_PARTNER=has_partner, STORE_PROJECTION=projection is not None, EPS=_NORM_EPS,
+        BF16_RTNE=_emulate_rtne(out.dtype), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
     )
     return out
 
@@ -1000,41 +1049,56 @@ def _lse_outputs(n_rows: int, splits: int, with_loss: bool, device: torch.device
     return lse, row_loss, partials
 
 
+def _temperature_operand(temperature: Optional[Tensor], placeholder: Tensor) -> Tuple[Tensor, bool]:
+    """(the TEMP pointer, TEMP_IN_MEMORY) of the kernels: a tensor temperature as one float32
+    element on the device (no copy when it is one already), else an unread placeholder."""
+    if temperature is None:
+        return placeholder, False
+    temperature = temperature.detach()
+    if temperature.dtype != torch.float32:
+        temperature = temperature.to(torch.float32)
+    return temperature.reshape(1), True
+
+
 def _merge_splits(partials: Tensor, pos_cos: Optional[Tensor], lse: Tensor, row_loss: Tensor, n_local: int,
-                  scale2: float) -> None:
+                  scale2: float, temperature: Optional[Tensor] = None) -> None:
     n_splits, n_rows = partials.shape[1], partials.shape[2]
     block = _MERGE_BLOCK if not triton_interpreter_enabled() else triton.next_power_of_2(min(n_rows, 1 << 14))
+    temp, temp_in_memory = _temperature_operand(temperature, lse)
     _launch(_lse_merge_kernel, (triton.cdiv(n_rows, block),),
-        partials[0], partials[1], pos_cos if pos_cos is not None else lse, lse, row_loss, n_rows, n_local, n_splits,
-        scale2, HAS_POSITIVE=pos_cos is not None, BLOCK=block, num_warps=4,
+        partials[0], partials[1], pos_cos if pos_cos is not None else lse, lse, row_loss, temp, n_rows, n_local,
+        n_splits, scale2, HAS_POSITIVE=pos_cos is not None, TEMP_IN_MEMORY=temp_in_memory, BLOCK=block, num_warps=4,
     )
 
 
 def pair_lse_forward(
     z_rows: Tensor, z_cols: Tensor, pos_cos: Optional[Tensor], inv_temp: float, n_local: int, col_offset: int,
     config: Optional[KernelConfig] = None, lse: Optional[Tensor] = None, row_loss: Optional[Tensor] = None,
+    temperature: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Per-row log-sum-exp of z_rows·z_colsᵀ·inv_temp over all columns but each row's own
     (``col_offset + r``), and with ``pos_cos`` (n_local,) -- the positive pairs' cosines -- the
     NT-Xent row loss. z_rows (R, d), z_cols (C, d) contiguous, same dtype. Returns
-    (lse (R,), row_loss (R,)) in float32."""
+    (lse (R,), row_loss (R,)) in float32. ``temperature``: a one-element tensor τ read by the
+    kernels in place of ``inv_temp`` (which is then ignored)."""
     r, d = z_rows.shape
     c = z_cols.shape[0]
     cfg = _resolve_config(config, d, z_rows.dtype)
     with_positive = pos_cos is not None
     splits, cols_per_split = _split_columns(cfg, r, c, 2.0 * d, 16.0 * r, z_rows.device)
     lse, row_loss, partials = _lse_outputs(r, splits, with_positive, z_rows.device, lse, row_loss)
-    scale2 = float(inv_temp) * _LOG2E
+    temp, temp_in_memory = _temperature_operand(temperature, lse)
+    scale2 = _LOG2E if temp_in_memory else float(inv_temp) * _LOG2E
     _launch(_pair_lse_fwd_kernel, (triton.cdiv(r, cfg.block_m), splits),
-        z_rows, z_cols, pos_cos if with_positive else lse, lse, row_loss, partials[0], partials[1],
+        z_rows, z_cols, pos_cos if with_positive else lse, lse, row_loss, partials[0], partials[1], temp,
         r, c, d, n_local, col_offset, scale2, cols_per_split,
         HAS_POSITIVE=with_positive, SPLIT=splits > 1, FP32_IEEE=_dot_in_fp32(z_rows.dtype),
-        BF16_RTNE=_emulate_rtne(z_rows.dtype),
+        BF16_RTNE=_emulate_rtne(z_rows.dtype), TEMP_IN_MEMORY=temp_in_memory,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=cfg.single_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:
-        _merge_splits(partials, pos_cos, lse, row_loss, n_local, scale2)
+        _merge_splits(partials, pos_cos, lse, row_loss, n_local, scale2, temperature)
     return lse, row_loss
 
 
@@ -1063,7 +1127,7 @@ def pair_lse_backward(
     z_rows: Tensor, z_cols: Tensor, pos_cos: Optional[Tensor], lse_rows: Tensor, lse_cols: Tensor,
     grad_loss: Tensor, inv_temp: float, grad_scale: float, n_local: int, col_offset: int,
     config: Optional[KernelConfig] = None, out: Optional[Tensor] = None, factored: Optional[bool] = None,
-    positive_coef: Optional[Tensor] = None, global_lse: bool = False,
+    positive_coef: Optional[Tensor] = None, global_lse: bool = False, temperature: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """dẑ rows: ``grad_loss · grad_scale · Σ_c (e^{S-lse_r} + e^{S-lse_c} - 2[c = pos]) z_c``.
 
@@ -1073,7 +1137,8 @@ def pair_lse_backward(
     ``_pair_lse_bwd_kernel``). ``lse_rows``/``lse_cols`` must be log-sum-exps of these logits
     for the factored form (default: where it is exact, :func:`_factored_backward`);
     ``global_lse``: one log-sum-exp for every row and column, ``lse_rows`` (1 element)
-    (uniformity)."""
+    (uniformity). ``temperature``: a one-element tensor τ read by the kernel; ``inv_temp`` is
+    then ignored and ``grad_scale`` given without its factor 1/τ."""
     r, d = z_rows.shape
     c = z_cols.shape[0]
     cfg = _resolve_config(config, d, z_rows.dtype)
@@ -1082,16 +1147,19 @@ def pair_lse_backward(
     out = _gradient_buffer(out, splits, r, d, z_rows.device)
     if with_positive and positive_coef is None:
         positive_coef = torch.empty(r, dtype=torch.float32, device=z_rows.device)
+    temp, temp_in_memory = _temperature_operand(temperature, lse_rows)
     if factored is None:
-        factored = _factored_backward(inv_temp, c)
+        # A tensor temperature's value is not read on the host: the two-exponential form.
+        factored = not temp_in_memory and _factored_backward(inv_temp, c)
     weights = 2 if global_lse else int(bool(factored))
+    scale2 = _LOG2E if temp_in_memory else float(inv_temp) * _LOG2E
     _launch(_pair_lse_bwd_kernel, (triton.cdiv(r, cfg.block_m), splits),
         z_rows, z_cols, pos_cos if with_positive else lse_rows, lse_rows, lse_cols, _upstream(grad_loss), out,
-        positive_coef if with_positive else lse_rows,
-        r, c, d, n_local, col_offset, float(inv_temp) * _LOG2E, float(grad_scale), math.log2(max(c - 1, 1)),
+        positive_coef if with_positive else lse_rows, temp,
+        r, c, d, n_local, col_offset, scale2, float(grad_scale), math.log2(max(c - 1, 1)),
         cols_per_split,
         HAS_POSITIVE=with_positive, WEIGHTS=weights, FP32_IEEE=_dot_in_fp32(z_rows.dtype),
-        BF16_RTNE=_emulate_rtne(z_rows.dtype),
+        BF16_RTNE=_emulate_rtne(z_rows.dtype), TEMP_IN_MEMORY=temp_in_memory,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=cfg.single_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -1100,37 +1168,39 @@ def pair_lse_backward(
 
 def infonce_forward(
     q_hat: Tensor, pos_cos: Tensor, bank: Tensor, inv_temp: float, config: Optional[KernelConfig] = None,
-    lse: Optional[Tensor] = None, row_loss: Optional[Tensor] = None,
+    lse: Optional[Tensor] = None, row_loss: Optional[Tensor] = None, temperature: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """(lse (N,), row loss (N,)) of queries q̂ (N, d) against [own key (cosine ``pos_cos``);
-    bank (K, d), any strides]."""
+    bank (K, d), any strides]. ``temperature``: as for :func:`pair_lse_forward`."""
     n, d = q_hat.shape
     k = bank.shape[0]
     cfg = _resolve_config(config, d, q_hat.dtype, bank=True)
     bank = _int32_addressable(bank, cfg)
     splits, cols_per_split = _split_columns(cfg, n, k, 2.0 * d, 16.0 * n, q_hat.device)
     lse, row_loss, partials = _lse_outputs(n, splits, True, q_hat.device, lse, row_loss)
-    scale2 = float(inv_temp) * _LOG2E
+    temp, temp_in_memory = _temperature_operand(temperature, lse)
+    scale2 = _LOG2E if temp_in_memory else float(inv_temp) * _LOG2E
     _launch(_infonce_fwd_kernel, (triton.cdiv(n, cfg.block_m), splits),
-        q_hat, pos_cos, bank, bank.stride(0), bank.stride(1), lse, row_loss, partials[0], partials[1],
+        q_hat, pos_cos, bank, bank.stride(0), bank.stride(1), lse, row_loss, partials[0], partials[1], temp,
         n, k, d, scale2, cols_per_split,
         SPLIT=splits > 1, FP32_IEEE=_dot_in_fp32(q_hat.dtype), BF16_RTNE=_emulate_rtne(q_hat.dtype),
+        TEMP_IN_MEMORY=temp_in_memory,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=cfg.single_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:
-        _merge_splits(partials, pos_cos, lse, row_loss, n, scale2)
+        _merge_splits(partials, pos_cos, lse, row_loss, n, scale2, temperature)
     return lse, row_loss
 
 
 def infonce_backward(
     q_hat: Tensor, pos_cos: Tensor, bank: Tensor, lse: Tensor, grad_loss: Tensor, inv_temp: float,
     grad_scale: float, config: Optional[KernelConfig] = None,
-    grad_q: Optional[Tensor] = None, positive_coef: Optional[Tensor] = None,
+    grad_q: Optional[Tensor] = None, positive_coef: Optional[Tensor] = None, temperature: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """(dq̂ from the bank (S, N, d) float32 -- the bank splits' partial sums --, positive_coef
     (N,) float32): the full gradients are Σ_S dq̂ + coef·k̂ and dk̂ = coef·q̂ (added by the
-    normalization backward)."""
+    normalization backward). ``temperature``: as for :func:`pair_lse_backward`."""
     n, d = q_hat.shape
     k = bank.shape[0]
     cfg = _resolve_config(config, d, q_hat.dtype, bank=True)
@@ -1139,10 +1209,12 @@ def infonce_backward(
     grad_q = _gradient_buffer(grad_q, splits, n, d, q_hat.device)
     if positive_coef is None:
         positive_coef = torch.empty(n, dtype=torch.float32, device=q_hat.device)
+    temp, temp_in_memory = _temperature_operand(temperature, lse)
+    scale2 = _LOG2E if temp_in_memory else float(inv_temp) * _LOG2E
     _launch(_infonce_bwd_kernel, (triton.cdiv(n, cfg.block_m), splits),
-        q_hat, pos_cos, bank, bank.stride(0), bank.stride(1), lse, _upstream(grad_loss), grad_q, positive_coef,
-        n, k, d, float(inv_temp) * _LOG2E, float(grad_scale), cols_per_split,
-        FP32_IEEE=_dot_in_fp32(q_hat.dtype), BF16_RTNE=_emulate_rtne(q_hat.dtype),
+        q_hat, pos_cos, bank, bank.stride(0), bank.stride(1), lse, _upstream(grad_loss), grad_q, positive_coef, temp,
+        n, k, d, scale2, float(grad_scale), cols_per_split,
+        FP32_IEEE=_dot_in_fp32(q_hat.dtype), BF16_RTNE=_emulate_rtne(q_hat.dtype), TEMP_IN_MEMORY=temp_in_memory,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=cfg.single_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -1186,11 +1258,21 @@ def _float32(like: Tensor, *shape: int) -> Tensor:
     return like.new_empty(shape, dtype=torch.float32)
 
 
+def _temperature_gradient(projection: Tensor, temperature: Tensor, homogeneity: int) -> Tensor:
+    r""":math:`\partial L/\partial\tau = -\frac{1}{h\tau}\sum_k \hat z_k\cdot\partial L/\partial\hat z_k`
+    from the normalization backward's per-row projections (the logits are of degree h in the
+    normalized rows: 2 for NT-Xent, 1 for InfoNCE's queries), in τ's dtype and shape."""
+    grad = projection.sum() * (-1.0 / homogeneity) / temperature.detach().to(torch.float32)
+    return grad.to(temperature.dtype).reshape(temperature.shape)
+
+
 def _ntxent_forward(
-    out0: Tensor, out1: Tensor, inv_temp: float, gather_distributed: bool, config_ints: List[int]
+    out0: Tensor, out1: Tensor, temperature: Optional[Tensor], inv_temp: float, rank_rows: List[int],
+    config_ints: List[int],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (loss, ẑ rows (2n, d), ‖x‖ (2n,), positive cosines (n,), lse (2n,), and in a
-    distributed run the gathered ẑ columns and lse (else empty))."""
+    distributed run -- ``rank_rows`` every rank's n, else empty -- the gathered ẑ columns and
+    lse (else empty)). ``temperature``: a tensor τ read on the device (``inv_temp`` ignored)."""
     config = _config_from_ints(config_ints)
     n_local, d = out0.shape
     n_rows = 2 * n_local
@@ -1199,43 +1281,54 @@ def _ntxent_forward(
     norms = _float32(out0, n_rows)
     l2_normalize_rows(out0, z_rows, norms, 0)
     l2_normalize_rows(out1, z_rows, norms, n_local)
-    use_dist = gather_distributed and distributed.is_distributed()
+    use_dist = len(rank_rows) > 0
     if use_dist:
-        z_cols = distributed.gather_no_grad(z_rows)
-        col_offset = distributed.rank() * n_rows
+        block_rows = [2 * rows for rows in rank_rows]  # every rank's [view 0; view 1] block
+        z_cols = distributed.gather_no_grad(z_rows, block_rows)
+        col_offset = distributed.rank_row_offset(n_rows, sizes=block_rows)
     else:
         z_cols, col_offset = z_rows, 0
     pos_cos = rowwise_cosine(out0, out1, norms[:n_local], norms[n_local:])
-    lse, row_loss = pair_lse_forward(z_rows, z_cols, pos_cos, inv_temp, n_local, col_offset, config)
+    lse, row_loss = pair_lse_forward(z_rows, z_cols, pos_cos, inv_temp, n_local, col_offset, config,
+                                     temperature=temperature)
     if use_dist:
-        lse_cols = distributed.gather_no_grad(lse)
+        lse_cols = distributed.gather_no_grad(lse, block_rows)
     else:
         z_cols, lse_cols = z_rows.new_empty((0, d)), _float32(out0, 0)
     return row_loss.mean(), z_rows, norms, pos_cos, lse, z_cols, lse_cols
 
 
 def _ntxent_backward(
-    grad_loss: Tensor, out0: Tensor, out1: Tensor, z_rows: Tensor, norms: Tensor, pos_cos: Tensor,
-    lse: Tensor, z_cols: Tensor, lse_cols: Tensor, inv_temp: float, config_ints: List[int],
-) -> Tuple[Tensor, Tensor]:
+    grad_loss: Tensor, out0: Tensor, out1: Tensor, temperature: Optional[Tensor], z_rows: Tensor, norms: Tensor,
+    pos_cos: Tensor, lse: Tensor, z_cols: Tensor, lse_cols: Tensor, inv_temp: float, col_offset: int,
+    temperature_grad: bool, config_ints: List[int],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dout0, dout1, dτ -- empty unless ``temperature_grad``)."""
     config = _config_from_ints(config_ints)
     n_local = out0.shape[0]
-    distributed_run = z_cols.shape[0] > 0
-    col_offset = distributed.rank() * 2 * n_local if distributed_run else 0
-    if not distributed_run:
+    if z_cols.shape[0] == 0:  # single process: the columns are the rows
         z_cols, lse_cols = z_rows, lse
-    # 1/(2n), this rank's row count: W × the global gradient when distributed (module doc).
+    # 1/(2n), this rank's row count: W × the global gradient when distributed (module doc);
+    # the kernel multiplies by 1/τ itself when τ is a tensor.
+    row_scale = 1.0 / (2 * n_local)
+    grad_scale = row_scale if temperature is not None else inv_temp * row_scale
     grad_z, positive_coef = pair_lse_backward(z_rows, z_cols, pos_cos, lse, lse_cols, grad_loss, inv_temp,
-                                              inv_temp / (2 * n_local), n_local, col_offset, config)
+                                              grad_scale, n_local, col_offset, config, temperature=temperature)
+    projection = _float32(out0, 2 * n_local) if temperature_grad else None
     # The positive's term: row i of view 0 pairs with row i of view 1 and vice versa.
-    grad0 = l2_normalize_rows_backward(out0, norms, grad_z, 0, partner=z_rows[n_local:], partner_coef=positive_coef)
+    grad0 = l2_normalize_rows_backward(out0, norms, grad_z, 0, partner=z_rows[n_local:], partner_coef=positive_coef,
+                                       projection=projection)
     grad1 = l2_normalize_rows_backward(out1, norms, grad_z, n_local, partner=z_rows[:n_local],
-                                       partner_coef=positive_coef)
-    return grad0, grad1
+                                       partner_coef=positive_coef, projection=projection)
+    if projection is None:
+        return grad0, grad1, _float32(out0, 0)
+    assert temperature is not None
+    return grad0, grad1, _temperature_gradient(projection, temperature, homogeneity=2)
 
 
 def _infonce_forward(
-    query: Tensor, key: Tensor, negatives: Tensor, inv_temp: float, config_ints: List[int]
+    query: Tensor, key: Tensor, negatives: Tensor, temperature: Optional[Tensor], inv_temp: float,
+    config_ints: List[int],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (loss, q̂, k̂, ‖q‖, ‖k‖, positive cosines, lse)."""
     config = _config_from_ints(config_ints)
@@ -1243,20 +1336,29 @@ def _infonce_forward(
     q_hat, q_norms = l2_normalize_rows(query, dtype=dtype)
     k_hat, k_norms = l2_normalize_rows(key, dtype=dtype)
     pos_cos = rowwise_cosine(query, key, q_norms, k_norms)
-    lse, row_loss = infonce_forward(q_hat, pos_cos, negatives, inv_temp, config)
+    lse, row_loss = infonce_forward(q_hat, pos_cos, negatives, inv_temp, config, temperature=temperature)
     return row_loss.mean(), q_hat, k_hat, q_norms, k_norms, pos_cos, lse
 
 
 def _infonce_backward(
-    grad_loss: Tensor, query: Tensor, key: Tensor, negatives: Tensor, q_hat: Tensor, k_hat: Tensor,
-    q_norms: Tensor, k_norms: Tensor, pos_cos: Tensor, lse: Tensor, inv_temp: float, config_ints: List[int],
-) -> Tuple[Tensor, Tensor]:
+    grad_loss: Tensor, query: Tensor, key: Tensor, negatives: Tensor, temperature: Optional[Tensor], q_hat: Tensor,
+    k_hat: Tensor, q_norms: Tensor, k_norms: Tensor, pos_cos: Tensor, lse: Tensor, inv_temp: float,
+    temperature_grad: bool, config_ints: List[int],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dquery, dkey, dτ -- empty unless ``temperature_grad``)."""
     config = _config_from_ints(config_ints)
-    grad_q_hat, positive_coef = infonce_backward(q_hat, pos_cos, negatives, lse, grad_loss, inv_temp,
-                                                 inv_temp / query.shape[0], config)
-    grad_q = l2_normalize_rows_backward(query, q_norms, grad_q_hat, partner=k_hat, partner_coef=positive_coef)
+    row_scale = 1.0 / query.shape[0]
+    grad_scale = row_scale if temperature is not None else inv_temp * row_scale
+    grad_q_hat, positive_coef = infonce_backward(q_hat, pos_cos, negatives, lse, grad_loss, inv_temp, grad_scale,
+                                                 config, temperature=temperature)
+    projection = _float32(query, query.shape[0]) if temperature_grad else None
+    grad_q = l2_normalize_rows_backward(query, q_norms, grad_q_hat, partner=k_hat, partner_coef=positive_coef,
+                                        projection=projection)
     grad_k = l2_normalize_rows_backward(key, k_norms, None, partner=q_hat, partner_coef=positive_coef)
-    return grad_q, grad_k
+    if projection is None:
+        return grad_q, grad_k, _float32(query, 0)
+    assert temperature is not None
+    return grad_q, grad_k, _temperature_gradient(projection, temperature, homogeneity=1)
 
 
 def _uniformity_forward(z: Tensor, t: float, config_ints: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -1281,23 +1383,25 @@ def _uniformity_backward(
 
 _ntxent_op = torch.library.custom_op(
     "fastssl::ntxent_triton", _ntxent_forward, mutates_args=(),
-    schema="(Tensor out0, Tensor out1, float inv_temp, bool gather_distributed, int[] config) "
+    schema="(Tensor out0, Tensor out1, Tensor? temperature, float inv_temp, int[] rank_rows, int[] config) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 _ntxent_backward_op = torch.library.custom_op(
     "fastssl::ntxent_triton_backward", _ntxent_backward, mutates_args=(),
-    schema="(Tensor grad_loss, Tensor out0, Tensor out1, Tensor z_rows, Tensor norms, Tensor pos_cos, "
-    "Tensor lse, Tensor z_cols, Tensor lse_cols, float inv_temp, int[] config) -> (Tensor, Tensor)",
+    schema="(Tensor grad_loss, Tensor out0, Tensor out1, Tensor? temperature, Tensor z_rows, Tensor norms, "
+    "Tensor pos_cos, Tensor lse, Tensor z_cols, Tensor lse_cols, float inv_temp, int col_offset, "
+    "bool temperature_grad, int[] config) -> (Tensor, Tensor, Tensor)",
 )
 _infonce_op = torch.library.custom_op(
     "fastssl::infonce_triton", _infonce_forward, mutates_args=(),
-    schema="(Tensor query, Tensor key, Tensor negatives, float inv_temp, int[] config) "
+    schema="(Tensor query, Tensor key, Tensor negatives, Tensor? temperature, float inv_temp, int[] config) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 _infonce_backward_op = torch.library.custom_op(
     "fastssl::infonce_triton_backward", _infonce_backward, mutates_args=(),
-    schema="(Tensor grad_loss, Tensor query, Tensor key, Tensor negatives, Tensor q_hat, Tensor k_hat, "
-    "Tensor q_norms, Tensor k_norms, Tensor pos_cos, Tensor lse, float inv_temp, int[] config) -> (Tensor, Tensor)",
+    schema="(Tensor grad_loss, Tensor query, Tensor key, Tensor negatives, Tensor? temperature, Tensor q_hat, "
+    "Tensor k_hat, Tensor q_norms, Tensor k_norms, Tensor pos_cos, Tensor lse, float inv_temp, "
+    "bool temperature_grad, int[] config) -> (Tensor, Tensor, Tensor)",
 )
 _uniformity_op = torch.library.custom_op(
     "fastssl::uniformity_triton", _uniformity_forward, mutates_args=(),
@@ -1309,24 +1413,32 @@ _uniformity_backward_op = torch.library.custom_op(
 )
 
 
+def _fake_temperature_gradient(like: Tensor, temperature: Optional[Tensor], temperature_grad: bool) -> Tensor:
+    if temperature_grad and temperature is not None:
+        return temperature.new_empty(temperature.shape)
+    return _float32(like, 0)
+
+
 @_ntxent_op.register_fake
-def _(out0, out1, inv_temp, gather_distributed, config_ints):
+def _(out0, out1, temperature, inv_temp, rank_rows, config_ints):
     n_local, d = out0.shape
     z_dtype = operand_dtype(d, torch.promote_types(out0.dtype, out1.dtype), _config_from_ints(config_ints))
     n_rows = 2 * n_local
-    n_cols = n_rows * distributed.world_size() if gather_distributed and distributed.is_distributed() else 0
+    n_cols = 2 * sum(rank_rows)
     z_rows = out0.new_empty((n_rows, d), dtype=z_dtype)
     return (_float32(out0), z_rows, _float32(out0, n_rows), _float32(out0, n_local), _float32(out0, n_rows),
             out0.new_empty((n_cols, d), dtype=z_dtype), _float32(out0, n_cols))
 
 
 @_ntxent_backward_op.register_fake
-def _(grad_loss, out0, out1, *rest):
-    return out0.new_empty(out0.shape), out1.new_empty(out1.shape)
+def _(grad_loss, out0, out1, temperature, *rest):
+    temperature_grad = rest[-2]
+    return (out0.new_empty(out0.shape), out1.new_empty(out1.shape),
+            _fake_temperature_gradient(out0, temperature, temperature_grad))
 
 
 @_infonce_op.register_fake
-def _(query, key, negatives, inv_temp, config_ints):
+def _(query, key, negatives, temperature, inv_temp, config_ints):
     n, d = query.shape
     dtype = operand_dtype(d, torch.promote_types(query.dtype, key.dtype), _config_from_ints(config_ints))
     return (_float32(query), query.new_empty((n, d), dtype=dtype), query.new_empty((n, d), dtype=dtype),
@@ -1334,8 +1446,10 @@ def _(query, key, negatives, inv_temp, config_ints):
 
 
 @_infonce_backward_op.register_fake
-def _(grad_loss, query, key, *rest):
-    return query.new_empty(query.shape), key.new_empty(key.shape)
+def _(grad_loss, query, key, negatives, temperature, *rest):
+    temperature_grad = rest[-2]
+    return (query.new_empty(query.shape), key.new_empty(key.shape),
+            _fake_temperature_gradient(query, temperature, temperature_grad))
 
 
 @_uniformity_op.register_fake
@@ -1351,27 +1465,36 @@ def _(grad_loss, z, *rest):
 
 
 def _ntxent_setup(ctx, inputs, output) -> None:
-    out0, out1, inv_temp, _, config_ints = inputs
+    out0, out1, temperature, inv_temp, rank_rows, config_ints = inputs
     ctx.set_materialize_grads(False)  # the auxiliary outputs get no gradient: no zero tensors
-    ctx.save_for_backward(out0, out1, *output[1:])
+    ctx.save_for_backward(out0, out1, temperature, *output[1:])
+    # Columns: every rank's [view 0; view 1] block in rank order, this rank's at col_offset.
+    ctx.col_offset = distributed.rank_row_offset(2 * out0.shape[0], sizes=[2 * rows for rows in rank_rows]) \
+        if len(rank_rows) > 0 else 0
     ctx.inv_temp, ctx.config_ints = inv_temp, config_ints
 
 
 def _ntxent_gradient(ctx, grad_loss, *_auxiliary):
-    grads = _ntxent_backward_op(grad_loss, *ctx.saved_tensors, ctx.inv_temp, ctx.config_ints)
-    return grads[0], grads[1], None, None, None
+    out0, out1, temperature, *saved = ctx.saved_tensors
+    temperature_grad = temperature is not None and ctx.needs_input_grad[2]
+    grads = _ntxent_backward_op(grad_loss, out0, out1, temperature, *saved, ctx.inv_temp, ctx.col_offset,
+                                temperature_grad, ctx.config_ints)
+    return grads[0], grads[1], grads[2] if temperature_grad else None, None, None, None
 
 
 def _infonce_setup(ctx, inputs, output) -> None:
-    query, key, negatives, inv_temp, config_ints = inputs
+    query, key, negatives, temperature, inv_temp, config_ints = inputs
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(query, key, negatives, *output[1:])
+    ctx.save_for_backward(query, key, negatives, temperature, *output[1:])
     ctx.inv_temp, ctx.config_ints = inv_temp, config_ints
 
 
 def _infonce_gradient(ctx, grad_loss, *_auxiliary):
-    grads = _infonce_backward_op(grad_loss, *ctx.saved_tensors, ctx.inv_temp, ctx.config_ints)
-    return grads[0], grads[1], None, None, None
+    query, key, negatives, temperature, *saved = ctx.saved_tensors
+    temperature_grad = temperature is not None and ctx.needs_input_grad[3]
+    grads = _infonce_backward_op(grad_loss, query, key, negatives, temperature, *saved, ctx.inv_temp,
+                                 temperature_grad, ctx.config_ints)
+    return grads[0], grads[1], None, grads[2] if temperature_grad else None, None, None
 
 
 def _uniformity_setup(ctx, inputs, output) -> None:
@@ -1395,16 +1518,26 @@ _uniformity_op.register_autograd(_uniformity_gradient, setup_context=_uniformity
 # --------------------------------------------------------------------------------------------
 
 
+def _temperature_arguments(temperature: Union[float, Tensor], device: torch.device) -> Tuple[Optional[Tensor], float]:
+    """(τ as a tensor the kernels read on ``device``, or None; 1/τ as a float, or 1.0 unused).
+    A tensor τ elsewhere is copied to the device (differentiably)."""
+    if isinstance(temperature, Tensor):
+        return (temperature if temperature.device == device else temperature.to(device)), 1.0
+    return None, 1.0 / float(temperature)
+
+
 def ntxent_loss_triton(
-    out0: Tensor, out1: Tensor, temperature: float, gather_distributed: bool = False, *,
+    out0: Tensor, out1: Tensor, temperature: Union[float, Tensor], gather_distributed: bool = False, *,
     config: Optional[KernelConfig] = None,
 ) -> Tensor:
     """NT-Xent through the kernels (SimCLR, Chen et al. 2020, eq. 1).
 
     Args:
         out0, out1: (N, d) float32/float16/bfloat16 views, any strides.
-        temperature: τ, any non-zero float.
-        gather_distributed: negatives from every rank (the loss is then the global mean).
+        temperature: τ, any non-zero float, or a one-element tensor (a learnable τ: read on the
+            device, with gradient).
+        gather_distributed: negatives from every rank, which may hold different N (the loss is
+            then the global mean, weighted by rows).
         config: tile shape (None: :func:`default_config`).
     Returns:
         0-d float32 loss; gradients in the inputs' dtypes.
@@ -1417,19 +1550,25 @@ def ntxent_loss_triton(
     """
     _check_kernel_dtype("out0", out0)
     _check_kernel_dtype("out1", out1)
-    loss = _ntxent_op(out0, out1, 1.0 / float(temperature), bool(gather_distributed), _config_to_ints(config))[0]
-    return distributed.global_mean(loss) if gather_distributed else loss
+    temperature_tensor, inv_temp = _temperature_arguments(temperature, out0.device)
+    distributed_run = gather_distributed and distributed.is_distributed()
+    rank_rows = distributed.gather_sizes(out0.shape[0], out0.device) if distributed_run else []
+    loss = _ntxent_op(out0, out1, temperature_tensor, inv_temp, rank_rows, _config_to_ints(config))[0]
+    # Weighted by this rank's 2n rows: the global mean, and W × the global gradient.
+    return distributed.global_mean(loss, 2 * out0.shape[0]) if gather_distributed else loss
 
 
 def infonce_loss_triton(
-    query: Tensor, key: Tensor, negatives: Tensor, temperature: float, *, config: Optional[KernelConfig] = None
+    query: Tensor, key: Tensor, negatives: Tensor, temperature: Union[float, Tensor], *,
+    config: Optional[KernelConfig] = None,
 ) -> Tensor:
     """InfoNCE through the kernels (MoCo, He et al. 2020, eq. 1).
 
     Args:
         query, key: (N, d) float32/float16/bfloat16, any strides.
         negatives: (K, d) bank (any strides, its rows used as given); no gradient.
-        temperature: τ, any non-zero float.
+        temperature: τ, any non-zero float, or a one-element tensor (read on the device, with
+            gradient).
     Returns:
         0-d float32 loss.
 
@@ -1442,7 +1581,8 @@ def infonce_loss_triton(
     _check_kernel_dtype("query", query)
     _check_kernel_dtype("key", key)
     _check_kernel_dtype("negatives", negatives)
-    return _infonce_op(query, key, negatives.detach(), 1.0 / float(temperature), _config_to_ints(config))[0]
+    temperature_tensor, inv_temp = _temperature_arguments(temperature, query.device)
+    return _infonce_op(query, key, negatives.detach(), temperature_tensor, inv_temp, _config_to_ints(config))[0]
 
 
 def uniformity_triton(z: Tensor, t: float = 2.0, *, config: Optional[KernelConfig] = None) -> Tensor:

@@ -434,10 +434,13 @@ def test_equivalent_to_lightly_with_bank(lightly_ntxent, bank_size):
 
 
 # --------------------------------------------------------------------------------------------
-# Distributed: 2 processes, gloo
+# Distributed: 2 and 3 processes, gloo, unequal batch sizes
 # --------------------------------------------------------------------------------------------
 
-N_PER_RANK, D, WORLD = 3, 5, 2
+D = 5
+BANK = 11
+# Per-rank batch sizes as DDP without drop_last gives them (a short last batch; a single sample).
+UNEQUAL_SPLITS = {2: [2, 5], 3: [4, 1, 3]}
 
 
 def _free_port() -> int:
@@ -447,68 +450,117 @@ def _free_port() -> int:
 
 
 def _backends():
-    backends = ["torch"]
+    backends = ["torch", "reference"]
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         backends.append("triton")
     return backends
 
 
-def _global_inputs():
+def _global_inputs(total: int):
     g = torch.Generator().manual_seed(7)
-    out0 = torch.randn(N_PER_RANK * WORLD, D, generator=g)
-    out1 = torch.randn(N_PER_RANK * WORLD, D, generator=g)
-    bank = F.normalize(torch.randn(11, D, generator=g), dim=1)
+    out0 = torch.randn(total, D, generator=g)
+    out1 = torch.randn(total, D, generator=g)
+    bank = F.normalize(torch.randn(BANK, D, generator=g), dim=1)
     return out0, out1, bank
 
 
-def _worker(rank: int, port: int, result_dir: str) -> None:
+def _loss(name: str, a, b, bank, temperature, backend: str, gather: bool):
+    if name == "ntxent":
+        return FS.ntxent_loss(a, b, temperature, gather_distributed=gather, backend=backend)
+    return FS.infonce_loss(a, b, bank, temperature, gather_distributed=gather, backend=backend)
+
+
+def _moco_steps(module, batches):
+    """Two training steps of MoCo's NTXentLoss; per step the loss, the input gradients, and the
+    bank and pointer after the step's enqueue."""
+    out = []
+    for a, b in batches:
+        a, b = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        value = module(a, b)
+        value.backward()
+        out.append((value.detach(), a.grad, b.grad, module.bank.clone(), module.bank_ptr.clone()))
+    return out
+
+
+def _distributed_worker(rank: int, world: int, port: int, result_dir: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        out0, out1, bank = _global_inputs()
-        rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+        sizes = UNEQUAL_SPLITS[world]
+        out0, out1, bank = _global_inputs(sum(sizes))
+        rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
         results = {}
         for backend in _backends():
             for name in ("ntxent", "infonce"):
-                a = out0[rows].clone().requires_grad_(True)
-                b = out1[rows].clone().requires_grad_(True)
-                if name == "ntxent":
-                    value = FS.ntxent_loss(a, b, 0.3, gather_distributed=True, backend=backend)
-                else:
-                    value = FS.infonce_loss(a, b, bank, 0.3, gather_distributed=True, backend=backend)
-                value.backward()
-                results[(backend, name)] = (value.detach(), a.grad, b.grad)
+                for learnable in (False, True):
+                    a = out0[rows].clone().requires_grad_(True)
+                    b = out1[rows].clone().requires_grad_(True)
+                    tau = torch.nn.Parameter(torch.tensor(0.3)) if learnable else 0.3
+                    value = _loss(name, a, b, bank, tau, backend, True)
+                    value.backward()
+                    results[(backend, name, learnable)] = (value.detach(), a.grad, b.grad, tau.grad if learnable else None)
+            # MoCo: the bank is filled with every rank's keys (unequal counts), the same on all ranks.
+            torch.manual_seed(5)
+            module = fastssl.NTXentLoss(0.3, memory_bank_size=(BANK, D), gather_distributed=True, backend=backend)
+            second = slice(rows.start, rows.stop)  # a second step on the same rows, shifted values
+            results[(backend, "moco")] = _moco_steps(module, [(out0[rows], out1[rows]), (out1[second], out0[second])])
         torch.save(results, os.path.join(result_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.slow  # two process start-ups (torch, Triton) dominate: ~10-20 s on a 2-core machine
-def test_gather_distributed_two_processes():
-    """DESIGN §3: each rank reports the single-process loss of the concatenated batch, and its
-    input gradient is world_size × its slice of the single-process gradient."""
-    out0, out1, bank = _global_inputs()
+@pytest.mark.slow  # process start-ups and the interpreted kernels: ~20-40 s per world size
+@pytest.mark.parametrize("world", sorted(UNEQUAL_SPLITS))
+def test_gather_distributed_unequal_batches(world):
+    """Ranks holding different batch sizes: each rank reports the single-process loss of the
+    concatenated batch and its input gradients are world_size × its slice of the single-process
+    gradient, on every backend, NT-Xent and InfoNCE; a learnable temperature's gradient,
+    averaged over ranks as DDP does, is the single-process one; MoCo's bank receives every
+    rank's keys in rank order and every rank keeps the same bank and pointer."""
+    sizes = UNEQUAL_SPLITS[world]
+    out0, out1, bank = _global_inputs(sum(sizes))
     expected = {}
     for name in ("ntxent", "infonce"):
-        a = out0.double().requires_grad_(True)
-        b = out1.double().requires_grad_(True)
+        a, b = out0.double().requires_grad_(True), out1.double().requires_grad_(True)
+        tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
         if name == "ntxent":
-            value = reference.ntxent_loss(a, b, 0.3)
+            value = reference.ntxent_loss(a, b, tau)
         else:
-            value = reference.infonce_loss(a, b, bank.double(), 0.3)
+            value = reference.infonce_loss(a, b, bank.double(), tau)
         value.backward()
-        expected[name] = (value.detach(), a.grad, b.grad)
+        expected[name] = (value.detach(), a.grad, b.grad, tau.grad)
+    torch.manual_seed(5)
+    single = fastssl.NTXentLoss(0.3, memory_bank_size=(BANK, D), backend="reference")
+    expected_moco = _moco_steps(single, [(out0, out1), (out1, out0)])
+
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(_free_port(), tmp), nprocs=WORLD, join=True)
-        per_rank = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
-    for rank, results in enumerate(per_rank):
-        rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
-        for backend in _backends():
-            for name in ("ntxent", "infonce"):
-                value, ga, gb = results[(backend, name)]
-                v_ref, ga_ref, gb_ref = expected[name]
-                where = f"{backend}/{name}/rank {rank}"
+        mp.spawn(_distributed_worker, args=(world, _free_port(), tmp), nprocs=world, join=True)
+        per_rank = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
+
+    for backend in _backends():
+        for name in ("ntxent", "infonce"):
+            v_ref, ga_ref, gb_ref, tau_ref = expected[name]
+            for learnable in (False, True):
+                tau_grads = []
+                for rank, results in enumerate(per_rank):
+                    rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+                    value, ga, gb, tau_grad = results[(backend, name, learnable)]
+                    where = f"{backend}/{name}/learnable={learnable}/rank {rank}"
+                    assert value.item() == pytest.approx(v_ref.item(), rel=1e-5), where
+                    torch.testing.assert_close(ga.double(), world * ga_ref[rows], rtol=1e-4, atol=1e-6, msg=where)
+                    torch.testing.assert_close(gb.double(), world * gb_ref[rows], rtol=1e-4, atol=1e-6, msg=where)
+                    tau_grads.append(tau_grad)
+                if learnable:
+                    mean = torch.stack(tau_grads).double().mean()
+                    assert mean.item() == pytest.approx(tau_ref.item(), rel=1e-4), f"{backend}/{name}: dL/dτ"
+        for step, (v_ref, ga_ref, gb_ref, bank_ref, ptr_ref) in enumerate(expected_moco):
+            for rank, results in enumerate(per_rank):
+                rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+                value, ga, gb, bank_after, ptr_after = results[(backend, "moco")][step]
+                where = f"{backend}/moco step {step}/rank {rank}"
                 assert value.item() == pytest.approx(v_ref.item(), rel=1e-5), where
-                torch.testing.assert_close(ga.double(), WORLD * ga_ref[rows], rtol=1e-4, atol=1e-6, msg=where)
-                torch.testing.assert_close(gb.double(), WORLD * gb_ref[rows], rtol=1e-4, atol=1e-6, msg=where)
+                torch.testing.assert_close(ga, world * ga_ref[rows], rtol=1e-4, atol=1e-6, msg=where)
+                torch.testing.assert_close(gb, world * gb_ref[rows], rtol=1e-4, atol=1e-6, msg=where)
+                torch.testing.assert_close(bank_after, bank_ref, rtol=0, atol=1e-6, msg=where)
+                assert torch.equal(ptr_after, ptr_ref), where
