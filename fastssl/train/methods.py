@@ -16,16 +16,18 @@ Head sizes, with F the backbone's feature dimension (paper values in brackets):
 
 ======================  =================================================================
 simclr                  projector F-F-128, BN in the hidden layer [2048-2048-128]
-moco (v2)               projector F-F-128 without BN, memory bank of keys, EMA key encoder
-byol                    projector F-2F-128, predictor 128-2F-128 [4096, 256], EMA target
+moco (v2)               projector F-F-128, BN in the hidden layer, memory bank of keys, EMA
+                        key encoder
+byol                    projector F-2F-128 ending in BN, predictor 128-2F-128 [4096, 256],
+                        EMA target
 simsiam                 projector F-2F-2F-2F with BN on the output, predictor 2F-F/2-2F
                         [2048 with a 512 bottleneck]
 barlow_twins, vicreg    projector F-4F-4F-4F [8192-8192-8192]
 swav                    projector F-2F-128, L2-normalized, prototypes (normalized rows)
-wmse                    projector F-2F-64 [1024-64]
+wmse                    projector F-2F-32 [1024-64]
 dino                    head F-2F-2F-min(256,F) (GELU), L2 norm, weight-normed K prototypes
                         [2048-2048-256, K = 65536], EMA teacher, multi-crop
-center_penalty          projector F-F-128 and Jha et al.'s invariance + center penalty
+center_penalty          projector F-F-128 ending in BN, Jha et al.'s invariance + center penalty
 ======================  =================================================================
 """
 
