@@ -80,18 +80,43 @@ from .decorrelation_stats import BLK_SLOTS, COL_ROWS, _loss_kernel, _standardize
 # calls: there tiles are fitted to the extents (powers of two within [16, 256]) and nothing is
 # split. Tests set _FORCED_TILES = (tile, reduction step) and _FORCED_SPLITS to run multi-tile
 # loops, masks and split-K on small inputs.
+#
+# Two departures from these tables, both found by compiling the captured launches of small
+# shapes for sm_90 (benchmarks/launch_report.py); neither applies at the headline shapes, whose
+# plans are the tables' (N >= 64, d a multiple of 16):
+#
+# * Tiles no larger than the product. A product tile's side is N (Gram) or d (cross) rounded up
+#   to a power of two within [16, 64], and a gradient tile has at most that many rows (N). At
+#   N = 2 a 64×64 Gram tile is 99.9 % padding, yet its loads (row stride d) and its epilogue's
+#   Gram stores (row stride N) run element by element over all of it: 255 registers and 744 B
+#   of spills (Barlow Twins N = 2, d = 7 bf16; likewise N = 5, d = 33 fp32 and VICReg N = 3,
+#   d = 17 fp16, under Triton 3.6 and 3.9). A 16×16 tile needs 72-127 registers; it runs on
+#   mma.sync instead of wgmma (M = 64), which does not matter for a product of that size.
+# * Rows of d not a multiple of 16 (gram path). The operands are (N, d) rows of stride d: Triton
+#   then cannot prove 16-byte alignment, loads every element of a tile alone with its own 64-bit
+#   address and mask (no vectors, no cp.async), and a 64×32 half-precision step of the four
+#   hi/lo operand tiles fills the register file: 255 registers and spills at N = 200, d = 1000
+#   bf16 in the Gram product, and 255 (232 B of spills, Triton 3.6) in Barlow Twins' gradient.
+#   There the Gram product takes reduction steps of 16 and 8 warps (136-142 registers), the
+#   gradient tiles half the columns and steps of 16 (95-215 registers). fp32 keeps its step of
+#   16 (a step of 8 does not compile under Triton 3.6) and relies on the 8 warps.
 _CUDA_TILE = 64
+_CUDA_MIN_TILE = 16
 _CUDA_STEP = {torch.float32: 16, torch.float16: 32, torch.bfloat16: 32}
+_CUDA_UNALIGNED_STEP = 16
 _CUDA_STATS_ROWS = 64
 _CUDA_STATS_COLS = 32
 _PRODUCT_WARPS = 4
+_UNALIGNED_PRODUCT_WARPS = 8
 _GRADIENT_WARPS = 8
 _STATS_WARPS = 4
 _LOSS_BLOCK = 256
 # Rows of a product tile per program of the split-K finishing kernels (64/8 = 8 programs a tile)
 _CUDA_FINISH_ROWS = 8
-# Barlow Twins' gram backward keeps a whole column panel of δ in registers up to this N
+# Barlow Twins' gram backward keeps a whole column panel of δ in registers up to this N, in
+# tiles of this many fp32 elements (32 per thread at 8 warps; half that with unaligned rows)
 _SINGLE_PASS_ROWS = 256
+_SINGLE_PASS_ELEMENTS = 8192
 _FORCED_TILES: Optional[Tuple[int, int]] = None
 _FORCED_SPLITS: Optional[int] = None
 
@@ -121,6 +146,12 @@ def _sm_count(device: torch.device) -> int:
     return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def _cuda_tile(extent: int) -> int:
+    """Side of a CUDA product tile over ``extent`` rows or columns: the table's 64, or less for a
+    smaller product (see the tile tables)."""
+    return min(_CUDA_TILE, max(_CUDA_MIN_TILE, _next_pow2(extent)))
+
+
 def _is_cuda(device: torch.device) -> bool:
     return device.type == "cuda"
 
@@ -145,6 +176,7 @@ class Plan:
     # products
     block: int
     block_k: int
+    product_warps: int
     tile_blocks: int  # blocks per side of the N×N or d×d product
     tiles: int
     splits: int
@@ -216,6 +248,9 @@ def plan(
     N = 2048, d = 8192        stats 256 · Gram 528 tiles × 1 (finished in place) · loss 1 |
                               backward 2 × 128 (Barlow Twins, δ through the scratch) or 2·32 × 128
     ========================  =====================================================================
+
+    Below N = 64 (Gram) or d = 64 (cross), and with d not a multiple of 16, tiles, steps and
+    warps shrink so that no launch spills (see the tile tables above).
     """
     cuda = _is_cuda(device) if sms is None else True
     if cuda and sms is None:
@@ -232,10 +267,17 @@ def plan(
     stats_blocks = triton.cdiv(d, stats_cols)
 
     product_extent, k_extent = (n, d) if use_gram else (d, n)
+    # Gram path with d not a multiple of 16: element-wise operand loads (see the tile tables)
+    unaligned = use_gram and d % 16 != 0
+    product_warps = _PRODUCT_WARPS
     if forced is not None:
         block, block_k = forced
     elif cuda:
-        block, block_k = _CUDA_TILE, _CUDA_STEP[dtype]
+        block, block_k = _cuda_tile(product_extent), _CUDA_STEP[dtype]
+        if unaligned:
+            block_k = min(block_k, _CUDA_UNALIGNED_STEP)
+            if block == _CUDA_TILE:
+                product_warps = _UNALIGNED_PRODUCT_WARPS
     else:
         block, block_k = min(256, max(16, _next_pow2(product_extent))), min(128, max(16, _next_pow2(k_extent)))
     tile_blocks = triton.cdiv(product_extent, block)
@@ -254,12 +296,14 @@ def plan(
         grad_block_k = forced[1]
         single = n <= grad_block_m
     elif cuda:
-        grad_block_m, grad_block_n, grad_block_k = _CUDA_TILE, _CUDA_TILE, _CUDA_STEP[dtype]
+        grad_block_m, grad_block_n, grad_block_k = _cuda_tile(n), _CUDA_TILE, _CUDA_STEP[dtype]
+        panel = _SINGLE_PASS_ELEMENTS
+        if unaligned:
+            grad_block_n, grad_block_k, panel = _CUDA_TILE // 2, min(grad_block_k, _CUDA_UNALIGNED_STEP), panel // 2
         if use_gram and not vicreg and n <= _SINGLE_PASS_ROWS:
-            # the whole column panel in registers: BLOCK_M·BLOCK_N = 8192 fp32 per tile (32 per
-            # thread at 8 warps)
+            # the whole column panel in registers: BLOCK_M·BLOCK_N = ``panel`` fp32 per tile
             grad_block_m = max(16, _next_pow2(n))
-            grad_block_n = min(64, max(16, 8192 // grad_block_m))
+            grad_block_n = min(64, max(16, panel // grad_block_m))
             single = True
     else:
         grad_block_m = min(256, max(16, _next_pow2(n)))
@@ -293,6 +337,7 @@ def plan(
     return Plan(
         n=n, d=d, vicreg=vicreg, gram=use_gram, keep=keep, parts=parts, split_gram=split_gram, cuda=cuda,
         stats_rows=stats_rows, stats_cols=stats_cols, stats_blocks=stats_blocks, block=block, block_k=block_k,
+        product_warps=product_warps,
         tile_blocks=tile_blocks, tiles=tiles, splits=splits, k_chunk=k_chunk, finish_rows=finish_rows,
         finish_chunks=finish_chunks, grad_block_m=grad_block_m,
         grad_block_n=grad_block_n, grad_block_k=grad_block_k, single=single, blk_offset=blk_offset,
@@ -356,7 +401,7 @@ def forward(
             ops, ws, n, d, p.tile_blocks, p.k_chunk, p.split_offset, p.tile_offset, p.gdiag_offset, p.mat_base,
             1.0 / d, VICREG=p.vicreg, SPLIT=half, FINISH=finish, KEEP=p.keep, SPLIT_GRAM=p.split_gram,
             BLOCK=p.block, BLOCK_K=p.block_k, DOT_PRECISION=precision, EMULATE_BF16=emulate,
-            num_warps=_PRODUCT_WARPS,
+            num_warps=p.product_warps,
         )  # fmt: skip
         if not finish:
             _gram_finish_kernel[(p.tiles, p.finish_chunks)](
@@ -368,7 +413,7 @@ def forward(
         _cross_partial_kernel[p.product_grid](
             ops, ws, n, d, p.tile_blocks, p.k_chunk, p.split_offset, p.tile_offset, p.sums_offset, p.mat_base,
             lambda_param, VICREG=p.vicreg, SPLIT=half, FINISH=finish, KEEP=p.keep, BLOCK=p.block,
-            BLOCK_K=p.block_k, DOT_PRECISION=precision, EMULATE_BF16=emulate, num_warps=_PRODUCT_WARPS,
+            BLOCK_K=p.block_k, DOT_PRECISION=precision, EMULATE_BF16=emulate, num_warps=p.product_warps,
         )  # fmt: skip
         if not finish:
             _cross_finish_kernel[(p.tiles, p.finish_chunks)](
