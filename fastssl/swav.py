@@ -46,11 +46,12 @@ from fastssl._checks import (
 # so c starts at 0, and the final codes are Q[b, :]·B = softmax_k(L[b, :] − a). Without
 # iterations the codes are B·exp(L − LSE_{b,k} L).
 #
-# The first row normalization is done exactly in the log domain, a = LSE_b(L) (max-shifted: no
-# overflow for any finite scores and ε, where lightly's exp(S/ε) is inf beyond S/ε ≈ 88 in
-# float32). Its result E = softmax_k(L − a) -- the codes after one iteration -- is well scaled:
-# every row sums to 1 and every column to at least 1/K (each exp(L[b, k] − a_k) ≤ 1 and each
-# column of exp(L − a) sums to 1). The remaining iterations are the classic Sinkhorn scalings
+# The first row normalization is done exactly, a = LSE_b(L) with max shifts (no overflow for any
+# finite scores and ε, where lightly's exp(S/ε) is inf beyond S/ε ≈ 88 in float32; see
+# _sinkhorn_log_domain for the in-place form). Its result E = softmax_k(L − a) -- the codes after
+# one iteration -- is well scaled: every row sums to 1 and every column to at least 1/K (each
+# exp(L[b, k] − a_k) ≤ 1 and each column of exp(L − a) sums to 1). The remaining iterations are
+# the classic Sinkhorn scalings
 # of that fixed matrix, u = 1/(E v) and v = 1/(Eᵀ u) (Cuturi 2013, Alg. 1), two matrix-vector
 # products per iteration instead of two log-sum-exp sweeps with an exponential per element; the
 # codes are E diag(v) with every row normalized. v is rescaled to max 1 after each update (the
@@ -96,6 +97,7 @@ def _sinkhorn_log_domain(logits: Tensor, iterations: int, rows_out: int, gather_
 
     Args:
         logits: (H, N, K) float32/float64; H independent problems (one per high-resolution crop).
+            Overwritten (the algorithm runs in place in this buffer).
         rows_out: codes are returned for the first ``rows_out`` of the N samples (the batch
             without its queue).
         gather_distributed: marginals over all ranks' samples (any per-rank N).
@@ -114,30 +116,40 @@ def _sinkhorn_log_domain(logits: Tensor, iterations: int, rows_out: int, gather_
         else:
             log_scale = math.log(n_samples) - log_total
         return torch.exp(logits[:, :rows_out] + log_scale[:, None, None])
-    prototype_potential = torch.logsumexp(logits, dim=1, keepdim=True)  # a, (H, 1, K)
+    # First row normalization, exactly, in place (no fresh (H, N, K) buffer: on CPU every large
+    # allocation is paid again in page faults). With column maxima m_k and, after them, row
+    # maxima d_b, X = exp(L − m − d) has a 1 in every row; the column sums of exp(L − m) are
+    # Σ_b X[b, k] e^{d_b} (a matrix-vector product, ≥ 1: the column's maximum row adds 1), and
+    # E' = X / colsum is the codes after one iteration up to a factor per row (≥ 1/N per row
+    # maximum: no row underflows, whatever the scores' range). Rows are normalized by the sample
+    # scalings below (u starts at 1/rowsum E'), which absorb those factors.
+    column_max = logits.amax(dim=1, keepdim=True)  # (H, 1, K)
     if distributed_on:
-        prototype_potential = all_reduce_logsumexp(prototype_potential)
-    if iterations == 1:
-        return torch.softmax(logits[:, :rows_out] - prototype_potential, dim=2)
-    kernel = torch.softmax(logits - prototype_potential, dim=2)  # E, (H, N, K)
+        torch.distributed.all_reduce(column_max, op=torch.distributed.ReduceOp.MAX)
+    kernel = logits.sub_(column_max)
+    row_max = kernel.amax(dim=2, keepdim=True)  # d ≤ 0, (H, N, 1)
+    kernel.sub_(row_max).exp_()
+    column = torch.bmm(torch.exp(row_max).transpose(1, 2), kernel)  # (H, 1, K)
+    if distributed_on:
+        distributed.all_reduce_sum_(column)
+    kernel.mul_(column.reciprocal_())  # E'
     # Entries below 2**-100 (float32; 2**-996 in float64) are flushed to 0: negligible beside
-    # rows that sum to 1, but subnormal (or made so by the scalings), and CPU products with
-    # subnormals take a slow path (10-20x slower matrix-vector products).
+    # each row's maximum (≥ 1/N), but subnormal (or made so by the scalings), and CPU products
+    # with subnormals take a slow path (10-20x slower matrix-vector products).
     torch.nn.functional.threshold(kernel, torch.finfo(kernel.dtype).tiny * 2.0**26, 0.0, inplace=True)
-    sample_scale: Optional[Tensor] = None  # u, (H, N, 1); all ones at first
-    prototype_scale = kernel[:, :1]  # v, (H, 1, K); assigned by the first pass
+    sample_scale = kernel.sum(dim=2, keepdim=True).reciprocal_()  # u, (H, N, 1)
+    prototype_scale: Optional[Tensor] = None  # v, (H, 1, K)
     for it in range(1, iterations):
-        if sample_scale is None:
-            column = kernel.sum(dim=1, keepdim=True)
-        else:
-            column = torch.bmm(sample_scale.transpose(1, 2), kernel)
+        column = torch.bmm(sample_scale.transpose(1, 2), kernel)
         if distributed_on:
             distributed.all_reduce_sum_(column)
         prototype_scale = column.reciprocal_()
         prototype_scale = prototype_scale / prototype_scale.amax(dim=2, keepdim=True)
         if it + 1 < iterations:
             sample_scale = torch.bmm(kernel, prototype_scale.transpose(1, 2)).reciprocal_()
-    codes = kernel[:, :rows_out] * prototype_scale
+    codes = kernel[:, :rows_out]
+    if prototype_scale is not None:
+        codes.mul_(prototype_scale)
     return codes.div_(codes.sum(dim=2, keepdim=True))
 
 
@@ -164,7 +176,11 @@ def _swav_codes(
         return torch.cat(
             [_sinkhorn_log_domain(p.to(dtype)[None] / epsilon, iterations, batch, gather_distributed) for p in problems]
         )
-    return _sinkhorn_log_domain(torch.stack(problems).to(dtype).mul_(1.0 / epsilon), iterations, batch, gather_distributed)
+    # L = S/ε written straight into the stacked (H, N, K) buffer: one pass, one allocation.
+    logits = torch.empty((len(problems),) + tuple(problems[0].shape), dtype=dtype, device=problems[0].device)
+    for i, p in enumerate(problems):
+        torch.mul(p if p.dtype == dtype else p.to(dtype), 1.0 / epsilon, out=logits[i])
+    return _sinkhorn_log_domain(logits, iterations, batch, gather_distributed)
 
 
 class _SwappedPredictionFunction(torch.autograd.Function):
@@ -178,9 +194,10 @@ class _SwappedPredictionFunction(torch.autograd.Function):
         ∂L/∂s_v = (w_v p_v − T_v)/(τ M),   w_v = Σ_k T_v[b, k] (H − [v < H] for normalized codes),
         ∂L/∂τ = −1/τ Σ_v ⟨∂L/∂x_v, x_v⟩ = −1/(τ M) Σ_v ⟨w_v p_v − T_v, x_v⟩.
 
-    Per crop: one scaling, one log-softmax, one dot product for the loss and three in-place
-    passes for the gradient -- no autograd graph over (V, B, K) intermediates (whose
-    select-backward zero fills cost more than the loss itself on CPU).
+    Per crop: one scaled copy, its row maxima, one exponential, two dot products for the loss and
+    three in-place passes for the gradient, with two (B, K) allocations -- no autograd graph over
+    (V, B, K) intermediates (whose select-backward zero fills cost more than the loss itself on
+    CPU).
     """
 
     @staticmethod
@@ -202,28 +219,39 @@ class _SwappedPredictionFunction(torch.autograd.Function):
         temperature_grad = codes.new_zeros(())
         grads: List[Optional[Tensor]] = []
         for v, crop in enumerate(crops):
-            x = crop.detach().to(dtype) * inv_temperature
-            log_p = torch.log_softmax(x, dim=1)
             if v >= n_high:
                 target = all_codes
             elif n_high == 2:
                 target = codes[1 - v]
             else:
                 target = all_codes - codes[v]
-            total = total + torch.dot(target.reshape(-1), log_p.reshape(-1))
+            # Row-max shifted logits y = x − max_k x (in place), e = exp(y), S = Σ_k e: then
+            # log p = y − log S and p = e/S, one exponential per element. ⟨T, log p⟩ =
+            # ⟨T, y⟩ − Σ_b w_b log S_b adds terms of one sign (y ≤ 0, log S ≥ 0): no cancellation,
+            # whatever common offset the scores carry.
+            shifted = crop.detach().to(dtype) * inv_temperature
+            row_max = shifted.amax(dim=1, keepdim=True)
+            shifted.sub_(row_max)
+            grad = torch.exp(shifted)  # e; becomes the gradient in place
+            log_sum = grad.sum(dim=1, keepdim=True).log_()
+            if unit_row_sums:
+                matches = n_high - 1 if v < n_high else n_high
+                weight_log_sum = log_sum.sum() * matches
+            else:
+                weights = target.sum(dim=1, keepdim=True)
+                weight_log_sum = torch.dot(weights.reshape(-1), log_sum.reshape(-1))
+            total = total + torch.dot(target.reshape(-1), shifted.reshape(-1)) - weight_log_sum
             if not (need_crop_grad[v] or need_temperature_grad):
                 grads.append(None)
                 continue
-            grad = log_p.exp_()  # p_v, in place of log p_v (no longer needed)
-            if unit_row_sums:
-                matches = n_high - 1 if v < n_high else n_high
-                if matches != 1:
-                    grad.mul_(matches)
-            else:
-                grad.mul_(target.sum(dim=1, keepdim=True))
-            grad.sub_(target)  # M τ ∂L/∂s_v
+            # M τ ∂L/∂s_v = w p − T = (w/S) e − T.
+            grad.mul_((matches * torch.exp(-log_sum)) if unit_row_sums else weights * torch.exp(-log_sum))
+            grad.sub_(target)
             if need_temperature_grad:
-                temperature_grad = temperature_grad - torch.dot(grad.reshape(-1), x.reshape(-1)) * (inv_temperature / normalizer)
+                # ⟨g, x⟩ = ⟨g, y⟩ + Σ_b max_b Σ_k g[b, k] (x = y + max, restored exactly).
+                dot = torch.dot(grad.reshape(-1), shifted.reshape(-1))
+                dot = dot + torch.dot(grad.sum(dim=1), row_max.reshape(-1))
+                temperature_grad = temperature_grad - dot * (inv_temperature / normalizer)
             grads.append(grad.mul_(grad_scale).to(crop.dtype) if need_crop_grad[v] else None)
         ctx.save_for_backward(*[g for g in grads if g is not None])
         ctx.has_grad = [g is not None for g in grads]
