@@ -225,6 +225,7 @@ def dino_loss(
     return _dino_dispatch(teacher_out, student_out, center, teacher_temp, student_temp, backend)[0]
 
 
+@outside_autocast  # the module calls it directly, not through dino_loss
 def _dino_dispatch(
     teacher_out: Sequence[Tensor],
     student_out: Sequence[Tensor],
