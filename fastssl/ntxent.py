@@ -455,39 +455,57 @@ def _infonce_torch(
 
 
 class _UniformityTorch(torch.autograd.Function):
-    r"""Uniformity through the pair machinery: with :math:`S_{ij} = 2t\,\hat z_i\cdot\hat z_j`,
-    :math:`-t\|\hat z_i-\hat z_j\|^2 = S_{ij} - 2t`, so
-    :math:`U = \mathrm{LSE}_{i\ne j} S_{ij} - 2t - \log n(n-1)` and
-    :math:`\partial U/\partial\hat z_i = 2t\sum_{j\ne i} 2e^{S_{ij}-T}\hat z_j` (T the global LSE,
-    kept as a (hi, lo) pair as the rows' are): the pair backward with every row's and column's
-    log-sum-exp set to T."""
+    r"""Uniformity through the pair machinery: :math:`-t\|\hat z_i-\hat z_j\|^2 = S'_{ij} - 2t` with
+    :math:`S'_{ij} = 2t\,\hat z_i\cdot\hat z_j + b_i + b_j`, :math:`b_i = t(1 - \|\hat z_i\|^2)`: 0 for
+    unit rows, nonzero only for rows below F.normalize's clamp (zero rows, |x| ~ 1e-19), which
+    stay shorter than 1. The biases enter as two extra features, rows
+    :math:`[\hat z_i, b_i/2t, 1]` against columns :math:`[\hat z_j, 1, b_j/2t]`, so S' is still a
+    symmetric product. :math:`U = \mathrm{LSE}_{i\ne j} S'_{ij} - 2t - \log n(n-1)` and, with
+    :math:`w_{ij} = e^{S'_{ij}-T}` (T the global LSE, a (hi, lo) pair as the rows'),
+    :math:`\partial U/\partial\hat z_i = 4t\sum_{j\ne i} w_{ij}(\hat z_j - \hat z_i)`: the pair backward
+    with every log-sum-exp set to T, minus the radial term (which the normalization's backward
+    removes anyway from unit rows)."""
 
     @staticmethod
     def forward(ctx, z: Tensor, t: float, chunk_rows: Optional[int]) -> Tensor:  # type: ignore[override]
         acc = _acc_dtype(z.dtype)
-        n = z.shape[0]
+        n, d = z.shape
         z_hat, norms = _normalize_forward(z, acc)
+        rows, cols = _biased_rows(z_hat, norms)
         # Kept only with the fixed shift: E = e^{S - c} serves the global form as it is (every
-        # row's hi is c), while a row-maximum chunk S - hi_k would need re-shifting.
+        # row's hi is c), while a row-maximum chunk would need re-shifting.
         keep = ctx.needs_input_grad[0] and _fixed_shift(2.0 * t, n) is not None
-        hi, lo, _, kept = _pair_lse_forward(z_hat, z_hat, 2.0 * t, n, 0, False, chunk_rows, keep=keep)
+        hi, lo, _, kept = _pair_lse_forward(rows, cols, 2.0 * t, n, 0, False, chunk_rows, keep=keep)
         total_hi = hi.max()
         total_lo = torch.logsumexp((hi - total_hi) + lo, dim=0)
-        ctx.save_for_backward(z, norms, total_hi, total_lo, kept)
+        ctx.save_for_backward(z, norms, hi, lo, total_hi, total_lo, kept)
         ctx.meta = (t, chunk_rows)
         return ((total_hi - 2.0 * t) + total_lo - math.log(n * (n - 1))).float()
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
-        z, norms, total_hi, total_lo, kept = ctx.saved_tensors
+        z, norms, hi, lo, total_hi, total_lo, kept = ctx.saved_tensors
         t, chunk_rows = ctx.meta
         acc = norms.dtype
-        n = z.shape[0]
+        n, d = z.shape
         z_hat = _unit_rows(z.to(acc), norms)
+        rows, cols = _biased_rows(z_hat, norms)
         total = (total_hi.expand(n), total_lo.expand(n))
-        grad_z = _pair_lse_backward(z_hat, z_hat, total, total, 2.0 * t, n, 0, False, chunk_rows, kept=kept)
+        pair_sum = _pair_lse_backward(rows, cols, total, total, 2.0 * t, n, 0, False, chunk_rows, kept=kept)[:, :d]
+        # Σ_j w_ij = e^{lse_i - T}: the radial term of the textbook gradient.
+        row_mass = ((hi - total_hi) + (lo - total_lo)).exp_()
+        grad_z = torch.addcmul(pair_sum, z_hat, row_mass[:, None], value=-2.0)
         grad_z = grad_z * (grad_loss.to(acc) * (2.0 * t))
         return _normalize_backward(z_hat, norms, grad_z)[0].to(z.dtype), None, None
+
+
+def _biased_rows(z_hat: Tensor, norms: Tensor) -> Tuple[Tensor, Tensor]:
+    """Rows [ẑ, b/2t, 1] and columns [ẑ, 1, b/2t] with b/2t = (1 - ‖ẑ‖²)/2 for rows below the
+    clamp, 0 for the others (unit by definition: the textbook value, not a rounding of it)."""
+    half_bias = torch.where(norms < _NORM_EPS, 0.5 * (1.0 - (z_hat * z_hat).sum(dim=1)), torch.zeros_like(norms))
+    ones = torch.ones_like(half_bias)
+    return (torch.cat([z_hat, half_bias[:, None], ones[:, None]], dim=1),
+            torch.cat([z_hat, ones[:, None], half_bias[:, None]], dim=1))
 
 
 def _uniformity_torch(z: Tensor, t: float, chunk_rows: Optional[int] = None) -> Tensor:

@@ -258,8 +258,8 @@ def _l2_normalize_fwd_kernel(
 @triton.jit
 def _l2_normalize_bwd_kernel(
     X, stride_xm, stride_xd, NORM, DZ, DX, M, D, row_offset, n_parts, part_stride, PARTNER, PARTNER_COEF, PROJ,
-    HAS_DZ: tl.constexpr, HAS_PARTNER: tl.constexpr, STORE_PROJECTION: tl.constexpr, EPS: tl.constexpr,
-    BF16_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_DZ: tl.constexpr, HAS_PARTNER: tl.constexpr, STORE_PROJECTION: tl.constexpr, PROJECTION_SCALE: tl.constexpr,
+    EPS: tl.constexpr, BF16_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """DX[i] = (dz - ẑ(ẑ·dz)) / ‖x‖ with dz = Σ_p DZ[p·part_stride + row_offset + i] (float32;
     ``n_parts`` partial gradients, one per column split of the pair kernels) -- plus, with a
@@ -268,8 +268,8 @@ def _l2_normalize_bwd_kernel(
     DZ (HAS_DZ false: InfoNCE's key) dz is the partner term alone.
 
     Below the clamp (‖x‖ < EPS) the map is x/EPS, linear: the projection term vanishes.
-    STORE_PROJECTION: PROJ[row_offset + i] = ẑ·dz as well (before that rule), the row's share of
-    a tensor temperature's gradient (see ``fastssl.ntxent``)."""
+    STORE_PROJECTION: PROJ[row_offset + i] = PROJECTION_SCALE·ẑ·dz as well (before that rule),
+    the row's share of a tensor temperature's gradient times τ (see ``fastssl.ntxent``)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     rows64 = rows.to(tl.int64)
@@ -289,7 +289,7 @@ def _l2_normalize_bwd_kernel(
             dz += partner_coef[:, None] * _load_tile(PARTNER, rows64, row_mask, D, 1, d0, D, BLOCK_D).to(tl.float32)
         projection += tl.sum(tl.div_rn(x, clamped) * dz, axis=1)
     if STORE_PROJECTION:
-        tl.store(PROJ + src_rows64, projection, mask=row_mask)
+        tl.store(PROJ + src_rows64, projection * PROJECTION_SCALE, mask=row_mask)
     projection = tl.where(norm >= EPS, projection, 0.0)
     # One reciprocal per row (the division's slow path, a subroutine call, once per row rather
     # than per element; within 1 ulp of dividing each element).
@@ -995,12 +995,13 @@ def l2_normalize_rows(
 def l2_normalize_rows_backward(
     x: Tensor, norms: Tensor, grad_z: Optional[Tensor], row_offset: int = 0, out: Optional[Tensor] = None,
     partner: Optional[Tensor] = None, partner_coef: Optional[Tensor] = None, projection: Optional[Tensor] = None,
+    projection_scale: float = 1.0,
 ) -> Tensor:
     """dx (x's shape and dtype, contiguous) from dẑ = ``grad_z[row_offset : row_offset + M]``, or
     the sum over the first axis of a (parts, ·, d) ``grad_z`` (the column splits' partial
     gradients) -- plus ``partner_coef[row_offset + i] · partner[i]`` with a partner (M, d),
-    contiguous; without ``grad_z``, that term alone. With ``projection`` (float32), ẑ·dẑ of
-    each row is written to ``projection[row_offset + i]`` too."""
+    contiguous; without ``grad_z``, that term alone. With ``projection`` (float32),
+    ``projection_scale``·ẑ·dẑ of each row is written to ``projection[row_offset + i]`` too."""
     m, d = x.shape
     if out is None:
         out = torch.empty((m, d), dtype=x.dtype, device=x.device)
@@ -1016,7 +1017,8 @@ def l2_normalize_rows_backward(
         x, x.stride(0), x.stride(1), norms, grad_z if has_dz else norms, out, m, d, row_offset, n_parts, part_stride,
         partner if has_partner else norms, partner_coef if has_partner else norms,
         projection if projection is not None else norms,
-        HAS_DZ=has_dz, HAS_PARTNER=has_partner, STORE_PROJECTION=projection is not None, EPS=_NORM_EPS,
+        HAS_DZ=has_dz, HAS_PARTNER=has_partner, STORE_PROJECTION=projection is not None,
+        PROJECTION_SCALE=float(projection_scale), EPS=_NORM_EPS,
         BF16_RTNE=_emulate_rtne(out.dtype), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
     )
     return out
@@ -1258,12 +1260,17 @@ def _float32(like: Tensor, *shape: int) -> Tensor:
     return like.new_empty(shape, dtype=torch.float32)
 
 
-def _temperature_gradient(projection: Tensor, temperature: Tensor, homogeneity: int) -> Tensor:
+def _temperature_gradient(projection: Tensor, temperature: Tensor) -> Tensor:
     r""":math:`\partial L/\partial\tau = -\frac{1}{h\tau}\sum_k \hat z_k\cdot\partial L/\partial\hat z_k`
-    from the normalization backward's per-row projections (the logits are of degree h in the
-    normalized rows: 2 for NT-Xent, 1 for InfoNCE's queries), in τ's dtype and shape."""
-    grad = projection.sum() * (-1.0 / homogeneity) / temperature.detach().to(torch.float32)
+    from the normalization backward's per-row projections, stored already times -1/h (the
+    logits are of degree h in the normalized rows: 2 for NT-Xent, 1 for InfoNCE's queries; see
+    :func:`_projection_scale`), in τ's dtype and shape."""
+    grad = projection.sum() / temperature.detach().to(torch.float32)
     return grad.to(temperature.dtype).reshape(temperature.shape)
+
+
+def _projection_scale(homogeneity: int) -> float:
+    return -1.0 / homogeneity
 
 
 def _ntxent_forward(
@@ -1317,13 +1324,14 @@ def _ntxent_backward(
     projection = _float32(out0, 2 * n_local) if temperature_grad else None
     # The positive's term: row i of view 0 pairs with row i of view 1 and vice versa.
     grad0 = l2_normalize_rows_backward(out0, norms, grad_z, 0, partner=z_rows[n_local:], partner_coef=positive_coef,
-                                       projection=projection)
+                                       projection=projection, projection_scale=_projection_scale(2))
     grad1 = l2_normalize_rows_backward(out1, norms, grad_z, n_local, partner=z_rows[:n_local],
-                                       partner_coef=positive_coef, projection=projection)
+                                       partner_coef=positive_coef, projection=projection,
+                                       projection_scale=_projection_scale(2))
     if projection is None:
         return grad0, grad1, _float32(out0, 0)
     assert temperature is not None
-    return grad0, grad1, _temperature_gradient(projection, temperature, homogeneity=2)
+    return grad0, grad1, _temperature_gradient(projection, temperature)
 
 
 def _infonce_forward(
@@ -1353,12 +1361,12 @@ def _infonce_backward(
                                                  config, temperature=temperature)
     projection = _float32(query, query.shape[0]) if temperature_grad else None
     grad_q = l2_normalize_rows_backward(query, q_norms, grad_q_hat, partner=k_hat, partner_coef=positive_coef,
-                                        projection=projection)
+                                        projection=projection, projection_scale=_projection_scale(1))
     grad_k = l2_normalize_rows_backward(key, k_norms, None, partner=q_hat, partner_coef=positive_coef)
     if projection is None:
         return grad_q, grad_k, _float32(query, 0)
     assert temperature is not None
-    return grad_q, grad_k, _temperature_gradient(projection, temperature, homogeneity=1)
+    return grad_q, grad_k, _temperature_gradient(projection, temperature)
 
 
 def _uniformity_forward(z: Tensor, t: float, config_ints: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:

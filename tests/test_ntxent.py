@@ -205,6 +205,132 @@ def test_float64_inputs_accumulate_in_float64():
 
 
 # --------------------------------------------------------------------------------------------
+# Learnable temperature, extreme magnitudes, the reference backend's dtype rule
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("n,d,temperature", [(1, 3, 0.3), (2, 129, -0.7), (3, 2, 0.05), (17, 6, 0.01)])
+def test_tensor_temperature_gets_its_gradient(backend, dtype, n, d, temperature, small_chunks):
+    """A one-element tensor τ (learnable) is used as it is: the loss, the inputs' and τ's
+    gradients match the float64 formula, for NT-Xent and InfoNCE (τ = 0.01: the row-maximum form)."""
+    a, b = awkward_inputs(n, d, dtype=dtype, non_contiguous=True)
+    tau = torch.tensor(temperature)
+    bank = _bank(5, d)
+    assert_matches_reference(
+        lambda x, y, t: FS.ntxent_loss(x, y, t, backend=backend),
+        lambda x, y, t: reference.ntxent_loss(x, y, t.to(x.dtype)),
+        [a, b, tau],
+    )
+    assert_matches_reference(
+        lambda x, y, t: FS.infonce_loss(x, y, bank, t, backend=backend),
+        lambda x, y, t: reference.infonce_loss(x, y, bank, t.to(x.dtype)),
+        [a, b, tau],
+    )
+
+
+def test_module_registers_and_trains_a_parameter_temperature(lightly_ntxent):
+    """As lightly: ``NTXentLoss(temperature=nn.Parameter(...))`` lists τ among its parameters and
+    state, an optimizer moves it, and its gradient is lightly's (with and without a bank)."""
+    for bank_size in (0, 8):
+        torch.manual_seed(2)
+        ours = fastssl.NTXentLoss(temperature=torch.nn.Parameter(torch.tensor(0.4)), memory_bank_size=(bank_size, 6),
+                                  backend="torch")
+        torch.manual_seed(2)
+        theirs = lightly_ntxent(temperature=torch.nn.Parameter(torch.tensor(0.4)), memory_bank_size=(bank_size, 6))
+        assert [name for name, _ in ours.named_parameters()] == ["temperature"]
+        assert set(ours.state_dict()) == set(theirs.state_dict())
+        a, b = awkward_inputs(5, 6)
+        v0, _, _ = _value_and_grads(theirs, a, b)
+        v1, _, _ = _value_and_grads(ours, a, b)
+        torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.temperature.grad, theirs.temperature.grad, rtol=1e-4, atol=1e-6)
+        before = ours.temperature.detach().clone()
+        torch.optim.SGD(ours.parameters(), lr=0.1).step()
+        assert ours.temperature.item() != before.item()
+    with pytest.raises(ValueError, match="temperature"):
+        fastssl.NTXentLoss(temperature=torch.nn.Parameter(torch.tensor(1e-9)))
+    with pytest.raises(TypeError, match="one-element"):
+        fastssl.NTXentLoss(temperature=torch.ones(2))
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("scale", [1e19, 1e-19, 1e37])
+def test_extreme_magnitudes_give_the_float64_value(backend, scale):
+    """float32 rows near 1e19 (squares overflow) or 1e-19 (squares underflow; below the clamp of
+    F.normalize) give the float64 value and gradient: NT-Xent, InfoNCE, uniformity; also with a
+    row of zeros beside normal ones."""
+    torch.manual_seed(0)
+    a, b = [x * scale for x in awkward_inputs(7, 9)]
+    bank = _bank(6, 9)
+    # Gradients scale as 1/scale: above 1 the absolute floor must not swallow them; below, the
+    # values (log-sum-exps of ~0 logits) set it.
+    atol = 1e-30 if scale > 1 else 1e-6
+    assert_matches_reference(lambda x, y: FS.ntxent_loss(x, y, 0.3, backend=backend),
+                             lambda x, y: reference.ntxent_loss(x, y, 0.3), [a, b], atol=atol)
+    assert_matches_reference(lambda x, y: FS.infonce_loss(x, y, bank, 0.3, backend=backend),
+                             lambda x, y: reference.infonce_loss(x, y, bank, 0.3), [a, b], atol=atol)
+    assert_matches_reference(lambda x: ntxent.uniformity_loss(x, backend=backend),
+                             lambda x: reference.uniformity(x), [a], atol=atol)
+    mixed = awkward_inputs(6, 5, views=1)[0]
+    mixed[1] = 0.0
+    mixed[3] *= scale
+    assert_matches_reference(lambda x: ntxent.uniformity_loss(x, backend=backend), reference.uniformity, [mixed])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_reference_backend_computes_half_inputs_in_float32(dtype):
+    """The reference backend's dtype rule: half inputs are computed in float32 (float32 accuracy,
+    not half's), gradients come back in the inputs' dtypes, mixed views in their promotion."""
+    a, b = awkward_inputs(6, 5, dtype=dtype)
+    bank = _bank(7, 5)
+    for fn, ref in [
+        (lambda x, y: FS.ntxent_loss(x, y, 0.2, backend="reference"), lambda x, y: reference.ntxent_loss(x, y, 0.2)),
+        (lambda x, y: FS.infonce_loss(x, y, bank, 0.2, backend="reference"),
+         lambda x, y: reference.infonce_loss(x, y, bank, 0.2)),
+    ]:
+        assert_matches_reference(fn, lambda x, y: ref(x.double(), y.double()), [a, b])  # float32 accuracy
+    x, y = a.clone().requires_grad_(True), b.to(torch.float16 if dtype == torch.bfloat16 else torch.bfloat16)
+    y.requires_grad_(True)
+    value = FS.ntxent_loss(x, y, 0.2, backend="reference")
+    value.backward()
+    assert value.dtype == torch.float32 and x.grad.dtype == x.dtype and y.grad.dtype == y.dtype
+    assert value.item() == pytest.approx(reference.ntxent_loss(x.double(), y.double(), 0.2).item(), rel=1e-5)
+    (z,) = awkward_inputs(9, 4, dtype=dtype, views=1)
+    assert ntxent.uniformity_loss(z, backend="reference").item() == pytest.approx(
+        reference.uniformity(z.double()).item(), rel=1e-5)
+
+
+def test_reference_backend_near_the_float16_range():
+    """float16 embeddings near 6e4 (their squares overflow float16): the reference backend gives
+    the float64 value, as the torch path does."""
+    torch.manual_seed(1)
+    a, b = [(6e4 * torch.rand(5, 8) - 3e4).half() for _ in range(2)]
+    a[0, 0] = 65000.0
+    expected = reference.ntxent_loss(a.double(), b.double(), 0.5).item()
+    for backend in ("reference", "torch"):
+        assert FS.ntxent_loss(a, b, 0.5, backend=backend).item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("batches", [[3, 4, 5], [20], [11, 11, 2], [1, 1, 30]])
+def test_bank_ring_buffer_row_writes_equal_the_tensor_form(batches, monkeypatch):
+    """The CPU's row-wise enqueue and the tensor form used on devices (and under torch.compile)
+    leave the same bank and pointer: wrap-around, a batch as large as the bank, larger."""
+    torch.manual_seed(0)
+    row_wise, tensor_form = ntxent.MemoryBank(12, 3), ntxent.MemoryBank(12, 3)
+    tensor_form.bank.copy_(row_wise.bank)
+    for size in batches:
+        keys = torch.randn(size, 3)
+        row_wise.enqueue(keys)
+        with monkeypatch.context() as patch:
+            patch.setattr(ntxent, "_pointer_readable_on_host", lambda device: False)
+            tensor_form.enqueue(keys)
+        assert torch.equal(row_wise.bank, tensor_form.bank)
+        assert torch.equal(row_wise.bank_ptr, tensor_form.bank_ptr)
+
+
+# --------------------------------------------------------------------------------------------
 # The seed's exercises
 # --------------------------------------------------------------------------------------------
 
@@ -307,8 +433,12 @@ def test_chunked_path_memory_is_n_times_chunk(what, monkeypatch):
     fn, ref_fn, inputs = fns[what]
     saved, produced = _largest_saved_and_produced(fn, inputs)
     bound = chunk * 2 * n  # one chunk of logits
-    assert saved <= max(bound, 2 * n * d), f"a saved tensor has {saved} elements (chunk bound {bound})"
-    assert produced <= max(bound, 2 * n * d), f"an op produced {produced} elements (chunk bound {bound})"
+    # O(N·d) buffers beside it: the backward's (2N, 2d) operand [Z, e^{-lo} Z], uniformity's two
+    # bias features. Both bounds stay far below the (2N)² logits.
+    rows_bound = 2 * (2 * n) * (d + 2)
+    assert saved <= max(bound, rows_bound), f"a saved tensor has {saved} elements (chunk bound {bound})"
+    assert produced <= max(bound, rows_bound), f"an op produced {produced} elements (chunk bound {bound})"
+    assert max(bound, rows_bound) * 4 < (2 * n) ** 2
     # The probe sees the full matrix when it is there: the reference materializes all logits.
     _, produced_ref = _largest_saved_and_produced(ref_fn, inputs)
     all_logits = {"ntxent": (2 * n) ** 2, "uniformity": (2 * n) ** 2, "infonce": n * 2 * n}[what]

@@ -168,6 +168,78 @@ def test_uniformity_triton_edge_cases(device):
 
 
 # --------------------------------------------------------------------------------------------
+# Learnable temperature, extreme magnitudes, float64 banks
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("case", [(1, 3, torch.float32, 0.3, None), (3, 129, torch.bfloat16, -0.7, CHUNKED),
+                                  (37, 3, torch.float16, 0.2, SPLIT), (5, 33, torch.float32, 0.01, SPLIT_CHUNKED)],
+                         ids=lambda c: f"n{c[0]}-d{c[1]}-{str(c[2])[6:]}-t{c[3]}")
+def test_tensor_temperature_is_read_on_the_device_with_gradient(device, case):
+    """τ as a one-element tensor: the kernels read it from device memory (no .item()), and the
+    loss, the inputs' and τ's gradients match the float64 formula (NT-Xent and InfoNCE, split
+    sweeps and d in chunks; τ = 0.01 in the two-exponential backward)."""
+    n, d, dtype, temperature, config = case
+    a, b = _inputs(n, d, dtype, device, non_contiguous=True)
+    tau = torch.tensor(temperature, device=device)
+    bank = _bank(19, d, device)
+    assert_matches_reference(lambda x, y, t: K.ntxent_loss_triton(x, y, t, config=config),
+                             lambda x, y, t: reference.ntxent_loss(x, y, t.to(x.dtype)), [a, b, tau])
+    assert_matches_reference(lambda x, y, t: K.infonce_loss_triton(x, y, bank, t, config=config),
+                             lambda x, y, t: reference.infonce_loss(x, y, bank, t.to(x.dtype)), [a, b, tau])
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_module_trains_a_parameter_temperature_on_triton(device, monkeypatch):
+    """The module's nn.Parameter temperature gets the torch path's gradient through the kernels,
+    with and without a bank, and the launches read it without a host sync."""
+    from fastssl import ntxent
+
+    monkeypatch.setattr(ntxent, "_pointer_readable_on_host", lambda device: False)
+    for bank_size in (0, 16):
+        grads = {}
+        for backend in ("triton", "torch"):
+            torch.manual_seed(4)
+            module = fastssl.NTXentLoss(temperature=torch.nn.Parameter(torch.tensor(0.25)),
+                                        memory_bank_size=(bank_size, 6), backend=backend).to(device)
+            a, b = [x.requires_grad_(True) for x in _inputs(9, 6, torch.float32, device)]
+            module(a, b).backward()
+            grads[backend] = module.temperature.grad
+        torch.testing.assert_close(grads["triton"], grads["torch"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("scale", [1e19, 1e-19, 1e37])
+def test_extreme_magnitudes_give_the_float64_value(device, scale):
+    """float32 rows near 1e19 (squares overflow: NaN before) or 1e-19 (squares underflow, below
+    F.normalize's clamp): NT-Xent and InfoNCE give the float64 value and gradients; uniformity
+    the float64 value where every row is above the clamp."""
+    torch.manual_seed(0)
+    a, b = [x * scale for x in _inputs(7, 9, torch.float32, device)]
+    bank = _bank(6, 9, device)
+    atol = 1e-30 if scale > 1 else 1e-6
+    assert_matches_reference(lambda x, y: K.ntxent_loss_triton(x, y, 0.3),
+                             lambda x, y: reference.ntxent_loss(x, y, 0.3), [a, b], atol=atol)
+    assert_matches_reference(lambda x, y: K.infonce_loss_triton(x, y, bank, 0.3),
+                             lambda x, y: reference.infonce_loss(x, y, bank, 0.3), [a, b], atol=atol)
+    if scale > 1:
+        assert_matches_reference(lambda x: K.uniformity_triton(x), lambda x: reference.uniformity(x), [a], atol=atol)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_float64_bank_runs_like_the_torch_path(device):
+    """A float64 bank with float32 queries: backend="triton" accepts it as the torch path does
+    (dispatched to the path that accumulates it), with the reference's value."""
+    q, k = _inputs(5, 4, torch.float32, device)
+    bank = _bank(9, 4, device).double()
+    assert_matches_reference(lambda x, y: FS.infonce_loss(x, y, bank, 0.3, backend="triton"),
+                             lambda x, y: reference.infonce_loss(x, y, bank, 0.3), [q, k])
+    assert FS.infonce_loss(q, k, bank, 0.3, backend="triton").item() == pytest.approx(
+        FS.infonce_loss(q, k, bank, 0.3, backend="torch").item(), rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
 # Every output element written: launchers on NaN-poisoned buffers
 # --------------------------------------------------------------------------------------------
 
@@ -432,7 +504,8 @@ class _EagerOps(TorchDispatchMode):
 _HOST_SYNCS = ("aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.lift_fresh", "aten.masked_select")
 
 
-@pytest.mark.parametrize("family", ["ntxent", "infonce", "uniformity", "ntxent_module", "moco_module"])
+@pytest.mark.parametrize("family", ["ntxent", "infonce", "uniformity", "ntxent_module", "moco_module",
+                                    "learnable_ntxent", "learnable_infonce"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_eager_ops_and_host_syncs_per_training_step(family, dtype, monkeypatch):
     """At most 16 PyTorch operators (allocations included) around the kernels per
@@ -447,15 +520,18 @@ def test_eager_ops_and_host_syncs_per_training_step(family, dtype, monkeypatch):
     bank = _bank(70, 24, "cpu")
     simclr = fastssl.NTXentLoss(0.3, backend="triton")
     moco = fastssl.NTXentLoss(0.3, memory_bank_size=(70, 24), backend="triton")
+    tau = torch.nn.Parameter(torch.tensor(0.3))
     call = {
         "ntxent": lambda: FS.ntxent_loss(a, b, 0.3, backend="triton"),
         "infonce": lambda: FS.infonce_loss(a, b, bank, 0.3, backend="triton"),
         "uniformity": lambda: uniformity_loss(a, backend="triton"),
         "ntxent_module": lambda: simclr(a, b),
         "moco_module": lambda: moco(a, b),
+        "learnable_ntxent": lambda: FS.ntxent_loss(a, b, tau, backend="triton"),
+        "learnable_infonce": lambda: FS.infonce_loss(a, b, bank, tau, backend="triton"),
     }[family]
     call().backward()  # first call: bank allocation, compilation
-    a.grad = b.grad = None
+    a.grad = b.grad = tau.grad = None
     with mode:
         call().backward()
     assert mode.launches >= 2
