@@ -375,7 +375,7 @@ def barlow_twins_loss(
     Args:
         z_a, z_b: (N, d) projections of two views, N >= 2.
         lambda_param: weight of the off-diagonal (redundancy) term.
-        gather_distributed: batch statistics and C over the global batch (DESIGN §3).
+        gather_distributed: batch statistics and C over the global batch (see :mod:`fastssl.distributed`).
         backend: ``"auto" | "triton" | "torch" | "reference"``.
         path: ``"gram"`` (N×N Gram matrices, O(N²d)), ``"cross"`` (d×d tiles, O(Nd²)) or
             ``"auto"`` (the cheaper by FLOP count). Ignored by the reference.
@@ -427,7 +427,7 @@ def vicreg_loss(
             the (N, d) loss at each position, which is lightly's formula term by term.
         lambda_param, mu_param, nu_param: weights of invariance, variance and covariance.
         eps: added to the variance under the square root.
-        gather_distributed: all three terms over the global batch (DESIGN §3).
+        gather_distributed: all three terms over the global batch (see :mod:`fastssl.distributed`).
         path: as for :func:`barlow_twins_loss`.
     Returns:
         0-d float32 loss.
@@ -509,6 +509,16 @@ class BarlowTwinsLoss(nn.Module):
         self.path = _check_path(path)
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
+        """Barlow Twins loss of two views.
+
+        Args:
+            z_a: (N, D) embeddings of the first view, N >= 2.
+            z_b: (N, D) embeddings of the second view.
+
+        Returns:
+            0-d float32 loss: sum of (1 - C_ii)^2 plus ``lambda_param`` x the off-diagonal squares of
+            the cross-correlation C of the batch-normalized views.
+        """
         return barlow_twins_loss(
             z_a,
             z_b,
@@ -553,6 +563,17 @@ class VICRegLoss(nn.Module):
         self.path = _check_path(path)
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
+        """VICReg loss of two views.
+
+        Args:
+            z_a: (N, ..., D) embeddings of the first view, N >= 2 (extra dimensions are positions:
+                the loss is averaged over them).
+            z_b: embeddings of the second view, same shape.
+
+        Returns:
+            0-d float32 loss: ``lambda_param`` x invariance + ``mu_param`` x variance +
+            ``nu_param`` x covariance.
+        """
         return vicreg_loss(
             z_a,
             z_b,

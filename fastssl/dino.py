@@ -186,7 +186,9 @@ def _check_views(teacher_out: Sequence[Tensor], student_out: Sequence[Tensor], c
         )
     if center is not None and center.numel() != teacher[0].shape[1]:
         raise ValueError(
-            f"center must have output_dim={teacher[0].shape[1]} entries, got shape {tuple(center.shape)}"
+            f"the views have {teacher[0].shape[1]} columns but the center has {center.numel()} entries "
+            f"(shape {tuple(center.shape)}): construct DINOLoss(output_dim={teacher[0].shape[1]}) to "
+            "match the head's output dimension (lightly's default output_dim is 65536)"
         )
 
 
@@ -392,6 +394,18 @@ class DINOLoss(nn.Module):
         teacher_temp: Optional[Union[float, Tensor]] = None,
         epoch: Optional[int] = None,
     ) -> Tensor:
+        """DINO loss; updates the center buffer (EMA of the teacher outputs).
+
+        Args:
+            teacher_out: list of T tensors (B, K), the teacher's views (no gradient flows to them).
+            student_out: list of S tensors (B, K), the student's views; pairs of the same index
+                are excluded.
+            teacher_temp: teacher temperature; by default the warm-up schedule's value at ``epoch``.
+            epoch: the current epoch, for the teacher-temperature schedule.
+
+        Returns:
+            0-d float32 loss, the mean cross-entropy over the pairs.
+        """
         _check_views(teacher_out, student_out, self.center)
         loss, new_center = _dino_dispatch(
             teacher_out,

@@ -697,6 +697,16 @@ class WMSELoss(nn.Module):
         self.backend = check_backend_name(backend)
 
     def forward(self, input: Tensor) -> Tensor:
+        """W-MSE loss of ``num_samples`` stacked views.
+
+        Args:
+            input: (num_samples * B, D) embeddings, the views stacked one after the other; B must
+                be a multiple of ``w_size``.
+
+        Returns:
+            0-d float32 loss: ``loss_fn`` between every pair of whitened views, averaged over
+            ``w_iter`` random sub-batch splits.
+        """
         check_tensor("input", input)
         if input.shape[1] != self.embedding_dim:
             raise ValueError(

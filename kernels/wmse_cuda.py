@@ -19,7 +19,7 @@ Use. :mod:`fastssl.wmse` calls
 Both take CUDA float32/float16/bfloat16 inputs with d <= 256 (read in their dtype, computed in
 float32, the gradient written in the input dtype).
 
-Cost at the headline shape (DESIGN §5: d = 128, w = 256, 4 sub-batches per view, 2 views,
+Cost at the headline shape (d = 128, w = 256, 4 sub-batches per view, 2 views,
 w_iter = 1: S = 8 sub-batches, N = 2048 rows)
 -----------------------------------------------------------------------------------------------
 Per sub-batch, FMA = 2 FLOP, minimum (symmetry and triangles exploited):
