@@ -261,7 +261,9 @@ class SIGReg(nn.Module):
     the standard normal's, on the frequency grid held in the buffers ``t``, ``phi``, ``weights``
     (lightly's). Computed without the (…, N, S, K) angle tensors (see :mod:`fastssl.jepa`).
 
-    Args (keyword-only, as lightly):
+    Keyword-only arguments, as in lightly:
+
+    Args:
         knots: number of frequencies (> 1).
         t_max: largest frequency (> 0).
         num_vectors: random directions per call (> 0).
