@@ -18,10 +18,10 @@ fallback to the torch path: :mod:`fastssl.decorrelation`); it plans each launch 
 (:func:`plan`), allocates, launches, and registers forward and backward as custom ops.
 
 Launches per call (forward + backward), N < d: statistics (1, VICReg 2), Gram partial tiles,
-Gram finish (when split), loss; backward 1. Eager PyTorch ops around them: the loss, one float32
-workspace and one operand buffer in the forward, the two gradients (and, Barlow Twins at
-N > 256, a float32 scratch) in the backward -- no host sync: every count is a shape, the
-incoming gradient is read by the kernels from the device.
+Gram finish (when split-K, or N not a multiple of 16), loss; backward 1. Eager PyTorch ops
+around them: the loss, one float32 workspace and one operand buffer in the forward, the two
+gradients (and, Barlow Twins at N > 256, a float32 scratch) in the backward -- no host sync:
+every count is a shape, the incoming gradient is read by the kernels from the device.
 
 Precision. Half-precision inputs are standardized in fp32 and must be rounded to enter tensor
 cores. The forward products take each operand as hi + lo (hi·hi + lo·hi + hi·lo) so that the
@@ -81,9 +81,9 @@ from .decorrelation_stats import BLK_SLOTS, COL_ROWS, _loss_kernel, _standardize
 # split. Tests set _FORCED_TILES = (tile, reduction step) and _FORCED_SPLITS to run multi-tile
 # loops, masks and split-K on small inputs.
 #
-# Two departures from these tables, both found by compiling the captured launches of small
-# shapes for sm_90 (benchmarks/launch_report.py); neither applies at the headline shapes, whose
-# plans are the tables' (N >= 64, d a multiple of 16):
+# Three departures from these tables, all found by compiling the captured launches of small and
+# odd shapes for sm_90 (benchmarks/launch_capture.py); none applies at the headline shapes,
+# whose plans are the tables' (N >= 64 and both N and d multiples of 16):
 #
 # * Tiles no larger than the product. A product tile's side is N (Gram) or d (cross) rounded up
 #   to a power of two within [16, 64], and a gradient tile has at most that many rows (N). At
@@ -92,14 +92,21 @@ from .decorrelation_stats import BLK_SLOTS, COL_ROWS, _loss_kernel, _standardize
 #   of spills (Barlow Twins N = 2, d = 7 bf16; likewise N = 5, d = 33 fp32 and VICReg N = 3,
 #   d = 17 fp16, under Triton 3.6 and 3.9). A 16×16 tile needs 72-127 registers; it runs on
 #   mma.sync instead of wgmma (M = 64), which does not matter for a product of that size.
-# * Rows of d not a multiple of 16 (gram path). The operands are (N, d) rows of stride d: Triton
-#   then cannot prove 16-byte alignment, loads every element of a tile alone with its own 64-bit
-#   address and mask (no vectors, no cp.async), and a 64×32 half-precision step of the four
-#   hi/lo operand tiles fills the register file: 255 registers and spills at N = 200, d = 1000
-#   bf16 in the Gram product, and 255 (232 B of spills, Triton 3.6) in Barlow Twins' gradient.
-#   There the Gram product takes reduction steps of 16 and 8 warps (136-142 registers), the
-#   gradient tiles half the columns and steps of 16 (95-215 registers). fp32 keeps its step of
-#   16 (a step of 8 does not compile under Triton 3.6) and relies on the 8 warps.
+# * d not a multiple of 16. The operands are (N, d) rows of stride d: Triton then cannot prove
+#   16-byte alignment, loads every element of a tile alone with its own 64-bit address and mask
+#   (no vectors, no cp.async), and a 64×32 half-precision step of the four hi/lo operand tiles
+#   fills the register file: 255 registers and spills at N = 200, d = 1000 bf16 (Gram product;
+#   Barlow Twins' gradient: 232 B under Triton 3.6) and at N = 1000, d = 100 (cross product).
+#   There the products take reduction steps of 16 and, in 64-wide tiles, 8 warps (118-142
+#   registers), the gradient tiles half the columns and steps of 16 (64-215 registers). fp32
+#   keeps its step of 16 (a step of 8 does not compile under Triton 3.6): its 8 warps suffice.
+# * N not a multiple of 16 on the gram path with a backward to come. A Gram tile finished in
+#   place stores both Grams (hi and lo, and mirrored) element by element at row stride N, with
+#   both 64×64 fp32 accumulators live: 255 registers and 15-456 B of spills (N = 100, d = 128;
+#   N = 1000, d = 2048 or 8192; N = 2001, d = 4096, bf16). There the product kernel writes its
+#   tiles to the split-K buffer even with one range, and the finishing kernel stores the Grams
+#   in 4-row chunks (103-108 and 32 registers), at the cost of one launch and 2·T·16 KB
+#   written and read again (N = 2001: 17 MB, ~8 µs against ~250 µs of Gram product).
 _CUDA_TILE = 64
 _CUDA_MIN_TILE = 16
 _CUDA_STEP = {torch.float32: 16, torch.float16: 32, torch.bfloat16: 32}
@@ -111,8 +118,11 @@ _UNALIGNED_PRODUCT_WARPS = 8
 _GRADIENT_WARPS = 8
 _STATS_WARPS = 4
 _LOSS_BLOCK = 256
-# Rows of a product tile per program of the split-K finishing kernels (64/8 = 8 programs a tile)
+# Rows of a product tile per program of the split-K finishing kernels (64/8 = 8 programs a tile);
+# 4 for Grams of N not a multiple of 16 (at 8, ptxas of Triton 3.6 spills 1-4 B at N = 136,
+# 184, 200: N ≡ 8 mod 16 with split-K)
 _CUDA_FINISH_ROWS = 8
+_CUDA_UNALIGNED_FINISH_ROWS = 4
 # Barlow Twins' gram backward keeps a whole column panel of δ in registers up to this N, in
 # tiles of this many fp32 elements (32 per thread at 8 warps; half that with unaligned rows)
 _SINGLE_PASS_ROWS = 256
@@ -181,6 +191,7 @@ class Plan:
     tiles: int
     splits: int
     k_chunk: int
+    finish_in_place: bool  # the product kernel finishes its tiles (else the finishing kernel)
     finish_rows: int  # rows of a tile per finishing program (split-K)
     finish_chunks: int  # programs per tile of the finishing kernel (1 when finished in place)
     # backward tiles
@@ -250,7 +261,8 @@ def plan(
     ========================  =====================================================================
 
     Below N = 64 (Gram) or d = 64 (cross), and with d not a multiple of 16, tiles, steps and
-    warps shrink so that no launch spills (see the tile tables above).
+    warps shrink, and with N not a multiple of 16 the Gram tiles are finished by the finishing
+    kernel, so that no launch spills (see the tile tables above).
     """
     cuda = _is_cuda(device) if sms is None else True
     if cuda and sms is None:
@@ -267,8 +279,8 @@ def plan(
     stats_blocks = triton.cdiv(d, stats_cols)
 
     product_extent, k_extent = (n, d) if use_gram else (d, n)
-    # Gram path with d not a multiple of 16: element-wise operand loads (see the tile tables)
-    unaligned = use_gram and d % 16 != 0
+    # d not a multiple of 16: element-wise operand loads (see the tile tables)
+    unaligned = d % 16 != 0
     product_warps = _PRODUCT_WARPS
     if forced is not None:
         block, block_k = forced
@@ -284,9 +296,16 @@ def plan(
     symmetric = use_gram or vicreg
     tiles = tile_blocks * (tile_blocks + 1) // 2 if symmetric else tile_blocks * tile_blocks
     splits, k_chunk = _splits(tiles, k_extent, block_k, cuda, sms or 1)
+    finish_in_place = splits == 1
+    if cuda and forced is None and use_gram and keep and n % 16 and block == _CUDA_TILE:
+        # the Grams' element-wise stores (row stride N) through the finishing kernel's row chunks
+        finish_in_place = False
     finish_rows = block
-    if splits > 1:
-        finish_rows = min(block, _CUDA_FINISH_ROWS) if cuda and forced is None else max(1, block // 2)
+    if not finish_in_place:
+        if cuda and forced is None:
+            finish_rows = min(block, _CUDA_UNALIGNED_FINISH_ROWS if use_gram and n % 16 else _CUDA_FINISH_ROWS)
+        else:
+            finish_rows = max(1, block // 2)
     finish_chunks = block // finish_rows
 
     grad_k_extent = n if use_gram else d
@@ -327,7 +346,7 @@ def plan(
     if not use_gram and not vicreg and keep:
         offset += (1 + finish_chunks) * tile_blocks * d
     split_offset = offset
-    if splits > 1:
+    if not finish_in_place:
         offset += splits * tiles * 2 * block * block
     # operands: (part, view, N, d), then the backward's matrix
     mat_base = parts * 2 * n * d
@@ -338,7 +357,8 @@ def plan(
         n=n, d=d, vicreg=vicreg, gram=use_gram, keep=keep, parts=parts, split_gram=split_gram, cuda=cuda,
         stats_rows=stats_rows, stats_cols=stats_cols, stats_blocks=stats_blocks, block=block, block_k=block_k,
         product_warps=product_warps,
-        tile_blocks=tile_blocks, tiles=tiles, splits=splits, k_chunk=k_chunk, finish_rows=finish_rows,
+        tile_blocks=tile_blocks, tiles=tiles, splits=splits, k_chunk=k_chunk,
+        finish_in_place=finish_in_place, finish_rows=finish_rows,
         finish_chunks=finish_chunks, grad_block_m=grad_block_m,
         grad_block_n=grad_block_n, grad_block_k=grad_block_k, single=single, blk_offset=blk_offset,
         tile_offset=tile_offset, gdiag_offset=gdiag_offset, sums_offset=sums_offset, split_offset=split_offset,
@@ -395,7 +415,7 @@ def forward(
         _standardize_kernel[(p.stats_blocks,)](*stats_args, PHASE=1, **stats_meta)
     else:
         _standardize_kernel[(p.stats_blocks,)](*stats_args, PHASE=2, **stats_meta)
-    finish = p.splits == 1
+    finish = p.finish_in_place
     if p.gram:
         _gram_partial_kernel[p.product_grid](
             ops, ws, n, d, p.tile_blocks, p.k_chunk, p.split_offset, p.tile_offset, p.gdiag_offset, p.mat_base,

@@ -14,8 +14,11 @@ Kernels (V_v the standardized operands the statistics kernel wrote, hi + lo for 
   of 320 features, 260 programs, 1.97 waves), the fp32 partial tiles (S·T·2·64²·4 bytes =
   8.5 MB, L2-resident) are summed by :func:`_gram_finish_kernel` (grid T × 8 row chunks = 80
   programs, ~2 µs). With S = 1 (N = 2048: T = 528 tiles, 4 waves) the partial kernel finishes
-  its tile itself. Predicted effect at N = 256: the Gram forward from ~250 µs (10 SMs, each
-  standardizing and splitting every operand tile on load) to ~6-8 µs.
+  its tile itself -- unless N is not a multiple of 16 and a backward follows: the in-place
+  epilogue then stores the Grams element by element with both accumulators live and spills,
+  and the finishing kernel does it in row chunks (see the launch plans in
+  :mod:`fastssl.kernels.decorrelation`). Predicted effect at N = 256: the Gram forward from
+  ~250 µs (10 SMs, each standardizing and splitting every operand tile on load) to ~6-8 µs.
 * finishing a tile: its share of ⟨G_a, G_b⟩ (Barlow Twins) or ‖G_a‖², ‖G_b‖² (VICReg), doubled
   off the diagonal for the mirrored tile, and, when a gradient is needed, the Grams/d without
   their diagonal as operands of the backward (input dtype; hi + lo for half inputs when 2N > d)

@@ -587,35 +587,56 @@ def test_cuda_plans_fit_the_tiles_to_small_batches(n, d, dtype, vicreg, tile):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_plans_for_rows_not_a_multiple_of_16(dtype):
-    """d = 1000: element-wise operand loads; the Gram product in steps of 16 on 8 warps, the
-    gradient tiles with half the columns (Barlow Twins' register panel halved)."""
+    """d = 1000 (Gram) or 100 (cross): element-wise operand loads; the products in steps of 16
+    on 8 warps, the gradient tiles with half the columns (Barlow Twins' register panel halved)."""
     for vicreg in (False, True):
         p = _cuda_plan(200, 1000, dtype, vicreg)
         assert (p.block, p.block_k, p.product_warps, p.grad_block_k) == (64, 16, 8, 16)
         assert (p.grad_block_m, p.grad_block_n) == ((64, 32) if vicreg else (256, 16))
         aligned = _cuda_plan(200, 1024, dtype, vicreg)
         assert aligned.product_warps == 4 and aligned.grad_block_n == (64 if vicreg else 32)
+        cross = _cuda_plan(1000, 100, dtype, vicreg)
+        assert not cross.gram and (cross.block, cross.block_k, cross.product_warps) == (64, 16, 8)
+        assert (cross.grad_block_n, cross.grad_block_k) == (32, 16)
+
+
+@pytest.mark.parametrize("vicreg", [False, True])
+def test_cuda_plans_finish_gram_tiles_apart_when_n_is_not_a_multiple_of_16(vicreg):
+    """The Grams of N = 1000 are stored by the finishing kernel (4-row chunks), even with one
+    split-K range; without a backward, or with N a multiple of 16, the product kernel finishes."""
+    p = _cuda_plan(1000, 8192, torch.bfloat16, vicreg)
+    assert p.splits == 1 and not p.finish_in_place and p.finish_rows == 4
+    assert p.workspace_size - p.split_offset == p.tiles * 2 * 64 * 64
+    no_backward = kernels.plan(1000, 8192, torch.bfloat16, torch.device("cpu"), vicreg, True, False, sms=132)
+    assert no_backward.finish_in_place and no_backward.workspace_size == no_backward.split_offset
+    assert _cuda_plan(2048, 8192, torch.bfloat16, vicreg).finish_in_place
+    assert _cuda_plan(200, 1024, torch.bfloat16, vicreg).finish_rows == 4  # split-K: 4-row chunks too
+    assert _cuda_plan(256, 8192, torch.bfloat16, vicreg).finish_rows == 8
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize(
-    "n,d,dtype",
-    [(2, 7, torch.bfloat16), (5, 33, torch.float32), (3, 17, torch.float16), (40, 99, torch.bfloat16)],
-    ids=["2x7-bf16", "5x33-fp32", "3x17-fp16", "40x99-bf16"],
+    "n,d,dtype,paths",
+    [(2, 7, torch.bfloat16, ("gram", "cross")), (5, 33, torch.float32, ("gram", "cross")),
+     (3, 17, torch.float16, ("gram", "cross")), (40, 50, torch.bfloat16, ("gram",)),
+     (50, 20, torch.float16, ("cross",))],
+    ids=["2x7-bf16", "5x33-fp32", "3x17-fp16", "40x50-bf16", "50x20-fp16"],
 )
-def test_cuda_plans_match_reference_at_awkward_shapes(device, n, d, dtype, monkeypatch):
-    """The tiles, steps, split-K ranges and register panels the CUDA path plans for these shapes,
-    run by the interpreter: 16-wide Gram tiles at tiny N, and at d = 99 steps of 16 with the
-    halved Barlow Twins panel."""
+def test_cuda_plans_match_reference_at_awkward_shapes(device, n, d, dtype, paths, monkeypatch):
+    """The tiles, steps, split-K ranges, register panels and finishing the CUDA path plans for
+    these shapes, run by the interpreter: 16-wide Gram tiles at tiny N; at N = 40, d = 50 steps
+    of 16, the halved Barlow Twins panel and the Grams finished apart with one range; at d = 20
+    a 32-wide cross tile in steps of 16."""
     monkeypatch.setattr(kernels, "_is_cuda", lambda device: True)
     monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
     plans = _record_plans(monkeypatch)
     a, b = awkward_inputs(n, d, dtype=dtype, device=device, non_contiguous=(n == 3))
-    _check_both_losses(a, b, paths=("gram", "cross") if n < 8 else ("gram",))
-    gram = [p for p in plans if p.gram]
-    assert gram and all(p.cuda and p.block == kernels._cuda_tile(n) for p in gram)
+    _check_both_losses(a, b, paths=paths)
+    assert plans and all(p.cuda and p.block == kernels._cuda_tile(p.n if p.gram else p.d) for p in plans)
     if d % 16:
-        assert all(p.block_k == 16 for p in gram)
+        assert all(p.block_k == 16 for p in plans)
+    if n == 40:
+        assert all(p.splits == 1 and not p.finish_in_place for p in plans)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
