@@ -8,6 +8,24 @@ the backward recomputes each chunk's logits from the normalized embeddings and t
 log-sum-exp (FlashAttention's recipe), so memory is O(N·d + chunk·N). When all logits fit in
 one chunk, the forward's chunk is kept for the backward instead (same bound, one product less).
 
+Which algorithm runs is decided per call from the shape and the temperature (the rule, on every
+device; no host read of a tensor's value):
+
+* |τ| ≥ about 0.03 (``_fixed_shift``: 2/|τ| + log C < 80) and a Python τ: exponentials against
+  the constant 1/|τ| (unit rows bound every logit), no row maximum; the backward is one product
+  of E = e^{S - 1/|τ|} with [Z, e^{-lo}⊙Z] -- two products in all when the chunk is kept (as
+  lightly's autograd), three when recomputed, and no elementwise pass over the logits in the
+  backward. This is the CPU default's fast path (SimCLR's τ = 0.1-0.5).
+* smaller |τ|, or a tensor τ: row maxima, and each log-sum-exp kept as the pair (row maximum,
+  log of the rest), so that every exponent of the backward is formed from S directly (one
+  float32 rounding of lse at |S| ~ 1e4 would move every probability by ~1e-3).
+* InfoNCE: the bank's rows are used as given (nothing bounds them): row maxima; all N·K logits
+  kept when they fit one chunk (MoCo's N = 256 against 16384 keys: 4 Mi floats), so its
+  backward is one product with the bank.
+* The memory bank's ring buffer writes the batch's rows only on the CPU (the pointer is read on
+  the host there), the whole bank in tensor operations elsewhere (no host sync, CUDA graphs,
+  torch.compile).
+
 Backward algebra. For one NT-Xent row k, :math:`\partial\ell_k/\partial S_{km} = p_{km} -
 [m = p(k)]` with :math:`p_{km} = e^{S_{km} - \mathrm{lse}_k}` over :math:`m \ne k`. With
 :math:`S = ZZ^\top/\tau` symmetric and :math:`G = \partial L/\partial S`,

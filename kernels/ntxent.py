@@ -5,8 +5,10 @@ Pipeline (NT-Xent, R = 2N rows of d features, C = R columns, or the gathered 2WN
 
 1. ``_l2_normalize_fwd_kernel`` -- ẑ = x / max(‖x‖, 1e-12) stored in the operand dtype (the
    input's; float32 for d ≤ 16, see ``operand_dtype``), plus ‖x‖ (float32) per row. Reads each
-   input through its own strides (no ``cat``/``contiguous`` copy). ``_rowwise_cosine_kernel``
-   gives the positive pairs' cosines in float32 from the inputs.
+   input through its own strides (no ``cat``/``contiguous`` copy). The squares are taken of the
+   row times 2^-k, 2^k above its largest magnitude (exact), so float32 rows near 1e19 or 1e-19
+   normalize as in float64. ``_rowwise_cosine_kernel`` gives the positive pairs' cosines in
+   float32 from the inputs, each factor scaled by its reciprocal norm first (no overflow).
 2. ``_pair_lse_fwd_kernel`` -- one program per block of BLOCK_M rows walks the columns in
    tiles of BLOCK_N, S = ẑ_r ẑ_cᵀ/τ through ``tl.dot`` (half inputs on tensor cores, float32
    accumulation; float32 inputs with ``input_precision="ieee"``, never TF32), self-similarity
@@ -30,6 +32,18 @@ Pipeline (NT-Xent, R = 2N rows of d features, C = R columns, or the gathered 2WN
    (weight ≈ -2, float32) leaves the kernel as one coefficient per row.
 4. ``_l2_normalize_bwd_kernel`` -- sums the splits' partial dẑ, adds coefficient × ẑ_{p(k)},
    then dx = (dẑ - ẑ(ẑ·dẑ))/‖x‖ in the input dtype.
+
+Temperature: a Python τ enters the launches as the scale 1/τ·log2 e; a tensor τ (learnable) is
+read from device memory by every kernel that scales by it (``TEMP_IN_MEMORY``, no host sync),
+and the backward then takes the two-exponential form (the factored form's bounds depend on τ's
+value). Its gradient is :math:`-\frac{1}{h\tau}\sum_k \hat z_k\cdot\partial L/\partial\hat z_k`
+(the logits are of degree h = 2 in NT-Xent's ẑ, 1 in InfoNCE's queries): the normalization
+backward stores each row's projection ẑ·dẑ, scaled by -1/h, and one sum and one division give it.
+
+Distributed: ranks may hold different batch sizes. The launcher exchanges them once
+(``distributed.gather_sizes``); the columns are every rank's [view 0; view 1] block in rank
+order, this rank's at 2·Σ_{q<r} n_q, and the loss is weighted by the rank's rows
+(``distributed.global_mean``).
 
 InfoNCE is the one-directional variant (queries × [own key; bank], no self-exclusion, no
 gradient to the bank): ``_infonce_fwd_kernel`` / ``_infonce_bwd_kernel``. Uniformity reuses the
@@ -420,6 +434,16 @@ def _per_temperature(value, TEMP, TEMP_IN_MEMORY: tl.constexpr):
 
 
 @triton.jit
+def _clamp_bias2(NORM, index, mask, scale2, EPS: tl.constexpr):
+    """Uniformity's per-row bias in base 2 for rows below F.normalize's clamp: with ẑ = x/EPS,
+    -t‖ẑ_i - ẑ_j‖² = 2t ẑ_i·ẑ_j - 2t + b_i + b_j, b = t(1 - ‖ẑ‖²) = t(1 - (‖x‖/EPS)²); 0 for the
+    other rows (unit by definition). scale2 = 2t·log2 e."""
+    norm = tl.load(NORM + index, mask=mask, other=1.0)
+    ratio = norm / EPS
+    return tl.where(norm < EPS, (0.5 * scale2) * (1.0 - ratio * ratio), 0.0)
+
+
+@triton.jit
 def _online_lse_step(m_i, l_i, s):
     """One tile of the base-2 online log-sum-exp: (m, l) with l = Σ 2^{s - m}. A row whose
     tiles so far were all masked keeps m = -inf; its exponents then use 0 instead of m
@@ -497,10 +521,10 @@ def _logits_tile(
 
 @triton.jit
 def _pair_lse_fwd_kernel(
-    ZR, ZC, POS_COS, LSE, ROW_LOSS, PART_M, PART_L, TEMP,
+    ZR, ZC, POS_COS, LSE, ROW_LOSS, PART_M, PART_L, TEMP, NORM,
     R, C, D, n_local, col_offset, scale2, cols_per_split,
     HAS_POSITIVE: tl.constexpr, SPLIT: tl.constexpr, FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr,
-    TEMP_IN_MEMORY: tl.constexpr,
+    TEMP_IN_MEMORY: tl.constexpr, CLAMP_BIAS: tl.constexpr, EPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
 ):
     """LSE[r] = log Σ_{c ≠ self(r)} exp(S_rc), S = ZR·ZCᵀ/τ; ROW_LOSS[r] = LSE[r] - S_r,pos(r).
@@ -514,7 +538,9 @@ def _pair_lse_fwd_kernel(
     first split (m = s₊, l = 1) and its column is masked in the tiles, so in half precision the
     term that dominates the loss is not rounded through the stored ẑ. Masks (self, positive,
     column edge) are applied only on the tiles that contain such columns. A tensor temperature
-    is read from TEMP (``_per_temperature``)."""
+    is read from TEMP (``_per_temperature``). CLAMP_BIAS (uniformity, rows = columns): the
+    logits get the biases of ``_clamp_bias2`` from the rows' norms NORM, the columns' in the
+    tiles, the row's added to its log-sum-exp."""
     scale2 = _per_temperature(scale2, TEMP, TEMP_IN_MEMORY)
     row_start, r, rows, row_mask = _row_block(R, BLOCK_M)
     col_lo, col_hi = _column_range(C, cols_per_split)
@@ -535,6 +561,9 @@ def _pair_lse_fwd_kernel(
     for n0 in range(col_lo, col_hi, BLOCK_N):
         s, b = _logits_tile(ZR, row_start, R, a, ZC, n0, C, D, FP32_IEEE, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K)
         s = s * scale2
+        if CLAMP_BIAS:
+            tile_cols = n0 + tl.arange(0, BLOCK_N)
+            s = s + _clamp_bias2(NORM, tile_cols, tile_cols < C, scale2, EPS)[None, :]
         needs_mask = (n0 + BLOCK_N > C) | _overlaps(n0, BLOCK_N, self_lo, self_hi)
         needs_mask = needs_mask | _overlaps(n0, BLOCK_N, pos0_lo, pos0_hi) | _overlaps(n0, BLOCK_N, pos1_lo, pos1_hi)
         if needs_mask:
@@ -544,15 +573,17 @@ def _pair_lse_fwd_kernel(
                 keep = keep & (cols[None, :] != pos_cols[:, None])
             s = tl.where(keep, s, float("-inf"))
         m_i, l_i = _online_lse_step(m_i, l_i, s)
+    if CLAMP_BIAS:
+        m_i = m_i + _clamp_bias2(NORM, rows, row_mask, scale2, EPS)
     _store_lse(LSE, ROW_LOSS, PART_M, PART_L, rows, row_mask, m_i, l_i, positive2, R, SPLIT, HAS_POSITIVE)
 
 
 @triton.jit
 def _pair_lse_bwd_kernel(
-    ZR, ZC, POS_COS, LSE_R, LSE_C, GRAD_LOSS, DZ, POS_COEF, TEMP,
+    ZR, ZC, POS_COS, LSE_R, LSE_C, GRAD_LOSS, DZ, POS_COEF, TEMP, NORM,
     R, C, D, n_local, col_offset, scale2, grad_scale, lse_shift2, cols_per_split,
     HAS_POSITIVE: tl.constexpr, WEIGHTS: tl.constexpr, FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr,
-    TEMP_IN_MEMORY: tl.constexpr,
+    TEMP_IN_MEMORY: tl.constexpr, CLAMP_BIAS: tl.constexpr, EPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
 ):
     """dẑ_r = g·grad_scale·Σ_{c≠self} H_rc ZC[c], H_rc = e^{S_rc - LSE_R[r]} + e^{S_rc - LSE_C[c]} - 2[c = pos(r)],
@@ -574,7 +605,12 @@ def _pair_lse_bwd_kernel(
          see ``_factored_backward``);
     2 -- one global log-sum-exp T in LSE_R[0] (uniformity): H = 2·2^{s - T₂}.
     A tensor temperature (TEMP_IN_MEMORY) scales scale2 and grad_scale by 1/τ read from TEMP;
-    the launcher then uses form 0 (the factored form's bounds depend on τ's value)."""
+    the launcher then uses form 0 (the factored form's bounds depend on τ's value).
+    CLAMP_BIAS (with form 2): the biases of the forward (``_clamp_bias2``), and for the rows
+    below the clamp the radial term of -t‖ẑ_i - ẑ_j‖²'s gradient, -2·g·grad_scale·e^{lse_r - T}
+    per row (LSE_C holds the rows' log-sum-exps), written to POS_COEF for the normalization
+    backward to multiply by the row's own ẑ (zero for the other rows, whose normalization
+    removes a radial term anyway)."""
     scale2 = _per_temperature(scale2, TEMP, TEMP_IN_MEMORY)
     grad_scale = _per_temperature(grad_scale, TEMP, TEMP_IN_MEMORY)
     row_start, r, rows, row_mask = _row_block(R, BLOCK_M)
@@ -588,6 +624,9 @@ def _pair_lse_bwd_kernel(
         lse2_r = tl.zeros((BLOCK_M,), tl.float32) + tl.load(LSE_R) * log2e
     else:
         lse2_r = tl.load(LSE_R + rows, mask=row_mask, other=0.0) * log2e
+    if CLAMP_BIAS:
+        bias2_r = _clamp_bias2(NORM, rows, row_mask, scale2, EPS)
+        lse2_r = lse2_r - bias2_r
     alpha_r = tl.exp2(lse2_r - lse_shift2)
     a = _load_block(ZR, row_start, R, 0, D, BLOCK_M, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
@@ -597,6 +636,9 @@ def _pair_lse_bwd_kernel(
     for n0 in range(col_lo, col_hi, BLOCK_N):
         s, b = _logits_tile(ZR, row_start, R, a, ZC, n0, C, D, FP32_IEEE, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K)
         s = s * scale2
+        if CLAMP_BIAS:
+            tile_cols = n0 + tl.arange(0, BLOCK_N)
+            s = s + _clamp_bias2(NORM, tile_cols, tile_cols < C, scale2, EPS)[None, :]
         p = tl.exp2(s - lse2_r[:, None])
         if WEIGHTS == 0:
             lse2_c = tl.load(LSE_C + n0 + tl.arange(0, BLOCK_N), mask=n0 + tl.arange(0, BLOCK_N) < C, other=0.0) * log2e
@@ -637,6 +679,11 @@ def _pair_lse_bwd_kernel(
             lse2_pos = tl.load(LSE_C + pos_cols, mask=row_mask, other=0.0) * log2e
             positive_weight = tl.exp2(positive2 - lse2_r) + tl.exp2(positive2 - lse2_pos) - 2.0
             tl.store(POS_COEF + rows, positive_weight * scale, mask=row_mask)
+    if CLAMP_BIAS:
+        if tl.program_id(1) == 0:
+            row_mass = tl.exp2(tl.load(LSE_C + rows, mask=row_mask, other=0.0) * log2e - (lse2_r + bias2_r))
+            clamped = tl.load(NORM + rows, mask=row_mask, other=1.0) < EPS
+            tl.store(POS_COEF + rows, tl.where(clamped, -2.0 * scale * row_mass, 0.0), mask=row_mask)
     _store_scaled_rows(dz_base, r, row_mask, acc, scale, D, SINGLE_K, BLOCK_K)
 
 
@@ -1076,13 +1123,14 @@ def _merge_splits(partials: Tensor, pos_cos: Optional[Tensor], lse: Tensor, row_
 def pair_lse_forward(
     z_rows: Tensor, z_cols: Tensor, pos_cos: Optional[Tensor], inv_temp: float, n_local: int, col_offset: int,
     config: Optional[KernelConfig] = None, lse: Optional[Tensor] = None, row_loss: Optional[Tensor] = None,
-    temperature: Optional[Tensor] = None,
+    temperature: Optional[Tensor] = None, clamp_norms: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Per-row log-sum-exp of z_rows·z_colsᵀ·inv_temp over all columns but each row's own
     (``col_offset + r``), and with ``pos_cos`` (n_local,) -- the positive pairs' cosines -- the
     NT-Xent row loss. z_rows (R, d), z_cols (C, d) contiguous, same dtype. Returns
     (lse (R,), row_loss (R,)) in float32. ``temperature``: a one-element tensor τ read by the
-    kernels in place of ``inv_temp`` (which is then ignored)."""
+    kernels in place of ``inv_temp`` (which is then ignored). ``clamp_norms``: the rows' ‖x‖
+    (uniformity, rows = columns): logits biased for rows below the clamp (``_clamp_bias2``)."""
     r, d = z_rows.shape
     c = z_cols.shape[0]
     cfg = _resolve_config(config, d, z_rows.dtype)
@@ -1093,9 +1141,11 @@ def pair_lse_forward(
     scale2 = _LOG2E if temp_in_memory else float(inv_temp) * _LOG2E
     _launch(_pair_lse_fwd_kernel, (triton.cdiv(r, cfg.block_m), splits),
         z_rows, z_cols, pos_cos if with_positive else lse, lse, row_loss, partials[0], partials[1], temp,
+        clamp_norms if clamp_norms is not None else lse,
         r, c, d, n_local, col_offset, scale2, cols_per_split,
         HAS_POSITIVE=with_positive, SPLIT=splits > 1, FP32_IEEE=_dot_in_fp32(z_rows.dtype),
         BF16_RTNE=_emulate_rtne(z_rows.dtype), TEMP_IN_MEMORY=temp_in_memory,
+        CLAMP_BIAS=clamp_norms is not None, EPS=_NORM_EPS,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=cfg.single_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -1130,6 +1180,7 @@ def pair_lse_backward(
     grad_loss: Tensor, inv_temp: float, grad_scale: float, n_local: int, col_offset: int,
     config: Optional[KernelConfig] = None, out: Optional[Tensor] = None, factored: Optional[bool] = None,
     positive_coef: Optional[Tensor] = None, global_lse: bool = False, temperature: Optional[Tensor] = None,
+    clamp_norms: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """dẑ rows: ``grad_loss · grad_scale · Σ_c (e^{S-lse_r} + e^{S-lse_c} - 2[c = pos]) z_c``.
 
@@ -1140,14 +1191,17 @@ def pair_lse_backward(
     for the factored form (default: where it is exact, :func:`_factored_backward`);
     ``global_lse``: one log-sum-exp for every row and column, ``lse_rows`` (1 element)
     (uniformity). ``temperature``: a one-element tensor τ read by the kernel; ``inv_temp`` is
-    then ignored and ``grad_scale`` given without its factor 1/τ."""
+    then ignored and ``grad_scale`` given without its factor 1/τ. ``clamp_norms`` (with
+    ``global_lse``; ``lse_cols`` then the rows' log-sum-exps): the forward's biases, and the
+    returned coefficient is the radial term of the rows below the clamp (multiplies their own ẑ)."""
     r, d = z_rows.shape
     c = z_cols.shape[0]
     cfg = _resolve_config(config, d, z_rows.dtype)
     with_positive = pos_cos is not None
     splits, cols_per_split = _split_columns(cfg, r, c, 4.0 * d, 8.0 * r * d, z_rows.device)
     out = _gradient_buffer(out, splits, r, d, z_rows.device)
-    if with_positive and positive_coef is None:
+    with_coefficient = with_positive or clamp_norms is not None
+    if with_coefficient and positive_coef is None:
         positive_coef = torch.empty(r, dtype=torch.float32, device=z_rows.device)
     temp, temp_in_memory = _temperature_operand(temperature, lse_rows)
     if factored is None:
@@ -1157,15 +1211,16 @@ def pair_lse_backward(
     scale2 = _LOG2E if temp_in_memory else float(inv_temp) * _LOG2E
     _launch(_pair_lse_bwd_kernel, (triton.cdiv(r, cfg.block_m), splits),
         z_rows, z_cols, pos_cos if with_positive else lse_rows, lse_rows, lse_cols, _upstream(grad_loss), out,
-        positive_coef if with_positive else lse_rows, temp,
+        positive_coef if with_coefficient else lse_rows, temp, clamp_norms if clamp_norms is not None else lse_rows,
         r, c, d, n_local, col_offset, scale2, float(grad_scale), math.log2(max(c - 1, 1)),
         cols_per_split,
         HAS_POSITIVE=with_positive, WEIGHTS=weights, FP32_IEEE=_dot_in_fp32(z_rows.dtype),
         BF16_RTNE=_emulate_rtne(z_rows.dtype), TEMP_IN_MEMORY=temp_in_memory,
+        CLAMP_BIAS=clamp_norms is not None, EPS=_NORM_EPS,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=cfg.single_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out, (positive_coef if with_positive else None)
+    return out, (positive_coef if with_coefficient else None)
 
 
 def infonce_forward(
@@ -1369,24 +1424,29 @@ def _infonce_backward(
     return grad_q, grad_k, _temperature_gradient(projection, temperature)
 
 
-def _uniformity_forward(z: Tensor, t: float, config_ints: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """U = LSE_{i≠j}(2t ẑ_i·ẑ_j) - 2t - log n(n-1). Returns (U, ẑ, ‖z‖, the global LSE (0-d))."""
+def _uniformity_forward(
+    z: Tensor, t: float, config_ints: List[int]
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """U = LSE_{i≠j}(2t ẑ_i·ẑ_j + b_i + b_j) - 2t - log n(n-1), b nonzero only for rows below the
+    clamp (``_clamp_bias2``). Returns (U, ẑ, ‖z‖, the global LSE (0-d), the rows' LSEs)."""
     config = _config_from_ints(config_ints)
     n = z.shape[0]
     z_hat, norms = l2_normalize_rows(z, dtype=operand_dtype(z.shape[1], z.dtype, config))
-    row_lse, _ = pair_lse_forward(z_hat, z_hat, None, 2.0 * t, n, 0, config)
+    row_lse, _ = pair_lse_forward(z_hat, z_hat, None, 2.0 * t, n, 0, config, clamp_norms=norms)
     total_lse = torch.logsumexp(row_lse, dim=0)
-    return total_lse - (2.0 * t + math.log(n * (n - 1))), z_hat, norms, total_lse
+    return total_lse - (2.0 * t + math.log(n * (n - 1))), z_hat, norms, total_lse, row_lse
 
 
 def _uniformity_backward(
-    grad_loss: Tensor, z: Tensor, z_hat: Tensor, norms: Tensor, total_lse: Tensor, t: float, config_ints: List[int]
+    grad_loss: Tensor, z: Tensor, z_hat: Tensor, norms: Tensor, total_lse: Tensor, row_lse: Tensor, t: float,
+    config_ints: List[int],
 ) -> Tensor:
-    """dẑ_i = g·2t·Σ_{j≠i} 2e^{S_ij - T} ẑ_j: the pair kernel with both log-sum-exps set to T."""
+    """dẑ_i = g·2t·Σ_{j≠i} 2w_ij (ẑ_j - [row i below the clamp]·ẑ_i), w_ij = e^{S'_ij - T}: the pair
+    kernel with both log-sum-exps set to T; the radial term returned as a coefficient of ẑ_i."""
     config = _config_from_ints(config_ints)
-    grad_z_hat, _ = pair_lse_backward(z_hat, z_hat, None, total_lse, total_lse, grad_loss, 2.0 * t, 2.0 * t,
-                                      z.shape[0], 0, config, global_lse=True)
-    return l2_normalize_rows_backward(z, norms, grad_z_hat)
+    grad_z_hat, radial = pair_lse_backward(z_hat, z_hat, None, total_lse, row_lse, grad_loss, 2.0 * t, 2.0 * t,
+                                           z.shape[0], 0, config, global_lse=True, clamp_norms=norms)
+    return l2_normalize_rows_backward(z, norms, grad_z_hat, partner=z_hat, partner_coef=radial)
 
 
 _ntxent_op = torch.library.custom_op(
@@ -1413,11 +1473,12 @@ _infonce_backward_op = torch.library.custom_op(
 )
 _uniformity_op = torch.library.custom_op(
     "fastssl::uniformity_triton", _uniformity_forward, mutates_args=(),
-    schema="(Tensor z, float t, int[] config) -> (Tensor, Tensor, Tensor, Tensor)",
+    schema="(Tensor z, float t, int[] config) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 _uniformity_backward_op = torch.library.custom_op(
     "fastssl::uniformity_triton_backward", _uniformity_backward, mutates_args=(),
-    schema="(Tensor grad_loss, Tensor z, Tensor z_hat, Tensor norms, Tensor total_lse, float t, int[] config) -> Tensor",
+    schema="(Tensor grad_loss, Tensor z, Tensor z_hat, Tensor norms, Tensor total_lse, Tensor row_lse, float t, "
+    "int[] config) -> Tensor",
 )
 
 
@@ -1464,7 +1525,7 @@ def _(grad_loss, query, key, negatives, temperature, *rest):
 def _(z, t, config_ints):
     n, d = z.shape
     dtype = operand_dtype(d, z.dtype, _config_from_ints(config_ints))
-    return _float32(z), z.new_empty((n, d), dtype=dtype), _float32(z, n), _float32(z)
+    return _float32(z), z.new_empty((n, d), dtype=dtype), _float32(z, n), _float32(z), _float32(z, n)
 
 
 @_uniformity_backward_op.register_fake

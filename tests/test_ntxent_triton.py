@@ -213,8 +213,8 @@ def test_module_trains_a_parameter_temperature_on_triton(device, monkeypatch):
 @pytest.mark.parametrize("scale", [1e19, 1e-19, 1e37])
 def test_extreme_magnitudes_give_the_float64_value(device, scale):
     """float32 rows near 1e19 (squares overflow: NaN before) or 1e-19 (squares underflow, below
-    F.normalize's clamp): NT-Xent and InfoNCE give the float64 value and gradients; uniformity
-    the float64 value where every row is above the clamp."""
+    F.normalize's clamp): NT-Xent, InfoNCE and uniformity give the float64 value and gradients;
+    also uniformity with a zero row and a tiny one beside normal rows."""
     torch.manual_seed(0)
     a, b = [x * scale for x in _inputs(7, 9, torch.float32, device)]
     bank = _bank(6, 9, device)
@@ -223,8 +223,11 @@ def test_extreme_magnitudes_give_the_float64_value(device, scale):
                              lambda x, y: reference.ntxent_loss(x, y, 0.3), [a, b], atol=atol)
     assert_matches_reference(lambda x, y: K.infonce_loss_triton(x, y, bank, 0.3),
                              lambda x, y: reference.infonce_loss(x, y, bank, 0.3), [a, b], atol=atol)
-    if scale > 1:
-        assert_matches_reference(lambda x: K.uniformity_triton(x), lambda x: reference.uniformity(x), [a], atol=atol)
+    assert_matches_reference(lambda x: K.uniformity_triton(x), lambda x: reference.uniformity(x), [a], atol=atol)
+    mixed = _inputs(6, 5, torch.float32, device, views=1)[0]
+    mixed[1] = 0.0
+    mixed[3] *= scale
+    assert_matches_reference(lambda x: K.uniformity_triton(x), reference.uniformity, [mixed])
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
