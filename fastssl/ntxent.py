@@ -19,9 +19,9 @@ device; no host read of a tensor's value):
 * smaller |τ|, or a tensor τ: row maxima, and each log-sum-exp kept as the pair (row maximum,
   log of the rest), so that every exponent of the backward is formed from S directly (one
   float32 rounding of lse at |S| ~ 1e4 would move every probability by ~1e-3).
-* InfoNCE: the bank's rows are used as given (nothing bounds them): row maxima; all N·K logits
-  kept when they fit one chunk (MoCo's N = 256 against 16384 keys: 4 Mi floats), so its
-  backward is one product with the bank.
+* InfoNCE: the bank's rows are used as given (nothing bounds them): row maxima; the bank's
+  term of the gradient is computed in the forward (the upstream gradient is a scalar), so the
+  backward needs neither the bank nor the logits, and the module skips its snapshot of the bank.
 * The memory bank's ring buffer writes the batch's rows only on the CPU (the pointer is read on
   the host there), the whole bank in tensor operations elsewhere (no host sync, CUDA graphs,
   torch.compile).
@@ -397,9 +397,12 @@ class _InfoNCETorch(torch.autograd.Function):
 
     Per query, hi is the largest logit (bank rows are used as given, so nothing bounds them in
     advance), :math:`E = e^{S - hi}` and :math:`s = e^{s_{i0} - hi} + \sum_j E_{ij}`: lse = hi +
-    log s and :math:`P = E/s`. When all N·K logits fit in one chunk and a gradient is wanted,
-    E is kept (the chunk bound holds) and the backward is one product E·B: two products
-    against the bank in all, as lightly's autograd does, instead of three.
+    log s and :math:`P = E/s`. The upstream gradient is a scalar, so when a gradient is wanted
+    the forward computes the bank's term :math:`\sum_j P_{ij} b_j` right away, chunk by chunk
+    (Liger-Kernel's gradient-in-the-forward): two products against the bank in all, as lightly's
+    autograd does, the logits never kept (memory O(N·d + chunk)), and the backward needs
+    neither the bank nor a recomputation -- so the module may update its bank in place before
+    the backward runs (no snapshot copy).
     """
 
     @staticmethod
@@ -413,45 +416,38 @@ class _InfoNCETorch(torch.autograd.Function):
         positives = (q_hat * k_hat).sum(dim=1) * inv_temp
         n_queries = q_hat.shape[0]
         chunk = _rows_per_chunk(bank.shape[0] + 1, chunk_rows)
-        keep = chunk >= n_queries and any(ctx.needs_input_grad)
+        with_gradient = any(ctx.needs_input_grad)
         scaled_queries = q_hat * inv_temp  # the product then gives the logits directly
-        hi_parts, sum_parts, kept = [], [], None
+        hi_parts, sum_parts, bank_parts = [], [], []
         for start in range(0, n_queries, chunk):
             stop = min(n_queries, start + chunk)
             exps = scaled_queries[start:stop] @ bank.T
             hi = torch.maximum(exps.amax(dim=1), positives[start:stop])
             exps.sub_(hi[:, None]).exp_()
-            sum_parts.append(exps.sum(dim=1).add_((positives[start:stop] - hi).exp_()))
+            sums = exps.sum(dim=1).add_((positives[start:stop] - hi).exp_())
             hi_parts.append(hi)
-            kept = exps if keep else None
+            sum_parts.append(sums)
+            if with_gradient:
+                bank_parts.append((exps @ bank).div_(sums[:, None]))  # Σ_j P_ij b_j
+            del exps
         hi, sums = torch.cat(hi_parts), torch.cat(sum_parts)
-        ctx.save_for_backward(query, key, negatives, q_norms, k_norms, hi, sums, kept,
+        from_bank = torch.cat(bank_parts) if with_gradient else None
+        ctx.save_for_backward(query, key, q_norms, k_norms, hi, sums, from_bank,
                               temperature if isinstance(temperature, Tensor) else None)
-        ctx.meta = (inv_temp, chunk)
+        ctx.meta = inv_temp
         # ℓ_i = lse_i - s_i0 = log s_i - (s_i0 - hi_i).
         return (sums.log() - (positives - hi)).mean().float()
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
-        query, key, negatives, q_norms, k_norms, hi, sums, kept, temperature = ctx.saved_tensors
-        inv_temp, chunk = ctx.meta
+        query, key, q_norms, k_norms, hi, sums, from_bank, temperature = ctx.saved_tensors
+        inv_temp = ctx.meta
         acc = q_norms.dtype
         q_hat = _unit_rows(query.to(acc), q_norms)
         k_hat = _unit_rows(key.to(acc), k_norms)
-        bank = negatives.to(acc)
-        inverse_sums = sums.reciprocal()
-        positive_weight = ((q_hat * k_hat).sum(dim=1) * inv_temp - hi).exp_().mul_(inverse_sums).sub_(1.0)
-        if kept is not None:
-            from_bank = kept @ bank
-        else:
-            scaled_queries = q_hat * inv_temp
-            parts = []
-            for start in range(0, q_hat.shape[0], chunk):
-                exps = (scaled_queries[start : start + chunk] @ bank.T).sub_(hi[start : start + chunk, None]).exp_()
-                parts.append(exps @ bank)
-            from_bank = torch.cat(parts)
+        positive_weight = ((q_hat * k_hat).sum(dim=1) * inv_temp - hi).exp_().div_(sums).sub_(1.0)
         scale = grad_loss.to(acc) * (inv_temp / q_hat.shape[0])
-        grad_q = torch.addcmul(from_bank * inverse_sums[:, None], positive_weight[:, None], k_hat).mul_(scale)
+        grad_q = torch.addcmul(from_bank, positive_weight[:, None], k_hat).mul_(scale)
         grad_k = positive_weight[:, None] * q_hat * scale
         grad_query, projection = _normalize_backward(q_hat, q_norms, grad_q)
         grad_key, _ = _normalize_backward(k_hat, k_norms, grad_k)
@@ -596,6 +592,14 @@ def ntxent_loss(
     return _ntxent_torch(out0, out1, temperature, gather_distributed)
 
 
+def _infonce_implementation(backend: str, query: Tensor, key: Tensor, negatives: Tensor) -> str:
+    """Which InfoNCE implementation runs: ``"reference" | "triton" | "torch"``."""
+    impl = resolve_backend(backend, query)
+    if impl == "triton" and not _triton_dtype_ok(query, key, negatives):
+        return "torch"
+    return impl
+
+
 @outside_autocast
 def infonce_loss(
     query: Tensor,
@@ -633,11 +637,11 @@ def infonce_loss(
         raise ValueError(f"negatives must be on the device of query ({query.device}), got {negatives.device}")
     temperature = check_temperature("temperature", temperature)
     check_distributed_available("gather_distributed", gather_distributed)
-    impl = resolve_backend(backend, query)
+    impl = _infonce_implementation(backend, query, key, negatives)
     negatives = negatives.detach()
     if impl == "reference":
         loss = run_reference(reference.infonce_loss, query, key, negatives, temperature)
-    elif impl == "triton" and _triton_dtype_ok(query, key, negatives):
+    elif impl == "triton":
         loss = triton_with_fallback(
             "infonce",
             backend,
@@ -835,12 +839,23 @@ class NTXentLoss(nn.Module):
             )
         if bank.bank.device != out0.device:
             bank.to(out0.device)
-        # The loss keeps the bank for its backward, so it gets a snapshot: the enqueue below
-        # writes into the buffer in place.
+        update = out0.requires_grad
+        if _infonce_implementation(self.backend, out0, out1, bank.bank) == "torch":
+            # The torch path keeps nothing of the bank for its backward: the loss reads the live
+            # buffer, then the enqueue writes into it (no snapshot copy).
+            loss = self._infonce(out0, out1, bank.bank)
+            if update:
+                bank.enqueue(F.normalize(out1.detach(), dim=1))
+            return loss
+        # The other paths keep the bank for their backward, so they get a snapshot: the enqueue
+        # below writes into the buffer in place.
         negatives = bank.bank.clone()
-        if out0.requires_grad:
+        if update:
             # As lightly: the keys are normalized in their own dtype, then stored in the bank's.
             bank.enqueue(F.normalize(out1.detach(), dim=1))
+        return self._infonce(out0, out1, negatives)
+
+    def _infonce(self, out0: Tensor, out1: Tensor, negatives: Tensor) -> Tensor:
         return infonce_loss(
             out0,
             out1,
