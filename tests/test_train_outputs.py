@@ -350,6 +350,13 @@ def test_collapse_experiment_command(tmp_path, capsys):
     assert experiments_main(argv) == 0
     report = (tmp_path / "doc" / "REPORT.md").read_text()
     assert "Jha et al." in report and ("supported" in report) and "center.png" in report
+    # Every condition of a claim is printed with its two numbers, and whether the reference run
+    # learned at all is said beside the verdict.
+    results_now = json.loads((tmp_path / "doc" / "results.json").read_text())
+    evidence = results_now["verdicts"][0]["evidence"]
+    assert len(evidence) == 2 and all(("-- holds" in e) or ("-- does not hold" in e) for e in evidence)
+    assert all(e in report for e in evidence)
+    assert "itself: kNN" in report
     assert (tmp_path / "doc" / "center.png").read_bytes()[:4] == b"\x89PNG"
     results = json.loads((tmp_path / "doc" / "results.json").read_text())
     assert [r["epoch"] for r in results["records"]["center"]["invariance"]] == [0, 1, 2]
