@@ -15,11 +15,13 @@ only under ``TRITON_INTERPRET=1`` -- that is how the test-suite exercises them w
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
+import threading
 import warnings
-from typing import Any, Callable, Optional, Set, TypeVar
+from typing import Any, Callable, Iterator, Optional, Set, Tuple, TypeVar
 
 import torch
 
@@ -107,7 +109,9 @@ def triton_with_fallback(
     ``RuntimeWarning`` naming the kernel and the error, and ``run_torch()`` gives the result.
     With ``backend="triton"`` (argument or ``FASTSSL_BACKEND``) the error propagates.
     Out-of-memory errors always propagate (the torch path would need more memory, not less),
-    and inside ``torch.compile`` tracing the Triton path is used as is.
+    and inside ``torch.compile`` tracing the Triton path is used as is. The backward of a
+    custom op run by ``run_triton`` falls back the same way when the op is registered with
+    :func:`guard_triton_backward`.
 
     Args:
         kernel: name shown in the warning, e.g. ``"ntxent"``.
@@ -118,20 +122,157 @@ def triton_with_fallback(
     if triton_requested_explicitly(backend) or torch.compiler.is_compiling():
         return run_triton()
     try:
-        return run_triton()
+        with _backward_fallback_recorded():
+            return run_triton()
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as error:  # compile errors, launch failures: whatever Triton raises
-        if kernel not in _FALLBACK_WARNED:
-            _FALLBACK_WARNED.add(kernel)
-            warnings.warn(
-                f"fastssl: the Triton kernel for {kernel} failed ({type(error).__name__}: "
-                f"{error}); using the torch path instead. Pass backend='triton' to see the "
-                "error raised.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        _warn_fallback_once(kernel, error)
         return run_torch()
+
+
+def _warn_fallback_once(kernel: str, error: BaseException) -> None:
+    """One ``RuntimeWarning`` per kernel and process, naming the kernel and the error."""
+    if kernel in _FALLBACK_WARNED:
+        return
+    _FALLBACK_WARNED.add(kernel)
+    warnings.warn(
+        f"fastssl: the Triton kernel for {kernel} failed ({type(error).__name__}: "
+        f"{error}); using the torch path instead. Pass backend='triton' to see the "
+        "error raised.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The same guarantee for the backward of a Triton custom op
+# --------------------------------------------------------------------------------------------
+#
+# A backward kernel compiles on the first backward, after its forward ran: under "auto" it may
+# fail where the forward did not. Whether the step may fall back is decided when the forward
+# runs (the backend argument and FASTSSL_BACKEND are not known to the backward): the forward of
+# every Triton custom op runs inside triton_with_fallback, which marks this thread while
+# run_triton() executes; the op's setup_context reads the mark into a Python attribute of its
+# autograd context, together with references to the op's inputs (no copy, no tensor op, no host
+# sync). A backward that fails then recomputes the loss on the torch path from those inputs and
+# differentiates it -- the gradient the torch path gives -- after one warning per kernel.
+
+_RECORDING = threading.local()
+
+
+@contextlib.contextmanager
+def _backward_fallback_recorded() -> Iterator[None]:
+    """Mark this thread while an "auto" forward runs the Triton path (re-entrant)."""
+    previous = getattr(_RECORDING, "auto", False)
+    _RECORDING.auto = True
+    try:
+        yield
+    finally:
+        _RECORDING.auto = previous
+
+
+def backward_fallback_allowed() -> bool:
+    """Whether the Triton forward running now on this thread was chosen by ``"auto"`` (outside
+    ``torch.compile`` tracing), so that its backward may fall back to the torch path."""
+    return getattr(_RECORDING, "auto", False)
+
+
+def guard_triton_backward(
+    op: Any,
+    kernel: str,
+    setup_context: Callable[..., None],
+    backward: Callable[..., Any],
+    torch_loss: Callable[..., torch.Tensor],
+) -> None:
+    """Register ``op``'s autograd formula so that under ``"auto"`` a failing backward falls back
+    to the torch path; idempotent (call it every time the kernels are about to run).
+
+    Args:
+        op: a ``torch.library.custom_op`` whose first output is the 0-d loss.
+        kernel: name shown in the warning, e.g. ``"barlow_twins"`` (shown as
+            ``"barlow_twins backward"``).
+        setup_context, backward: the op's own autograd formula (as given to
+            ``op.register_autograd``); they run unchanged.
+        torch_loss: the torch path's loss as a function of the op's inputs, in the op's
+            argument order (non-tensor arguments included); it must not reach a Triton kernel.
+
+    With an explicit ``backend="triton"`` (or ``FASTSSL_BACKEND=triton``) and inside
+    ``torch.compile`` the op's backward runs as registered and its errors propagate.
+    Out-of-memory errors always propagate.
+
+    Example::
+
+        guard_triton_backward(kernels._barlow_twins_op, "barlow_twins", kernels._barlow_twins_setup,
+                              kernels._barlow_twins_gradient,
+                              lambda z_a, z_b, lam, *rest: _barlow_twins_torch(z_a, z_b, lam, "auto"))
+    """
+    if torch.compiler.is_compiling() or getattr(op, "_fastssl_backward_guard", None) == (setup_context, backward):
+        return  # registered already, or being traced (registration is no graph operation)
+
+    def guarded_setup(ctx: Any, inputs: Tuple[Any, ...], output: Any) -> None:
+        setup_context(ctx, inputs, output)
+        # Decided at forward time: the inputs are kept (by reference) only when "auto" chose
+        # the kernels; None means "errors propagate".
+        ctx.fastssl_torch_fallback_inputs = tuple(inputs) if backward_fallback_allowed() else None
+
+    def guarded_backward(ctx: Any, grad_loss: Optional[torch.Tensor], *grad_auxiliary: Any) -> Any:
+        inputs = ctx.fastssl_torch_fallback_inputs
+        if inputs is None:
+            return backward(ctx, grad_loss, *grad_auxiliary)
+        try:
+            return backward(ctx, grad_loss, *grad_auxiliary)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as error:  # compile errors, launch failures: whatever Triton raises
+            _warn_fallback_once(f"{kernel} backward", error)
+            return torch_path_gradients(torch_loss, inputs, grad_loss)
+
+    op.register_autograd(guarded_backward, setup_context=guarded_setup)
+    op._fastssl_backward_guard = (setup_context, backward)
+
+
+def torch_path_gradients(
+    torch_loss: Callable[..., torch.Tensor], inputs: Tuple[Any, ...], grad_loss: Optional[torch.Tensor]
+) -> Tuple[Any, ...]:
+    """The gradients of ``torch_loss(*inputs)`` with respect to every tensor of ``inputs`` that
+    requires grad (in lists too), scaled by ``grad_loss``; structured as ``inputs`` (a list of
+    gradients for a list argument, None for everything else), as a custom op's backward returns.
+
+    The loss is recomputed under ``enable_grad`` on detached copies of the inputs' references
+    (the same storage), so the autograd graph of the inputs' producers is left alone.
+    """
+    leaves: list = []
+
+    def detached(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            if value.requires_grad:
+                leaf = value.detach().requires_grad_(True)
+                leaves.append(leaf)
+                return leaf
+            return value
+        if isinstance(value, (list, tuple)):
+            return type(value)(detached(item) for item in value)
+        return value
+
+    with torch.enable_grad():
+        rebuilt = tuple(detached(value) for value in inputs)
+        if grad_loss is None or not leaves:
+            grads: Tuple[Optional[torch.Tensor], ...] = (None,) * len(leaves)
+        else:
+            loss = torch_loss(*rebuilt)
+            grads = torch.autograd.grad(loss, leaves, grad_outputs=grad_loss.to(loss.dtype).reshape(loss.shape),
+                                        allow_unused=True)
+    by_leaf = {id(leaf): grad for leaf, grad in zip(leaves, grads)}
+
+    def gradient_of(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return by_leaf.get(id(value))
+        if isinstance(value, (list, tuple)) and any(isinstance(item, torch.Tensor) for item in value):
+            return [gradient_of(item) for item in value]
+        return None
+
+    return tuple(gradient_of(value) for value in rebuilt)
 
 
 # --------------------------------------------------------------------------------------------

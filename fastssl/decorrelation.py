@@ -16,6 +16,7 @@ from fastssl._backend import (
     check_backend_name,
     outside_autocast,
     resolve_backend,
+    guard_triton_backward,
     run_reference,
     triton_requested_explicitly,
     triton_with_fallback,
@@ -354,6 +355,25 @@ def auto_prefers_triton(n: int, d: int, dtype: torch.dtype, use_gram: bool, vicr
 # --------------------------------------------------------------------------------------------
 
 
+def _kernels():
+    """The Triton kernels' module, its custom ops' backward guarded: under ``"auto"`` a backward
+    kernel that fails to compile or launch gives the torch path's gradient (recomputed from the
+    op's inputs) after one warning, as the forward does (:func:`fastssl._backend.guard_triton_backward`)."""
+    from fastssl.kernels import decorrelation as kernels
+
+    guard_triton_backward(
+        kernels._barlow_twins_op, "barlow_twins", kernels._barlow_twins_setup, kernels._barlow_twins_gradient,
+        lambda z_a, z_b, lambda_param, bn_eps, use_gram, keep: _barlow_twins_torch(
+            z_a, z_b, lambda_param, "gram" if use_gram else "cross"),
+    )  # fmt: skip
+    guard_triton_backward(
+        kernels._vicreg_op, "vicreg", kernels._vicreg_setup, kernels._vicreg_gradient,
+        lambda z_a, z_b, lambda_param, mu_param, nu_param, eps, use_gram, keep: _vicreg_torch(
+            z_a, z_b, lambda_param, mu_param, nu_param, eps, "gram" if use_gram else "cross"),
+    )  # fmt: skip
+    return kernels
+
+
 def _check_path(path: str) -> str:
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
@@ -395,10 +415,8 @@ def barlow_twins_loss(
         n, d = z_a.shape
 
         def run_triton() -> Tensor:
-            from fastssl.kernels.decorrelation import barlow_twins_loss_triton
-
             use_gram = _use_gram(n, d, path)
-            return barlow_twins_loss_triton(z_a, z_b, lambda_param, use_gram=use_gram, bn_eps=BATCH_NORM_EPS)
+            return _kernels().barlow_twins_loss_triton(z_a, z_b, lambda_param, use_gram=use_gram, bn_eps=BATCH_NORM_EPS)
 
         return triton_with_fallback(
             "barlow_twins", backend, run_triton, lambda: _barlow_twins_torch(z_a, z_b, lambda_param, path)
@@ -469,9 +487,7 @@ def vicreg_loss(
         n, d = z_a.shape
 
         def run_triton() -> Tensor:
-            from fastssl.kernels.decorrelation import vicreg_loss_triton
-
-            return vicreg_loss_triton(z_a, z_b, *hyper, use_gram=_use_gram(n, d, path))
+            return _kernels().vicreg_loss_triton(z_a, z_b, *hyper, use_gram=_use_gram(n, d, path))
 
         return triton_with_fallback("vicreg", backend, run_triton, lambda: _vicreg_torch(z_a, z_b, *hyper, path))
     return _vicreg_torch(z_a, z_b, *hyper, path)

@@ -16,13 +16,14 @@ from torch import Tensor, nn
 from fastssl import reference
 from fastssl._backend import (
     check_backend_name,
+    guard_triton_backward,
     outside_autocast,
     resolve_backend,
     run_reference,
     triton_with_fallback,
 )
 from fastssl._checks import check_int, check_nonzero, check_probability, check_tensor_list
-from fastssl.swav import check_module_temperature, check_temperature
+from fastssl._checks import check_module_temperature, check_temperature
 
 # --------------------------------------------------------------------------------------------
 # Optimized PyTorch path
@@ -228,6 +229,25 @@ def dino_loss(
 
 
 @outside_autocast  # the module calls it directly, not through dino_loss
+def _dino_op_torch_loss(teacher, student, center, teacher_temp, student_temp, teacher_temp_tensor,
+                        student_temp_tensor, center_momentum, center_mode, compute_grad,
+                        compute_temperature_grad) -> Tensor:  # fmt: skip
+    """The torch path's loss as a function of ``fastssl::dino``'s inputs (its backward's fallback)."""
+    tau_t = teacher_temp if teacher_temp_tensor is None else teacher_temp_tensor
+    tau_s = student_temp if student_temp_tensor is None else student_temp_tensor
+    return _dino_torch(teacher, student, center, tau_t, tau_s)
+
+
+def _dino_kernels():
+    """The Triton kernels' module, the DINO custom op's backward guarded: under ``"auto"`` a
+    backward kernel that fails gives the torch path's gradient after one warning
+    (:func:`fastssl._backend.guard_triton_backward`)."""
+    from fastssl.kernels import dino as kernels
+
+    guard_triton_backward(kernels._dino_op, "dino", kernels._dino_setup, kernels._dino_gradient, _dino_op_torch_loss)
+    return kernels
+
+
 def _dino_dispatch(
     teacher_out: Sequence[Tensor],
     student_out: Sequence[Tensor],
@@ -263,8 +283,7 @@ def _dino_dispatch(
     if impl == "triton":
 
         def run_triton() -> Tuple[Tensor, Tensor]:
-            from fastssl.kernels import dino as kernels
-
+            kernels = _dino_kernels()
             fused_ema = center_momentum is not None and not _process_group()
             mode = kernels.CENTER_EMA if fused_ema else kernels.CENTER_TEACHER_SUM
             loss, center_out = kernels.dino_loss_triton(

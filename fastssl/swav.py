@@ -15,16 +15,19 @@ from fastssl import distributed, reference
 from fastssl.distributed import all_reduce_logsumexp
 from fastssl._backend import (
     check_backend_name,
+    guard_triton_backward,
     outside_autocast,
     resolve_backend,
     run_reference,
     triton_with_fallback,
 )
-from fastssl._checks import (
+from fastssl._checks import (  # check_*temperature: also importable from here, as before
     check_distributed_available,
     check_int,
+    check_module_temperature,
     check_nonzero,
     check_positive,
+    check_temperature,
     check_tensor,
     check_tensor_list,
 )
@@ -66,29 +69,6 @@ from fastssl._checks import (
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def check_temperature(name: str, value: object) -> Union[float, Tensor]:
-    """A temperature: a finite number with ``|value| >= 1e-8`` (Python or NumPy), or a
-    one-element floating-point tensor -- a learnable temperature (``nn.Parameter``), used as it
-    is, with gradient. A tensor's value is checked only where reading it costs no host
-    synchronization (module construction), not per call."""
-    if isinstance(value, Tensor):
-        if not value.is_floating_point() or value.numel() != 1:
-            raise TypeError(
-                f"{name} must be a number or a one-element floating-point tensor, got a tensor of "
-                f"dtype {value.dtype} and shape {tuple(value.shape)}"
-            )
-        return value
-    return check_nonzero(name, value)
-
-
-def check_module_temperature(name: str, value: object) -> Union[float, Tensor]:
-    """:func:`check_temperature` plus, for a tensor, the value check (one host read, once)."""
-    value = check_temperature(name, value)
-    if isinstance(value, Tensor):
-        check_nonzero(name, value.detach().cpu())
-    return value
 
 
 @torch.no_grad()
@@ -295,19 +275,50 @@ def _swav_torch(
     the target of crop v is the sum of all codes minus its own. Each term is a non-negative
     weight times a log-probability, so no large terms cancel.
     """
-    n_high = len(high)
-    crops = list(high) + list(low)
+    local_loss = _swav_local_torch(list(high) + list(low), queue, len(high), temperature, iterations, epsilon,
+                                   gather_distributed)
     batch = high[0].shape[0]
-    compute_dtype = _compute_dtype(high[0])
-    codes = _swav_codes(high, queue, iterations, epsilon, gather_distributed, compute_dtype)
-    normalizer = n_high * (len(crops) - 1) * batch
-    local_loss = _SwappedPredictionFunction.apply(temperature, codes, n_high, normalizer, iterations > 0, *crops)
     # DESIGN §3: the loss is the mean over this rank's samples (codes carry no gradient); report
     # the row-weighted mean over ranks, with this rank's gradient scaled to W × its slice of the
     # single-process gradient.
     if gather_distributed:
         return distributed.global_mean(local_loss, batch)
     return local_loss
+
+
+def _swav_local_torch(
+    crops: Sequence[Tensor],
+    queue: Optional[Sequence[Tensor]],
+    n_high: int,
+    temperature: Union[float, Tensor],
+    iterations: int,
+    epsilon: float,
+    gather_distributed: bool,
+) -> Tensor:
+    """This rank's loss on the torch path (codes of the first ``n_high`` crops, over the global
+    batch with ``gather_distributed``): what the Triton custom op returns, from its inputs."""
+    high = crops[:n_high]
+    batch = high[0].shape[0]
+    codes = _swav_codes(high, queue, iterations, epsilon, gather_distributed, _compute_dtype(high[0]))
+    normalizer = n_high * (len(crops) - 1) * batch
+    return _SwappedPredictionFunction.apply(temperature, codes, n_high, normalizer, iterations > 0, *crops)
+
+
+def _swav_op_torch_loss(crops, queue, n_high, temperature, temperature_tensor, iterations, epsilon,
+                        gather_distributed, compute_grad, compute_temperature_grad) -> Tensor:  # fmt: skip
+    """The torch path's loss as a function of ``fastssl::swav``'s inputs (its backward's fallback)."""
+    tau = temperature if temperature_tensor is None else temperature_tensor
+    return _swav_local_torch(crops, queue, n_high, tau, iterations, epsilon, gather_distributed)
+
+
+def _swav_kernels():
+    """The Triton kernels' module, the SwAV custom op's backward guarded: under ``"auto"`` a
+    backward kernel that fails gives the torch path's gradient after one warning
+    (:func:`fastssl._backend.guard_triton_backward`)."""
+    from fastssl.kernels import sinkhorn as kernels
+
+    guard_triton_backward(kernels._swav_op, "swav", kernels._swav_setup, kernels._swav_gradient, _swav_op_torch_loss)
+    return kernels
 
 
 # --------------------------------------------------------------------------------------------
@@ -474,9 +485,7 @@ def swav_loss(
     if impl == "triton" and (queue is None or len({q.shape[0] for q in queue}) == 1):
 
         def run_triton() -> Tensor:
-            from fastssl.kernels.sinkhorn import swav_loss_triton
-
-            return swav_loss_triton(*args)
+            return _swav_kernels().swav_loss_triton(*args)
 
         return triton_with_fallback("swav", backend, run_triton, run_torch)
     return run_torch()
