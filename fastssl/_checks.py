@@ -117,6 +117,12 @@ def _real_scalar(name: str, value: object) -> float:
     raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
 
 
+def check_real(name: str, value: object) -> float:
+    """A real number, ``inf`` and NaN included (the caller bounds it): Python or NumPy scalar,
+    0-d NumPy array or one-element tensor, as a Python float; bool rejected."""
+    return _real_scalar(name, value)
+
+
 def check_finite(name: str, value: object) -> float:
     """A finite real number (Python, NumPy or one-element tensor; bool rejected)."""
     if _compiling():
@@ -144,6 +150,29 @@ def check_nonzero(name: str, value: object, tiny: float = 1e-8) -> float:
     value = check_finite(name, value)
     if abs(value) < tiny:
         raise ValueError(f"{name} must satisfy abs({name}) >= {tiny}, got {value}")
+    return value
+
+
+def check_temperature(name: str, value: object) -> float | torch.Tensor:
+    """A temperature: a finite number with ``|value| >= 1e-8`` (Python or NumPy), or a
+    one-element floating-point tensor -- a learnable temperature (``nn.Parameter``), used as it
+    is, with gradient. A tensor's value is checked only where reading it costs no host
+    synchronization (module construction), not per call."""
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point() or value.numel() != 1:
+            raise TypeError(
+                f"{name} must be a number or a one-element floating-point tensor, got a tensor of "
+                f"dtype {value.dtype} and shape {tuple(value.shape)}"
+            )
+        return value
+    return check_nonzero(name, value)
+
+
+def check_module_temperature(name: str, value: object) -> float | torch.Tensor:
+    """:func:`check_temperature` plus, for a tensor, the value check (one host read, once)."""
+    value = check_temperature(name, value)
+    if isinstance(value, torch.Tensor):
+        check_nonzero(name, value.detach().cpu())
     return value
 
 

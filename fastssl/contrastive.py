@@ -77,6 +77,7 @@ from fastssl._checks import (
     check_positive,
     check_probability,
     check_tensor,
+    check_real,
 )
 from fastssl.ntxent import NTXentLoss, ntxent_loss
 
@@ -709,6 +710,7 @@ def macl_loss(
     """
     check_pair("z0", z0, "z1", z1)
     temperature, alpha, A_0 = _check_macl_hyperparameters(temperature, alpha, A_0)
+    eps = check_positive("eps", eps, allow_zero=True)
     impl = resolve_backend(backend, z0, has_triton_kernel=False)
     if impl == "reference":
         return reference.macl_loss(z0, z1, temperature, alpha, A_0, eps).float()
@@ -1216,12 +1218,12 @@ def _koleo_torch(x: Tensor, p: float, eps: float, chunk_rows: Optional[int] = No
 
 
 def _check_norm_degree(p: object) -> float:
-    """A norm degree for ``F.pairwise_distance``: a real number > 0 (``inf`` allowed)."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)):
-        raise TypeError(f"p must be a real number, got {type(p).__name__}")
-    if not p > 0:
+    """A norm degree for ``F.pairwise_distance``: a real number > 0 (``inf`` allowed), Python or
+    NumPy (``numpy.float32``, ``numpy.int64``, ... as lightly takes them); bool rejected."""
+    p = check_real("p", p)
+    if not p > 0:  # NaN fails this too
         raise ValueError(f"p must be > 0, got {p}")
-    return float(p)
+    return p
 
 
 @outside_autocast

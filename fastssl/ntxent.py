@@ -86,7 +86,7 @@ from fastssl._checks import (
     check_pair,
     check_tensor,
 )
-from fastssl.swav import check_module_temperature, check_temperature
+from fastssl._checks import check_module_temperature, check_temperature
 
 # A temperature: a number, or a one-element tensor (learnable, e.g. an ``nn.Parameter``).
 Temperature = Union[float, Tensor]

@@ -794,3 +794,63 @@ def test_gather_distributed_without_a_group_is_the_single_process_loss():
     v = [x.reshape(5, 1, 4) for x in (a, b)]
     m = torch.zeros(5, 1, dtype=torch.long)
     assert fastssl.DetConSLoss()(*v, m, m).item() == fastssl.DetConSLoss(gather_distributed=False)(*v, m, m).item()
+
+
+# NumPy scalar hyperparameters (a config loaded with NumPy, a swept grid) are accepted as lightly
+# accepts them; bool is rejected, a flag passed where a number belongs being a bug.
+def _numeric_hyperparameters(cls):
+    """(name, default) of the constructor arguments whose default is a number (not a bool)."""
+    parameters = inspect.signature(cls.__init__).parameters.items()
+    return [(name, p.default) for name, p in parameters
+            if isinstance(p.default, (int, float)) and not isinstance(p.default, bool)]  # fmt: skip
+
+
+def _numpy_versions(default):
+    import numpy as np
+
+    if isinstance(default, int):  # counts and sizes: NumPy integers (lightly's range() rejects floats)
+        return [np.int64(default), np.int32(default)]
+    return [np.float32(default), np.float64(default), np.int64(1)]
+
+
+@pytest.mark.parametrize("name", PAIRS + ["SupConLoss"])
+def test_numpy_scalar_hyperparameters_accepted_bool_rejected(name):
+    import numpy as np
+
+    cls = getattr(fastssl, name)
+    required = {"gather_distributed": False} if name.startswith("DetCon") else {}
+    # lightly's memory bank takes a Python int or a (size, dim) pair only
+    skipped = {("DirectCLRLoss", "memory_bank_size")}
+    hyperparameters = [(h, d) for h, d in _numeric_hyperparameters(cls) if (name, h) not in skipped]
+    assert hyperparameters, f"{name} has no numeric hyperparameter to check"
+    for hyperparameter, default in hyperparameters:
+        for value in _numpy_versions(default):
+            cls(**required, **{hyperparameter: value})
+        for flag in (True, np.bool_(True)):
+            with pytest.raises(TypeError):
+                cls(**required, **{hyperparameter: flag})
+
+
+@pytest.mark.parametrize("convert", ["float32", "float64", "int64"])
+def test_koleo_numpy_norm_degree_gives_the_same_loss(convert):
+    import numpy as np
+
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    expected = FS.koleo_loss(x, p=1)
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    p = getattr(np, convert)(1)
+    for loss in (FS.koleo_loss(x, p=p), fastssl.KoLeoLoss(p=p)(x)):
+        assert torch.equal(loss, expected)
+        assert torch.equal(torch.autograd.grad(loss, x)[0], expected_grad)
+    assert type(fastssl.KoLeoLoss(p=p).p) is float
+    for bad in (float("nan"), np.float32(-1)):
+        with pytest.raises(ValueError, match="p must be > 0"):
+            fastssl.KoLeoLoss(p=bad)
+
+
+def test_macl_eps_validated():
+    a, b = torch.randn(4, 3), torch.randn(4, 3)
+    with pytest.raises(TypeError, match="eps"):
+        FS.macl_loss(a, b, eps=True)
+    with pytest.raises(ValueError, match="eps"):
+        FS.macl_loss(a, b, eps=-1e-8)
