@@ -213,7 +213,12 @@ def _inputs(case: Case):
         masked = int(round(0.4 * images * tokens))
         mask = torch.empty(images, side, side, dtype=torch.bool, device=device)
         teacher, student = randn(masked, k, grad=False), randn(masked, k)
-        return (lambda: FS.ibot_patch_loss(teacher, student, mask, backend="auto")), [student]
+        # The drop-in module, as a training step runs it: loss, student gradient, center EMA.
+        from fastssl.prototype import IBOTPatchLoss
+
+        criterion = IBOTPatchLoss(output_dim=k, backend="auto")
+        criterion.center.center = torch.zeros(1, k, device=device)  # the buffer on the (captured) GPU
+        return (lambda: criterion(teacher, student, mask)), [student]
     raise ValueError(f"unknown family {case.family!r}")
 
 

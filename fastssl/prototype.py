@@ -23,8 +23,11 @@ chunk, as FlashAttention does for its softmax. At iBOT's DINOv2 shape (64 images
 ≈40 % masked, K = 65536) lightly keeps several (5000 × 65536) float32 tensors for its backward
 (1.3 GB each); this path keeps none.
 
-``backend="triton"`` runs this torch path for now (the DINO-kernel variants with same-index
-pairing and per-row weights are planned): it is accepted and gives the same numbers.
+iBOT and iBOT++ have Triton kernels (:func:`fastssl.kernels.dino.ibot_patch_loss_triton`, the
+default for CUDA tensors): the loss from one streaming pass over teacher and student, the
+gradient from a second one in the backward, iBOT's weights read from the mask on the device (no
+host synchronisation) and the centre's EMA from the same pass. CAPI, MSN and PMSN run this torch
+path on every backend (``backend="triton"`` is accepted and gives the same numbers).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastssl import distributed, reference
-from fastssl._backend import check_backend_name, outside_autocast, resolve_backend
+from fastssl._backend import check_backend_name, outside_autocast, resolve_backend, triton_with_fallback
 from fastssl._checks import (
     BatchShapeError,
     check_distributed_available,
@@ -314,33 +317,92 @@ def _check_ibot_pair(teacher_out: Tensor, student_out: Tensor) -> None:
         )
 
 
+def _on_device(mask: Tensor, device: torch.device) -> Tensor:
+    """``mask`` on ``device``; no op at all when it is there already."""
+    return mask if mask.device == device else mask.to(device)
+
+
+def _check_mask_marks_rows(mask: Tensor, rows: int) -> None:
+    """On CPU (where reading a count costs no device synchronisation): the mask must mark exactly
+    ``rows`` tokens. CUDA paths check on the device instead (an asynchronous assert on the torch
+    path, a NaN loss from the Triton kernels)."""
+    if mask.device.type == "cpu" and not torch.compiler.is_compiling():
+        marked = int(mask.sum())
+        if marked != rows:
+            raise BatchShapeError(
+                f"mask marks {marked} tokens but teacher_out and student_out have {rows} rows; "
+                "they must hold exactly the masked tokens"
+            )
+
+
 @outside_autocast
 def _ibot_dispatch(
     teacher: Tensor,
     student: Tensor,
-    weights: Tensor,
+    weights: Optional[Tensor],
     center: Optional[Tensor],
     teacher_temp: float,
     student_temp: float,
     backend: str,
-) -> Tuple[Tensor, Tensor]:
-    """Weighted iBOT cross-entropy over the (R, K) row pairs and the (K,) float32 sum of the
-    teacher rows."""
-    # No Triton kernel yet: "triton" and "auto" run the torch path.
-    impl = resolve_backend(backend, student, has_triton_kernel=False)
+    *,
+    mask: Optional[Tensor] = None,
+    center_momentum: Optional[float] = None,
+    want_teacher_sum: bool = True,
+) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Weighted iBOT cross-entropy over the (R, K) row pairs: row weights ``weights`` or, when
+    None, iBOT's from the boolean ``mask`` (see :func:`_ibot_patch_weights`).
+
+    Returns ``(loss, teacher_sum, new_center)``: the (K,) float32 sum of the teacher rows (None
+    when not wanted), or -- on the Triton path, given ``center_momentum`` and a center, without a
+    process group -- None and the center's EMA step ``m·c + (1−m)·mean`` as a (K,) float32
+    tensor, both from the kernels' own pass over the teacher."""
+    impl = resolve_backend(backend, student)
     dtype = _compute_dtype(student)
+
+    def row_weights() -> Tensor:
+        return _ibot_patch_weights(mask, student.shape[0], dtype) if weights is None else weights
+
+    def run_torch() -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        offsets = _center_row(center, teacher, dtype, teacher_temp)
+        loss, teacher_sum = _soft_target_ce(
+            student, teacher, row_weights().to(dtype), offsets, 1.0 / teacher_temp, student_temp,
+            want_teacher_sum=True,
+        )  # fmt: skip
+        return loss, teacher_sum, None
+
     if impl == "reference":
         c = torch.zeros(teacher.shape[1], dtype=teacher.dtype, device=teacher.device) if center is None else center
         loss = reference.weighted_soft_target_cross_entropy(
-            teacher, student, weights.to(student.dtype), c.reshape(-1).to(teacher.dtype), teacher_temp, student_temp
-        ).float()
+            teacher, student, row_weights().to(student.dtype), c.reshape(-1).to(teacher.dtype), teacher_temp,
+            student_temp,
+        ).float()  # fmt: skip
         with torch.no_grad():
             teacher_sum = teacher.detach().float().sum(dim=0)
-        return loss, teacher_sum
-    offsets = _center_row(center, teacher, dtype, teacher_temp)
-    return _soft_target_ce(
-        student, teacher, weights.to(dtype), offsets, 1.0 / teacher_temp, student_temp, want_teacher_sum=True
-    )
+        return loss, teacher_sum, None
+    if impl == "triton":
+
+        def run_triton() -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+            from fastssl.kernels import dino as kernels
+
+            if weights is None:
+                _check_mask_marks_rows(mask, student.shape[0])
+            fused_ema = center_momentum is not None and center is not None and not (
+                dist.is_available() and dist.is_initialized())
+            if fused_ema:
+                mode = kernels.CENTER_EMA
+            else:
+                mode = kernels.CENTER_TEACHER_SUM if want_teacher_sum else kernels.CENTER_NONE
+            out = kernels.ibot_patch_loss_triton(
+                teacher, student, center, teacher_temp, student_temp, mask=mask if weights is None else None,
+                weights=weights, center_momentum=center_momentum or 0.0, center_mode=mode,
+            )  # fmt: skip
+            if mode == kernels.CENTER_NONE:
+                return out, None, None
+            loss, center_out = out
+            return (loss, None, center_out) if fused_ema else (loss, center_out, None)
+
+        return triton_with_fallback("ibot", backend, run_triton, run_torch)
+    return run_torch()
 
 
 @outside_autocast
@@ -382,8 +444,10 @@ def ibot_patch_loss(
         raise ValueError(f"mask must have shape (batch_size, height, width), got shape {tuple(mask.shape)}")
     teacher_temp = check_nonzero("teacher_temp", teacher_temp)
     student_temp = check_nonzero("student_temp", student_temp)
-    weights = _ibot_patch_weights(mask.to(student_out.device), student_out.shape[0], _compute_dtype(student_out))
-    return _ibot_dispatch(teacher_out, student_out, weights, center, teacher_temp, student_temp, backend)[0]
+    return _ibot_dispatch(
+        teacher_out, student_out, None, center, teacher_temp, student_temp, backend,
+        mask=_on_device(mask, student_out.device), want_teacher_sum=False,
+    )[0]  # fmt: skip
 
 
 def _ibot_plus_plus_rows(
@@ -471,7 +535,9 @@ def ibot_plus_plus_patch_loss(
     teacher_temp = check_nonzero("teacher_temp", teacher_temp)
     student_temp = check_nonzero("student_temp", student_temp)
     teacher_flat, student_flat, weights = _ibot_plus_plus_rows(teacher_out, student_out, mask, visible_loss_weight)
-    return _ibot_dispatch(teacher_flat, student_flat, weights, center, teacher_temp, student_temp, backend)[0]
+    return _ibot_dispatch(
+        teacher_flat, student_flat, weights, center, teacher_temp, student_temp, backend, want_teacher_sum=False
+    )[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -527,13 +593,15 @@ class IBOTPatchLoss(nn.Module):
         center_mode: only ``"mean"``.
         center_momentum: EMA momentum of the centre.
         backend: ``"auto" | "torch" | "reference" | "triton"`` (env ``FASTSSL_BACKEND``);
-            ``"triton"`` runs the torch path for now.
+            ``"auto"`` runs the Triton kernels for CUDA tensors (the centre's EMA computed there).
 
     Forward ``(teacher_out, student_out, mask, teacher_temp=None)``: (M, K) outputs of the M
     masked patches and the boolean (B, H, W) mask; returns a 0-d float32 loss (see
     :func:`ibot_patch_loss`) and moves ``center.center`` (shape (1, K)) towards the batch mean of
     ``teacher_out``. Differences from lightly: the teacher receives no gradient, and an empty
-    batch or a mask that does not mark exactly M patches is a ``ValueError``.
+    batch or a mask that does not mark exactly M patches is a ``ValueError`` (on CUDA, where
+    reading the count would synchronise, a device-side assert on the torch path and a NaN loss
+    from the Triton kernels).
 
     Example:
         >>> criterion = IBOTPatchLoss(output_dim=8192)
@@ -591,13 +659,22 @@ class IBOTPatchLoss(nn.Module):
         mask = _check_mask_dtype(mask)
         if mask.dim() < 2:
             raise ValueError(f"mask must have shape (batch_size, height, width), got shape {tuple(mask.shape)}")
-        weights = _ibot_patch_weights(mask.to(student_out.device), student_out.shape[0], _compute_dtype(student_out))
-        loss, teacher_sum = _ibot_dispatch(
-            teacher_out, student_out, weights, self.center.center,
+        loss, teacher_sum, new_center = _ibot_dispatch(
+            teacher_out, student_out, None, self.center.center,
             self._teacher_temperature(teacher_temp), self.student_temp, self.backend,
+            mask=_on_device(mask, student_out.device), center_momentum=self.center.momentum,
         )  # fmt: skip
-        self.center.update_from_mean(teacher_sum / teacher_out.shape[0])
+        self._update_center(teacher_sum, new_center, teacher_out.shape[0])
         return loss
+
+    @torch.no_grad()
+    def _update_center(self, teacher_sum: Optional[Tensor], new_center: Optional[Tensor], rows: int) -> None:
+        """The EMA step from the batch's teacher sum, or the new center the kernels computed
+        (copied in place, broadcast over the (1, K) buffer: references to it stay valid)."""
+        if new_center is None:
+            self.center.update_from_mean(teacher_sum / rows)
+        else:
+            self.center.center.copy_(new_center)
 
 
 class IBOTPlusPlusPatchLoss(IBOTPatchLoss):
@@ -637,11 +714,12 @@ class IBOTPlusPlusPatchLoss(IBOTPatchLoss):
         visible_loss_weight = check_finite("visible_loss_weight", visible_loss_weight)
         teacher_flat, student_flat, weights = _ibot_plus_plus_rows(teacher_out, student_out, mask, visible_loss_weight)
         self._check_output_dim(teacher_flat)
-        loss, teacher_sum = _ibot_dispatch(
+        loss, teacher_sum, new_center = _ibot_dispatch(
             teacher_flat, student_flat, weights, self.center.center,
             self._teacher_temperature(teacher_temp), self.student_temp, self.backend,
+            center_momentum=self.center.momentum,
         )  # fmt: skip
-        self.center.update_from_mean(teacher_sum / teacher_flat.shape[0])
+        self._update_center(teacher_sum, new_center, teacher_flat.shape[0])
         return loss
 
 
