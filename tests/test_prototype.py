@@ -636,3 +636,63 @@ def test_fullgraph_compile_of_the_modules():
         (grad_compiled,) = torch.autograd.grad(compiled, student)
         assert compiled.item() == pytest.approx(eager.item(), rel=1e-5)
         _close(grad_compiled, grad_eager, "compiled gradient")
+
+
+# NumPy scalar hyperparameters (a config loaded with NumPy, a swept grid) are accepted as lightly
+# accepts them; bool is rejected, a flag passed where a number belongs being a bug.
+def _numeric_hyperparameters(cls):
+    """(name, default) of the constructor arguments whose default is a number (not a bool)."""
+    import inspect
+
+    parameters = inspect.signature(cls.__init__).parameters.items()
+    return [(name, p.default) for name, p in parameters
+            if isinstance(p.default, (int, float)) and not isinstance(p.default, bool)]  # fmt: skip
+
+
+def _numpy_versions(default):
+    import numpy as np
+
+    if isinstance(default, int):  # counts and sizes: NumPy integers (lightly's range() rejects floats)
+        return [np.int64(default), np.int32(default)]
+    return [np.float32(default), np.float64(default), np.int64(1)]
+
+
+@pytest.mark.parametrize("name", ["IBOTPatchLoss", "IBOTPlusPlusPatchLoss", "CAPILoss", "MSNLoss", "PMSNLoss", "PMSNCustomLoss"])
+def test_numpy_scalar_hyperparameters_accepted_bool_rejected(name):
+    import numpy as np
+
+    cls = getattr(fastssl, name)
+    uniform = {"target_distribution": lambda m: torch.full_like(m, 1.0 / m.shape[0])}
+    required = uniform if name == "PMSNCustomLoss" else {}
+    hyperparameters = _numeric_hyperparameters(cls)
+    assert hyperparameters, f"{name} has no numeric hyperparameter to check"
+    for hyperparameter, default in hyperparameters:
+        for value in _numpy_versions(default):
+            cls(**required, **{hyperparameter: value})
+        for flag in (True, np.bool_(True)):
+            with pytest.raises(TypeError):
+                cls(**required, **{hyperparameter: flag})
+
+
+def test_numpy_scalar_forward_hyperparameters_give_the_same_loss():
+    import numpy as np
+
+    generator = torch.Generator().manual_seed(5)
+    anchors, targets, prototypes = (torch.randn(rows, 8, generator=generator) for rows in (12, 4, 10))
+    for cls in (fastssl.MSNLoss, fastssl.PMSNLoss):
+        expected = cls()(anchors, targets, prototypes, target_sharpen_temperature=0.5)
+        got = cls()(anchors, targets, prototypes, target_sharpen_temperature=np.float32(0.5))
+        assert torch.equal(got, expected)
+    mask = torch.zeros(2, 2, 2, dtype=torch.bool)
+    mask[:, 0] = True
+    teacher, student = torch.randn(2, 4, 16, generator=generator), torch.randn(2, 4, 16, generator=generator)
+    # fresh modules: each call moves the centre
+    expected = fastssl.IBOTPlusPlusPatchLoss(output_dim=16)(
+        teacher, student, mask, teacher_temp=0.05, visible_loss_weight=0.5
+    )
+    got = fastssl.IBOTPlusPlusPatchLoss(output_dim=16)(
+        teacher, student, mask, teacher_temp=np.float64(0.05), visible_loss_weight=np.float32(0.5)
+    )
+    assert torch.equal(got, expected)
+    with pytest.raises(TypeError):
+        fastssl.IBOTPlusPlusPatchLoss(output_dim=16)(teacher, student, mask, visible_loss_weight=True)
