@@ -176,6 +176,8 @@ SMALL_CASES: List[Case] = [
     _c("swav", "float16", False, b=1, k=16),
     _c("dino", "float16", False, views=2, b=3, k=17),
     _c("dino", "bfloat16", False, views=1, b=1, k=16),
+    _c("ibot", "bfloat16", False, images=3, tokens=9, k=17),
+    _c("ibot", "float16", False, images=3, tokens=1, k=16),  # one masked token: rows = 1
 ]
 
 
