@@ -155,3 +155,37 @@ def test_dino_backward_falls_back_under_auto(learnable_temperature, monkeypatch)
         return FS.dino_loss(teacher, views[:3], center, 0.04, student_temp, backend=backend)
 
     _check_fallback(call, leaves, "dino")
+
+
+# --------------------------------------------------------------------------------------------
+# NT-Xent, InfoNCE, uniformity: runs once fastssl.ntxent._kernels() guards its ops
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["ntxent", "infonce", "uniformity"])
+@pytest.mark.parametrize("learnable_temperature", [False, True])
+def test_contrastive_backward_falls_back_under_auto(family, learnable_temperature, monkeypatch):
+    from fastssl import ntxent
+    from fastssl.kernels import ntxent as kernels
+
+    op = {"ntxent": kernels._ntxent_op, "infonce": kernels._infonce_op, "uniformity": kernels._uniformity_op}[family]
+    ntxent._kernels()
+    if getattr(op, "_fastssl_backward_guard", None) is None:
+        pytest.skip("fastssl.ntxent._kernels() does not guard the contrastive ops' backward yet")
+    for launcher in ("_ntxent_backward_op", "_infonce_backward_op", "_uniformity_backward_op"):
+        monkeypatch.setattr(kernels, launcher, _raise)
+    monkeypatch.setattr(ntxent, "resolve_backend", _auto_picks_triton)
+    bank = torch.randn(11, 5, generator=torch.Generator().manual_seed(4))
+    leaves = _leaves((6, 5), seed=3) if family == "uniformity" else _leaves((6, 5), (6, 5), seed=3)
+    if learnable_temperature and family != "uniformity":
+        leaves.append(torch.tensor(0.3, requires_grad=True))
+
+    def call(views, backend):
+        tau = views[2] if len(views) == 3 else 0.3
+        if family == "ntxent":
+            return FS.ntxent_loss(views[0], views[1], tau, backend=backend)
+        if family == "infonce":
+            return FS.infonce_loss(views[0], views[1], bank, tau, backend=backend)
+        return ntxent.uniformity_loss(views[0], 2.0, backend=backend)
+
+    _check_fallback(call, leaves, family)
