@@ -597,6 +597,7 @@ def _ibot_stats_kernel(
     K_ALIGN: tl.constexpr,
     HAS_CENTER: tl.constexpr,
     WITH_COLSUM: tl.constexpr,
+    EVEN_K: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -613,31 +614,45 @@ def _ibot_stats_kernel(
         center = tl.load(center_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     else:
         center = tl.zeros([BLOCK_K], tl.float32)
-    colsum = tl.zeros([BLOCK_K], tl.float32)
+    # Column sums per tile lane, reduced over rows once at the end (a reduction across warps per
+    # tile cost more instructions than the loss arithmetic).
+    colsum = tl.zeros([BLOCK_ROWS, BLOCK_K], tl.float32)
     row_begin = pid_group * rows_per_group
     row_end = tl.minimum(row_begin + rows_per_group, n_rows)
     stat_stride = n_splits * n_rows
     for row0 in range(row_begin, row_end, BLOCK_ROWS):
         rows = row0 + tl.arange(0, BLOCK_ROWS)
         row_mask = rows < n_rows
-        rows64 = rows.to(tl.int64)
-        mask = row_mask[:, None] & col_mask[None, :]
-        raw_t = tl.load(t_ptr + rows64[:, None] * (t_stride_units * T_ROW_ALIGN) + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        raw_s = tl.load(s_ptr + rows64[:, None] * (s_stride_units * S_ROW_ALIGN) + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        # Rows past the end read the last row again (their statistics are not stored): with
+        # EVEN_K no lane is padding, and the hot loop carries no masks.
+        rows64 = tl.minimum(rows, n_rows - 1).to(tl.int64)
+        t_at = t_ptr + rows64[:, None] * (t_stride_units * T_ROW_ALIGN) + cols[None, :]
+        s_at = s_ptr + rows64[:, None] * (s_stride_units * S_ROW_ALIGN) + cols[None, :]
+        if EVEN_K:
+            raw_t = tl.load(t_at).to(tl.float32)
+            raw_s = tl.load(s_at).to(tl.float32)
+            y = (raw_t - center[None, :]) * inv_teacher_temp
+            x = raw_s * inv_student_temp
+        else:
+            raw_t = tl.load(t_at, mask=col_mask[None, :], other=0.0).to(tl.float32)
+            raw_s = tl.load(s_at, mask=col_mask[None, :], other=0.0).to(tl.float32)
+            y = tl.where(col_mask[None, :], (raw_t - center[None, :]) * inv_teacher_temp, float("-inf"))
+            x = tl.where(col_mask[None, :], raw_s * inv_student_temp, float("-inf"))
         if WITH_COLSUM:
-            colsum += tl.sum(raw_t, axis=0)
-        y = tl.where(mask, (raw_t - center[None, :]) * inv_teacher_temp, float("-inf"))
-        x = tl.where(mask, raw_s * inv_student_temp, float("-inf"))
+            colsum += tl.where(row_mask[:, None], raw_t, 0.0)
         max_t = tl.max(y, axis=1)
         max_s = tl.max(x, axis=1)
-        # Rows past the end (all lanes -inf): shift by 0 so that exp gives 0, not NaN.
+        # A row of -inf logits: shift by 0 so that exp gives 0, not NaN.
         shift_t = tl.where(max_t == float("-inf"), 0.0, max_t)
         shift_s = tl.where(max_s == float("-inf"), 0.0, max_s)
         e = tl.exp(y - shift_t[:, None])
         sum_t = tl.sum(e, axis=1)
         sum_s = tl.sum(tl.exp(x - shift_s[:, None]), axis=1)
-        # Padding lanes: e = 0 and the gap would be +inf; 0 keeps the sum finite.
-        gaps = tl.sum(e * tl.where(mask, shift_s[:, None] - x, 0.0), axis=1)
+        if EVEN_K:
+            gaps = tl.sum(e * (shift_s[:, None] - x), axis=1)
+        else:
+            # Padding lanes: e = 0 and the gap would be +inf; 0 keeps the sum finite.
+            gaps = tl.sum(e * tl.where(col_mask[None, :], shift_s[:, None] - x, 0.0), axis=1)
         out = ws_ptr + partial_offset + pid_split * n_rows + rows
         tl.store(out, max_t, mask=row_mask)
         tl.store(out + stat_stride, sum_t, mask=row_mask)
@@ -645,7 +660,8 @@ def _ibot_stats_kernel(
         tl.store(out + 3 * stat_stride, max_s, mask=row_mask)
         tl.store(out + 4 * stat_stride, sum_s, mask=row_mask)
     if WITH_COLSUM:
-        tl.store(ws_ptr + colsum_offset + pid_group.to(tl.int64) * n_proto + cols, colsum, mask=col_mask)
+        column_sum = tl.sum(colsum, axis=0)
+        tl.store(ws_ptr + colsum_offset + pid_group.to(tl.int64) * n_proto + cols, column_sum, mask=col_mask)
 
 
 @triton.jit
@@ -796,6 +812,7 @@ def _ibot_grad_kernel(
     S_ROW_ALIGN: tl.constexpr,
     K_ALIGN: tl.constexpr,
     HAS_CENTER: tl.constexpr,
+    EVEN_K: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -817,22 +834,30 @@ def _ibot_grad_kernel(
     for row0 in range(row_begin, row_end, BLOCK_ROWS):
         rows = row0 + tl.arange(0, BLOCK_ROWS)
         row_mask = rows < n_rows
-        rows64 = rows.to(tl.int64)
-        mask = row_mask[:, None] & col_mask[None, :]
-        max_t = tl.load(stats_ptr + rows, mask=row_mask, other=0.0)
-        log_sum_t = tl.load(stats_ptr + n_rows + rows, mask=row_mask, other=0.0)
-        max_s = tl.load(stats_ptr + 2 * n_rows + rows, mask=row_mask, other=0.0)
-        log_sum_s = tl.load(stats_ptr + 3 * n_rows + rows, mask=row_mask, other=0.0)
-        scale = tl.load(stats_ptr + 4 * n_rows + rows, mask=row_mask, other=0.0) * factor
-        raw_t = tl.load(t_ptr + rows64[:, None] * (t_stride_units * T_ROW_ALIGN) + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        raw_s = tl.load(s_ptr + rows64[:, None] * (s_stride_units * S_ROW_ALIGN) + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        y = (raw_t - center[None, :]) * inv_teacher_temp
-        x = raw_s * inv_student_temp
-        # Padding lanes: both exponents -inf (an unmasked one could overflow there).
-        q = tl.exp(tl.where(mask, (y - max_t[:, None]) - log_sum_t[:, None], float("-inf")))
-        p = tl.exp(tl.where(mask, (x - max_s[:, None]) - log_sum_s[:, None], float("-inf")))
+        # Rows past the end recompute the last row (not stored): no masks on the loads.
+        rows_read = tl.minimum(rows, n_rows - 1)
+        rows64 = rows_read.to(tl.int64)
+        max_t = tl.load(stats_ptr + rows_read)
+        log_sum_t = tl.load(stats_ptr + n_rows + rows_read)
+        max_s = tl.load(stats_ptr + 2 * n_rows + rows_read)
+        log_sum_s = tl.load(stats_ptr + 3 * n_rows + rows_read)
+        scale = tl.load(stats_ptr + 4 * n_rows + rows_read) * factor
+        t_at = t_ptr + rows64[:, None] * (t_stride_units * T_ROW_ALIGN) + cols[None, :]
+        s_at = s_ptr + rows64[:, None] * (s_stride_units * S_ROW_ALIGN) + cols[None, :]
+        if EVEN_K:
+            y = (tl.load(t_at).to(tl.float32) - center[None, :]) * inv_teacher_temp
+            x = tl.load(s_at).to(tl.float32) * inv_student_temp
+            q = tl.exp((y - max_t[:, None]) - log_sum_t[:, None])
+            p = tl.exp((x - max_s[:, None]) - log_sum_s[:, None])
+        else:
+            y = (tl.load(t_at, mask=col_mask[None, :], other=0.0).to(tl.float32) - center[None, :]) * inv_teacher_temp
+            x = tl.load(s_at, mask=col_mask[None, :], other=0.0).to(tl.float32) * inv_student_temp
+            # Padding lanes: both exponents -inf (an unmasked one could overflow there).
+            q = tl.exp(tl.where(col_mask[None, :], (y - max_t[:, None]) - log_sum_t[:, None], float("-inf")))
+            p = tl.exp(tl.where(col_mask[None, :], (x - max_s[:, None]) - log_sum_s[:, None], float("-inf")))
         grad = (p - q) * scale[:, None]
-        tl.store(grad_ptr + rows64[:, None] * n_proto + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask)
+        out = grad_ptr + rows.to(tl.int64)[:, None] * n_proto + cols[None, :]
+        tl.store(out, grad.to(grad_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
 # Warps of the two streaming kernels: two (8, 512) float32 tiles per program on 8 warps keep
@@ -906,7 +931,8 @@ def _ibot_forward(
         teacher, t_units, student, s_units, ws if center is None else center, ws, partials, colsum,
         n_rows, rows_per_group, n_proto // k_alignment, 1.0 / teacher_temp, 1.0 / student_temp,
         T_ROW_ALIGN=t_align, S_ROW_ALIGN=s_align, K_ALIGN=k_alignment, HAS_CENTER=center is not None,
-        WITH_COLSUM=with_colsum, BLOCK_ROWS=block_rows, BLOCK_K=block_k, num_warps=_IBOT_STREAM_WARPS,
+        WITH_COLSUM=with_colsum, EVEN_K=n_proto % block_k == 0, BLOCK_ROWS=block_rows, BLOCK_K=block_k,
+        num_warps=_IBOT_STREAM_WARPS,
     )  # fmt: skip
     stats = _new_buffer((_ibot_stats_size(n_rows, n_proto, center is not None),), dtype=torch.float32, device=device)
     center_out = _new_buffer((n_proto,) if with_colsum else (0,), dtype=torch.float32, device=device)
@@ -952,7 +978,7 @@ def _ibot_backward(
         teacher, t_units, student, s_units, stats, grad_loss, grad,
         n_rows, rows_per_group, n_proto // k_alignment, 1.0 / teacher_temp, 1.0 / student_temp,
         T_ROW_ALIGN=t_align, S_ROW_ALIGN=s_align, K_ALIGN=k_alignment, HAS_CENTER=has_center,
-        BLOCK_ROWS=block_rows, BLOCK_K=block_k, num_warps=_IBOT_STREAM_WARPS,
+        EVEN_K=n_proto % block_k == 0, BLOCK_ROWS=block_rows, BLOCK_K=block_k, num_warps=_IBOT_STREAM_WARPS,
     )  # fmt: skip
     return grad
 
