@@ -638,7 +638,8 @@ def infonce_loss(
     temperature = check_temperature("temperature", temperature)
     check_distributed_available("gather_distributed", gather_distributed)
     impl = _infonce_implementation(backend, query, key, negatives)
-    negatives = negatives.detach()
+    if negatives.requires_grad:  # no gradient to the bank; detached only when needed (an operator)
+        negatives = negatives.detach()
     if impl == "reference":
         loss = run_reference(reference.infonce_loss, query, key, negatives, temperature)
     elif impl == "triton":

@@ -271,23 +271,31 @@ def _l2_normalize_fwd_kernel(
 
 @triton.jit
 def _l2_normalize_bwd_kernel(
-    X, stride_xm, stride_xd, NORM, DZ, DX, M, D, row_offset, n_parts, part_stride, PARTNER, PARTNER_COEF, PROJ,
+    X, stride_xm, stride_xd, NORM, DZ, DX, M, D, n_parts, part_stride, PARTNER, PARTNER_COEF, PROJ,
+    norm_offset, dz_offset, partner_offset, coef_offset, proj_offset,
     HAS_DZ: tl.constexpr, HAS_PARTNER: tl.constexpr, STORE_PROJECTION: tl.constexpr, PROJECTION_SCALE: tl.constexpr,
     EPS: tl.constexpr, BF16_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """DX[i] = (dz - ẑ(ẑ·dz)) / ‖x‖ with dz = Σ_p DZ[p·part_stride + row_offset + i] (float32;
-    ``n_parts`` partial gradients, one per column split of the pair kernels) -- plus, with a
-    partner, PARTNER_COEF[row_offset + i]·PARTNER[i] (the NT-Xent positive's term, see
-    ``_pair_lse_bwd_kernel``; PARTNER contiguous (M, D)) -- and ẑ recomputed from X. Without
-    DZ (HAS_DZ false: InfoNCE's key) dz is the partner term alone.
+    """DX[i] = (dz - ẑ(ẑ·dz)) / ‖x‖ with ‖x‖ = NORM[i] and dz = Σ_p DZ[p·part_stride + i]
+    (float32 (·, D) rows; ``n_parts`` partial gradients, one per column split of the pair
+    kernels) -- plus, with a partner, PARTNER_COEF[i]·PARTNER[i] (the NT-Xent positive's term,
+    see ``_pair_lse_bwd_kernel``; PARTNER contiguous (·, D)) -- and ẑ recomputed from X.
+    Without DZ (HAS_DZ false: InfoNCE's key) dz is the partner term alone. Every pointer but
+    X and DX is taken at its element offset (``*_offset``): the launcher passes the call's
+    workspaces whole, no views.
 
     Below the clamp (‖x‖ < EPS) the map is x/EPS, linear: the projection term vanishes.
-    STORE_PROJECTION: PROJ[row_offset + i] = PROJECTION_SCALE·ẑ·dz as well (before that rule),
-    the row's share of a tensor temperature's gradient times τ (see ``fastssl.ntxent``)."""
+    STORE_PROJECTION: PROJ[i] = PROJECTION_SCALE·ẑ·dz as well (before that rule), the row's
+    share of a tensor temperature's gradient times τ (see ``fastssl.ntxent``)."""
+    NORM += norm_offset
+    DZ += dz_offset
+    PARTNER += partner_offset
+    PARTNER_COEF += coef_offset
+    PROJ += proj_offset
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     rows64 = rows.to(tl.int64)
-    src_rows64 = rows64 + row_offset
+    src_rows64 = rows64
     norm = tl.load(NORM + src_rows64, mask=row_mask, other=1.0)
     clamped = tl.broadcast_to(tl.maximum(norm, EPS)[:, None], (BLOCK_M, BLOCK_D))
     if HAS_PARTNER:
@@ -327,12 +335,16 @@ def _l2_normalize_bwd_kernel(
 
 @triton.jit
 def _rowwise_cosine_kernel(
-    X, stride_xm, stride_xd, Y, stride_ym, stride_yd, NORM_X, NORM_Y, OUT, M, D,
+    X, stride_xm, stride_xd, Y, stride_ym, stride_yd, NORM, OUT, M, D, y_norm_offset, out_offset,
     EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """OUT[i] = (x_i / max(‖x_i‖, EPS))·(y_i / max(‖y_i‖, EPS)) in float32 from the inputs (the
-    positive pairs' cosine, kept out of the half-precision tiles). Each factor is scaled by its
-    reciprocal norm before the product: x·y and ‖x‖‖y‖ would overflow for rows near 1e19."""
+    """OUT[out_offset + i] = (x_i / max(‖x_i‖, EPS))·(y_i / max(‖y_i‖, EPS)) in float32 from the
+    inputs (the positive pairs' cosine, kept out of the half-precision tiles), with ‖x_i‖ =
+    NORM[i] and ‖y_i‖ = NORM[y_norm_offset + i]. Each factor is scaled by its reciprocal norm
+    before the product: x·y and ‖x‖‖y‖ would overflow for rows near 1e19."""
+    NORM_X = NORM
+    NORM_Y = NORM + y_norm_offset
+    OUT += out_offset
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     rows64 = rows.to(tl.int64)
@@ -455,14 +467,15 @@ def _online_lse_step(m_i, l_i, s):
 
 
 @triton.jit
-def _store_lse(LSE, ROW_LOSS, PART_M, PART_L, rows, row_mask, m_i, l_i, positive2, R,
+def _store_lse(LSE, ROW_LOSS, PART, rows, row_mask, m_i, l_i, positive2, R,
                SPLIT: tl.constexpr, HAS_POSITIVE: tl.constexpr):
     """Unsplit: lse = (m + log2 l)·ln 2 and the row loss lse - s₊. Split: this split's (m, l)
-    at [split, row] of the (S, R) partials, merged by ``_lse_merge_kernel``."""
+    at [0, split, row] and [1, split, row] of the (2, S, R) partials PART, merged by
+    ``_lse_merge_kernel``."""
     if SPLIT:
         offsets = tl.program_id(1).to(tl.int64) * R + rows
-        tl.store(PART_M + offsets, m_i, mask=row_mask)
-        tl.store(PART_L + offsets, l_i, mask=row_mask)
+        tl.store(PART + offsets, m_i, mask=row_mask)
+        tl.store(PART + tl.num_programs(1).to(tl.int64) * R + offsets, l_i, mask=row_mask)
     else:
         lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # ln 2
         tl.store(LSE + rows, lse, mask=row_mask)
@@ -472,13 +485,19 @@ def _store_lse(LSE, ROW_LOSS, PART_M, PART_L, rows, row_mask, m_i, l_i, positive
 
 @triton.jit
 def _lse_merge_kernel(
-    PART_M, PART_L, POS_COS, LSE, ROW_LOSS, TEMP, R, n_local, n_splits, scale2,
+    WS, TEMP, R, n_local, n_splits, scale2, part_offset, pos_offset, lse_offset, loss_offset,
     HAS_POSITIVE: tl.constexpr, TEMP_IN_MEMORY: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Merge the column splits' base-2 (m_s, l_s) of each row: M = max_s m_s,
-    lse = (M + log2 Σ_s l_s·2^{m_s - M})·ln 2; with positives also the row loss lse - s₊
-    (s₊ = POS_COS[sample]·scale2·ln 2, sample = row mod n_local). The split holding the
-    first columns seeded its (m, l) with the positive, so M is finite."""
+    """Merge the column splits' base-2 (m_s, l_s) of each row (the (2, S, R) partials at
+    WS[part_offset]): M = max_s m_s, lse = (M + log2 Σ_s l_s·2^{m_s - M})·ln 2; with positives
+    also the row loss lse - s₊ (s₊ = POS_COS[sample]·scale2·ln 2, sample = row mod n_local).
+    The split holding the first columns seeded its (m, l) with the positive, so M is finite.
+    Every array is a region of the call's float32 workspace WS, at its element offset."""
+    PART_M = WS + part_offset
+    PART_L = PART_M + n_splits * R
+    POS_COS = WS + pos_offset
+    LSE = WS + lse_offset
+    ROW_LOSS = WS + loss_offset
     scale2 = _per_temperature(scale2, TEMP, TEMP_IN_MEMORY)
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_mask = rows < R
@@ -521,8 +540,8 @@ def _logits_tile(
 
 @triton.jit
 def _pair_lse_fwd_kernel(
-    ZR, ZC, POS_COS, LSE, ROW_LOSS, PART_M, PART_L, TEMP, NORM,
-    R, C, D, n_local, col_offset, scale2, cols_per_split,
+    ZR, ZC, WS, TEMP, R, C, D, n_local, col_offset, scale2, cols_per_split,
+    pos_offset, lse_offset, loss_offset, part_offset, norm_offset,
     HAS_POSITIVE: tl.constexpr, SPLIT: tl.constexpr, FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr,
     TEMP_IN_MEMORY: tl.constexpr, CLAMP_BIAS: tl.constexpr, EPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
@@ -540,7 +559,13 @@ def _pair_lse_fwd_kernel(
     column edge) are applied only on the tiles that contain such columns. A tensor temperature
     is read from TEMP (``_per_temperature``). CLAMP_BIAS (uniformity, rows = columns): the
     logits get the biases of ``_clamp_bias2`` from the rows' norms NORM, the columns' in the
-    tiles, the row's added to its log-sum-exp."""
+    tiles, the row's added to its log-sum-exp. POS_COS, LSE, ROW_LOSS, the (2, S, R) partials
+    PART and NORM are regions of the call's float32 workspace WS, at their element offsets."""
+    POS_COS = WS + pos_offset
+    LSE = WS + lse_offset
+    ROW_LOSS = WS + loss_offset
+    PART = WS + part_offset
+    NORM = WS + norm_offset
     scale2 = _per_temperature(scale2, TEMP, TEMP_IN_MEMORY)
     row_start, r, rows, row_mask = _row_block(R, BLOCK_M)
     col_lo, col_hi = _column_range(C, cols_per_split)
@@ -575,13 +600,14 @@ def _pair_lse_fwd_kernel(
         m_i, l_i = _online_lse_step(m_i, l_i, s)
     if CLAMP_BIAS:
         m_i = m_i + _clamp_bias2(NORM, rows, row_mask, scale2, EPS)
-    _store_lse(LSE, ROW_LOSS, PART_M, PART_L, rows, row_mask, m_i, l_i, positive2, R, SPLIT, HAS_POSITIVE)
+    _store_lse(LSE, ROW_LOSS, PART, rows, row_mask, m_i, l_i, positive2, R, SPLIT, HAS_POSITIVE)
 
 
 @triton.jit
 def _pair_lse_bwd_kernel(
-    ZR, ZC, POS_COS, LSE_R, LSE_C, GRAD_LOSS, DZ, POS_COEF, TEMP, NORM,
+    ZR, ZC, STATE, GRAD_LOSS, OUT, TEMP,
     R, C, D, n_local, col_offset, scale2, grad_scale, lse_shift2, cols_per_split,
+    pos_offset, lse_r_offset, lse_c_offset, norm_offset, dz_offset, coef_offset,
     HAS_POSITIVE: tl.constexpr, WEIGHTS: tl.constexpr, FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr,
     TEMP_IN_MEMORY: tl.constexpr, CLAMP_BIAS: tl.constexpr, EPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
@@ -610,7 +636,16 @@ def _pair_lse_bwd_kernel(
     below the clamp the radial term of -t‖ẑ_i - ẑ_j‖²'s gradient, -2·g·grad_scale·e^{lse_r - T}
     per row (LSE_C holds the rows' log-sum-exps), written to POS_COEF for the normalization
     backward to multiply by the row's own ẑ (zero for the other rows, whose normalization
-    removes a radial term anyway)."""
+    removes a radial term anyway).
+
+    POS_COS, LSE_R, LSE_C and NORM are regions of the forward's float32 workspace STATE, DZ
+    (S, R, D) and POS_COEF of this call's OUT, each at its element offset."""
+    POS_COS = STATE + pos_offset
+    LSE_R = STATE + lse_r_offset
+    LSE_C = STATE + lse_c_offset
+    NORM = STATE + norm_offset
+    DZ = OUT + dz_offset
+    POS_COEF = OUT + coef_offset
     scale2 = _per_temperature(scale2, TEMP, TEMP_IN_MEMORY)
     grad_scale = _per_temperature(grad_scale, TEMP, TEMP_IN_MEMORY)
     row_start, r, rows, row_mask = _row_block(R, BLOCK_M)
@@ -726,15 +761,20 @@ def _bank_logits_tile(
 
 @triton.jit
 def _infonce_fwd_kernel(
-    ZQ, POS_COS, BANK, stride_bank_row, stride_bank_col, LSE, ROW_LOSS, PART_M, PART_L, TEMP,
-    N, K, D, scale2, cols_per_split,
+    ZQ, BANK, stride_bank_row, stride_bank_col, WS, TEMP, N, K, D, scale2, cols_per_split,
+    pos_offset, lse_offset, loss_offset, part_offset,
     SPLIT: tl.constexpr, FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr, TEMP_IN_MEMORY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
 ):
     """LSE[i] = log(e^{s₊} + Σ_j e^{q̂_i·b_j/τ}), s₊ = POS_COS[i]/τ (float32 cosine of the inputs);
     ROW_LOSS[i] = LSE[i] - s₊. Grid (row blocks, bank splits), base-2 logits as the pair
     kernel; the first split's online log-sum-exp starts from the positive (m = s₊, l = 1).
-    Only the last bank tile is masked. A tensor temperature is read from TEMP."""
+    Only the last bank tile is masked. A tensor temperature is read from TEMP. POS_COS, LSE,
+    ROW_LOSS and the (2, S, N) partials PART are regions of the float32 workspace WS."""
+    POS_COS = WS + pos_offset
+    LSE = WS + lse_offset
+    ROW_LOSS = WS + loss_offset
+    PART = WS + part_offset
     scale2 = _per_temperature(scale2, TEMP, TEMP_IN_MEMORY)
     row_start, r, rows, row_mask = _row_block(N, BLOCK_M)
     col_lo, col_hi = _column_range(K, cols_per_split)
@@ -752,20 +792,25 @@ def _infonce_fwd_kernel(
         if n0 + BLOCK_N > K:
             s = tl.where((n0 + tl.arange(0, BLOCK_N))[None, :] < K, s, float("-inf"))
         m_i, l_i = _online_lse_step(m_i, l_i, s)
-    _store_lse(LSE, ROW_LOSS, PART_M, PART_L, rows, row_mask, m_i, l_i, positive2, N, SPLIT, True)
+    _store_lse(LSE, ROW_LOSS, PART, rows, row_mask, m_i, l_i, positive2, N, SPLIT, True)
 
 
 @triton.jit
 def _infonce_bwd_kernel(
-    ZQ, POS_COS, BANK, stride_bank_row, stride_bank_col, LSE, GRAD_LOSS, DQ, POS_COEF, TEMP,
-    N, K, D, scale2, grad_scale, cols_per_split,
+    ZQ, BANK, stride_bank_row, stride_bank_col, STATE, GRAD_LOSS, OUT, TEMP,
+    N, K, D, scale2, grad_scale, cols_per_split, pos_offset, lse_offset, dq_offset, coef_offset,
     FP32_IEEE: tl.constexpr, BF16_RTNE: tl.constexpr, TEMP_IN_MEMORY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr,
 ):
     """dq̂_i = g·grad_scale·((p₊-1) k̂_i + Σ_j P_ij b_j), dk̂_i = g·grad_scale·(p₊-1) q̂_i, written as
     DQ[split, i] = g·grad_scale·Σ_{j in split} P_ij b_j and POS_COEF[i] = g·grad_scale·(p₊-1) (by
     split 0): the normalization backward sums the splits and adds the key (query) row times
-    the coefficient, as for NT-Xent's positive. A tensor temperature is read from TEMP."""
+    the coefficient, as for NT-Xent's positive. A tensor temperature is read from TEMP.
+    POS_COS and LSE are regions of the forward's workspace STATE, DQ and POS_COEF of OUT."""
+    POS_COS = STATE + pos_offset
+    LSE = STATE + lse_offset
+    DQ = OUT + dq_offset
+    POS_COEF = OUT + coef_offset
     scale2 = _per_temperature(scale2, TEMP, TEMP_IN_MEMORY)
     grad_scale = _per_temperature(grad_scale, TEMP, TEMP_IN_MEMORY)
     row_start, r, rows, row_mask = _row_block(N, BLOCK_M)
@@ -1024,7 +1069,8 @@ def l2_normalize_rows(
     dtype: Optional[torch.dtype] = None,
 ) -> Tuple[Tensor, Tensor]:
     """ẑ = x/max(‖x‖, 1e-12) into rows ``row_offset ..`` of ``z`` (contiguous (·, d)) and ‖x‖ into
-    ``norms`` (float32). ``x`` (M, d) may have any strides. Returns (z, norms)."""
+    ``norms[row_offset ..]`` (float32; a workspace whose first region holds the norms). ``x``
+    (M, d) may have any strides. Returns (z, norms)."""
     m, d = x.shape
     if z is None:
         z = torch.empty((m + row_offset, d), dtype=dtype or x.dtype, device=x.device)
@@ -1040,30 +1086,35 @@ def l2_normalize_rows(
 
 
 def l2_normalize_rows_backward(
-    x: Tensor, norms: Tensor, grad_z: Optional[Tensor], row_offset: int = 0, out: Optional[Tensor] = None,
-    partner: Optional[Tensor] = None, partner_coef: Optional[Tensor] = None, projection: Optional[Tensor] = None,
-    projection_scale: float = 1.0,
+    x: Tensor, norms: Tensor, grad_z: Optional[Tensor], out: Optional[Tensor] = None, *,
+    norm_offset: int = 0, dz_offset: int = 0, n_parts: int = 1, part_stride: int = 0,
+    partner: Optional[Tensor] = None, partner_offset: int = 0,
+    partner_coef: Optional[Tensor] = None, coef_offset: int = 0,
+    projection: Optional[Tensor] = None, proj_offset: int = 0, projection_scale: float = 1.0,
 ) -> Tensor:
-    """dx (x's shape and dtype, contiguous) from dẑ = ``grad_z[row_offset : row_offset + M]``, or
-    the sum over the first axis of a (parts, ·, d) ``grad_z`` (the column splits' partial
-    gradients) -- plus ``partner_coef[row_offset + i] · partner[i]`` with a partner (M, d),
-    contiguous; without ``grad_z``, that term alone. With ``projection`` (float32),
-    ``projection_scale``·ẑ·dẑ of each row is written to ``projection[row_offset + i]`` too."""
+    """dx (x's shape and dtype, contiguous) from ‖x‖ = ``norms[norm_offset + i]`` and dẑ = the sum
+    of ``n_parts`` float32 (M, d) row blocks of ``grad_z`` starting at element ``dz_offset``,
+    ``part_stride`` elements apart (the column splits' partial gradients) -- plus
+    ``partner_coef[coef_offset + i] · partner[i]`` with a partner (contiguous rows of d from
+    element ``partner_offset``); without ``grad_z``, that term alone. With ``projection``
+    (float32), ``projection_scale``·ẑ·dẑ of each row is written to ``projection[proj_offset + i]``
+    too. Every buffer is passed whole with element offsets (no views: no operators)."""
     m, d = x.shape
     if out is None:
         out = torch.empty((m, d), dtype=x.dtype, device=x.device)
     has_dz = grad_z is not None
     assert out.is_contiguous() and (not has_dz or (grad_z.is_contiguous() and grad_z.dtype == torch.float32))
-    n_parts, part_stride = (grad_z.shape[0], grad_z.stride(0)) if has_dz and grad_z.dim() == 3 else (1, 0)
     has_partner = partner is not None
     assert has_dz or has_partner
     if has_partner:
-        assert partner.is_contiguous() and partner.shape == x.shape and partner_coef is not None
+        assert partner.is_contiguous() and partner.shape[-1] == d and partner_coef is not None
     block_m, block_d = _norm_blocks(m, d)
     _launch(_l2_normalize_bwd_kernel, (triton.cdiv(m, block_m),),
-        x, x.stride(0), x.stride(1), norms, grad_z if has_dz else norms, out, m, d, row_offset, n_parts, part_stride,
-        partner if has_partner else norms, partner_coef if has_partner else norms,
+        x, x.stride(0), x.stride(1), norms, grad_z if has_dz else norms, out, m, d, n_parts if has_dz else 1,
+        part_stride if has_dz else 0, partner if has_partner else norms, partner_coef if has_partner else norms,
         projection if projection is not None else norms,
+        norm_offset, dz_offset if has_dz else 0, partner_offset if has_partner else 0,
+        coef_offset if has_partner else 0, proj_offset if projection is not None else 0,
         HAS_DZ=has_dz, HAS_PARTNER=has_partner, STORE_PROJECTION=projection is not None,
         PROJECTION_SCALE=float(projection_scale), EPS=_NORM_EPS,
         BF16_RTNE=_emulate_rtne(out.dtype), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
@@ -1072,86 +1123,137 @@ def l2_normalize_rows_backward(
 
 
 def rowwise_cosine(
-    x: Tensor, y: Tensor, norm_x: Tensor, norm_y: Tensor, out: Optional[Tensor] = None
+    x: Tensor, y: Tensor, norms: Tensor, y_norm_offset: int, out: Tensor, out_offset: int = 0
 ) -> Tensor:
-    """cos(x_i, y_i) (M,) float32 from x, y (M, d) (any strides) and their row norms."""
+    """cos(x_i, y_i) (M,) float32 into ``out[out_offset + i]`` from x, y (M, d) (any strides) and
+    their row norms ``norms[i]`` and ``norms[y_norm_offset + i]``. Returns ``out``."""
     m, d = x.shape
-    if out is None:
-        out = torch.empty(m, dtype=torch.float32, device=x.device)
     block_m, block_d = _norm_blocks(m, d)
     _launch(_rowwise_cosine_kernel, (triton.cdiv(m, block_m),),
-        x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1), norm_x, norm_y, out, m, d,
+        x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1), norms, out, m, d, y_norm_offset, out_offset,
         EPS=_NORM_EPS, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
     )
     return out
 
 
-def _lse_outputs(n_rows: int, splits: int, with_loss: bool, device: torch.device, lse: Optional[Tensor],
-                 row_loss: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-    """lse, row loss and the splits' (max, sum) partials (2, S, R) -- a placeholder when S = 1."""
-    if lse is None:
-        lse = torch.empty(n_rows, dtype=torch.float32, device=device)
-    if row_loss is None:
-        row_loss = torch.empty(n_rows if with_loss else 1, dtype=torch.float32, device=device)
-    # S = 1: the kernel writes lse directly; the partials' pointers are never read.
-    partials = torch.empty((2, splits, n_rows), dtype=torch.float32, device=device) if splits > 1 else lse.view(1, 1, -1).expand(2, 1, -1)
-    return lse, row_loss, partials
+# --- workspaces: one float32 tensor per call, carved into regions by element offsets --------
+
+# Every region starts on a multiple of 16 elements: its offset then carries Triton's
+# 16-divisibility attribute, and the kernels' row-wise float32 accesses stay as aligned
+# (vectorized) as on a separate allocation.
+_REGION_ALIGN = 16
+
+
+class Regions:
+    """Element offsets of the named regions of one float32 workspace, in the order given (each
+    16-aligned; a region of size 0 takes no room), and the workspace's total ``size``.
+
+    One workspace per call instead of one allocation per array: the arrays reach the kernels as
+    (workspace, offset) pairs, so neither the allocations nor the views of a workspace cost an
+    operator each."""
+
+    def __init__(self, **sizes: int) -> None:
+        offset = 0
+        self.sizes = dict(sizes)
+        self.offsets: dict = {}
+        for name, size in sizes.items():
+            self.offsets[name] = offset
+            offset += -(-int(size) // _REGION_ALIGN) * _REGION_ALIGN
+        self.size = offset
+
+    def __getattr__(self, name: str) -> int:
+        offsets = self.__dict__.get("offsets")
+        if offsets is None or name not in offsets:
+            raise AttributeError(name)
+        return offsets[name]
+
+    def view(self, workspace: Tensor, name: str) -> Tensor:
+        """The region as a tensor (a view: for tests and the rare path that needs one)."""
+        return workspace.narrow(0, self.offsets[name], self.sizes[name])
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Tiles of a pair or bank kernel and the split of its column sweep (:func:`_split_columns`)."""
+
+    config: KernelConfig
+    splits: int
+    cols_per_split: int
+
+
+def _sweep(config: Optional[KernelConfig], n_rows: int, n_cols: int, d: int, dtype: torch.dtype, device: torch.device,
+           backward: bool, bank: bool = False) -> Sweep:
+    """The launch plan of a forward (``backward`` false) or backward sweep of n_rows × n_cols
+    logits: the split model counts 2d FLOPs per logit and 16 bytes of (m, l) partials per row
+    forward, 4d FLOPs per logit and 8d bytes of partial gradients per row backward."""
+    cfg = _resolve_config(config, d, dtype, bank)
+    if backward:
+        splits, cols = _split_columns(cfg, n_rows, n_cols, 4.0 * d, 8.0 * n_rows * d, device)
+    else:
+        splits, cols = _split_columns(cfg, n_rows, n_cols, 2.0 * d, 16.0 * n_rows, device)
+    return Sweep(cfg, splits, cols)
+
+
+def _partials_size(sweep: Sweep, n_rows: int) -> int:
+    """(2, S, R) float32 (max, sum) partials of a split forward sweep; none unsplit."""
+    return 2 * sweep.splits * n_rows if sweep.splits > 1 else 0
+
+
+def _new_workspace(like: Tensor, regions: Regions) -> Tensor:
+    return like.new_empty((regions.size,), dtype=torch.float32)
 
 
 def _temperature_operand(temperature: Optional[Tensor], placeholder: Tensor) -> Tuple[Tensor, bool]:
-    """(the TEMP pointer, TEMP_IN_MEMORY) of the kernels: a tensor temperature as one float32
-    element on the device (no copy when it is one already), else an unread placeholder."""
+    """(the TEMP pointer, TEMP_IN_MEMORY) of the kernels: a tensor temperature as given when it
+    is float32 (the kernels read its one element; no operator), else converted once; without
+    one, an unread placeholder."""
     if temperature is None:
         return placeholder, False
-    temperature = temperature.detach()
     if temperature.dtype != torch.float32:
-        temperature = temperature.to(torch.float32)
-    return temperature.reshape(1), True
+        temperature = temperature.detach().to(torch.float32)
+    return temperature, True
 
 
-def _merge_splits(partials: Tensor, pos_cos: Optional[Tensor], lse: Tensor, row_loss: Tensor, n_local: int,
-                  scale2: float, temperature: Optional[Tensor] = None) -> None:
-    n_splits, n_rows = partials.shape[1], partials.shape[2]
+def _merge_splits(ws: Tensor, at: Regions, n_rows: int, n_splits: int, n_local: int, scale2: float,
+                  with_positive: bool, temperature: Optional[Tensor] = None) -> None:
     block = _MERGE_BLOCK if not triton_interpreter_enabled() else triton.next_power_of_2(min(n_rows, 1 << 14))
-    temp, temp_in_memory = _temperature_operand(temperature, lse)
+    temp, temp_in_memory = _temperature_operand(temperature, ws)
     _launch(_lse_merge_kernel, (triton.cdiv(n_rows, block),),
-        partials[0], partials[1], pos_cos if pos_cos is not None else lse, lse, row_loss, temp, n_rows, n_local,
-        n_splits, scale2, HAS_POSITIVE=pos_cos is not None, TEMP_IN_MEMORY=temp_in_memory, BLOCK=block, num_warps=4,
+        ws, temp, n_rows, n_local, n_splits, scale2, at.partials, at.pos_cos if with_positive else 0, at.lse,
+        at.row_loss if with_positive else 0,
+        HAS_POSITIVE=with_positive, TEMP_IN_MEMORY=temp_in_memory, BLOCK=block, num_warps=4,
     )
 
 
 def pair_lse_forward(
-    z_rows: Tensor, z_cols: Tensor, pos_cos: Optional[Tensor], inv_temp: float, n_local: int, col_offset: int,
-    config: Optional[KernelConfig] = None, lse: Optional[Tensor] = None, row_loss: Optional[Tensor] = None,
-    temperature: Optional[Tensor] = None, clamp_norms: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor]:
+    z_rows: Tensor, z_cols: Tensor, ws: Tensor, at: Regions, sweep: Sweep, inv_temp: float, n_local: int,
+    col_offset: int, *, with_positive: bool = True, temperature: Optional[Tensor] = None, clamp_bias: bool = False,
+) -> None:
     """Per-row log-sum-exp of z_rows·z_colsᵀ·inv_temp over all columns but each row's own
-    (``col_offset + r``), and with ``pos_cos`` (n_local,) -- the positive pairs' cosines -- the
-    NT-Xent row loss. z_rows (R, d), z_cols (C, d) contiguous, same dtype. Returns
-    (lse (R,), row_loss (R,)) in float32. ``temperature``: a one-element tensor τ read by the
-    kernels in place of ``inv_temp`` (which is then ignored). ``clamp_norms``: the rows' ‖x‖
-    (uniformity, rows = columns): logits biased for rows below the clamp (``_clamp_bias2``)."""
+    (``col_offset + r``) into the region ``lse`` of the float32 workspace ``ws``, and
+    ``with_positive`` -- the positive pairs' cosines in region ``pos_cos`` (n_local,) -- the
+    NT-Xent row loss into ``row_loss``; a split sweep uses region ``partials``
+    (:func:`_partials_size`). z_rows (R, d), z_cols (C, d) contiguous, same dtype.
+    ``temperature``: a one-element tensor τ read by the kernels in place of ``inv_temp`` (which
+    is then ignored). ``clamp_bias`` (uniformity, rows = columns): logits biased for rows below
+    the clamp (``_clamp_bias2``) from the norms in region ``norms``."""
     r, d = z_rows.shape
     c = z_cols.shape[0]
-    cfg = _resolve_config(config, d, z_rows.dtype)
-    with_positive = pos_cos is not None
-    splits, cols_per_split = _split_columns(cfg, r, c, 2.0 * d, 16.0 * r, z_rows.device)
-    lse, row_loss, partials = _lse_outputs(r, splits, with_positive, z_rows.device, lse, row_loss)
-    temp, temp_in_memory = _temperature_operand(temperature, lse)
+    cfg = sweep.config
+    temp, temp_in_memory = _temperature_operand(temperature, ws)
     scale2 = _LOG2E if temp_in_memory else float(inv_temp) * _LOG2E
-    _launch(_pair_lse_fwd_kernel, (triton.cdiv(r, cfg.block_m), splits),
-        z_rows, z_cols, pos_cos if with_positive else lse, lse, row_loss, partials[0], partials[1], temp,
-        clamp_norms if clamp_norms is not None else lse,
-        r, c, d, n_local, col_offset, scale2, cols_per_split,
-        HAS_POSITIVE=with_positive, SPLIT=splits > 1, FP32_IEEE=_dot_in_fp32(z_rows.dtype),
+    _launch(_pair_lse_fwd_kernel, (triton.cdiv(r, cfg.block_m), sweep.splits),
+        z_rows, z_cols, ws, temp, r, c, d, n_local, col_offset, scale2, sweep.cols_per_split,
+        at.pos_cos if with_positive else 0, at.lse, at.row_loss if with_positive else 0,
+        at.partials if sweep.splits > 1 else 0, at.norms if clamp_bias else 0,
+        HAS_POSITIVE=with_positive, SPLIT=sweep.splits > 1, FP32_IEEE=_dot_in_fp32(z_rows.dtype),
         BF16_RTNE=_emulate_rtne(z_rows.dtype), TEMP_IN_MEMORY=temp_in_memory,
-        CLAMP_BIAS=clamp_norms is not None, EPS=_NORM_EPS,
+        CLAMP_BIAS=clamp_bias, EPS=_NORM_EPS,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=cfg.single_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if splits > 1:
-        _merge_splits(partials, pos_cos, lse, row_loss, n_local, scale2, temperature)
-    return lse, row_loss
+    if sweep.splits > 1:
+        _merge_splits(ws, at, r, sweep.splits, n_local, scale2, with_positive, temperature)
 
 
 def _factored_backward(inv_temp: float, n_cols: int) -> bool:
@@ -1164,128 +1266,113 @@ def _factored_backward(inv_temp: float, n_cols: int) -> bool:
     return 2.0 * abs(inv_temp) + math.log(max(n_cols, 2)) < 80.0
 
 
-def _gradient_buffer(out: Optional[Tensor], splits: int, n_rows: int, d: int, device: torch.device) -> Tensor:
-    """(S, R, d) float32 partial gradients; a caller's (R, d) buffer serves when S = 1."""
-    if out is None:
-        return torch.empty((splits, n_rows, d), dtype=torch.float32, device=device)
-    if out.dim() == 2:
-        assert splits == 1, "a 2-d gradient buffer needs an unsplit sweep"
-        return out.view(1, n_rows, d)
-    assert out.shape == (splits, n_rows, d)
-    return out
-
-
 def pair_lse_backward(
-    z_rows: Tensor, z_cols: Tensor, pos_cos: Optional[Tensor], lse_rows: Tensor, lse_cols: Tensor,
-    grad_loss: Tensor, inv_temp: float, grad_scale: float, n_local: int, col_offset: int,
-    config: Optional[KernelConfig] = None, out: Optional[Tensor] = None, factored: Optional[bool] = None,
-    positive_coef: Optional[Tensor] = None, global_lse: bool = False, temperature: Optional[Tensor] = None,
-    clamp_norms: Optional[Tensor] = None,
-) -> Tuple[Tensor, Optional[Tensor]]:
+    z_rows: Tensor, z_cols: Tensor, state: Tensor, at: Regions, lse_r_offset: int, lse_c_offset: int,
+    out: Tensor, out_at: Regions, sweep: Sweep, grad_loss: Tensor, inv_temp: float, grad_scale: float,
+    n_local: int, col_offset: int, *, with_positive: bool = True, factored: Optional[bool] = None,
+    global_lse: bool = False, temperature: Optional[Tensor] = None, clamp_bias: bool = False,
+) -> None:
     """dẑ rows: ``grad_loss · grad_scale · Σ_c (e^{S-lse_r} + e^{S-lse_c} - 2[c = pos]) z_c``.
 
-    Returns (out (S, R, d) float32 -- the column splits' partial sums, S = 1 for an unsplit
-    sweep --, positive_coef (R,) float32 or None): with ``pos_cos`` the positive column's term
-    is left out of ``out`` and returned as a coefficient of the row's partner ẑ_{r ± n} (see
-    ``_pair_lse_bwd_kernel``). ``lse_rows``/``lse_cols`` must be log-sum-exps of these logits
-    for the factored form (default: where it is exact, :func:`_factored_backward`);
-    ``global_lse``: one log-sum-exp for every row and column, ``lse_rows`` (1 element)
-    (uniformity). ``temperature``: a one-element tensor τ read by the kernel; ``inv_temp`` is
-    then ignored and ``grad_scale`` given without its factor 1/τ. ``clamp_norms`` (with
-    ``global_lse``; ``lse_cols`` then the rows' log-sum-exps): the forward's biases, and the
-    returned coefficient is the radial term of the rows below the clamp (multiplies their own ẑ)."""
+    Reads the forward's workspace ``state`` (regions ``pos_cos`` and ``norms`` of ``at``; the
+    rows' and columns' log-sum-exps at element offsets ``lse_r_offset``/``lse_c_offset``) and
+    writes into ``out``: region ``dz`` of ``out_at``, (S, R, d) float32 -- the column splits'
+    partial sums, S = 1 for an unsplit sweep -- and, ``with_positive``, region ``coef`` (R,):
+    the positive column's term, left out of dz, as a coefficient of the row's partner ẑ_{r ± n}
+    (see ``_pair_lse_bwd_kernel``). The log-sum-exps must be those of these logits for the
+    factored form (default: where it is exact, :func:`_factored_backward`); ``global_lse``: one
+    log-sum-exp for every row and column at ``lse_r_offset`` (uniformity). ``temperature``: a
+    one-element tensor τ read by the kernel; ``inv_temp`` is then ignored and ``grad_scale``
+    given without its factor 1/τ. ``clamp_bias`` (with ``global_lse``; ``lse_c_offset`` then
+    the rows' log-sum-exps): the forward's biases, and ``coef`` is the radial term of the rows
+    below the clamp (multiplies their own ẑ)."""
     r, d = z_rows.shape
     c = z_cols.shape[0]
-    cfg = _resolve_config(config, d, z_rows.dtype)
-    with_positive = pos_cos is not None
-    splits, cols_per_split = _split_columns(cfg, r, c, 4.0 * d, 8.0 * r * d, z_rows.device)
-    out = _gradient_buffer(out, splits, r, d, z_rows.device)
-    with_coefficient = with_positive or clamp_norms is not None
-    if with_coefficient and positive_coef is None:
-        positive_coef = torch.empty(r, dtype=torch.float32, device=z_rows.device)
-    temp, temp_in_memory = _temperature_operand(temperature, lse_rows)
+    cfg = sweep.config
+    with_coefficient = with_positive or clamp_bias
+    temp, temp_in_memory = _temperature_operand(temperature, state)
     if factored is None:
         # A tensor temperature's value is not read on the host: the two-exponential form.
         factored = not temp_in_memory and _factored_backward(inv_temp, c)
     weights = 2 if global_lse else int(bool(factored))
     scale2 = _LOG2E if temp_in_memory else float(inv_temp) * _LOG2E
-    _launch(_pair_lse_bwd_kernel, (triton.cdiv(r, cfg.block_m), splits),
-        z_rows, z_cols, pos_cos if with_positive else lse_rows, lse_rows, lse_cols, _upstream(grad_loss), out,
-        positive_coef if with_coefficient else lse_rows, temp, clamp_norms if clamp_norms is not None else lse_rows,
-        r, c, d, n_local, col_offset, scale2, float(grad_scale), math.log2(max(c - 1, 1)),
-        cols_per_split,
+    _launch(_pair_lse_bwd_kernel, (triton.cdiv(r, cfg.block_m), sweep.splits),
+        z_rows, z_cols, state, _upstream(grad_loss), out, temp,
+        r, c, d, n_local, col_offset, scale2, float(grad_scale), math.log2(max(c - 1, 1)), sweep.cols_per_split,
+        at.pos_cos if with_positive else 0, lse_r_offset, lse_c_offset, at.norms if clamp_bias else 0,
+        out_at.dz, out_at.coef if with_coefficient else 0,
         HAS_POSITIVE=with_positive, WEIGHTS=weights, FP32_IEEE=_dot_in_fp32(z_rows.dtype),
         BF16_RTNE=_emulate_rtne(z_rows.dtype), TEMP_IN_MEMORY=temp_in_memory,
-        CLAMP_BIAS=clamp_norms is not None, EPS=_NORM_EPS,
+        CLAMP_BIAS=clamp_bias, EPS=_NORM_EPS,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=cfg.single_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out, (positive_coef if with_coefficient else None)
 
 
 def infonce_forward(
-    q_hat: Tensor, pos_cos: Tensor, bank: Tensor, inv_temp: float, config: Optional[KernelConfig] = None,
-    lse: Optional[Tensor] = None, row_loss: Optional[Tensor] = None, temperature: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor]:
-    """(lse (N,), row loss (N,)) of queries q̂ (N, d) against [own key (cosine ``pos_cos``);
-    bank (K, d), any strides]. ``temperature``: as for :func:`pair_lse_forward`."""
-    n, d = q_hat.shape
+    z: Tensor, bank: Tensor, ws: Tensor, at: Regions, sweep: Sweep, inv_temp: float,
+    temperature: Optional[Tensor] = None,
+) -> None:
+    """Log-sum-exps (region ``lse``) and row losses (``row_loss``) of the queries q̂ = the first N
+    rows of ``z`` against [own key (cosine in region ``pos_cos``); bank (K, d), any strides];
+    a split sweep uses region ``partials``. ``temperature``: as for :func:`pair_lse_forward`."""
+    n, d = at.sizes["lse"], z.shape[1]
     k = bank.shape[0]
-    cfg = _resolve_config(config, d, q_hat.dtype, bank=True)
+    cfg = sweep.config
     bank = _int32_addressable(bank, cfg)
-    splits, cols_per_split = _split_columns(cfg, n, k, 2.0 * d, 16.0 * n, q_hat.device)
-    lse, row_loss, partials = _lse_outputs(n, splits, True, q_hat.device, lse, row_loss)
-    temp, temp_in_memory = _temperature_operand(temperature, lse)
+    temp, temp_in_memory = _temperature_operand(temperature, ws)
     scale2 = _LOG2E if temp_in_memory else float(inv_temp) * _LOG2E
-    _launch(_infonce_fwd_kernel, (triton.cdiv(n, cfg.block_m), splits),
-        q_hat, pos_cos, bank, bank.stride(0), bank.stride(1), lse, row_loss, partials[0], partials[1], temp,
-        n, k, d, scale2, cols_per_split,
-        SPLIT=splits > 1, FP32_IEEE=_dot_in_fp32(q_hat.dtype), BF16_RTNE=_emulate_rtne(q_hat.dtype),
+    _launch(_infonce_fwd_kernel, (triton.cdiv(n, cfg.block_m), sweep.splits),
+        z, bank, bank.stride(0), bank.stride(1), ws, temp, n, k, d, scale2, sweep.cols_per_split,
+        at.pos_cos, at.lse, at.row_loss, at.partials if sweep.splits > 1 else 0,
+        SPLIT=sweep.splits > 1, FP32_IEEE=_dot_in_fp32(z.dtype), BF16_RTNE=_emulate_rtne(z.dtype),
         TEMP_IN_MEMORY=temp_in_memory,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=cfg.single_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if splits > 1:
-        _merge_splits(partials, pos_cos, lse, row_loss, n, scale2, temperature)
-    return lse, row_loss
+    if sweep.splits > 1:
+        _merge_splits(ws, at, n, sweep.splits, n, scale2, True, temperature)
 
 
 def infonce_backward(
-    q_hat: Tensor, pos_cos: Tensor, bank: Tensor, lse: Tensor, grad_loss: Tensor, inv_temp: float,
-    grad_scale: float, config: Optional[KernelConfig] = None,
-    grad_q: Optional[Tensor] = None, positive_coef: Optional[Tensor] = None, temperature: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor]:
-    """(dq̂ from the bank (S, N, d) float32 -- the bank splits' partial sums --, positive_coef
-    (N,) float32): the full gradients are Σ_S dq̂ + coef·k̂ and dk̂ = coef·q̂ (added by the
-    normalization backward). ``temperature``: as for :func:`pair_lse_backward`."""
-    n, d = q_hat.shape
+    z: Tensor, bank: Tensor, state: Tensor, at: Regions, out: Tensor, out_at: Regions, sweep: Sweep,
+    grad_loss: Tensor, inv_temp: float, grad_scale: float, temperature: Optional[Tensor] = None,
+) -> None:
+    """Into ``out``: region ``dz`` -- dq̂ from the bank, (S, N, d) float32, the bank splits'
+    partial sums -- and ``coef`` (N,) float32: the full gradients are Σ_S dq̂ + coef·k̂ and
+    dk̂ = coef·q̂ (added by the normalization backward). q̂ = the first N rows of ``z``;
+    ``state``/``at``: the forward's workspace. ``temperature``: as for :func:`pair_lse_backward`."""
+    n, d = at.sizes["lse"], z.shape[1]
     k = bank.shape[0]
-    cfg = _resolve_config(config, d, q_hat.dtype, bank=True)
+    cfg = sweep.config
     bank = _int32_addressable(bank, cfg)
-    splits, cols_per_split = _split_columns(cfg, n, k, 4.0 * d, 8.0 * n * d, q_hat.device)
-    grad_q = _gradient_buffer(grad_q, splits, n, d, q_hat.device)
-    if positive_coef is None:
-        positive_coef = torch.empty(n, dtype=torch.float32, device=q_hat.device)
-    temp, temp_in_memory = _temperature_operand(temperature, lse)
+    temp, temp_in_memory = _temperature_operand(temperature, state)
     scale2 = _LOG2E if temp_in_memory else float(inv_temp) * _LOG2E
-    _launch(_infonce_bwd_kernel, (triton.cdiv(n, cfg.block_m), splits),
-        q_hat, pos_cos, bank, bank.stride(0), bank.stride(1), lse, _upstream(grad_loss), grad_q, positive_coef, temp,
-        n, k, d, scale2, float(grad_scale), cols_per_split,
-        FP32_IEEE=_dot_in_fp32(q_hat.dtype), BF16_RTNE=_emulate_rtne(q_hat.dtype), TEMP_IN_MEMORY=temp_in_memory,
+    _launch(_infonce_bwd_kernel, (triton.cdiv(n, cfg.block_m), sweep.splits),
+        z, bank, bank.stride(0), bank.stride(1), state, _upstream(grad_loss), out, temp,
+        n, k, d, scale2, float(grad_scale), sweep.cols_per_split, at.pos_cos, at.lse, out_at.dz, out_at.coef,
+        FP32_IEEE=_dot_in_fp32(z.dtype), BF16_RTNE=_emulate_rtne(z.dtype), TEMP_IN_MEMORY=temp_in_memory,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SINGLE_K=cfg.single_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return grad_q, positive_coef
 
 
 # --------------------------------------------------------------------------------------------
 # Operators: every Triton path is a forward and a backward ``torch.library`` custom op with a
 # registered autograd formula and fake (shape) functions, so ``torch.compile`` records each as
 # one opaque node -- no graph break, no tracing into the launchers -- and autograd still
-# connects them. The forward returns, beside the loss, what its backward needs; those outputs
-# carry no gradient. A custom op may not return an alias of an input or of another output:
-# where the backward would reuse a tensor (the columns are the rows outside distributed runs),
-# the forward returns an empty placeholder instead.
+# connects them.
+#
+# Eager operators per call. The forward returns, beside the loss, the normalized rows (operand
+# dtype) and ONE float32 workspace holding every per-row array its kernels and the backward
+# need (norms, positive cosines, log-sum-exps, row losses, split partials), carved by element
+# offsets (:class:`Regions`): two allocations, and the loss as the mean of the row-loss region
+# (a view and a mean). Those outputs are marked non-differentiable: autograd then neither
+# detaches them when they are returned nor when the backward unpacks them (it did, one
+# ``aten.detach`` each, six per direction). The backward allocates one float32 workspace
+# (partial gradients, positive coefficients, temperature projections) and the two input
+# gradients, and returns the temperature's gradient only when there is one (a ``Tensor[]``:
+# no placeholder). A custom op may not return an alias of an input or of another output.
 # --------------------------------------------------------------------------------------------
 
 
@@ -1311,221 +1398,319 @@ def _common_dtype(a: Tensor, b: Tensor) -> torch.dtype:
     return a.dtype if a.dtype == b.dtype else torch.promote_types(a.dtype, b.dtype)
 
 
-def _float32(like: Tensor, *shape: int) -> Tensor:
-    return like.new_empty(shape, dtype=torch.float32)
-
-
-def _temperature_gradient(projection: Tensor, temperature: Tensor) -> Tensor:
+def _temperature_gradient(ws: Tensor, at: Regions, temperature: Tensor) -> Tensor:
     r""":math:`\partial L/\partial\tau = -\frac{1}{h\tau}\sum_k \hat z_k\cdot\partial L/\partial\hat z_k`
-    from the normalization backward's per-row projections, stored already times -1/h (the
-    logits are of degree h in the normalized rows: 2 for NT-Xent, 1 for InfoNCE's queries; see
-    :func:`_projection_scale`), in τ's dtype and shape."""
-    grad = projection.sum() / temperature.detach().to(torch.float32)
-    return grad.to(temperature.dtype).reshape(temperature.shape)
+    from the normalization backward's per-row projections (region ``projection``), stored already
+    times -1/h (the logits are of degree h in the normalized rows: 2 for NT-Xent, 1 for
+    InfoNCE's queries; see :func:`_projection_scale`), in τ's dtype and shape."""
+    grad = at.view(ws, "projection").sum() / temperature
+    if grad.dtype != temperature.dtype:
+        grad = grad.to(temperature.dtype)
+    return grad if grad.shape == temperature.shape else grad.reshape(temperature.shape)
 
 
 def _projection_scale(homogeneity: int) -> float:
     return -1.0 / homogeneity
 
 
+class _NTXentPlan:
+    """Shapes, launch plans and workspace layouts of one NT-Xent call: computed alike by the
+    forward, the backward and the fake functions (no tensor data read)."""
+
+    def __init__(self, n_local: int, d: int, dtype: torch.dtype, device: torch.device, rank_rows: Sequence[int],
+                 config_ints: Sequence[int], temperature_grad: bool = False) -> None:
+        config = _config_from_ints(config_ints)
+        self.n_local, self.d = n_local, d
+        self.rows = 2 * n_local
+        self.distributed = len(rank_rows) > 0
+        # Columns: every rank's [view 0; view 1] block in rank order, this rank's at col_offset.
+        self.block_rows = [2 * int(rows) for rows in rank_rows]
+        self.cols = sum(self.block_rows) if self.distributed else self.rows
+        self.col_offset = distributed.rank_row_offset(self.rows, sizes=self.block_rows) if self.distributed else 0
+        self.z_dtype = operand_dtype(d, dtype, config)
+        self.forward_sweep = _sweep(config, self.rows, self.cols, d, self.z_dtype, device, backward=False)
+        self.backward_sweep = _sweep(config, self.rows, self.cols, d, self.z_dtype, device, backward=True)
+        # The norms first: the normalization kernel writes them at the workspace's start.
+        self.state = Regions(norms=self.rows, pos_cos=n_local, lse=self.rows,
+                             lse_cols=self.cols if self.distributed else 0, row_loss=self.rows,
+                             partials=_partials_size(self.forward_sweep, self.rows))
+        self.grads = Regions(coef=self.rows, projection=self.rows if temperature_grad else 0,
+                             dz=self.backward_sweep.splits * self.rows * d)
+
+    @property
+    def lse_cols_offset(self) -> int:
+        return self.state.lse_cols if self.distributed else self.state.lse
+
+
 def _ntxent_forward(
     out0: Tensor, out1: Tensor, temperature: Optional[Tensor], inv_temp: float, rank_rows: List[int],
     config_ints: List[int],
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (loss, ẑ rows (2n, d), ‖x‖ (2n,), positive cosines (n,), lse (2n,), and in a
-    distributed run -- ``rank_rows`` every rank's n, else empty -- the gathered ẑ columns and
-    lse (else empty)). ``temperature``: a tensor τ read on the device (``inv_temp`` ignored)."""
-    config = _config_from_ints(config_ints)
-    n_local, d = out0.shape
-    n_rows = 2 * n_local
-    z_dtype = operand_dtype(d, _common_dtype(out0, out1), config)
-    z_rows = torch.empty((n_rows, d), dtype=z_dtype, device=out0.device)
-    norms = _float32(out0, n_rows)
-    l2_normalize_rows(out0, z_rows, norms, 0)
-    l2_normalize_rows(out1, z_rows, norms, n_local)
-    use_dist = len(rank_rows) > 0
-    if use_dist:
-        block_rows = [2 * rows for rows in rank_rows]  # every rank's [view 0; view 1] block
-        z_cols = distributed.gather_no_grad(z_rows, block_rows)
-        col_offset = distributed.rank_row_offset(n_rows, sizes=block_rows)
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (loss, ẑ, workspace): ẑ the normalized rows (2n, d) -- in a distributed run
+    (``rank_rows`` every rank's n, else empty) the gathered columns (2N, d), this rank's rows
+    at its column offset -- and the float32 workspace of :class:`_NTXentPlan` (norms, positive
+    cosines, log-sum-exps, gathered ones when distributed, row losses). ``temperature``: a
+    tensor τ read on the device (``inv_temp`` ignored)."""
+    plan = _NTXentPlan(out0.shape[0], out0.shape[1], _common_dtype(out0, out1), out0.device, rank_rows, config_ints)
+    z_rows = out0.new_empty((plan.rows, plan.d), dtype=plan.z_dtype)
+    ws = _new_workspace(out0, plan.state)
+    z_cols = _ntxent_forward_into(out0, out1, temperature, inv_temp, plan, z_rows, ws)
+    loss = plan.state.view(ws, "row_loss").mean()
+    if plan.distributed:
+        lse_cols = distributed.gather_no_grad(plan.state.view(ws, "lse"), plan.block_rows)
+        plan.state.view(ws, "lse_cols").copy_(lse_cols)
+        return loss, z_cols, ws
+    return loss, z_rows, ws
+
+
+def _ntxent_forward_into(out0: Tensor, out1: Tensor, temperature: Optional[Tensor], inv_temp: float,
+                         plan: _NTXentPlan, z_rows: Tensor, ws: Tensor) -> Tensor:
+    """The forward's launches, writing ẑ rows into ``z_rows`` and every per-row array into the
+    workspace ``ws``; returns the columns (``z_rows`` itself in a single process, the gathered
+    rows of every rank when distributed, whose log-sum-exps the caller then gathers)."""
+    n_local, at = plan.n_local, plan.state
+    l2_normalize_rows(out0, z_rows, ws, 0)
+    l2_normalize_rows(out1, z_rows, ws, n_local)
+    rowwise_cosine(out0, out1, ws, n_local, ws, at.pos_cos)
+    if plan.distributed:
+        z_cols = distributed.gather_no_grad(z_rows, plan.block_rows)
     else:
-        z_cols, col_offset = z_rows, 0
-    pos_cos = rowwise_cosine(out0, out1, norms[:n_local], norms[n_local:])
-    lse, row_loss = pair_lse_forward(z_rows, z_cols, pos_cos, inv_temp, n_local, col_offset, config,
-                                     temperature=temperature)
-    if use_dist:
-        lse_cols = distributed.gather_no_grad(lse, block_rows)
-    else:
-        z_cols, lse_cols = z_rows.new_empty((0, d)), _float32(out0, 0)
-    return row_loss.mean(), z_rows, norms, pos_cos, lse, z_cols, lse_cols
+        z_cols = z_rows
+    pair_lse_forward(z_rows, z_cols, ws, at, plan.forward_sweep, inv_temp, n_local, plan.col_offset,
+                     temperature=temperature)
+    return z_cols
 
 
 def _ntxent_backward(
-    grad_loss: Tensor, out0: Tensor, out1: Tensor, temperature: Optional[Tensor], z_rows: Tensor, norms: Tensor,
-    pos_cos: Tensor, lse: Tensor, z_cols: Tensor, lse_cols: Tensor, inv_temp: float, col_offset: int,
-    temperature_grad: bool, config_ints: List[int],
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dout0, dout1, dτ -- empty unless ``temperature_grad``)."""
-    config = _config_from_ints(config_ints)
-    n_local = out0.shape[0]
-    if z_cols.shape[0] == 0:  # single process: the columns are the rows
-        z_cols, lse_cols = z_rows, lse
+    grad_loss: Tensor, out0: Tensor, out1: Tensor, temperature: Optional[Tensor], z: Tensor, ws: Tensor,
+    inv_temp: float, rank_rows: List[int], temperature_grad: bool, config_ints: List[int],
+) -> List[Tensor]:
+    """[dout0, dout1] and, with ``temperature_grad``, dτ."""
+    plan = _NTXentPlan(out0.shape[0], out0.shape[1], _common_dtype(out0, out1), out0.device, rank_rows, config_ints,
+                       temperature_grad)
+    grads = _new_workspace(out0, plan.grads)
+    grad0 = torch.empty(out0.shape, dtype=out0.dtype, device=out0.device)
+    grad1 = torch.empty(out1.shape, dtype=out1.dtype, device=out1.device)
+    _ntxent_backward_into(grad_loss, out0, out1, temperature, z, ws, inv_temp, plan, grads, grad0, grad1)
+    if not temperature_grad:
+        return [grad0, grad1]
+    assert temperature is not None
+    return [grad0, grad1, _temperature_gradient(grads, plan.grads, temperature)]
+
+
+def _ntxent_backward_into(grad_loss: Tensor, out0: Tensor, out1: Tensor, temperature: Optional[Tensor], z: Tensor,
+                          ws: Tensor, inv_temp: float, plan: _NTXentPlan, grads: Tensor, grad0: Tensor,
+                          grad1: Tensor) -> None:
+    n_local, d, at, out_at = plan.n_local, plan.d, plan.state, plan.grads
+    if plan.distributed:  # z holds every rank's rows; this rank's at its column offset
+        z_rows, z_cols = z.narrow(0, plan.col_offset, plan.rows), z
+    else:
+        z_rows = z_cols = z
     # 1/(2n), this rank's row count: W × the global gradient when distributed (module doc);
     # the kernel multiplies by 1/τ itself when τ is a tensor.
     row_scale = 1.0 / (2 * n_local)
     grad_scale = row_scale if temperature is not None else inv_temp * row_scale
-    grad_z, positive_coef = pair_lse_backward(z_rows, z_cols, pos_cos, lse, lse_cols, grad_loss, inv_temp,
-                                              grad_scale, n_local, col_offset, config, temperature=temperature)
-    projection = _float32(out0, 2 * n_local) if temperature_grad else None
+    pair_lse_backward(z_rows, z_cols, ws, at, at.lse, plan.lse_cols_offset, grads, out_at, plan.backward_sweep,
+                      grad_loss, inv_temp, grad_scale, n_local, plan.col_offset, temperature=temperature)
+    with_projection = out_at.sizes["projection"] > 0
     # The positive's term: row i of view 0 pairs with row i of view 1 and vice versa.
-    grad0 = l2_normalize_rows_backward(out0, norms, grad_z, 0, partner=z_rows[n_local:], partner_coef=positive_coef,
-                                       projection=projection, projection_scale=_projection_scale(2))
-    grad1 = l2_normalize_rows_backward(out1, norms, grad_z, n_local, partner=z_rows[:n_local],
-                                       partner_coef=positive_coef, projection=projection,
-                                       projection_scale=_projection_scale(2))
-    if projection is None:
-        return grad0, grad1, _float32(out0, 0)
-    assert temperature is not None
-    return grad0, grad1, _temperature_gradient(projection, temperature)
+    parts = dict(n_parts=plan.backward_sweep.splits, part_stride=plan.rows * d, partner_coef=grads,
+                 projection=grads if with_projection else None, projection_scale=_projection_scale(2))
+    l2_normalize_rows_backward(out0, ws, grads, grad0, norm_offset=at.norms, dz_offset=out_at.dz,
+                               partner=z_rows, partner_offset=n_local * d, coef_offset=out_at.coef,
+                               proj_offset=out_at.projection, **parts)
+    l2_normalize_rows_backward(out1, ws, grads, grad1, norm_offset=at.norms + n_local,
+                               dz_offset=out_at.dz + n_local * d, partner=z_rows, partner_offset=0,
+                               coef_offset=out_at.coef + n_local, proj_offset=out_at.projection + n_local, **parts)
+
+
+class _InfoNCEPlan:
+    """Shapes, launch plans and workspace layouts of one InfoNCE call (as :class:`_NTXentPlan`)."""
+
+    def __init__(self, n: int, d: int, k: int, dtype: torch.dtype, device: torch.device, config_ints: Sequence[int],
+                 temperature_grad: bool = False) -> None:
+        config = _config_from_ints(config_ints)
+        self.n, self.d = n, d
+        self.z_dtype = operand_dtype(d, dtype, config)
+        self.forward_sweep = _sweep(config, n, k, d, self.z_dtype, device, backward=False, bank=True)
+        self.backward_sweep = _sweep(config, n, k, d, self.z_dtype, device, backward=True, bank=True)
+        # ẑ = [q̂; k̂] (2N, d); norms [‖q‖; ‖k‖] first (written by the normalization kernel).
+        self.state = Regions(norms=2 * n, pos_cos=n, lse=n, row_loss=n,
+                             partials=_partials_size(self.forward_sweep, n))
+        self.grads = Regions(coef=n, projection=n if temperature_grad else 0, dz=self.backward_sweep.splits * n * d)
 
 
 def _infonce_forward(
     query: Tensor, key: Tensor, negatives: Tensor, temperature: Optional[Tensor], inv_temp: float,
     config_ints: List[int],
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (loss, q̂, k̂, ‖q‖, ‖k‖, positive cosines, lse)."""
-    config = _config_from_ints(config_ints)
-    dtype = operand_dtype(query.shape[1], _common_dtype(query, key), config)
-    q_hat, q_norms = l2_normalize_rows(query, dtype=dtype)
-    k_hat, k_norms = l2_normalize_rows(key, dtype=dtype)
-    pos_cos = rowwise_cosine(query, key, q_norms, k_norms)
-    lse, row_loss = infonce_forward(q_hat, pos_cos, negatives, inv_temp, config, temperature=temperature)
-    return row_loss.mean(), q_hat, k_hat, q_norms, k_norms, pos_cos, lse
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (loss, ẑ = [q̂; k̂] (2N, d), the float32 workspace of :class:`_InfoNCEPlan`)."""
+    n, d = query.shape
+    plan = _InfoNCEPlan(n, d, negatives.shape[0], _common_dtype(query, key), query.device, config_ints)
+    z = query.new_empty((2 * n, d), dtype=plan.z_dtype)
+    ws = _new_workspace(query, plan.state)
+    _infonce_forward_into(query, key, negatives, temperature, inv_temp, plan, z, ws)
+    return plan.state.view(ws, "row_loss").mean(), z, ws
+
+
+def _infonce_forward_into(query: Tensor, key: Tensor, negatives: Tensor, temperature: Optional[Tensor],
+                          inv_temp: float, plan: _InfoNCEPlan, z: Tensor, ws: Tensor) -> None:
+    l2_normalize_rows(query, z, ws, 0)
+    l2_normalize_rows(key, z, ws, plan.n)
+    rowwise_cosine(query, key, ws, plan.n, ws, plan.state.pos_cos)
+    infonce_forward(z, negatives, ws, plan.state, plan.forward_sweep, inv_temp, temperature=temperature)
 
 
 def _infonce_backward(
-    grad_loss: Tensor, query: Tensor, key: Tensor, negatives: Tensor, temperature: Optional[Tensor], q_hat: Tensor,
-    k_hat: Tensor, q_norms: Tensor, k_norms: Tensor, pos_cos: Tensor, lse: Tensor, inv_temp: float,
-    temperature_grad: bool, config_ints: List[int],
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dquery, dkey, dτ -- empty unless ``temperature_grad``)."""
-    config = _config_from_ints(config_ints)
-    row_scale = 1.0 / query.shape[0]
-    grad_scale = row_scale if temperature is not None else inv_temp * row_scale
-    grad_q_hat, positive_coef = infonce_backward(q_hat, pos_cos, negatives, lse, grad_loss, inv_temp, grad_scale,
-                                                 config, temperature=temperature)
-    projection = _float32(query, query.shape[0]) if temperature_grad else None
-    grad_q = l2_normalize_rows_backward(query, q_norms, grad_q_hat, partner=k_hat, partner_coef=positive_coef,
-                                        projection=projection, projection_scale=_projection_scale(1))
-    grad_k = l2_normalize_rows_backward(key, k_norms, None, partner=q_hat, partner_coef=positive_coef)
-    if projection is None:
-        return grad_q, grad_k, _float32(query, 0)
+    grad_loss: Tensor, query: Tensor, key: Tensor, negatives: Tensor, temperature: Optional[Tensor], z: Tensor,
+    ws: Tensor, inv_temp: float, temperature_grad: bool, config_ints: List[int],
+) -> List[Tensor]:
+    """[dquery, dkey] and, with ``temperature_grad``, dτ."""
+    n, d = query.shape
+    plan = _InfoNCEPlan(n, d, negatives.shape[0], _common_dtype(query, key), query.device, config_ints,
+                        temperature_grad)
+    grads = _new_workspace(query, plan.grads)
+    grad_q = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    grad_k = torch.empty(key.shape, dtype=key.dtype, device=key.device)
+    _infonce_backward_into(grad_loss, query, key, negatives, temperature, z, ws, inv_temp, plan, grads, grad_q, grad_k)
+    if not temperature_grad:
+        return [grad_q, grad_k]
     assert temperature is not None
-    return grad_q, grad_k, _temperature_gradient(projection, temperature)
+    return [grad_q, grad_k, _temperature_gradient(grads, plan.grads, temperature)]
 
 
-def _uniformity_forward(
-    z: Tensor, t: float, config_ints: List[int]
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _infonce_backward_into(grad_loss: Tensor, query: Tensor, key: Tensor, negatives: Tensor,
+                           temperature: Optional[Tensor], z: Tensor, ws: Tensor, inv_temp: float, plan: _InfoNCEPlan,
+                           grads: Tensor, grad_q: Tensor, grad_k: Tensor) -> None:
+    n, d, at, out_at = plan.n, plan.d, plan.state, plan.grads
+    row_scale = 1.0 / n
+    grad_scale = row_scale if temperature is not None else inv_temp * row_scale
+    infonce_backward(z, negatives, ws, at, grads, out_at, plan.backward_sweep, grad_loss, inv_temp, grad_scale,
+                     temperature=temperature)
+    with_projection = out_at.sizes["projection"] > 0
+    l2_normalize_rows_backward(query, ws, grads, grad_q, norm_offset=at.norms, dz_offset=out_at.dz,
+                               n_parts=plan.backward_sweep.splits, part_stride=n * d, partner=z,
+                               partner_offset=n * d, partner_coef=grads, coef_offset=out_at.coef,
+                               projection=grads if with_projection else None, proj_offset=out_at.projection,
+                               projection_scale=_projection_scale(1))
+    l2_normalize_rows_backward(key, ws, None, grad_k, norm_offset=at.norms + n, partner=z, partner_offset=0,
+                               partner_coef=grads, coef_offset=out_at.coef)
+
+
+class _UniformityPlan:
+    def __init__(self, n: int, d: int, dtype: torch.dtype, device: torch.device, config_ints: Sequence[int]) -> None:
+        config = _config_from_ints(config_ints)
+        self.n, self.d = n, d
+        self.z_dtype = operand_dtype(d, dtype, config)
+        self.forward_sweep = _sweep(config, n, n, d, self.z_dtype, device, backward=False)
+        self.backward_sweep = _sweep(config, n, n, d, self.z_dtype, device, backward=True)
+        self.state = Regions(norms=n, lse=n, total=1, partials=_partials_size(self.forward_sweep, n))
+        self.grads = Regions(coef=n, dz=self.backward_sweep.splits * n * d)
+
+
+def _uniformity_forward(z: Tensor, t: float, config_ints: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
     """U = LSE_{i≠j}(2t ẑ_i·ẑ_j + b_i + b_j) - 2t - log n(n-1), b nonzero only for rows below the
-    clamp (``_clamp_bias2``). Returns (U, ẑ, ‖z‖, the global LSE (0-d), the rows' LSEs)."""
-    config = _config_from_ints(config_ints)
-    n = z.shape[0]
-    z_hat, norms = l2_normalize_rows(z, dtype=operand_dtype(z.shape[1], z.dtype, config))
-    row_lse, _ = pair_lse_forward(z_hat, z_hat, None, 2.0 * t, n, 0, config, clamp_norms=norms)
-    total_lse = torch.logsumexp(row_lse, dim=0)
-    return total_lse - (2.0 * t + math.log(n * (n - 1))), z_hat, norms, total_lse, row_lse
+    clamp (``_clamp_bias2``). Returns (U, ẑ, the workspace: ‖z‖, the rows' LSEs, the global one)."""
+    n, d = z.shape
+    plan = _UniformityPlan(n, d, z.dtype, z.device, config_ints)
+    z_hat = z.new_empty((n, d), dtype=plan.z_dtype)
+    ws = _new_workspace(z, plan.state)
+    l2_normalize_rows(z, z_hat, ws, 0)
+    pair_lse_forward(z_hat, z_hat, ws, plan.state, plan.forward_sweep, 2.0 * t, n, 0, with_positive=False,
+                     clamp_bias=True)
+    total_lse = plan.state.view(ws, "total").squeeze(0)
+    torch.logsumexp(plan.state.view(ws, "lse"), dim=0, out=total_lse)
+    return total_lse - (2.0 * t + math.log(n * (n - 1))), z_hat, ws
 
 
-def _uniformity_backward(
-    grad_loss: Tensor, z: Tensor, z_hat: Tensor, norms: Tensor, total_lse: Tensor, row_lse: Tensor, t: float,
-    config_ints: List[int],
-) -> Tensor:
+def _uniformity_backward(grad_loss: Tensor, z: Tensor, z_hat: Tensor, ws: Tensor, t: float,
+                         config_ints: List[int]) -> Tensor:
     """dẑ_i = g·2t·Σ_{j≠i} 2w_ij (ẑ_j - [row i below the clamp]·ẑ_i), w_ij = e^{S'_ij - T}: the pair
     kernel with both log-sum-exps set to T; the radial term returned as a coefficient of ẑ_i."""
-    config = _config_from_ints(config_ints)
-    grad_z_hat, radial = pair_lse_backward(z_hat, z_hat, None, total_lse, row_lse, grad_loss, 2.0 * t, 2.0 * t,
-                                           z.shape[0], 0, config, global_lse=True, clamp_norms=norms)
-    return l2_normalize_rows_backward(z, norms, grad_z_hat, partner=z_hat, partner_coef=radial)
+    n, d = z.shape
+    plan = _UniformityPlan(n, d, z.dtype, z.device, config_ints)
+    at, out_at = plan.state, plan.grads
+    grads = _new_workspace(z, out_at)
+    pair_lse_backward(z_hat, z_hat, ws, at, at.total, at.lse, grads, out_at, plan.backward_sweep, grad_loss,
+                      2.0 * t, 2.0 * t, n, 0, with_positive=False, global_lse=True, clamp_bias=True)
+    return l2_normalize_rows_backward(z, ws, grads, norm_offset=at.norms, dz_offset=out_at.dz,
+                                      n_parts=plan.backward_sweep.splits, part_stride=n * d, partner=z_hat,
+                                      partner_coef=grads, coef_offset=out_at.coef)
 
 
 _ntxent_op = torch.library.custom_op(
     "fastssl::ntxent_triton", _ntxent_forward, mutates_args=(),
     schema="(Tensor out0, Tensor out1, Tensor? temperature, float inv_temp, int[] rank_rows, int[] config) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "-> (Tensor, Tensor, Tensor)",
 )
 _ntxent_backward_op = torch.library.custom_op(
     "fastssl::ntxent_triton_backward", _ntxent_backward, mutates_args=(),
-    schema="(Tensor grad_loss, Tensor out0, Tensor out1, Tensor? temperature, Tensor z_rows, Tensor norms, "
-    "Tensor pos_cos, Tensor lse, Tensor z_cols, Tensor lse_cols, float inv_temp, int col_offset, "
-    "bool temperature_grad, int[] config) -> (Tensor, Tensor, Tensor)",
+    schema="(Tensor grad_loss, Tensor out0, Tensor out1, Tensor? temperature, Tensor z, Tensor workspace, "
+    "float inv_temp, int[] rank_rows, bool temperature_grad, int[] config) -> Tensor[]",
 )
 _infonce_op = torch.library.custom_op(
     "fastssl::infonce_triton", _infonce_forward, mutates_args=(),
     schema="(Tensor query, Tensor key, Tensor negatives, Tensor? temperature, float inv_temp, int[] config) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "-> (Tensor, Tensor, Tensor)",
 )
 _infonce_backward_op = torch.library.custom_op(
     "fastssl::infonce_triton_backward", _infonce_backward, mutates_args=(),
-    schema="(Tensor grad_loss, Tensor query, Tensor key, Tensor negatives, Tensor? temperature, Tensor q_hat, "
-    "Tensor k_hat, Tensor q_norms, Tensor k_norms, Tensor pos_cos, Tensor lse, float inv_temp, "
-    "bool temperature_grad, int[] config) -> (Tensor, Tensor, Tensor)",
+    schema="(Tensor grad_loss, Tensor query, Tensor key, Tensor negatives, Tensor? temperature, Tensor z, "
+    "Tensor workspace, float inv_temp, bool temperature_grad, int[] config) -> Tensor[]",
 )
 _uniformity_op = torch.library.custom_op(
     "fastssl::uniformity_triton", _uniformity_forward, mutates_args=(),
-    schema="(Tensor z, float t, int[] config) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    schema="(Tensor z, float t, int[] config) -> (Tensor, Tensor, Tensor)",
 )
 _uniformity_backward_op = torch.library.custom_op(
     "fastssl::uniformity_triton_backward", _uniformity_backward, mutates_args=(),
-    schema="(Tensor grad_loss, Tensor z, Tensor z_hat, Tensor norms, Tensor total_lse, Tensor row_lse, float t, "
-    "int[] config) -> Tensor",
+    schema="(Tensor grad_loss, Tensor z, Tensor z_hat, Tensor workspace, float t, int[] config) -> Tensor",
 )
 
 
-def _fake_temperature_gradient(like: Tensor, temperature: Optional[Tensor], temperature_grad: bool) -> Tensor:
+def _fake_gradients(a: Tensor, b: Tensor, temperature: Optional[Tensor], temperature_grad: bool) -> List[Tensor]:
+    grads = [a.new_empty(a.shape), b.new_empty(b.shape)]
     if temperature_grad and temperature is not None:
-        return temperature.new_empty(temperature.shape)
-    return _float32(like, 0)
+        grads.append(temperature.new_empty(temperature.shape))
+    return grads
+
+
+def _fake_workspace(like: Tensor, regions: Regions) -> Tensor:
+    return like.new_empty((regions.size,), dtype=torch.float32)
 
 
 @_ntxent_op.register_fake
 def _(out0, out1, temperature, inv_temp, rank_rows, config_ints):
-    n_local, d = out0.shape
-    z_dtype = operand_dtype(d, torch.promote_types(out0.dtype, out1.dtype), _config_from_ints(config_ints))
-    n_rows = 2 * n_local
-    n_cols = 2 * sum(rank_rows)
-    z_rows = out0.new_empty((n_rows, d), dtype=z_dtype)
-    return (_float32(out0), z_rows, _float32(out0, n_rows), _float32(out0, n_local), _float32(out0, n_rows),
-            out0.new_empty((n_cols, d), dtype=z_dtype), _float32(out0, n_cols))
+    plan = _NTXentPlan(out0.shape[0], out0.shape[1], torch.promote_types(out0.dtype, out1.dtype), out0.device,
+                       rank_rows, config_ints)
+    return (out0.new_empty((), dtype=torch.float32), out0.new_empty((plan.cols, plan.d), dtype=plan.z_dtype),
+            _fake_workspace(out0, plan.state))
 
 
 @_ntxent_backward_op.register_fake
-def _(grad_loss, out0, out1, temperature, *rest):
-    temperature_grad = rest[-2]
-    return (out0.new_empty(out0.shape), out1.new_empty(out1.shape),
-            _fake_temperature_gradient(out0, temperature, temperature_grad))
+def _(grad_loss, out0, out1, temperature, z, ws, inv_temp, rank_rows, temperature_grad, config_ints):
+    return _fake_gradients(out0, out1, temperature, temperature_grad)
 
 
 @_infonce_op.register_fake
 def _(query, key, negatives, temperature, inv_temp, config_ints):
     n, d = query.shape
-    dtype = operand_dtype(d, torch.promote_types(query.dtype, key.dtype), _config_from_ints(config_ints))
-    return (_float32(query), query.new_empty((n, d), dtype=dtype), query.new_empty((n, d), dtype=dtype),
-            _float32(query, n), _float32(query, n), _float32(query, n), _float32(query, n))
+    plan = _InfoNCEPlan(n, d, negatives.shape[0], torch.promote_types(query.dtype, key.dtype), query.device,
+                        config_ints)
+    return (query.new_empty((), dtype=torch.float32), query.new_empty((2 * n, d), dtype=plan.z_dtype),
+            _fake_workspace(query, plan.state))
 
 
 @_infonce_backward_op.register_fake
-def _(grad_loss, query, key, negatives, temperature, *rest):
-    temperature_grad = rest[-2]
-    return (query.new_empty(query.shape), key.new_empty(key.shape),
-            _fake_temperature_gradient(query, temperature, temperature_grad))
+def _(grad_loss, query, key, negatives, temperature, z, ws, inv_temp, temperature_grad, config_ints):
+    return _fake_gradients(query, key, temperature, temperature_grad)
 
 
 @_uniformity_op.register_fake
 def _(z, t, config_ints):
     n, d = z.shape
-    dtype = operand_dtype(d, z.dtype, _config_from_ints(config_ints))
-    return _float32(z), z.new_empty((n, d), dtype=dtype), _float32(z, n), _float32(z), _float32(z, n)
+    plan = _UniformityPlan(n, d, z.dtype, z.device, config_ints)
+    return z.new_empty((), dtype=torch.float32), z.new_empty((n, d), dtype=plan.z_dtype), _fake_workspace(z, plan.state)
 
 
 @_uniformity_backward_op.register_fake
@@ -1535,41 +1720,46 @@ def _(grad_loss, z, *rest):
 
 def _ntxent_setup(ctx, inputs, output) -> None:
     out0, out1, temperature, inv_temp, rank_rows, config_ints = inputs
+    _, z, ws = output
+    # Non-differentiable auxiliary outputs: autograd neither detaches them on return nor on
+    # unpacking them in the backward (one aten.detach each way per saved output otherwise).
+    ctx.mark_non_differentiable(z, ws)
     ctx.set_materialize_grads(False)  # the auxiliary outputs get no gradient: no zero tensors
-    ctx.save_for_backward(out0, out1, temperature, *output[1:])
-    # Columns: every rank's [view 0; view 1] block in rank order, this rank's at col_offset.
-    ctx.col_offset = distributed.rank_row_offset(2 * out0.shape[0], sizes=[2 * rows for rows in rank_rows]) \
-        if len(rank_rows) > 0 else 0
-    ctx.inv_temp, ctx.config_ints = inv_temp, config_ints
+    ctx.save_for_backward(out0, out1, temperature, z, ws)
+    ctx.inv_temp, ctx.rank_rows, ctx.config_ints = inv_temp, rank_rows, config_ints
 
 
 def _ntxent_gradient(ctx, grad_loss, *_auxiliary):
-    out0, out1, temperature, *saved = ctx.saved_tensors
+    out0, out1, temperature, z, ws = ctx.saved_tensors
     temperature_grad = temperature is not None and ctx.needs_input_grad[2]
-    grads = _ntxent_backward_op(grad_loss, out0, out1, temperature, *saved, ctx.inv_temp, ctx.col_offset,
+    grads = _ntxent_backward_op(grad_loss, out0, out1, temperature, z, ws, ctx.inv_temp, ctx.rank_rows,
                                 temperature_grad, ctx.config_ints)
     return grads[0], grads[1], grads[2] if temperature_grad else None, None, None, None
 
 
 def _infonce_setup(ctx, inputs, output) -> None:
     query, key, negatives, temperature, inv_temp, config_ints = inputs
+    _, z, ws = output
+    ctx.mark_non_differentiable(z, ws)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(query, key, negatives, temperature, *output[1:])
+    ctx.save_for_backward(query, key, negatives, temperature, z, ws)
     ctx.inv_temp, ctx.config_ints = inv_temp, config_ints
 
 
 def _infonce_gradient(ctx, grad_loss, *_auxiliary):
-    query, key, negatives, temperature, *saved = ctx.saved_tensors
+    query, key, negatives, temperature, z, ws = ctx.saved_tensors
     temperature_grad = temperature is not None and ctx.needs_input_grad[3]
-    grads = _infonce_backward_op(grad_loss, query, key, negatives, temperature, *saved, ctx.inv_temp,
+    grads = _infonce_backward_op(grad_loss, query, key, negatives, temperature, z, ws, ctx.inv_temp,
                                  temperature_grad, ctx.config_ints)
     return grads[0], grads[1], None, grads[2] if temperature_grad else None, None, None
 
 
 def _uniformity_setup(ctx, inputs, output) -> None:
     z, t, config_ints = inputs
+    _, z_hat, ws = output
+    ctx.mark_non_differentiable(z_hat, ws)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(z, *output[1:])
+    ctx.save_for_backward(z, z_hat, ws)
     ctx.t, ctx.config_ints = t, config_ints
 
 
@@ -1651,7 +1841,9 @@ def infonce_loss_triton(
     _check_kernel_dtype("key", key)
     _check_kernel_dtype("negatives", negatives)
     temperature_tensor, inv_temp = _temperature_arguments(temperature, query.device)
-    return _infonce_op(query, key, negatives.detach(), temperature_tensor, inv_temp, _config_to_ints(config))[0]
+    if negatives.requires_grad:  # the bank gets no gradient (detached only when needed: one operator)
+        negatives = negatives.detach()
+    return _infonce_op(query, key, negatives, temperature_tensor, inv_temp, _config_to_ints(config))[0]
 
 
 def uniformity_triton(z: Tensor, t: float = 2.0, *, config: Optional[KernelConfig] = None) -> Tensor:
