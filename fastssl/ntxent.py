@@ -65,6 +65,7 @@ squares underflow) normalize as in float64.
 from __future__ import annotations
 
 import math
+import operator
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -694,10 +695,23 @@ def uniformity_loss(z: Tensor, t: float = 2.0, *, backend: str = "auto") -> Tens
 # --------------------------------------------------------------------------------------------
 
 
+def _is_integer_scalar(value: object) -> bool:
+    """A Python or NumPy integer scalar (anything ``operator.index`` takes: ``np.int64(16384)``
+    as lightly accepts it), not a bool (Python's or NumPy's) and not a sequence."""
+    if isinstance(value, bool) or type(value).__name__ in ("bool_", "bool"):
+        return False
+    try:
+        operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return False
+    return True
+
+
 def _parse_bank_size(memory_bank_size: Union[int, Sequence[int]]) -> Tuple[int, Optional[int]]:
-    if isinstance(memory_bank_size, bool):
+    """``size`` or ``(size, dim)`` -- each a Python or NumPy integer (not a bool) -- as Python ints."""
+    if isinstance(memory_bank_size, bool) or type(memory_bank_size).__name__ in ("bool_", "bool"):
         raise TypeError("memory_bank_size must be an int or a (size, dim) pair, got bool")
-    if isinstance(memory_bank_size, int):
+    if _is_integer_scalar(memory_bank_size):
         return check_int("memory_bank_size", memory_bank_size), None
     try:
         size, dim = memory_bank_size  # type: ignore[misc]

@@ -493,6 +493,32 @@ def test_module_matches_functional_and_validates():
         fastssl.NTXentLoss(temperature=1e-9)
 
 
+def test_module_accepts_numpy_integer_bank_sizes():
+    """NumPy integer scalars (as lightly accepts them, e.g. from a config array) for the bank's
+    size and dimension, stored as Python ints; bools (Python's or NumPy's) are still refused."""
+    np = pytest.importorskip("numpy")
+    sized = fastssl.NTXentLoss(memory_bank_size=np.int64(16384), backend="torch")
+    assert sized.memory_bank_size == 16384 and type(sized.memory_bank_size) is int
+    assert sized.bank.numel() == 0  # the dimension comes with the first batch
+    for pair in [(np.int64(12), np.int64(5)), (np.int32(12), 5), np.array([12, 5], dtype=np.int64)]:
+        module = fastssl.NTXentLoss(memory_bank_size=pair, backend="torch")
+        assert module.memory_bank_size == 12 and module.bank.shape == (12, 5)
+    q, k = awkward_inputs(4, 5)
+    torch.manual_seed(0)
+    numpy_sized = fastssl.NTXentLoss(0.3, memory_bank_size=(np.int64(12), np.int64(5)), backend="torch")
+    torch.manual_seed(0)
+    int_sized = fastssl.NTXentLoss(0.3, memory_bank_size=(12, 5), backend="torch")
+    assert torch.equal(numpy_sized.bank, int_sized.bank)
+    assert numpy_sized(q, k).item() == pytest.approx(int_sized(q, k).item(), rel=1e-6)
+    for bad in (np.bool_(True), True, (np.bool_(True), 5), (12, True)):
+        with pytest.raises(TypeError, match="bool"):
+            fastssl.NTXentLoss(memory_bank_size=bad)
+    with pytest.raises(ValueError, match=">= 0"):
+        fastssl.NTXentLoss(memory_bank_size=np.int64(-1))
+    with pytest.raises(TypeError, match="int"):
+        fastssl.NTXentLoss(memory_bank_size=(np.float64(12.0), 5))
+
+
 def test_module_bank_gradients_match_reference():
     q, k = awkward_inputs(5, 6)
     torch.manual_seed(3)
