@@ -155,7 +155,8 @@ HEADLINE_CASES: List[Case] = [
       for case in _decorrelation_cases(fam, n, dt)],
     _c("swav", "float32", label="B=4096, K=3000, 3 iterations", b=4096, k=3000),
     *[_c("dino", dt, label="12 views x 64, K=65536", views=12, b=64, k=65536) for dt in ("float32", "bfloat16")],
-    _c("ibot", "float32", label="64 x 196 tokens (40% masked), K=65536", images=64, tokens=196, k=65536),
+    *[_c("ibot", dt, label="64 x 196 tokens (40% masked), K=65536", images=64, tokens=196, k=65536)
+      for dt in ("float32", "bfloat16")],
     _c("wmse", "float32", label="d=128, w=256, 4 sub-batches", d=128, w_size=256, sub_batches=4),
 ]
 

@@ -590,8 +590,8 @@ def _ibot_stats_kernel(
     n_rows,
     rows_per_group,
     k_units,
-    inv_teacher_temp,
-    inv_student_temp,
+    teacher_scale,
+    student_scale,
     T_ROW_ALIGN: tl.constexpr,
     S_ROW_ALIGN: tl.constexpr,
     K_ALIGN: tl.constexpr,
@@ -602,7 +602,9 @@ def _ibot_stats_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """Program (row group g, K tile j): for every row of the group, the tile's partial
-    statistics (m_t, S_t, D, m_s, S_s) stored at ws[partial_offset + (stat·splits + j)·R + row];
+    statistics (m_t, S_t, D, m_s, S_s) stored at ws[partial_offset + (stat·splits + j)·R + row],
+    in base 2: logits y = (t − c)·teacher_scale and x = s·student_scale with the scales
+    log2(e)/τ, so that every exponential is one ex2 (maxima and D in these units);
     with WITH_COLSUM, colsum[g, tile] = Σ_rows t (the center's batch sum; this program owns it)."""
     pid_group = tl.program_id(0)
     pid_split = tl.program_id(1)
@@ -610,8 +612,9 @@ def _ibot_stats_kernel(
     n_splits = tl.num_programs(1)
     cols = pid_split * BLOCK_K + tl.arange(0, BLOCK_K)
     col_mask = cols < n_proto
+    # y = t·scale − c·scale: one FMA per element with the center scaled once per program.
     if HAS_CENTER:
-        center = tl.load(center_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        center = tl.load(center_ptr + cols, mask=col_mask, other=0.0).to(tl.float32) * teacher_scale
     else:
         center = tl.zeros([BLOCK_K], tl.float32)
     # Column sums per tile lane, reduced over rows once at the end (a reduction across warps per
@@ -631,13 +634,13 @@ def _ibot_stats_kernel(
         if EVEN_K:
             raw_t = tl.load(t_at).to(tl.float32)
             raw_s = tl.load(s_at).to(tl.float32)
-            y = (raw_t - center[None, :]) * inv_teacher_temp
-            x = raw_s * inv_student_temp
+            y = raw_t * teacher_scale - center[None, :]
+            x = raw_s * student_scale
         else:
             raw_t = tl.load(t_at, mask=col_mask[None, :], other=0.0).to(tl.float32)
             raw_s = tl.load(s_at, mask=col_mask[None, :], other=0.0).to(tl.float32)
-            y = tl.where(col_mask[None, :], (raw_t - center[None, :]) * inv_teacher_temp, float("-inf"))
-            x = tl.where(col_mask[None, :], raw_s * inv_student_temp, float("-inf"))
+            y = tl.where(col_mask[None, :], raw_t * teacher_scale - center[None, :], float("-inf"))
+            x = tl.where(col_mask[None, :], raw_s * student_scale, float("-inf"))
         if WITH_COLSUM:
             colsum += tl.where(row_mask[:, None], raw_t, 0.0)
         max_t = tl.max(y, axis=1)
@@ -645,9 +648,9 @@ def _ibot_stats_kernel(
         # A row of -inf logits: shift by 0 so that exp gives 0, not NaN.
         shift_t = tl.where(max_t == float("-inf"), 0.0, max_t)
         shift_s = tl.where(max_s == float("-inf"), 0.0, max_s)
-        e = tl.exp(y - shift_t[:, None])
+        e = tl.exp2(y - shift_t[:, None])
         sum_t = tl.sum(e, axis=1)
-        sum_s = tl.sum(tl.exp(x - shift_s[:, None]), axis=1)
+        sum_s = tl.sum(tl.exp2(x - shift_s[:, None]), axis=1)
         if EVEN_K:
             gaps = tl.sum(e * (shift_s[:, None] - x), axis=1)
         else:
@@ -693,8 +696,9 @@ def _ibot_epilogue_kernel(
     TOKEN_BLOCK: tl.constexpr,
     CENTER_BLOCK: tl.constexpr,
 ):
-    """Programs [0, row_programs), BLOCK rows each: the K-tile partials merged into the row
-    statistics stats[0:4] = (M_t, log S_t, M_s, log S_s) and the row weight stats[4] (from the
+    """Programs [0, row_programs), BLOCK rows each: the K-tile partials (base 2, see
+    _ibot_stats_kernel) merged into the row statistics stats[0:4] = (M_t, log2 S_t, M_s,
+    log2 S_s), the cross-entropy ce = ln 2·(D/S_t + log2 S_s), and the row weight stats[4] (from the
     (B, tokens) boolean mask: 1/(B·max(n_b, 1)) for the n_b masked tokens of the row's image, rows
     in the mask's row-major order; or read from weights_ptr), and the program's Σ w_i·ce_i at
     ws[loss_offset + program] -- NaN when the mask marks a number of tokens other than R. The
@@ -733,16 +737,16 @@ def _ibot_epilogue_kernel(
             d = tl.load(at + 2 * stat_stride, mask=tile_mask, other=0.0)
             m_s = tl.load(at + 3 * stat_stride, mask=tile_mask, other=float("-inf"))
             s_s = tl.load(at + 4 * stat_stride, mask=tile_mask, other=0.0)
-            scale_t = tl.exp(m_t - shift_t[None, :])
+            scale_t = tl.exp2(m_t - shift_t[None, :])
             sum_t += tl.sum(s_t * scale_t, axis=0)
-            sum_s += tl.sum(s_s * tl.exp(m_s - shift_s[None, :]), axis=0)
+            sum_s += tl.sum(s_s * tl.exp2(m_s - shift_s[None, :]), axis=0)
             # D_j was taken against the tile's own student max m_sj: shift it to M_s. A tile
             # whose teacher mass is 0 adds nothing (and its -inf max no NaN).
             gap_shift = shift_s[None, :] - tl.where(s_t > 0.0, m_s, shift_s[None, :])
             gaps += tl.sum(tl.where(s_t > 0.0, scale_t * (d + gap_shift * s_t), 0.0), axis=0)
-        log_sum_t = tl.log(tl.where(row_mask, sum_t, 1.0))
-        log_sum_s = tl.log(tl.where(row_mask, sum_s, 1.0))
-        cross_entropy = gaps / tl.where(row_mask, sum_t, 1.0) + log_sum_s
+        log_sum_t = tl.log2(tl.where(row_mask, sum_t, 1.0))
+        log_sum_s = tl.log2(tl.where(row_mask, sum_s, 1.0))
+        cross_entropy = (gaps / tl.where(row_mask, sum_t, 1.0) + log_sum_s) * 0.6931471805599453
         if WEIGHTS_FROM_MASK:
             # Row r belongs to image b when start_b <= r < end_b, end_b = Σ_{b' <= b} n_b': the
             # mask's counts, IMAGE_BLOCK images at a time (a prefix sum per block).
@@ -806,7 +810,8 @@ def _ibot_grad_kernel(
     n_rows,
     rows_per_group,
     k_units,
-    inv_teacher_temp,
+    teacher_scale,
+    student_scale,
     inv_student_temp,
     T_ROW_ALIGN: tl.constexpr,
     S_ROW_ALIGN: tl.constexpr,
@@ -818,14 +823,14 @@ def _ibot_grad_kernel(
 ):
     """grad[i] = w_i·g·(p_i − q_i)/τ_s over the program's (row group, K tile), g the incoming
     gradient (read on the device), p and q rebuilt from the row statistics and the center's copy
-    at stats[5·R:] (contiguous (R, K) gradient)."""
+    at stats[5·R:] (base 2, as _ibot_stats_kernel; contiguous (R, K) gradient)."""
     pid_group = tl.program_id(0)
     pid_split = tl.program_id(1)
     n_proto = k_units * K_ALIGN
     cols = pid_split * BLOCK_K + tl.arange(0, BLOCK_K)
     col_mask = cols < n_proto
     if HAS_CENTER:
-        center = tl.load(stats_ptr + _IBOT_STATS * n_rows + cols, mask=col_mask, other=0.0)
+        center = tl.load(stats_ptr + _IBOT_STATS * n_rows + cols, mask=col_mask, other=0.0) * teacher_scale
     else:
         center = tl.zeros([BLOCK_K], tl.float32)
     factor = tl.load(upstream_ptr).to(tl.float32) * inv_student_temp
@@ -845,16 +850,16 @@ def _ibot_grad_kernel(
         t_at = t_ptr + rows64[:, None] * (t_stride_units * T_ROW_ALIGN) + cols[None, :]
         s_at = s_ptr + rows64[:, None] * (s_stride_units * S_ROW_ALIGN) + cols[None, :]
         if EVEN_K:
-            y = (tl.load(t_at).to(tl.float32) - center[None, :]) * inv_teacher_temp
-            x = tl.load(s_at).to(tl.float32) * inv_student_temp
-            q = tl.exp((y - max_t[:, None]) - log_sum_t[:, None])
-            p = tl.exp((x - max_s[:, None]) - log_sum_s[:, None])
+            y = tl.load(t_at).to(tl.float32) * teacher_scale - center[None, :]
+            x = tl.load(s_at).to(tl.float32) * student_scale
+            q = tl.exp2((y - max_t[:, None]) - log_sum_t[:, None])
+            p = tl.exp2((x - max_s[:, None]) - log_sum_s[:, None])
         else:
-            y = (tl.load(t_at, mask=col_mask[None, :], other=0.0).to(tl.float32) - center[None, :]) * inv_teacher_temp
-            x = tl.load(s_at, mask=col_mask[None, :], other=0.0).to(tl.float32) * inv_student_temp
+            y = tl.load(t_at, mask=col_mask[None, :], other=0.0).to(tl.float32) * teacher_scale - center[None, :]
+            x = tl.load(s_at, mask=col_mask[None, :], other=0.0).to(tl.float32) * student_scale
             # Padding lanes: both exponents -inf (an unmasked one could overflow there).
-            q = tl.exp(tl.where(col_mask[None, :], (y - max_t[:, None]) - log_sum_t[:, None], float("-inf")))
-            p = tl.exp(tl.where(col_mask[None, :], (x - max_s[:, None]) - log_sum_s[:, None], float("-inf")))
+            q = tl.exp2(tl.where(col_mask[None, :], (y - max_t[:, None]) - log_sum_t[:, None], float("-inf")))
+            p = tl.exp2(tl.where(col_mask[None, :], (x - max_s[:, None]) - log_sum_s[:, None], float("-inf")))
         grad = (p - q) * scale[:, None]
         out = grad_ptr + rows.to(tl.int64)[:, None] * n_proto + cols[None, :]
         tl.store(out, grad.to(grad_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
@@ -863,7 +868,10 @@ def _ibot_grad_kernel(
 # Warps of the two streaming kernels: two (8, 512) float32 tiles per program on 8 warps keep
 # about 90 registers per thread (172 on 4 warps), so more warps per SM keep loads in flight.
 _IBOT_STREAM_WARPS = 8
+_IBOT_TILE_ELEMENTS = 4096
+_IBOT_TILE_K = 4096
 _IBOT_ROW_BLOCK = 32  # rows per epilogue program (the partial merge)
+_LOG2E = 1.4426950408889634  # the kernels' logits are in base 2: one ex2 per exponential
 _IBOT_SPLIT_BLOCK = 32  # K-tile partials merged per load
 _IBOT_IMAGE_BLOCK = 16
 _IBOT_TOKEN_BLOCK = 256
@@ -885,8 +893,8 @@ def _ibot_stats_size(n_rows: int, n_proto: int, has_center: bool) -> int:
 def _ibot_plan(n_rows: int, n_proto: int, device: torch.device):
     """(BLOCK_ROWS, BLOCK_K, row groups, rows per group, K tiles): one program per (row group,
     K tile), row groups only as many as four waves of programs need."""
-    block_k = min(next_pow2(n_proto), _TILE_CONTIGUOUS)
-    block_rows = min(next_pow2(n_rows), max(1, _TILE_ELEMENTS // block_k))
+    block_k = min(next_pow2(n_proto), _IBOT_TILE_K)
+    block_rows = min(next_pow2(n_rows), max(1, _IBOT_TILE_ELEMENTS // block_k))
     row_blocks = triton.cdiv(n_rows, block_rows)
     k_blocks = triton.cdiv(n_proto, block_k)
     groups = max(1, min(row_blocks, triton.cdiv(target_programs(device), k_blocks)))
@@ -929,7 +937,7 @@ def _ibot_forward(
     k_alignment = k_align(n_proto)
     _ibot_stats_kernel[(groups, splits)](
         teacher, t_units, student, s_units, ws if center is None else center, ws, partials, colsum,
-        n_rows, rows_per_group, n_proto // k_alignment, 1.0 / teacher_temp, 1.0 / student_temp,
+        n_rows, rows_per_group, n_proto // k_alignment, _LOG2E / teacher_temp, _LOG2E / student_temp,
         T_ROW_ALIGN=t_align, S_ROW_ALIGN=s_align, K_ALIGN=k_alignment, HAS_CENTER=center is not None,
         WITH_COLSUM=with_colsum, EVEN_K=n_proto % block_k == 0, BLOCK_ROWS=block_rows, BLOCK_K=block_k,
         num_warps=_IBOT_STREAM_WARPS,
@@ -976,7 +984,8 @@ def _ibot_backward(
     k_alignment = k_align(n_proto)
     _ibot_grad_kernel[(groups, splits)](
         teacher, t_units, student, s_units, stats, grad_loss, grad,
-        n_rows, rows_per_group, n_proto // k_alignment, 1.0 / teacher_temp, 1.0 / student_temp,
+        n_rows, rows_per_group, n_proto // k_alignment, _LOG2E / teacher_temp, _LOG2E / student_temp,
+        1.0 / student_temp,
         T_ROW_ALIGN=t_align, S_ROW_ALIGN=s_align, K_ALIGN=k_alignment, HAS_CENTER=has_center,
         EVEN_K=n_proto % block_k == 0, BLOCK_ROWS=block_rows, BLOCK_K=block_k, num_warps=_IBOT_STREAM_WARPS,
     )  # fmt: skip
@@ -1064,23 +1073,34 @@ def ibot_patch_loss_triton(
         0-d float32 loss, or ``(loss, center output)``.
 
     Cost (H200, 4.3 TB/s; iBOT at DINOv2's shape: R = 5018 masked tokens of 64 × 196, K = 65536,
-    e bytes per element, E = R·K = 3.3·10⁸):
+    e bytes per element, E = R·K = 3.3·10⁸), counted before the kernels were written:
 
     * floor: read teacher and student once, write the gradient once: 3·E·e = 3.9 GB (fp32)
-      -> 918 µs; 1.97 GB (bf16) -> 459 µs. FLOPs ~25 per element (both passes) = 8 GFLOP and
-      4 exponentials per element pair (1.3·10⁹, ~350 µs at ~3.7·10¹² exp/s, below the copy
-      time): bytes bind.
-    * this implementation: the forward reads teacher and student once (loss from one pass:
-      ce = D/S_t + log S_s), the backward reads them again and writes the gradient (scaled by
-      the incoming gradient there: no saved gradient, no scaling pass): 5·E·e = 6.6 GB (fp32)
-      -> 1,530 µs, 60 % of the floor; plus the K-tile partials (5·R·K/512 floats, 13 MB
-      written and read once) and the center's column sums per row group (1.3 MB): ≈ 1,540 µs
-      predicted (fp32), ≈ 775 µs (bf16) for forward + backward, ≈ 60 % of the floor.
-    * memory beyond the inputs: the gradient (E·e, which any backward returns) and 13 MB of
+      -> 918 µs; 1.97 GB (bf16) -> 459 µs. ~25 FLOPs and 4 exponentials per element pair over
+      both passes (8 GFLOP, 1.3·10⁹ ex2): below the copy time, so bytes bind.
+    * this implementation: the forward reads teacher and student once (the loss from one pass,
+      ce = D/S_t + log S_s), the backward reads them again and writes the gradient already
+      scaled by the incoming gradient (no saved gradient, no scaling pass): 5·E·e = 6.6 GB
+      (fp32) -> 1,530 µs, 1,545 µs with the small launches; 3.3 GB (bf16) -> 770 µs: ≈ 60 % of
+      the floor, the most a forward and a backward that each need the finished row statistics
+      can reach (the K-tile partials add 5·R·K/4096 floats, 1.6 MB, and the center's column
+      sums per row group 8.6 MB).
+    * instruction issue (sm_90 SASS, Triton 3.9, hot loop per warp per (1, 4096) tile on 8
+      warps): stats kernel 364 instructions = 0.71 warp-instructions per element pair -> 223 µs
+      at 4 issues per cycle per SM, under the forward's copy time (612 µs fp32, 306 µs bf16);
+      gradient kernel 213 -> 131 µs, under its 918 / 459 µs. Predicted effect of the two
+      changes made after the first compile (written before each): per-tile masks and a
+      cross-warp column sum per tile gone (845 -> 789 instructions per (8, 512) tile), base-2
+      logits with log2(e) folded into the scales (-> 645), (1, 4096) tiles so that each row
+      reduction crosses warps once per 4096 elements instead of once per 512 (-> 364): bf16
+      forward from issue-bound (~520 µs) to copy-bound (306 µs).
+    * memory beyond the inputs: the gradient (E·e, which any backward returns) and ~10 MB of
       workspace; lightly's autograd keeps softmax, log-softmax and their product (3·E·4 B =
       3.9 GB at fp32) on top of its gradient.
-    * programs (132 SMs): stats and gradient kernels 5 row groups × 128 K tiles = 640 (4.8
-      waves); epilogue 157 row blocks + 64 center blocks; sum 1.
+    * programs (132 SMs): stats and gradient kernels 33 row groups × 16 K tiles = 528 (4.0
+      waves, 99-127 registers, no spills under Triton 3.6 and 3.9); epilogue 157 row blocks +
+      64 center blocks; sum 1. Eager ops per module step: 8 (5 allocations, 2 detaches, the
+      center's in-place copy); no host synchronisation.
 
     Example::
 

@@ -26,8 +26,8 @@ def _poisoned_buffers(monkeypatch):
 
 def _tiny_tiles(monkeypatch) -> None:
     # (2, 4) tiles, partials merged 2 splits x 4 rows at a time, 2 images per mask block.
-    monkeypatch.setattr(kernels, "_TILE_ELEMENTS", 8)
-    monkeypatch.setattr(kernels, "_TILE_CONTIGUOUS", 4)
+    monkeypatch.setattr(kernels, "_IBOT_TILE_ELEMENTS", 8)
+    monkeypatch.setattr(kernels, "_IBOT_TILE_K", 4)
     monkeypatch.setattr(kernels, "_IBOT_ROW_BLOCK", 4)
     monkeypatch.setattr(kernels, "_IBOT_SPLIT_BLOCK", 2)
     monkeypatch.setattr(kernels, "_IBOT_IMAGE_BLOCK", 2)
@@ -125,8 +125,8 @@ def test_ibot_triton_large_logits_and_other_temperatures(device, teacher_temp, s
     teacher mass is 0 add nothing to the merged sums), a negative teacher temperature."""
     # Several K tiles per row; enough elements that both maximum errors approach the rounding
     # bound (with a handful, one lucky draw decides the comparison).
-    monkeypatch.setattr(kernels, "_TILE_ELEMENTS", 64)
-    monkeypatch.setattr(kernels, "_TILE_CONTIGUOUS", 8)
+    monkeypatch.setattr(kernels, "_IBOT_TILE_ELEMENTS", 64)
+    monkeypatch.setattr(kernels, "_IBOT_TILE_K", 8)
 
     def make_case():
         mask = _mask(4, 4, 4)
@@ -183,8 +183,8 @@ def test_ibot_triton_modules_match_lightly_over_calls(device, tiles, monkeypatch
 
     lightly = need_lightly()
     if tiles == "small":  # two K tiles, several row groups (tiny tiles make this test slow)
-        monkeypatch.setattr(kernels, "_TILE_ELEMENTS", 32)
-        monkeypatch.setattr(kernels, "_TILE_CONTIGUOUS", 8)
+        monkeypatch.setattr(kernels, "_IBOT_TILE_ELEMENTS", 32)
+        monkeypatch.setattr(kernels, "_IBOT_TILE_K", 8)
         monkeypatch.setattr(kernels, "_IBOT_ROW_BLOCK", 8)
     k = 13
     kwargs = dict(output_dim=k, teacher_temp=0.05, student_temp=0.2, center_momentum=0.7)
