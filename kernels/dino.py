@@ -24,6 +24,12 @@ the GPU:
    to subtract its P.
 4. :func:`fastssl.kernels._common.sum_to_scalar_kernel`: the loss partials into the loss.
 
+iBOT's masked-patch loss (Zhou et al. 2022; iBOT++ with given row weights) has its own three
+launches below (:func:`ibot_patch_loss_triton`, custom ops ``fastssl::ibot_patch`` and
+``fastssl::ibot_patch_backward``): same-index pairs instead of cross-view ones, so the loss comes
+from one pass and the gradient from a second one in the backward; they share this file's tile
+conventions and the helpers of :mod:`fastssl.kernels._common`.
+
 Precision. Log-probabilities are formed relative to the row maximum, (y − max) − log Σ, never
 as y − lse with lse = max + log Σ rounded first: with logits that carry a common offset of
 10³-10⁴ (·1/τ), lse's rounding at that magnitude cost 15-36x PyTorch's own float32 error; now
