@@ -133,26 +133,22 @@ def _c(family: str, dtype: str, headline: bool = True, label: Optional[str] = No
     return Case(family, text, dtype, tuple(shape.items()), headline, backend)
 
 
-def _decorrelation_cases(family: str, n: int, dtype: str) -> List[Case]:
-    """The shape as ``auto`` runs it and, where auto's cost rule (fastssl/decorrelation.py,
-    ``auto_prefers_triton``) picks the torch path, also the Triton path (``backend="triton"``):
-    targets (a)-(d) are the Triton path's."""
-    import torch
-
-    from fastssl import decorrelation
-
-    cases = [_c(family, dtype, n=n, d=8192)]
-    if not decorrelation.auto_prefers_triton(n, 8192, getattr(torch, dtype), n < 8192, family == "vicreg"):
-        cases.append(_c(family, dtype, backend="triton", n=n, d=8192))
-    return cases
+def _triton_twin(case: Case) -> Optional[Case]:
+    """Where auto's cost rule (fastssl/decorrelation.py, ``auto_prefers_triton``) runs the torch
+    path (cuBLAS) at a Barlow Twins / VICReg headline shape, the same shape on the Triton path
+    (``backend="triton"``): targets (a)-(d) are that path's."""
+    rule = auto_rule(case)
+    if rule is None or rule["choice"] == "triton":
+        return None
+    return dataclasses.replace(case, backend="triton")
 
 
 HEADLINE_CASES: List[Case] = [
     _c("ntxent", "bfloat16", label="2N=8192, d=128", n=4096, d=128),
     _c("ntxent", "bfloat16", label="2N=1048576, d=128", n=524288, d=128),
     _c("infonce", "bfloat16", label="N=256, K=65536, d=128", n=256, k=65536, d=128),
-    *[case for fam in ("barlow_twins", "vicreg") for n in (2048, 256) for dt in ("float32", "bfloat16")
-      for case in _decorrelation_cases(fam, n, dt)],
+    *[_c(fam, dt, n=n, d=8192) for fam in ("barlow_twins", "vicreg") for n in (2048, 256)
+      for dt in ("float32", "bfloat16")],
     _c("swav", "float32", label="B=4096, K=3000, 3 iterations", b=4096, k=3000),
     *[_c("dino", dt, label="12 views x 64, K=65536", views=12, b=64, k=65536) for dt in ("float32", "bfloat16")],
     *[_c("ibot", dt, label="64 x 196 tokens (40% masked), K=65536", images=64, tokens=196, k=65536)
@@ -819,8 +815,20 @@ def check_failures(results: Dict[str, Any]) -> List[str]:
     return problems
 
 
+def headline_cases_with_twins() -> List[Case]:
+    """The headline cases, each followed by its Triton twin where auto's rule picks the torch path."""
+    out: List[Case] = []
+    for case in HEADLINE_CASES:
+        out.append(case)
+        twin = _triton_twin(case)
+        if twin is not None:
+            out.append(twin)
+    return out
+
+
 def select_cases(which: str) -> List[Case]:
-    return {"headline": HEADLINE_CASES, "small": SMALL_CASES, "all": HEADLINE_CASES + SMALL_CASES}[which]
+    headline = headline_cases_with_twins()
+    return {"headline": headline, "small": SMALL_CASES, "all": headline + SMALL_CASES}[which]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -844,7 +852,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cases = select_cases(args.cases)
     if args.case_names:
         wanted = set(json.loads(args.case_names))
-        cases = [c for c in HEADLINE_CASES + SMALL_CASES if c.name in wanted]
+        cases = [c for c in select_cases("all") if c.name in wanted]
 
     if args.compile_only_json or (args.check and args.no_write):
         results = compile_only(cases, quiet=args.quiet)
