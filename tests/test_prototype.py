@@ -696,3 +696,23 @@ def test_numpy_scalar_forward_hyperparameters_give_the_same_loss():
     assert torch.equal(got, expected)
     with pytest.raises(TypeError):
         fastssl.IBOTPlusPlusPatchLoss(output_dim=16)(teacher, student, mask, visible_loss_weight=True)
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.01])  # p kept (no underflow possible) / log p kept
+@pytest.mark.parametrize("regularization_weight", [0.0, 1.3])
+def test_msn_unchunked_rule_matches_the_chunked_path(monkeypatch, temperature, regularization_weight):
+    """Below the chunk budget MSN keeps the probabilities of one product for the backward; above
+    it, it recomputes them chunk by chunk. Both give the same loss and gradients."""
+    generator = torch.Generator().manual_seed(11)
+    inputs = [torch.randn(rows, 6, generator=generator, dtype=torch.float64) for rows in (9, 3, 7)]
+
+    def run():
+        leaves = [x.clone().requires_grad_(True) for x in inputs]
+        loss = FS.msn_loss(*leaves, temperature, 2, regularization_weight, 0.3, backend="torch")
+        return (loss, *torch.autograd.grad(loss, [leaves[0], leaves[2]]))
+
+    unchunked = run()
+    monkeypatch.setattr(prototype, "_CHUNK_ELEMENTS", 14)  # two anchors of K = 7 per chunk
+    chunked = run()
+    for got, expected in zip(unchunked, chunked):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
