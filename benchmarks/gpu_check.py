@@ -62,7 +62,8 @@ Every check is a *unit* (``check/ntxent/awkward``, ``time/dino 12 views x 64, K=
     memory of one call, the roofline floor (:mod:`benchmarks.roofline`) and, where the committed
     launch report (``benchmarks/results/launch-report.json``) predicts the case, its predicted
     time next to the measured one. W-MSE's "triton" column is its CUDA C++ extension, its
-    "torch" column the batched PyTorch path; iBOT has no kernel (both columns run PyTorch).
+    "torch" column the batched PyTorch path; iBOT's "triton" column is its patch-loss kernels
+    beside DINO's.
 
 Budget and isolation
 --------------------
@@ -187,13 +188,14 @@ CHECK_FAMILIES: Dict[str, Tuple[str, ...]] = {
     "swav": ("small", "awkward", "headline"),
     "sinkhorn": ("small", "awkward", "headline"),
     "dino": ("small", "awkward", "headline"),
+    "ibot": ("small", "awkward", "headline"),
     "wmse": ("small", "awkward", "headline"),
     "directclr": ("small", "awkward"),
     "vicregl": ("small",),
 }
 
 #: Families whose training step is captured in a CUDA graph.
-GRAPH_FAMILIES = ("ntxent", "moco", "uniformity", "barlow_twins", "vicreg", "swav", "dino", "wmse")
+GRAPH_FAMILIES = ("ntxent", "moco", "uniformity", "barlow_twins", "vicreg", "swav", "dino", "ibot", "wmse")
 
 #: Headline family -> the correctness and graph families whose verdicts its table row shows.
 ROW_CHECKS: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {
@@ -205,11 +207,11 @@ ROW_CHECKS: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {
     "sinkhorn": (("sinkhorn",), ()),
     "dino": (("dino",), ("dino",)),
     "wmse": (("wmse",), ("wmse",)),
-    "ibot": ((), ()),
+    "ibot": (("ibot",), ("ibot",)),
 }
 
 #: Harness families without a kernel: their "triton" column runs the torch path.
-NO_KERNEL = ("ibot",)
+NO_KERNEL: Tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1010,6 +1012,12 @@ CHECK_SHAPES: Dict[str, Dict[str, List[Tuple[Dict[str, int], str, bool]]]] = {
                     ({"views": 2, "b": 3, "k": 129}, "bfloat16", True), ({"views": 3, "b": 127, "k": 3}, "float32", False)],
         "headline": [({"views": 12, "b": 64, "k": 65536}, dt, False) for dt in ("float32", "bfloat16")],
     },
+    "ibot": {  # images x tokens, about 40 % of the tokens masked (at least one per image)
+        "small": [({"images": 4, "tokens": 16, "k": 64}, dt, False) for dt in _ALL],
+        "awkward": [({"images": 1, "tokens": 1, "k": 3}, "float32", False), ({"images": 2, "tokens": 3, "k": 1}, "float32", True),
+                    ({"images": 3, "tokens": 9, "k": 129}, "bfloat16", True), ({"images": 5, "tokens": 7, "k": 3}, "float32", False)],
+        "headline": [({"images": 64, "tokens": 196, "k": 65536}, dt, False) for dt in ("float32", "bfloat16")],
+    },
     "wmse": {
         "small": [({"d": 8, "w_size": 16, "sub_batches": 2}, dt, False) for dt in _ALL],
         "awkward": [({"d": 1, "w_size": 4, "sub_batches": 1}, "float32", False),
@@ -1030,7 +1038,7 @@ CHECK_SHAPES["vicreg"] = CHECK_SHAPES["barlow_twins"]
 
 #: Largest size of each dimension in the dry run (the interpreter runs every program in Python).
 _DRY_CAPS = {"n": 5, "d": 7, "k": 24, "b": 5, "views": 3, "w_size": 8, "sub_batches": 2, "loss_dim": 3,
-             "low": 1, "h": 5, "c": 8}  # fmt: skip
+             "low": 1, "h": 5, "c": 8, "images": 3, "tokens": 9}  # fmt: skip
 
 
 def _dry_shapes(family: str, which: str) -> List[Tuple[Dict[str, int], str, bool]]:
@@ -1124,6 +1132,18 @@ def check_recipes() -> Dict[str, CheckRecipe]:
         with without_wmse_extension() if backend == "torch" else _nullcontext():
             return FS.wmse_loss(t[0], 2, e["w_size"], 1, 0.0, permutations=e["permutations"], backend=backend)
 
+    def ibot(s, dt, dev, st):
+        # A token mask with about 40 % of the tokens of each image set, at least one (drawn on
+        # the host: the inputs are made outside the checked call).
+        gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+        mask = torch.rand(s["images"], s["tokens"], generator=gen) < 0.4
+        mask[:, 0] |= ~mask.any(dim=1)
+        rows = int(mask.sum())
+        teacher = randn(rows, s["k"], dt, dev, st, grad=False)
+        student = randn(rows, s["k"], dt, dev, st)
+        center = torch.randn(1, s["k"], device=dev) * 0.1
+        return [student, teacher], {"mask": mask.to(dev), "center": center}
+
     def directclr(s, dt, dev, st):
         return pair(s, dt, dev, st)[0], {"loss_dim": s["loss_dim"]}
 
@@ -1151,6 +1171,7 @@ def check_recipes() -> Dict[str, CheckRecipe]:
         "sinkhorn": CheckRecipe(lambda s, dt, dev, st: ([cosines(s["b"], s["k"], dt, dev, st, grad=False)], {}),
                                 lambda t, e, b: FS.sinkhorn(t[0], 3, 0.05, backend=b), backward=False),
         "dino": CheckRecipe(dino, lambda t, e, b: FS.dino_loss(t[e["views"]:], t[: e["views"]], e["center"], 0.04, 0.1, backend=b)),
+        "ibot": CheckRecipe(ibot, lambda t, e, b: FS.ibot_patch_loss(t[1], t[0], e["mask"], e["center"], 0.04, 0.1, backend=b)),
         "wmse": CheckRecipe(wmse, run_wmse),
         "directclr": CheckRecipe(directclr, lambda t, e, b: FS.directclr_loss(t[0], t[1], loss_dim=e["loss_dim"], backend=b)),
         "vicregl": CheckRecipe(vicregl, run_vicregl),
@@ -1389,6 +1410,18 @@ def graph_recipes() -> Dict[str, GraphRecipe]:
             permutation[x.device] = torch.randperm(per_view, generator=torch.Generator().manual_seed(0)).to(x.device)
         return FS.wmse_loss(x, 2, per_view // 2, 1, 0.0, permutations=[permutation[x.device]], backend="triton")
 
+    def ibot(loss, outputs):
+        # A fixed mask (a graph replays the same shapes): every other token of 8 images of 8
+        # tokens, 32 of the 64 rows; the teacher is the second view, without gradient.
+        # Rows are picked by a cached index (boolean indexing would read the count on the host).
+        rows = outputs[0].shape[0]
+        key = (outputs[0].device, rows)
+        if key not in permutation:
+            mask = (torch.arange(rows, device=outputs[0].device) % 2 == 0).reshape(-1, 8)
+            permutation[key] = (mask, mask.reshape(-1).nonzero().squeeze(1))
+        mask, picked = permutation[key]
+        return loss(outputs[1].detach().index_select(0, picked), outputs[0].index_select(0, picked), mask)
+
     return {
         "ntxent": GraphRecipe(64, 2, 64, lambda w: fastssl.NTXentLoss(0.2, backend="triton"), lambda s, o: s(o[0], o[1])),
         "moco": GraphRecipe(64, 2, 64, lambda w: fastssl.NTXentLoss(0.2, memory_bank_size=(96, w), backend="triton"),
@@ -1400,6 +1433,7 @@ def graph_recipes() -> Dict[str, GraphRecipe]:
                             lambda s, o: s([F.normalize(x, dim=1) for x in o[:2]], [F.normalize(x, dim=1) for x in o[2:]])),
         "dino": GraphRecipe(300, 6, 64, lambda w: fastssl.DINOLoss(output_dim=w, backend="triton"),
                             lambda s, o: s([x.detach() for x in o[:2]], o)),
+        "ibot": GraphRecipe(300, 2, 64, lambda w: fastssl.IBOTPatchLoss(output_dim=w, backend="triton"), ibot),
         "wmse": GraphRecipe(8, 2, 64, none, wmse),
     }  # fmt: skip
 
