@@ -67,7 +67,9 @@ REGISTERS_PER_SM = 65536
 SHARED_BYTES_PER_SM = 228 * 1024
 MAX_WARPS_PER_SM = 64
 MAX_BLOCKS_PER_SM = 32
-#: Bytes of one tensor argument a program is assumed to touch at most (see Launch.tensor_bytes).
+#: Bytes of one flat (1-D) tensor argument a program is assumed to touch at most: the kernels'
+#: workspaces are flat buffers passed whole to several launches and read in parts (see
+#: Launch.tensor_bytes). Operands of two or more dimensions (views, gradients) count whole.
 PROGRAM_BYTES_PER_TENSOR = 256 * 1024
 
 
@@ -97,7 +99,7 @@ class Launch:
     signature: Dict[str, str]  # parameter -> Triton type ("*bf16", "i32", "constexpr", ...)
     constexprs: Dict[str, Any]  # parameter -> value (launch constexprs and ints specialized to 1)
     divisible_by_16: List[str]  # parameters that carry tt.divisibility = 16
-    tensor_bytes: int  # bytes of the tensors passed, each once, at most PROGRAM_BYTES_PER_TENSOR per program
+    tensor_bytes: int  # bytes of the tensors passed, each once (flat ones: at most PROGRAM_BYTES_PER_TENSOR per program)
     site: str  # the launching line in the repository
     # Live objects for compiling in the capturing process (not serialized).
     jit_function: Any = dataclasses.field(default=None, repr=False, compare=False)
@@ -553,9 +555,13 @@ def _record_launch(jit_function, *args, grid, warmup, **kwargs):
             ident = (value.untyped_storage().data_ptr() if not _is_meta(value) else id(value), value.storage_offset())
             if ident not in seen:
                 seen.add(ident)
-                # A workspace shared by several launches is passed whole but read in parts: a
-                # program is taken to touch at most PROGRAM_BYTES_PER_TENSOR of each tensor.
-                tensor_bytes += min(_nbytes(value), programs * PROGRAM_BYTES_PER_TENSOR)
+                # A workspace shared by several launches (a flat buffer) is passed whole but read
+                # in parts: a program is taken to touch at most PROGRAM_BYTES_PER_TENSOR of it.
+                # Operands (two or more dimensions) are streamed whole.
+                if value.dim() >= 2:
+                    tensor_bytes += _nbytes(value)
+                else:
+                    tensor_bytes += min(_nbytes(value), programs * PROGRAM_BYTES_PER_TENSOR)
     launch = Launch(
         kernel=f"{jit_function.module}:{jit_function.fn.__qualname__}", phase=session.phase, grid=grid,
         options=explicit, signature=signature, constexprs=named_constexprs, divisible_by_16=divisible,

@@ -58,9 +58,9 @@ gets 2/3). Its time is that share divided by ``R_peak × fill × loop efficiency
 
 Every other launch streams its tensor arguments once: ``bytes / (4.3 TB/s × min(1, P·warps /
 (132 · 8)))`` (eight resident warps per SM to cover the memory latency), where a program is
-taken to touch at most 256 KiB of each tensor (workspaces shared by several launches are passed
-whole but read in parts). Each eager op that
-computes (not allocations or views) costs ``max(2 µs, bytes / 4.3 TB/s, FLOPs / (0.7 R_mm))`` of
+taken to touch at most 256 KiB of each flat (1-D) tensor (the workspaces, shared by several
+launches, are passed whole but read in parts); operands of two or more dimensions count whole.
+Each eager op that computes (not allocations or views) costs ``max(2 µs, bytes / 4.3 TB/s, FLOPs / (0.7 R_mm))`` of
 GPU time, every launch at least 2 µs. Host time: 4 µs per eager op, 8 µs per Triton launch,
 4 µs per CUDA C++ launch, 15 µs per custom-op call. Predicted = ``max(GPU, host)`` when the host never waits, else
 ``GPU + host + 10 µs`` per host sync (the host cannot run ahead of the device). A prediction below
@@ -661,9 +661,9 @@ def render_markdown(report: Dict[str, Any]) -> str:
            if (c.get("prediction") or {}).get("below_floor")]
     if low:
         lines += ["", "² The model's sum falls below the floor, which no schedule beats: its memory term caps the "
-                  f"bytes a program reads of one tensor at {launch_capture_cap_kib()} KiB (for workspaces passed whole "
-                  "and read in parts), which undercounts launches whose programs each stream more. Shown at the "
-                  "floor; the model's own sums: " + "; ".join(low) + "."]
+                  f"bytes a program reads of one flat tensor at {launch_capture_cap_kib()} KiB (for workspaces passed "
+                  "whole and read in parts), which undercounts launches whose programs each stream more. Shown at "
+                  "the floor; the model's own sums: " + "; ".join(low) + "."]
     lines += ["", "## Per launch", ""]
     for case in report["cases"]:
         title = f"### {case['family']}, {case['shape']}, {case['dtype']}"
