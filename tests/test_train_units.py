@@ -466,3 +466,40 @@ def test_swav_queue_keeps_the_newest_embeddings_first():
     m.queue_filled.zero_()
     without = m(batches[0], 1)
     assert not torch.isclose(with_queue, without)
+
+
+def test_swav_recipe_applies_its_settings_and_head():
+    cfg = TrainConfig(method="swav")
+    # Fixed prototypes, no small crops, colour-unreliable augmentations (docs/training.md).
+    assert cfg.num_local_crops == 0 and cfg.freeze_prototypes_epochs >= 1000 * cfg.epochs
+    assert tuple(cfg.crop_scale) == (0.6, 1.0) and cfg.jitter_prob == 1.0 and cfg.jitter_strength == 1.0
+    assert cfg.grayscale_prob == 0.4 and max(cfg.blur_probs) == 0.0
+    # Flags still override the recipe.
+    cfg = parse_args(["--method", "swav", "--num-local-crops", "2", "--freeze-prototypes-epochs", "1"])
+    assert cfg.num_local_crops == 2 and cfg.freeze_prototypes_epochs == 1
+    for num_train, proj_dim, expected_k in ((4000, None, 2000), (100, None, 512), (10**6, 64, 3000), (100, 200, 800)):
+        m = build_method(TrainConfig(method="swav", width=4, proj_dim=proj_dim), 3, num_train)
+        dim = m.prototypes.weight.shape[1]
+        assert m.prototypes.weight.shape[0] == expected_k
+        # The prototypes span the embedding space: no embedding scores 0 against all of them
+        # (with K <= d one does, and the loss sits at log K with no gradient).
+        assert int(torch.linalg.matrix_rank(m.prototypes.weight.detach())) == dim
+        # The projector ends in a BatchNorm (centred embeddings before the L2 norm).
+        assert isinstance(m.projector[-1], torch.nn.BatchNorm1d) and m.projector[-1].num_features == dim
+
+
+def test_swav_recipe_keeps_the_prototypes_fixed_while_training():
+    torch.manual_seed(0)
+    cfg = TrainConfig(method="swav", width=4, epochs=3)
+    m = build_method(cfg, 3, 64)
+    optimizer = O.build_optimizer(cfg, m, 8)
+    before = m.prototypes.weight.detach().clone()
+    backbone_before = [p.detach().clone() for p in m.backbone.parameters()]
+    views = [torch.randn(8, 3, 16, 16) for _ in range(2)]
+    for epoch in range(cfg.epochs):
+        optimizer.zero_grad(set_to_none=True)
+        m(views, epoch).backward()
+        m.after_backward(epoch)
+        optimizer.step()
+    torch.testing.assert_close(m.prototypes.weight, before, rtol=0, atol=0)
+    assert any(not torch.equal(p, q) for p, q in zip(m.backbone.parameters(), backbone_before))
