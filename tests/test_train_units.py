@@ -503,3 +503,33 @@ def test_swav_recipe_keeps_the_prototypes_fixed_while_training():
         optimizer.step()
     torch.testing.assert_close(m.prototypes.weight, before, rtol=0, atol=0)
     assert any(not torch.equal(p, q) for p, q in zip(m.backbone.parameters(), backbone_before))
+
+
+def test_dino_recipe_and_centring_head():
+    # DINO's recipe (docs/training.md): no small crops, colour-unreliable augmentations,
+    # teacher momentum 0.99; flags still override each part.
+    cfg = TrainConfig(method="dino")
+    assert (cfg.num_local_crops, cfg.ema_momentum, cfg.epochs, cfg.lr) == (0, 0.99, 10, 2e-3)
+    assert (cfg.jitter_prob, cfg.jitter_strength, tuple(cfg.crop_scale)) == (1.0, 1.0, (0.6, 1.0))
+    assert TrainConfig(method="dino", num_local_crops=2, ema_momentum=0.996).num_local_crops == 2
+    # The head's hidden BatchNorms (student and teacher) spread features that share one large
+    # positive component, as the untrained CNN's do; without them all bottleneck directions
+    # nearly coincide. The BN-free head keeps the layer names of earlier checkpoints.
+    from fastssl.train.models import DINOHead
+
+    m = build_method(TrainConfig(method="dino", width=4, prototypes=8), 3, 64)
+    for head in (m.head, m.teacher_head):
+        assert sum(isinstance(layer, torch.nn.BatchNorm1d) for layer in head.mlp) == 2
+    torch.manual_seed(0)
+    features = 5.0 + 0.5 * torch.rand(64, 8)
+    spread = {}
+    for batch_norm in (False, True):
+        torch.manual_seed(0)
+        head = DINOHead(8, 32, 16, 8, batch_norm=batch_norm)
+        spread[batch_norm] = F.normalize(head.mlp(features), dim=1).mean(0).norm()
+        assert head(features).shape == (64, 8)
+    assert spread[False] > 0.99 and spread[True] < 0.6
+    plain = DINOHead(8, 16, 4, 8)
+    assert [k for k in plain.state_dict() if k.startswith("mlp.")] == [
+        f"mlp.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")
+    ]

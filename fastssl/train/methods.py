@@ -457,7 +457,15 @@ class WMSE(Method):
 
 class DINO(Method):
     """DINO: student on all crops, EMA teacher on the two global crops, centered and sharpened
-    teacher targets. ``--no-centering`` keeps the center at zero (center_momentum = 1)."""
+    teacher targets. ``--no-centering`` keeps the center at zero (center_momentum = 1).
+
+    The head has BatchNorm in its hidden layers (the official head's ``use_bn``, its option for
+    convolutional backbones): the untrained tiny CNN's features share one large positive
+    component (center-vector norm 0.96), so without it every image reaches nearly the same
+    bottleneck direction and the teacher's targets differ between images mostly by colour.
+    The rest of the recipe (no small crops, colour-unreliable augmentations, teacher momentum
+    0.99, AdamW lr 2e-3) is in ``METHOD_DEFAULTS``; docs/training.md has the measurements.
+    """
 
     name = "dino"
 
@@ -465,7 +473,9 @@ class DINO(Method):
         super().__init__(cfg, in_channels, num_train, world_size, image_size)
         f = self.feature_dim
         k = cfg.prototypes or 1024
-        self.head = DINOHead(f, self._dim(cfg.proj_hidden_dim, 2 * f), self._dim(cfg.proj_dim, min(256, f)), k)
+        self.head = DINOHead(
+            f, self._dim(cfg.proj_hidden_dim, 2 * f), self._dim(cfg.proj_dim, min(256, f)), k, batch_norm=True
+        )
         self.teacher_backbone = _frozen_copy(self.backbone)
         self.teacher_head = _frozen_copy(self.head)
         defaults: Dict[str, Any] = {"output_dim": k, "warmup_teacher_temp_epochs": max(1, min(30, cfg.epochs))}

@@ -181,15 +181,26 @@ class NormalizedLinear(nn.Module):
 
 
 class DINOHead(nn.Module):
-    """MLP (GELU, no BN) -> L2-normalized bottleneck -> weight-normalized prototypes (DINO)."""
+    """MLP (GELU) -> L2-normalized bottleneck -> weight-normalized prototypes (DINO).
 
-    def __init__(self, in_dim: int, hidden_dim: int, bottleneck_dim: int, out_dim: int) -> None:
+    (B, in_dim) -> (B, out_dim) logits, each a cosine in [-1, 1]. ``batch_norm`` puts a
+    BatchNorm after each hidden Linear (Linear-BN-GELU, the official head's ``use_bn`` option,
+    used for its convolutional backbones); without it the MLP has no BN (DINO's ViT head).
+
+    Example::
+
+        head = DINOHead(128, 256, 128, 1024, batch_norm=True)
+        logits = head(torch.randn(8, 128))  # (8, 1024)
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, bottleneck_dim: int, out_dim: int, batch_norm: bool = False) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim), nn.GELU(),
-            nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
-            nn.Linear(hidden_dim, bottleneck_dim),
-        )
+
+        def hidden(dim_in: int) -> List[nn.Module]:
+            norm: List[nn.Module] = [nn.BatchNorm1d(hidden_dim)] if batch_norm else []
+            return [nn.Linear(dim_in, hidden_dim), *norm, nn.GELU()]
+
+        self.mlp = nn.Sequential(*hidden(in_dim), *hidden(hidden_dim), nn.Linear(hidden_dim, bottleneck_dim))
         for m in self.mlp:
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
