@@ -355,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--queue-size", type=int, help="SwAV queue length (0: no queue)")
     g.add_argument("--freeze-prototypes-epochs", type=int, help="SwAV/DINO: epochs with frozen prototypes / last layer (default per method)")
     g = p.add_argument_group("augmentations")
-    g.add_argument("--num-local-crops", type=int, help="small crops besides the two global views (default: 2 for dino/swav, else 0)")
+    g.add_argument("--num-local-crops", type=int, help="small crops besides the two global views (default: the method's recipe, 0 in every recipe; "
+                   "2 for dino/swav when a recipe leaves it unset)")
     g.add_argument("--local-crop-size", type=int, help="side of the small crops (default 3/7 of the image)")
     g.add_argument("--crop-scale", type=_probability_list, help="area range of the global crops, e.g. 0.25,1")
     g.add_argument("--local-crop-scale", type=_probability_list, help="area range of the small crops, e.g. 0.05,0.25")
