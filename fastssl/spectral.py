@@ -505,12 +505,20 @@ class _CodingRateLogDet(torch.autograd.Function):
         return solved * (2 * ctx.c * grad_logdet)[:, None, None], None
 
 
+_COSINE_EPS = 1e-8  # F.cosine_similarity's default
+
+
 def _emp_ssl_torch(z_views: Sequence[Tensor], tcr_eps: float, inv_coef: float) -> Tensor:
     acc = _accumulation_dtype(*z_views)
     z = torch.stack([v.to(acc) for v in z_views])
-    _, n, d = z.shape
+    views, n, d = z.shape
     coding_rate = 0.5 * _CodingRateLogDet.apply(z, d / (n * tcr_eps)).mean()
-    invariance = -F.cosine_similarity(z, z.mean(dim=0, keepdim=True), dim=-1).mean()
+    # Σ_v Σ_i cos(z_vi, z̄_i) = Σ_i ẑ̄_i · Σ_v ẑ_vi (cosine_similarity's ε on each norm, as
+    # F.normalize's): one dot per sample instead of V broadcast cosines, whose backward is about
+    # 3x slower on a CPU.
+    z_hat = F.normalize(z, dim=-1, eps=_COSINE_EPS)
+    mean_hat = F.normalize(z.mean(dim=0), dim=-1, eps=_COSINE_EPS)
+    invariance = -torch.linalg.vecdot(z_hat.sum(dim=0), mean_hat).sum() / (views * n)
     return (coding_rate + inv_coef * invariance).float()
 
 

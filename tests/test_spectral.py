@@ -461,3 +461,21 @@ def test_numpy_scalar_hyperparameters_accepted_bool_rejected(name):
         for flag in (True, np.bool_(True)):
             with pytest.raises(TypeError):
                 cls(**{hyperparameter: flag})
+
+
+def test_emp_ssl_invariance_zero_rows_as_cosine_similarity():
+    """The torch path sums normalized rows (F.normalize with cosine_similarity's ε) instead of
+    V broadcast cosines: the same value and gradient, also for an all-zero row (below ε)."""
+    generator = torch.Generator().manual_seed(7)
+    views = [torch.randn(6, 5, generator=generator, dtype=torch.float64) for _ in range(3)]
+    views[1][2] = 0.0
+    values, grads = [], []
+    torch_path = lambda z: FS.emp_ssl_loss(z, 0.3, 5.0, backend="torch")  # noqa: E731
+    for loss_fn in (torch_path, lambda z: reference.emp_ssl_loss(z, 0.3, 5.0)):
+        leaves = [v.clone().requires_grad_(True) for v in views]
+        loss = loss_fn(leaves)
+        values.append(loss)
+        grads.append(torch.autograd.grad(loss, leaves))
+    torch.testing.assert_close(values[0], values[1].float(), rtol=1e-6, atol=1e-6)
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
