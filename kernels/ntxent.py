@@ -3,12 +3,14 @@ launchers and ``autograd.Function`` side by side.
 
 Pipeline (NT-Xent, R = 2N rows of d features, C = R columns, or the gathered 2WN columns):
 
-1. ``_l2_normalize_fwd_kernel`` -- ẑ = x / max(‖x‖, 1e-12) stored in the operand dtype (the
-   input's; float32 for d ≤ 16, see ``operand_dtype``), plus ‖x‖ (float32) per row. Reads each
-   input through its own strides (no ``cat``/``contiguous`` copy). The squares are taken of the
-   row times 2^-k, 2^k above its largest magnitude (exact), so float32 rows near 1e19 or 1e-19
-   normalize as in float64. ``_rowwise_cosine_kernel`` gives the positive pairs' cosines in
-   float32 from the inputs, each factor scaled by its reciprocal norm first (no overflow).
+1. ``_l2_normalize_pair_fwd_kernel`` -- both views in one launch: ẑ = x / max(‖x‖, 1e-12)
+   stored in the operand dtype (the input's; float32 for d ≤ 16, see ``operand_dtype``), plus
+   ‖x‖ (float32) per row, and the positive pairs' cosines in float32 from the inputs, each
+   factor scaled by its reciprocal norm first (no overflow), accumulated in the pass that
+   stores ẑ. Reads each input through its own strides (no ``cat``/``contiguous`` copy). The
+   squares are taken of the row times 2^-k, 2^k above its largest magnitude (exact), so
+   float32 rows near 1e19 or 1e-19 normalize as in float64 (``_l2_normalize_fwd_kernel``: one
+   view, for uniformity).
 2. ``_pair_lse_fwd_kernel`` -- one program per block of BLOCK_M rows walks the columns in
    tiles of BLOCK_N, S = ẑ_r ẑ_cᵀ/τ through ``tl.dot`` (half inputs on tensor cores, float32
    accumulation; float32 inputs with ``input_precision="ieee"``, never TF32), self-similarity
@@ -30,8 +32,9 @@ Pipeline (NT-Xent, R = 2N rows of d features, C = R columns, or the gathered 2WN
    one BLOCK_K tile (``SINGLE_K``); for larger d the program owns its rows of a float32 scratch
    and read-modify-writes them per d-chunk (still deterministic). The positive's term
    (weight ≈ -2, float32) leaves the kernel as one coefficient per row.
-4. ``_l2_normalize_bwd_kernel`` -- sums the splits' partial dẑ, adds coefficient × ẑ_{p(k)},
-   then dx = (dẑ - ẑ(ẑ·dẑ))/‖x‖ in the input dtype.
+4. ``_l2_normalize_pair_bwd_kernel`` (both views in one launch; ``_l2_normalize_bwd_kernel``
+   for one) -- sums the splits' partial dẑ, adds coefficient × ẑ_{p(k)}, then
+   dx = (dẑ - ẑ(ẑ·dẑ))/‖x‖ in the input dtype.
 
 Temperature: a Python τ enters the launches as the scale 1/τ·log2 e; a tensor τ (learnable) is
 read from device memory by every kernel that scales by it (``TEMP_IN_MEMORY``, no host sync),
@@ -174,11 +177,22 @@ views, detaches, compute):
   the offsets keep Triton's divisibility attribute); the backward allocates one workspace
   (partial gradients, positive coefficients, temperature projections) and the two gradients,
   and returns τ's gradient only when there is one (``Tensor[]``). Forward: ẑ, workspace, the
-  row-loss view and its mean; backward: workspace and two gradients. Launch plans (grids,
-  tiles, warps, stages) unchanged; the pair and bank kernels compile to the same registers and
-  hot loops (Triton 3.9 and 3.6, no spills). Predicted by the report (host-bound at these
-  sizes: 4 µs per eager op): NT-Xent 2N = 8192 226 → 122 µs (19 → 36 % of the floor),
-  InfoNCE 218 → 122 µs (5 → 9 %), NT-Xent 2N = 2^20 unchanged (72 %, GPU-bound).
+  row-loss view and its mean; backward: workspace and two gradients. The pair and bank
+  kernels keep their launch plans (grids, tiles, warps, stages) and compile to the same
+  registers and hot loops (Triton 3.9 and 3.6, no spills). Predicted by the report, which is
+  host-bound at the small sizes (4 µs per eager op, 8 µs per launch): NT-Xent 2N = 8192
+  226 → 122 µs (19 → 36 % of the floor), InfoNCE 218 → 122 µs (5 → 9 %).
+
+Fewer row-wise launches (the same report, next): the two normalizations and the cosine pass
+become one launch (``_l2_normalize_pair_fwd_kernel``: both views' rows per program, the cosine
+accumulated while ẑ is stored instead of re-reading both inputs) and NT-Xent's two
+normalization backwards one (``_l2_normalize_pair_bwd_kernel``, grid 2 × row blocks). Predicted
+before it was made: −3 launches NT-Xent (−24 µs of host time at 2N = 8192), −2 InfoNCE; at
+2N = 2^20 the forward reads each input twice instead of three times (≈ −125 µs). Measured by
+the report: launches 8 → 5 (2N = 8192), 7 → 4 (2^20), 8 → 6 (InfoNCE); predicted µs 122 → 98
+(44 % of the floor), 983,713 → 981,595 (the row-wise forward 253 → 128 µs, backward
+440 → 317 µs), 122 → 106 (10 %); no spills under Triton 3.9 and 3.6 (registers 56 / 93 forward
+at 2N = 8192 / 2^20, 56 / 80 backward).
 """
 
 from __future__ import annotations
@@ -299,9 +313,109 @@ def _l2_normalize_fwd_kernel(
 
 
 @triton.jit
+def _scaled_row_norms(X, rows64, row_mask, stride_xm, stride_xd, D, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(2^-k, ‖2^-k x‖) per row, 2^k above the row's largest magnitude (see
+    ``_l2_normalize_fwd_kernel``)."""
+    peak = tl.zeros((BLOCK_M,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        x = _load_tile(X, rows64, row_mask, stride_xm, stride_xd, d0, D, BLOCK_D).to(tl.float32)
+        peak = tl.maximum(peak, tl.max(tl.abs(x), axis=1))
+    inverse_scale = _inverse_power_of_two(peak)
+    sq = tl.zeros((BLOCK_M,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        y = _load_tile(X, rows64, row_mask, stride_xm, stride_xd, d0, D, BLOCK_D).to(tl.float32) * inverse_scale[:, None]
+        sq += tl.sum(y * y, axis=1)
+    return inverse_scale, tl.sqrt_rn(sq)
+
+
+@triton.jit
+def _l2_normalize_pair_fwd_kernel(
+    X, stride_xm, stride_xd, Y, stride_ym, stride_yd, Z, WS, M, D, cos_offset,
+    EPS: tl.constexpr, BF16_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Both views at once: Z[i] = x̂_i, Z[M + i] = ŷ_i (Z contiguous (2M, D), Z's dtype), their
+    norms WS[i] = ‖x_i‖ and WS[M + i] = ‖y_i‖, and the positive pairs' cosine
+    WS[cos_offset + i] = (x_i / max(‖x_i‖, EPS))·(y_i / max(‖y_i‖, EPS)) in float32 from the
+    inputs (kept out of the half-precision tiles; each factor scaled by its reciprocal norm
+    before the product: x·y and ‖x‖‖y‖ would overflow for rows near 1e19).
+
+    One launch instead of two normalizations and a cosine pass (which re-read both inputs):
+    the cosine is accumulated in the pass that stores ẑ. Each view's squares are taken of the
+    row times 2^-k as in ``_l2_normalize_fwd_kernel``; the values are that kernel's and the
+    former cosine kernel's, operation for operation."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    rows64 = rows.to(tl.int64)
+    inverse_scale_x, scaled_norm_x = _scaled_row_norms(X, rows64, row_mask, stride_xm, stride_xd, D, BLOCK_D, BLOCK_M)
+    inverse_scale_y, scaled_norm_y = _scaled_row_norms(Y, rows64, row_mask, stride_ym, stride_yd, D, BLOCK_D, BLOCK_M)
+    norm_x = scaled_norm_x / inverse_scale_x
+    norm_y = scaled_norm_y / inverse_scale_y
+    tl.store(WS + rows64, norm_x, mask=row_mask)
+    tl.store(WS + M + rows64, norm_y, mask=row_mask)
+    clamped_x = tl.broadcast_to(tl.maximum(scaled_norm_x, EPS * inverse_scale_x)[:, None], (BLOCK_M, BLOCK_D))
+    clamped_y = tl.broadcast_to(tl.maximum(scaled_norm_y, EPS * inverse_scale_y)[:, None], (BLOCK_M, BLOCK_D))
+    inv_x = 1.0 / tl.maximum(norm_x, EPS)
+    inv_y = 1.0 / tl.maximum(norm_y, EPS)
+    cosine = tl.zeros((BLOCK_M,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        store_mask = row_mask[:, None] & (ds[None, :] < D)
+        x = _load_tile(X, rows64, row_mask, stride_xm, stride_xd, d0, D, BLOCK_D).to(tl.float32)
+        y = _load_tile(Y, rows64, row_mask, stride_ym, stride_yd, d0, D, BLOCK_D).to(tl.float32)
+        cosine += tl.sum((x * inv_x[:, None]) * (y * inv_y[:, None]), axis=1)
+        tl.store(Z + rows64[:, None] * D + ds[None, :],
+                 _round_to(tl.div_rn(x * inverse_scale_x[:, None], clamped_x), Z.dtype.element_ty, BF16_RTNE),
+                 mask=store_mask)
+        tl.store(Z + (rows64 + M)[:, None] * D + ds[None, :],
+                 _round_to(tl.div_rn(y * inverse_scale_y[:, None], clamped_y), Z.dtype.element_ty, BF16_RTNE),
+                 mask=store_mask)
+    tl.store(WS + cos_offset + rows64, cosine, mask=row_mask)
+
+
+@triton.jit
 def _l2_normalize_bwd_kernel(
     X, stride_xm, stride_xd, NORM, DZ, DX, M, D, n_parts, part_stride, PARTNER, PARTNER_COEF, PROJ,
     norm_offset, dz_offset, partner_offset, coef_offset, proj_offset,
+    HAS_DZ: tl.constexpr, HAS_PARTNER: tl.constexpr, STORE_PROJECTION: tl.constexpr, PROJECTION_SCALE: tl.constexpr,
+    EPS: tl.constexpr, BF16_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One view: ``_normalize_bwd_rows`` of block ``program_id(0)``, every pointer but X and DX
+    at its element offset (the launcher passes the call's workspaces whole, no views)."""
+    _normalize_bwd_rows(tl.program_id(0), X, stride_xm, stride_xd, NORM + norm_offset, DZ + dz_offset, DX, M, D,
+                        n_parts, part_stride, PARTNER + partner_offset, PARTNER_COEF + coef_offset, PROJ + proj_offset,
+                        HAS_DZ, HAS_PARTNER, STORE_PROJECTION, PROJECTION_SCALE, EPS, BF16_RTNE, BLOCK_M, BLOCK_D)
+
+
+@triton.jit
+def _l2_normalize_pair_bwd_kernel(
+    X, stride_xm, stride_xd, Y, stride_ym, stride_yd, NORM, DZ, DX, DY, M, D, view_elements, n_parts, part_stride,
+    PARTNER, PARTNER_COEF, PROJ, norm_offset, dz_offset, coef_offset, proj_offset,
+    STORE_PROJECTION: tl.constexpr, PROJECTION_SCALE: tl.constexpr,
+    EPS: tl.constexpr, BF16_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """NT-Xent's two views in one launch (grid 2 × row blocks): the first half of the programs
+    gives DX from view 0 (rows 0..M of NORM, DZ, PARTNER_COEF, PROJ; partner ẑ rows M..2M of
+    PARTNER), the second half DY from view 1 (rows M..2M; partner rows 0..M).
+    ``view_elements`` = M·D (int64 when large)."""
+    blocks = tl.cdiv(M, BLOCK_M)
+    block = tl.program_id(0)
+    NORM += norm_offset
+    DZ += dz_offset
+    PARTNER_COEF += coef_offset
+    PROJ += proj_offset
+    if block < blocks:
+        _normalize_bwd_rows(block, X, stride_xm, stride_xd, NORM, DZ, DX, M, D, n_parts, part_stride,
+                            PARTNER + view_elements, PARTNER_COEF, PROJ,
+                            True, True, STORE_PROJECTION, PROJECTION_SCALE, EPS, BF16_RTNE, BLOCK_M, BLOCK_D)
+    else:
+        _normalize_bwd_rows(block - blocks, Y, stride_ym, stride_yd, NORM + M, DZ + view_elements, DY, M, D,
+                            n_parts, part_stride, PARTNER, PARTNER_COEF + M, PROJ + M,
+                            True, True, STORE_PROJECTION, PROJECTION_SCALE, EPS, BF16_RTNE, BLOCK_M, BLOCK_D)
+
+
+@triton.jit
+def _normalize_bwd_rows(
+    block, X, stride_xm, stride_xd, NORM, DZ, DX, M, D, n_parts, part_stride, PARTNER, PARTNER_COEF, PROJ,
     HAS_DZ: tl.constexpr, HAS_PARTNER: tl.constexpr, STORE_PROJECTION: tl.constexpr, PROJECTION_SCALE: tl.constexpr,
     EPS: tl.constexpr, BF16_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -309,38 +423,31 @@ def _l2_normalize_bwd_kernel(
     (float32 (·, D) rows; ``n_parts`` partial gradients, one per column split of the pair
     kernels) -- plus, with a partner, PARTNER_COEF[i]·PARTNER[i] (the NT-Xent positive's term,
     see ``_pair_lse_bwd_kernel``; PARTNER contiguous (·, D)) -- and ẑ recomputed from X.
-    Without DZ (HAS_DZ false: InfoNCE's key) dz is the partner term alone. Every pointer but
-    X and DX is taken at its element offset (``*_offset``): the launcher passes the call's
-    workspaces whole, no views.
+    Without DZ (HAS_DZ false: InfoNCE's key) dz is the partner term alone. Rows of block
+    ``block``.
 
     Below the clamp (‖x‖ < EPS) the map is x/EPS, linear: the projection term vanishes.
     STORE_PROJECTION: PROJ[i] = PROJECTION_SCALE·ẑ·dz as well (before that rule), the row's
     share of a tensor temperature's gradient times τ (see ``fastssl.ntxent``)."""
-    NORM += norm_offset
-    DZ += dz_offset
-    PARTNER += partner_offset
-    PARTNER_COEF += coef_offset
-    PROJ += proj_offset
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     rows64 = rows.to(tl.int64)
-    src_rows64 = rows64
-    norm = tl.load(NORM + src_rows64, mask=row_mask, other=1.0)
+    norm = tl.load(NORM + rows64, mask=row_mask, other=1.0)
     clamped = tl.broadcast_to(tl.maximum(norm, EPS)[:, None], (BLOCK_M, BLOCK_D))
     if HAS_PARTNER:
-        partner_coef = tl.load(PARTNER_COEF + src_rows64, mask=row_mask, other=0.0)
+        partner_coef = tl.load(PARTNER_COEF + rows64, mask=row_mask, other=0.0)
     projection = tl.zeros((BLOCK_M,), tl.float32)
     for d0 in range(0, D, BLOCK_D):
         x = _load_tile(X, rows64, row_mask, stride_xm, stride_xd, d0, D, BLOCK_D).to(tl.float32)
         dz = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         if HAS_DZ:
             for p in range(n_parts):
-                dz += _load_tile(DZ + p * part_stride, src_rows64, row_mask, D, 1, d0, D, BLOCK_D)
+                dz += _load_tile(DZ + p * part_stride, rows64, row_mask, D, 1, d0, D, BLOCK_D)
         if HAS_PARTNER:
             dz += partner_coef[:, None] * _load_tile(PARTNER, rows64, row_mask, D, 1, d0, D, BLOCK_D).to(tl.float32)
         projection += tl.sum(tl.div_rn(x, clamped) * dz, axis=1)
     if STORE_PROJECTION:
-        tl.store(PROJ + src_rows64, projection * PROJECTION_SCALE, mask=row_mask)
+        tl.store(PROJ + rows64, projection * PROJECTION_SCALE, mask=row_mask)
     projection = tl.where(norm >= EPS, projection, 0.0)
     # One reciprocal per row (the division's slow path, a subroutine call, once per row rather
     # than per element; within 1 ulp of dividing each element).
@@ -351,7 +458,7 @@ def _l2_normalize_bwd_kernel(
         dz = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         if HAS_DZ:
             for p in range(n_parts):
-                dz += _load_tile(DZ + p * part_stride, src_rows64, row_mask, D, 1, d0, D, BLOCK_D)
+                dz += _load_tile(DZ + p * part_stride, rows64, row_mask, D, 1, d0, D, BLOCK_D)
         if HAS_PARTNER:
             dz += partner_coef[:, None] * _load_tile(PARTNER, rows64, row_mask, D, 1, d0, D, BLOCK_D).to(tl.float32)
         dx = (dz - tl.div_rn(x, clamped) * projection[:, None]) * inv_norm[:, None]
@@ -360,31 +467,6 @@ def _l2_normalize_bwd_kernel(
             _round_to(dx, DX.dtype.element_ty, BF16_RTNE),
             mask=row_mask[:, None] & (ds[None, :] < D),
         )
-
-
-@triton.jit
-def _rowwise_cosine_kernel(
-    X, stride_xm, stride_xd, Y, stride_ym, stride_yd, NORM, OUT, M, D, y_norm_offset, out_offset,
-    EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """OUT[out_offset + i] = (x_i / max(‖x_i‖, EPS))·(y_i / max(‖y_i‖, EPS)) in float32 from the
-    inputs (the positive pairs' cosine, kept out of the half-precision tiles), with ‖x_i‖ =
-    NORM[i] and ‖y_i‖ = NORM[y_norm_offset + i]. Each factor is scaled by its reciprocal norm
-    before the product: x·y and ‖x‖‖y‖ would overflow for rows near 1e19."""
-    NORM_X = NORM
-    NORM_Y = NORM + y_norm_offset
-    OUT += out_offset
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < M
-    rows64 = rows.to(tl.int64)
-    inv_x = 1.0 / tl.maximum(tl.load(NORM_X + rows, mask=row_mask, other=1.0), EPS)
-    inv_y = 1.0 / tl.maximum(tl.load(NORM_Y + rows, mask=row_mask, other=1.0), EPS)
-    acc = tl.zeros((BLOCK_M,), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        x = _load_tile(X, rows64, row_mask, stride_xm, stride_xd, d0, D, BLOCK_D).to(tl.float32)
-        y = _load_tile(Y, rows64, row_mask, stride_ym, stride_yd, d0, D, BLOCK_D).to(tl.float32)
-        acc += tl.sum((x * inv_x[:, None]) * (y * inv_y[:, None]), axis=1)
-    tl.store(OUT + rows, acc, mask=row_mask)
 
 
 # --- shared pieces of the pair and bank kernels ---------------------------------------------
@@ -1151,18 +1233,39 @@ def l2_normalize_rows_backward(
     return out
 
 
-def rowwise_cosine(
-    x: Tensor, y: Tensor, norms: Tensor, y_norm_offset: int, out: Tensor, out_offset: int = 0
-) -> Tensor:
-    """cos(x_i, y_i) (M,) float32 into ``out[out_offset + i]`` from x, y (M, d) (any strides) and
-    their row norms ``norms[i]`` and ``norms[y_norm_offset + i]``. Returns ``out``."""
+def l2_normalize_pair_rows(x: Tensor, y: Tensor, z: Tensor, ws: Tensor, cos_offset: int) -> None:
+    """Both views in one launch: ẑ of x (M, d) into rows 0..M of ``z`` (contiguous (2M, d)) and of
+    y into rows M..2M, ‖x‖ and ‖y‖ into ``ws[0 : 2M]`` (float32 workspace) and cos(x_i, y_i)
+    into ``ws[cos_offset + i]``; x and y may have any strides."""
     m, d = x.shape
+    assert z.is_contiguous() and ws.dtype == torch.float32 and y.shape == x.shape
     block_m, block_d = _norm_blocks(m, d)
-    _launch(_rowwise_cosine_kernel, (triton.cdiv(m, block_m),),
-        x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1), norms, out, m, d, y_norm_offset, out_offset,
-        EPS=_NORM_EPS, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
+    _launch(_l2_normalize_pair_fwd_kernel, (triton.cdiv(m, block_m),),
+        x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1), z, ws, m, d, cos_offset,
+        EPS=_NORM_EPS, BF16_RTNE=_emulate_rtne(z.dtype), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
     )
-    return out
+
+
+def l2_normalize_pair_rows_backward(
+    x: Tensor, y: Tensor, ws: Tensor, grads: Tensor, dx: Tensor, dy: Tensor, partner: Tensor, *, norm_offset: int,
+    dz_offset: int, n_parts: int, part_stride: int, coef_offset: int, projection: bool, proj_offset: int,
+    projection_scale: float,
+) -> None:
+    """NT-Xent's two normalization backwards in one launch: dx from view 0 and dy from view 1
+    (M, d each, contiguous, their dtypes). Norms at ``ws[norm_offset ..]`` (2M), partial
+    gradients (``n_parts`` × (2M, d) float32, ``part_stride`` apart) at ``grads[dz_offset ..]``,
+    the positives' coefficients at ``grads[coef_offset ..]`` (2M), the partners' ẑ the rows of
+    ``partner`` (2M, d) of the other view; with ``projection``, ``projection_scale``·ẑ·dẑ into
+    ``grads[proj_offset ..]`` (2M)."""
+    m, d = x.shape
+    assert dx.is_contiguous() and dy.is_contiguous() and partner.is_contiguous() and grads.dtype == torch.float32
+    block_m, block_d = _norm_blocks(m, d)
+    _launch(_l2_normalize_pair_bwd_kernel, (2 * triton.cdiv(m, block_m),),
+        x, x.stride(0), x.stride(1), y, y.stride(0), y.stride(1), ws, grads, dx, dy, m, d, m * d, n_parts,
+        part_stride, partner, grads, grads, norm_offset, dz_offset, coef_offset, proj_offset if projection else 0,
+        STORE_PROJECTION=projection, PROJECTION_SCALE=float(projection_scale), EPS=_NORM_EPS,
+        BF16_RTNE=_emulate_rtne(dx.dtype), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
+    )
 
 
 # --- workspaces: one float32 tensor per call, carved into regions by element offsets --------
@@ -1498,9 +1601,7 @@ def _ntxent_forward_into(out0: Tensor, out1: Tensor, temperature: Optional[Tenso
     workspace ``ws``; returns the columns (``z_rows`` itself in a single process, the gathered
     rows of every rank when distributed, whose log-sum-exps the caller then gathers)."""
     n_local, at = plan.n_local, plan.state
-    l2_normalize_rows(out0, z_rows, ws, 0)
-    l2_normalize_rows(out1, z_rows, ws, n_local)
-    rowwise_cosine(out0, out1, ws, n_local, ws, at.pos_cos)
+    l2_normalize_pair_rows(out0, out1, z_rows, ws, at.pos_cos)  # ẑ, norms (region 0) and cosines
     if plan.distributed:
         z_cols = distributed.gather_no_grad(z_rows, plan.block_rows)
     else:
@@ -1541,10 +1642,17 @@ def _ntxent_backward_into(grad_loss: Tensor, out0: Tensor, out1: Tensor, tempera
     grad_scale = row_scale if temperature is not None else inv_temp * row_scale
     pair_lse_backward(z_rows, z_cols, ws, at, at.lse, plan.lse_cols_offset, grads, out_at, plan.backward_sweep,
                       grad_loss, inv_temp, grad_scale, n_local, plan.col_offset, temperature=temperature)
+    # The positive's term: row i of view 0 pairs with row i of view 1 and vice versa. Both views
+    # in one launch when they share a dtype (the gradients are in each input's dtype).
     with_projection = out_at.sizes["projection"] > 0
-    # The positive's term: row i of view 0 pairs with row i of view 1 and vice versa.
-    parts = dict(n_parts=plan.backward_sweep.splits, part_stride=plan.rows * d, partner_coef=grads,
-                 projection=grads if with_projection else None, projection_scale=_projection_scale(2))
+    common = dict(n_parts=plan.backward_sweep.splits, part_stride=plan.rows * d, coef_offset=out_at.coef,
+                  proj_offset=out_at.projection, projection_scale=_projection_scale(2))
+    if grad0.dtype == grad1.dtype:
+        l2_normalize_pair_rows_backward(out0, out1, ws, grads, grad0, grad1, z_rows, norm_offset=at.norms,
+                                        dz_offset=out_at.dz, projection=with_projection, **common)
+        return
+    parts = dict(n_parts=common["n_parts"], part_stride=common["part_stride"], partner_coef=grads,
+                 projection=grads if with_projection else None, projection_scale=common["projection_scale"])
     l2_normalize_rows_backward(out0, ws, grads, grad0, norm_offset=at.norms, dz_offset=out_at.dz,
                                partner=z_rows, partner_offset=n_local * d, coef_offset=out_at.coef,
                                proj_offset=out_at.projection, **parts)
@@ -1584,9 +1692,7 @@ def _infonce_forward(
 
 def _infonce_forward_into(query: Tensor, key: Tensor, negatives: Tensor, temperature: Optional[Tensor],
                           inv_temp: float, plan: _InfoNCEPlan, z: Tensor, ws: Tensor) -> None:
-    l2_normalize_rows(query, z, ws, 0)
-    l2_normalize_rows(key, z, ws, plan.n)
-    rowwise_cosine(query, key, ws, plan.n, ws, plan.state.pos_cos)
+    l2_normalize_pair_rows(query, key, z, ws, plan.state.pos_cos)  # [q̂; k̂], norms (region 0), cosines
     infonce_forward(z, negatives, ws, plan.state, plan.forward_sweep, inv_temp, temperature=temperature)
 
 
