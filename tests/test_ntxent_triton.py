@@ -297,6 +297,26 @@ def test_launchers_write_every_output(device, config, dtype):
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_views_of_different_dtypes_meet_at_the_promoted_one(device):
+    """float32 and bfloat16 views: the kernels run on the promoted dtype (float32 operands, the
+    bfloat16 values exactly), so the loss and the float32 view's gradient are those of the
+    all-float32 call and the bfloat16 view's gradient is its rounding (its own launch of the
+    normalization backward: the two-view launch needs one gradient dtype)."""
+    a, b = _inputs(5, 7, torch.float32, device)
+    b16 = b.to(torch.bfloat16)
+    x, y = a.clone().requires_grad_(True), b16.clone().requires_grad_(True)
+    loss = K.ntxent_loss_triton(x, y, 0.3)
+    loss.backward()
+    x32, y32 = a.clone().requires_grad_(True), b16.float().requires_grad_(True)
+    expected = K.ntxent_loss_triton(x32, y32, 0.3)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    assert x.grad.dtype == torch.float32 and y.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x.grad, x32.grad, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(y.grad, y32.grad.to(torch.bfloat16), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("temperature", [0.1, -0.05])
 def test_factored_backward_equals_two_exponential_form(device, temperature):
     n, d = 9, 5
