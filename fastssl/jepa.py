@@ -639,17 +639,21 @@ class VISRegLossComponents(NamedTuple):
 class _SlicedWasserstein(torch.autograd.Function):
     r"""``mean((sort_N(Z A) - q)²)`` for Z (…, N, d), unit slices A (d, S), Gaussian quantiles q (N,).
 
-    The projections are formed as (…, S, N) so each slice sorts a contiguous row. The gradient is
-    ``2/M (x - q_{rank(x)})`` per projection (M elements), scattered back through the saved
-    permutation, then ``∂L/∂Z = (∂L/∂X) Aᵀ``.
+    The projections are formed as (S, …, N) by one matrix product over all leading indices (a
+    batched product against the broadcast slices copies them per view and runs smaller products),
+    so each slice sorts a contiguous row. The gradient is ``2/M (x - q_{rank(x)})`` per
+    projection (M elements), scattered back through the saved permutation, then
+    ``∂L/∂Z = (∂L/∂X) Aᵀ``, again one product.
     """
 
     @staticmethod
     def forward(ctx, z: Tensor, slices: Tensor, quantiles: Tensor) -> Tensor:  # type: ignore[override]
-        projections = slices.T @ z.mT  # (…, S, N)
+        rows = z.reshape(-1, z.shape[-1])  # (… · N, d)
+        projections = (slices.T @ rows.T).view(slices.shape[1], *z.shape[:-1])  # (S, …, N)
         ordered, order = projections.sort(dim=-1)
         residual = ordered - quantiles
         ctx.save_for_backward(residual, order, slices)
+        ctx.z_shape = z.shape
         return residual.square().mean()
 
     @staticmethod
@@ -657,7 +661,8 @@ class _SlicedWasserstein(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         residual, order, slices = ctx.saved_tensors
         grad_projections = torch.empty_like(residual).scatter_(-1, order, residual * (2 * grad / residual.numel()))
-        return grad_projections.mT @ slices.T, None, None
+        grad_rows = grad_projections.view(slices.shape[1], -1).T @ slices.T  # (… · N, d)
+        return grad_rows.view(ctx.z_shape), None, None
 
 
 def _visreg_torch(
