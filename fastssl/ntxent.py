@@ -75,6 +75,7 @@ from torch import Tensor, nn
 from fastssl import distributed, reference
 from fastssl._backend import (
     check_backend_name,
+    guard_triton_backward,
     outside_autocast,
     resolve_backend,
     run_reference,
@@ -533,9 +534,31 @@ def _uniformity_torch(z: Tensor, t: float, chunk_rows: Optional[int] = None) -> 
 
 
 def _kernels():
-    """The Triton module, imported on first use (``import fastssl`` needs no Triton)."""
+    """The Triton module, imported on first use (``import fastssl`` needs no Triton), its custom
+    ops' backward guarded: under ``"auto"`` a backward kernel that fails to compile or launch
+    gives the torch path's gradient (recomputed from the op's inputs) after one warning, as the
+    forward does (:func:`fastssl._backend.guard_triton_backward`)."""
     from fastssl.kernels import ntxent as kernels
 
+    def tau(temperature: Optional[Tensor], inv_temp: float) -> Temperature:
+        return temperature if temperature is not None else 1.0 / inv_temp
+
+    # The torch path's loss from each op's inputs (same schema order): the op's loss is this
+    # rank's mean over the gathered columns in a distributed run, as _NTXentTorch's.
+    guard_triton_backward(
+        kernels._ntxent_op, "ntxent", kernels._ntxent_setup, kernels._ntxent_gradient,
+        lambda out0, out1, temperature, inv_temp, rank_rows, config: _NTXentTorch.apply(
+            out0, out1, tau(temperature, inv_temp), list(rank_rows) or None, None),
+    )  # fmt: skip
+    guard_triton_backward(
+        kernels._infonce_op, "infonce", kernels._infonce_setup, kernels._infonce_gradient,
+        lambda query, key, negatives, temperature, inv_temp, config: _InfoNCETorch.apply(
+            query, key, negatives, tau(temperature, inv_temp), None),
+    )  # fmt: skip
+    guard_triton_backward(
+        kernels._uniformity_op, "uniformity", kernels._uniformity_setup, kernels._uniformity_gradient,
+        lambda z, t, config: _uniformity_torch(z, t),
+    )  # fmt: skip
     return kernels
 
 
