@@ -479,3 +479,21 @@ def test_emp_ssl_invariance_zero_rows_as_cosine_similarity():
     torch.testing.assert_close(values[0], values[1].float(), rtol=1e-6, atol=1e-6)
     for got, expected in zip(*grads):
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("eps", [1e-12, 1e-8, 0.5])
+def test_normalize_rows_closed_form_backward_matches_f_normalize(eps):
+    """TiCo's and EMP-SSL's row normalization: F.normalize's value and gradient, rows below ε
+    (zero, tiny, and norm < 0.5 for ε = 0.5) included."""
+    generator = torch.Generator().manual_seed(13)
+    x = torch.randn(6, 5, generator=generator, dtype=torch.float64)
+    x[1] = 0.0
+    x[2] *= 1e-10
+    x[3] *= 0.05
+    upstream = torch.randn(6, 5, generator=generator, dtype=torch.float64)
+    ours, theirs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y_ours, y_theirs = spectral._normalize_rows(ours, eps), torch.nn.functional.normalize(theirs, dim=-1, eps=eps)
+    torch.testing.assert_close(y_ours, y_theirs, rtol=0, atol=0)
+    (grad_ours,) = torch.autograd.grad(y_ours, ours, upstream)
+    (grad_theirs,) = torch.autograd.grad(y_theirs, theirs, upstream)
+    torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-12, atol=1e-12)
