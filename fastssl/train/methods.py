@@ -23,7 +23,8 @@ byol                    projector F-2F-128 ending in BN, predictor 128-2F-128 [4
 simsiam                 projector F-2F-2F-2F with BN on the output, predictor 2F-F/2-2F
                         [2048 with a 512 bottleneck]
 barlow_twins, vicreg    projector F-4F-4F-4F [8192-8192-8192]
-swav                    projector F-2F-128, L2-normalized, prototypes (normalized rows)
+swav                    projector F-2F-128 ending in BN, L2-normalized; K = max(4d, min(3000,
+                        N/2)) fixed random prototypes (normalized rows)
 wmse                    projector F-2F-32 [1024-64]
 dino                    head F-2F-2F-min(256,F) (GELU), L2 norm, weight-normed K prototypes
                         [2048-2048-256, K = 65536], EMA teacher, multi-crop
