@@ -193,7 +193,11 @@ EXPERIMENTS: List[Experiment] = [
                    (Condition("low-ema", "knn_top1", "<", "high-ema"),)]),
         ],
         "The momentum follows BYOL's cosine schedule from the base value to 1, so the low-momentum "
-        "target is the online network itself at the start and an ever slower average later.",
+        "target is the online network itself at the start and an ever slower average later. The "
+        "driver's BYOL projector ends in a BatchNorm (it centres the embeddings of an untrained "
+        "network, whose ReLU features all point one way; docs/training.md): that BatchNorm holds "
+        "the center vector of both runs small, so at this budget the momentum can show only in "
+        "kNN accuracy and rank, not in the center-vector norm Jha et al. track.",
     ),
     Experiment(
         "center", "Jha et al.'s center penalty vs. plain invariance", "center_penalty",
