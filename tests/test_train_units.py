@@ -509,7 +509,7 @@ def test_dino_recipe_and_centring_head():
     # DINO's recipe (docs/training.md): no small crops, colour-unreliable augmentations,
     # teacher momentum 0.99; flags still override each part.
     cfg = TrainConfig(method="dino")
-    assert (cfg.num_local_crops, cfg.ema_momentum, cfg.epochs, cfg.lr) == (0, 0.99, 10, 2e-3)
+    assert (cfg.num_local_crops, cfg.ema_momentum, cfg.epochs, cfg.lr) == (0, 0.99, 15, 2e-3)
     assert (cfg.jitter_prob, cfg.jitter_strength, tuple(cfg.crop_scale)) == (1.0, 1.0, (0.6, 1.0))
     assert TrainConfig(method="dino", num_local_crops=2, ema_momentum=0.996).num_local_crops == 2
     # The head's hidden BatchNorms (student and teacher) spread features that share one large
