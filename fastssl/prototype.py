@@ -41,7 +41,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastssl import distributed, reference
-from fastssl._backend import check_backend_name, outside_autocast, resolve_backend, triton_with_fallback
+from fastssl._backend import (
+    check_backend_name,
+    guard_triton_backward,
+    outside_autocast,
+    resolve_backend,
+    triton_with_fallback,
+)
 from fastssl._checks import (
     BatchShapeError,
     check_distributed_available,
@@ -335,6 +341,17 @@ def _check_mask_marks_rows(mask: Tensor, rows: int) -> None:
             )
 
 
+def _ibot_op_torch_loss(
+    teacher: Tensor, student: Tensor, center: Optional[Tensor], mask: Optional[Tensor], weights: Optional[Tensor],
+    teacher_temp: float, student_temp: float, _center_momentum: float, _center_mode: int,
+) -> Tensor:
+    """The torch path's loss from the inputs of the iBOT custom op (its schema's order)."""
+    dtype = _compute_dtype(student)
+    row_weights = _ibot_patch_weights(mask, student.shape[0], dtype) if weights is None else weights
+    offsets = _center_row(center, teacher, dtype, teacher_temp)
+    return _soft_target_ce(student, teacher, row_weights.to(dtype), offsets, 1.0 / teacher_temp, student_temp)[0]
+
+
 @outside_autocast
 def _ibot_dispatch(
     teacher: Tensor,
@@ -384,6 +401,9 @@ def _ibot_dispatch(
         def run_triton() -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
             from fastssl.kernels import dino as kernels
 
+            # Under "auto" a backward kernel that fails gives the torch path's gradient.
+            guard_triton_backward(kernels._ibot_op, "ibot", kernels._ibot_setup, kernels._ibot_gradient,
+                                  _ibot_op_torch_loss)
             if weights is None:
                 _check_mask_marks_rows(mask, student.shape[0])
             fused_ema = center_momentum is not None and center is not None and not (

@@ -189,3 +189,29 @@ def test_contrastive_backward_falls_back_under_auto(family, learnable_temperatur
         return ntxent.uniformity_loss(views[0], 2.0, backend=backend)
 
     _check_fallback(call, leaves, family)
+
+
+# --------------------------------------------------------------------------------------------
+# iBOT: the patch-loss kernels beside DINO's
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["mask", "weights"])
+def test_ibot_backward_falls_back_under_auto(weighted, monkeypatch):
+    from fastssl import prototype
+    from fastssl.kernels import dino as kernels
+
+    monkeypatch.setattr(kernels, "_ibot_backward_op", _raise)
+    monkeypatch.setattr(prototype, "resolve_backend", _auto_picks_triton)
+    mask = torch.tensor([[True, False, True, True], [False, True, False, False]])
+    teacher = torch.randn(4, 9, generator=torch.Generator().manual_seed(5))
+    center = 0.1 * torch.randn(1, 9, generator=torch.Generator().manual_seed(6))
+    weights = torch.tensor([0.1, 0.4, 0.2, 0.3])
+
+    def call(views, backend):
+        if weighted:
+            return prototype._ibot_dispatch(teacher, views[0], weights, center, 0.04, 0.1, backend,
+                                            want_teacher_sum=False)[0]
+        return FS.ibot_patch_loss(teacher, views[0], mask, center, 0.04, 0.1, backend=backend)
+
+    _check_fallback(call, _leaves((4, 9), seed=7), "ibot")
