@@ -137,6 +137,7 @@ at::Tensor backward(const std::optional<at::Tensor>& grad_loss, const std::optio
   p.dtype = dtype_code(x.scalar_type());
   p.grad_x = grad_x.data_ptr();
   p.sym = base + layout.sym;
+  p.sym_second = base + layout.sym_second;
   p.g_mean = base + layout.g_mean;
   p.z_mean = base + layout.z_mean;
   p.per_iteration = base + layout.per_iteration;

@@ -122,12 +122,20 @@ struct GramArgs {
   const float* b;
   float* mean_a;           // (S, d) column means of A, written by the diagonal tiles
   float* mean_b;           // (S, d) column means of B (mode 1), or nullptr
-  float* out;              // (S, d, d): scale * (A_cᵀ B_c) on and below the diagonal, mirrored
+  float* out;              // (S, d, d): scale * (A_cᵀ B_c) over the first half of the rows, on
+                           // and below the diagonal, mirrored
+  float* out_second;       // (S, d, d): the same over the second half (the consumer adds them)
   float scale_diagonal;
   float scale_off_diagonal;
 };
 
-// Block (s, tile): tile (ib, kb), ib >= kb, covers out[32 ib + i][32 kb + k]. Lane k owns
+// The w rows of a sub-batch are split in kGramHalves parts, one block each (so that the
+// headline shape fills the 132 SMs); part h writes its partial Gram to out (h = 0) or
+// out_second (h = 1), and the consumer adds out + out_second, in that order.
+constexpr int kGramHalves = 2;
+__host__ __device__ inline int gram_blocks_per_subbatch(int d) { return gram_tiles(d) * kGramHalves; }
+
+// Block (s, half, tile): tile (ib, kb), ib >= kb, covers out[32 ib + i][32 kb + k]. Lane k owns
 // column 32 kb + k of B and accumulates 32 outputs, one per column of A; each warp takes 16 of
 // every 128 staged rows, and the 8 warps' partial tiles are added in warp order.
 template <int kMode, typename T>
@@ -143,8 +151,12 @@ __global__ void __launch_bounds__(kThreads, 1) gram_kernel(const GramArgs g) {
   const int lane = tid % 32;
   const int warp = tid / 32;
   const int tiles = gram_tiles(d);
-  const int s = static_cast<int>(blockIdx.x) / tiles;
+  const int s = static_cast<int>(blockIdx.x) / (tiles * kGramHalves);
+  const int half = static_cast<int>(blockIdx.x) % (tiles * kGramHalves) / tiles;
   int t = static_cast<int>(blockIdx.x) % tiles;
+  const int half_rows = (w + kGramHalves - 1) / kGramHalves;
+  const int row_begin = half * half_rows;
+  const int row_end = imin(w, row_begin + half_rows);
   int ib = 0;
   while (t > ib) {  // lower tiles in row-major order: (0,0), (1,0), (1,1), (2,0), ...
     t -= ib + 1;
@@ -183,7 +195,7 @@ __global__ void __launch_bounds__(kThreads, 1) gram_kernel(const GramArgs g) {
     column_mean[operand][l] = m;
     const int c = (operand == 0 ? ib : kb) * kGramTile + l;
     float* out_mean = operand == 0 ? g.mean_a : g.mean_b;
-    if (ib == kb && c < d && out_mean != nullptr) out_mean[s * d + c] = m;
+    if (half == 0 && ib == kb && c < d && out_mean != nullptr) out_mean[s * d + c] = m;
   }
   __syncthreads();
 
@@ -196,14 +208,14 @@ __global__ void __launch_bounds__(kThreads, 1) gram_kernel(const GramArgs g) {
   const float mean_a = column_mean[0][lane];
   const float mean_b = column_mean[1][lane];
   constexpr int kRowsPerWarp = kGramRows / kWarps;
-  for (int r0 = 0; r0 < w; r0 += kGramRows) {
+  for (int r0 = row_begin; r0 < row_end; r0 += kGramRows) {
     for (int rr = warp; rr < kGramRows; rr += kWarps) {
       const int r = r0 + rr;
-      stage_a[rr * kGramPitch + lane] = (r < w && col_a < d) ? load(0, r, col_a) - mean_a : 0.f;
-      stage_b[rr * kGramPitch + lane] = (r < w && col_b < d) ? load(1, r, col_b) - mean_b : 0.f;
+      stage_a[rr * kGramPitch + lane] = (r < row_end && col_a < d) ? load(0, r, col_a) - mean_a : 0.f;
+      stage_b[rr * kGramPitch + lane] = (r < row_end && col_b < d) ? load(1, r, col_b) - mean_b : 0.f;
     }
     __syncthreads();
-    const int rows_here = imin(kGramRows, w - r0);
+    const int rows_here = imin(kGramRows, row_end - r0);
     for (int rr = warp * kRowsPerWarp; rr < (warp + 1) * kRowsPerWarp && rr < rows_here; ++rr) {
       const float bv = stage_b[rr * kGramPitch + lane];
       const float4* a_row = reinterpret_cast<const float4*>(stage_a + rr * kGramPitch);
@@ -234,8 +246,9 @@ __global__ void __launch_bounds__(kThreads, 1) gram_kernel(const GramArgs g) {
     float total = 0.f;
     for (int wp = 0; wp < kWarps; ++wp) total += per_warp[(wp * kGramTile + i) * kGramTile + k];
     const float value = total * (ci == ck ? g.scale_diagonal : g.scale_off_diagonal);
-    g.out[s * dd + static_cast<int64_t>(ci) * d + ck] = value;
-    g.out[s * dd + static_cast<int64_t>(ck) * d + ci] = value;
+    float* out = half == 0 ? g.out : g.out_second;
+    out[s * dd + static_cast<int64_t>(ci) * d + ck] = value;
+    out[s * dd + static_cast<int64_t>(ck) * d + ci] = value;
   }
 }
 
@@ -244,8 +257,8 @@ __global__ void __launch_bounds__(kThreads, 1) gram_kernel(const GramArgs g) {
 // ---------------------------------------------------------------------------------------------
 
 struct FactorArgs {
-  const float* cov;        // (S, d, d)
-  float* w_inv;            // (S, d, d)
+  float* cov;              // (S, d, d): in, the Gram of the first half of the rows; out, the covariance
+  float* w_inv;            // (S, d, d): in, the Gram of the second half; out, W
   float* square;           // memory mode: (S, d, d) global scratch, unless in shared memory
   int square_in_shared;    // memory mode: the d x d square lives in dynamic shared memory
   int square_pitch;        // its row pitch in shared memory
@@ -287,7 +300,8 @@ __global__ void __launch_bounds__(kThreads, 1) factor_kernel(const FactorArgs f)
   const int tk = tid % 16;
   const int s = blockIdx.x;
   const int64_t dd = static_cast<int64_t>(d) * d;
-  const float* cov = f.cov + s * dd;
+  float* cov = f.cov + s * dd;
+  const float* cov_second = f.w_inv + s * dd;  // read here, overwritten with W after the sweep
 
   float reg[kRegisters ? kP : 1][kRegisters ? kP : 1];
   float* square = nullptr;
@@ -315,7 +329,14 @@ __global__ void __launch_bounds__(kThreads, 1) factor_kernel(const FactorArgs f)
       const int r = ti + 16 * p;
       const int c = tk + 16 * q;
       float value = 0.f;
-      if (r < d && c < d && r >= c) value = f.one_minus_eps * cov[static_cast<int64_t>(r) * d + c] + (r == c ? f.eps : 0.f);
+      if (r < d && c < d) {
+        // The two halves of the Gram kernel added in a fixed order; the sum is the covariance
+        // returned to the caller (this thread is the only reader and writer of (r, c)).
+        const int64_t e = static_cast<int64_t>(r) * d + c;
+        const float sigma = cov[e] + cov_second[e];
+        cov[e] = sigma;
+        if (r >= c) value = f.one_minus_eps * sigma + (r == c ? f.eps : 0.f);
+      }
       at(p, q) = value;
     }
   }
@@ -638,11 +659,13 @@ __global__ void __launch_bounds__(kThreads, 1) whiten_kernel(const ForwardParams
 // ---------------------------------------------------------------------------------------------
 
 // acc[i][j] += Σ_k rows_k[k][4 rh + i] · B[k][cc + 128 j] over k in [k_begin, d), B[k][c] = op[k * d + c]
-// staged 16 k at a time (c-fast: coalesced). Chunks that end before `skip_below` are skipped
-// (zero for this warp's columns).
+// (+ op_second[k * d + c] when op_second is not null: the two halves of a Gram, added in that
+// order) staged 16 k at a time (c-fast: coalesced). Chunks that end before `skip_below` are
+// skipped (zero for this warp's columns).
 template <int kCols>
 __device__ __forceinline__ void rows_times_matrix(float (&acc)[4][kCols], const float* rows_k, float* staged,
-                                                  const float* op, int d, int skip_below) {
+                                                  const float* op, const float* op_second, int d,
+                                                  int skip_below) {
   constexpr int kPitch = 128 * kCols + 1;
   const int cc = threadIdx.x % 128;
   const int rh = threadIdx.x / 128;
@@ -652,7 +675,12 @@ __device__ __forceinline__ void rows_times_matrix(float (&acc)[4][kCols], const 
     for (int e = threadIdx.x; e < chunk * d; e += kThreads) {
       const int kk = e / d;
       const int c = e % d;
-      staged[kk * kPitch + c] = k0 + kk < d ? op[static_cast<int64_t>(k0 + kk) * d + c] : 0.f;
+      float value = 0.f;
+      if (k0 + kk < d) {
+        const int64_t at = static_cast<int64_t>(k0 + kk) * d + c;
+        value = op_second != nullptr ? op[at] + op_second[at] : op[at];
+      }
+      staged[kk * kPitch + c] = value;
     }
     __syncthreads();
     const int k_end = imin(chunk, d16 - k0);
@@ -711,7 +739,7 @@ __global__ void __launch_bounds__(kThreads, 1) row_gradient_kernel(const Backwar
   for (int i = 0; i < 4; ++i)
 #pragma unroll
     for (int j = 0; j < kCols; ++j) acc[i][j] = 0.f;
-  rows_times_matrix<kCols>(acc, rows_k, staged, p.sym + s * dd, d, 0);
+  rows_times_matrix<kCols>(acc, rows_k, staged, p.sym + s * dd, p.sym_second + s * dd, d, 0);
   // H replaces Zc in shared memory (every thread is past its last read: the loop ends on a barrier).
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -727,7 +755,7 @@ __global__ void __launch_bounds__(kThreads, 1) row_gradient_kernel(const Backwar
   }
   __syncthreads();
   // H W: W[k][c] = 0 for k < c, so chunks below this warp's first column add nothing.
-  rows_times_matrix<kCols>(acc, rows_k, staged, p.w_inv + s * dd, d, 32 * (warp % 4));
+  rows_times_matrix<kCols>(acc, rows_k, staged, p.w_inv + s * dd, nullptr, d, 32 * (warp % 4));
   const float scale = p.grad_scale != nullptr ? *p.grad_scale : 1.f;
   const int blocks_per_iteration = static_cast<int>(bl.num_blocks) / p.iterations;
   const int64_t iteration = s / blocks_per_iteration;
@@ -793,6 +821,8 @@ BackwardLayout backward_layout(const Blocks& b, int iterations, int64_t rows) {
   int64_t at = 0;
   l.sym = at;
   at += b.num_blocks * b.d * b.d;
+  l.sym_second = at;
+  at += b.num_blocks * b.d * b.d;
   l.g_mean = at;
   at += b.num_blocks * b.d;
   l.z_mean = at;
@@ -853,8 +883,9 @@ const char* launch_forward_typed(const ForwardParams& p, void* stream) {
   g.x_col_stride = p.x_col_stride;
   g.mean_a = p.mean;
   g.out = p.cov;
+  g.out_second = p.w_inv;  // the factor kernel reads it before it writes W there
   g.scale_diagonal = g.scale_off_diagonal = 1.f / static_cast<float>(b.w - 1);
-  if (const char* e = run(gram_kernel<0, T>, s * gram_tiles(d), 0, g, stream)) return e;
+  if (const char* e = run(gram_kernel<0, T>, s * gram_blocks_per_subbatch(d), 0, g, stream)) return e;
 
   FactorArgs f{};
   f.cov = p.cov;
@@ -906,11 +937,12 @@ const char* launch_backward_typed(const BackwardParams& p, void* stream) {
   g.mean_a = p.g_mean;
   g.mean_b = p.z_mean;
   g.out = p.sym;
+  g.out_second = p.sym_second;
   // S' = c · S with S = ½(P + tril(P, -1)ᵀ), P = tril(-Gcᵀ Zc): S'_ik = -c/2 (Gcᵀ Zc)_{max(i,k), min(i,k)}
   // (the diagonal halved too).
   g.scale_diagonal = -0.5f * p.coupling;
   g.scale_off_diagonal = -0.5f * p.coupling;
-  if (const char* e = run(gram_kernel<1, float>, s * gram_tiles(d), 0, g, stream)) return e;
+  if (const char* e = run(gram_kernel<1, float>, s * gram_blocks_per_subbatch(d), 0, g, stream)) return e;
 
   const int64_t grid = s * row_tiles(b.w);
   const int cols = d <= 128 ? 1 : 2;

@@ -15,7 +15,7 @@ constexpr int kMaxDim = 256;
 constexpr int kMaxViews = 8;
 // Rows of a sub-batch handled by one block of the row kernels (whitening, row gradients).
 constexpr int kRowTile = 8;
-// Edge of the covariance / Gram tiles (one block per lower tile and sub-batch).
+// Edge of the covariance / Gram tiles (one block per lower tile, half of the rows and sub-batch).
 constexpr int kGramTile = 32;
 
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
@@ -71,7 +71,9 @@ struct BackwardParams {
   int64_t rows;            // N, rows of x and of grad_x
   int dtype;               // dtype of grad_x
   void* grad_x;            // (N, d) contiguous, dtype `dtype`
-  float* sym;              // (S, d, d) scratch: c * sym(-tril(Gc^T Zc)) (see the .cu file)
+  float* sym;              // (S, d, d) scratch: c * sym(-tril(Gc^T Zc)) over the first half of the
+                           // rows (see the .cu file)
+  float* sym_second;       // (S, d, d) scratch: the same over the second half (added to sym)
   float* g_mean;           // (S, d) scratch: column means of G
   float* z_mean;           // (S, d) scratch: column means of Z
   float* per_iteration;    // (iterations, N, d) float32 scratch when iterations > 1
@@ -83,7 +85,7 @@ struct ForwardLayout {
 };
 ForwardLayout forward_layout(const Blocks& blocks, bool with_loss);
 struct BackwardLayout {
-  int64_t sym, g_mean, z_mean, per_iteration, total;
+  int64_t sym, sym_second, g_mean, z_mean, per_iteration, total;
 };
 BackwardLayout backward_layout(const Blocks& blocks, int iterations, int64_t rows);
 

@@ -77,7 +77,7 @@ extern "C" const char* emu_backward(const float* grad_loss, const float* grad_z,
   p.grad_scale = grad_loss;
   p.coupling = 2.f * (1.f - eps) / static_cast<float>(w - 1);
   p.iterations = passes; p.rows = rows; p.dtype = dtype; p.grad_x = grad_x;
-  p.sym = scratch + l.sym; p.g_mean = scratch + l.g_mean; p.z_mean = scratch + l.z_mean;
+  p.sym = scratch + l.sym; p.sym_second = scratch + l.sym_second; p.g_mean = scratch + l.g_mean; p.z_mean = scratch + l.z_mean;
   p.per_iteration = scratch + l.per_iteration;
   return launch_backward(p, nullptr);
 }
