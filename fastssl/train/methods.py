@@ -26,8 +26,9 @@ barlow_twins, vicreg    projector F-4F-4F-4F [8192-8192-8192]
 swav                    projector F-2F-128 ending in BN, L2-normalized; K = max(4d, min(3000,
                         N/2)) fixed random prototypes (normalized rows)
 wmse                    projector F-2F-32 [1024-64]
-dino                    head F-2F-2F-min(256,F) (GELU), L2 norm, weight-normed K prototypes
-                        [2048-2048-256, K = 65536], EMA teacher, multi-crop
+dino                    head F-2F-2F-min(256,F) (Linear-BN-GELU), L2 norm, weight-normed K
+                        prototypes [2048-2048-256, K = 65536], EMA teacher; no small crops by
+                        default
 center_penalty          projector F-F-128 ending in BN, Jha et al.'s invariance + center penalty
 ======================  =================================================================
 """
