@@ -23,8 +23,8 @@ epochs for every variant on the same axes, the untrained value marked, and kNN a
 ``results.json``, into ``--output-dir`` (default ``docs/collapse``). The runs themselves go to
 ``--runs-dir``; with ``--reuse`` finished runs there are read instead of retrained::
 
-    python -m fastssl.train.experiments collapse                      # all five, CPU budget
-    python -m fastssl.train.experiments collapse --only dino,byol --budget default
+    python -m fastssl.train.experiments collapse                      # all five, the recipes' budgets
+    python -m fastssl.train.experiments collapse --only dino,byol --budget cpu   # minutes, 16-px images
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ BUDGETS: Dict[str, List[str]] = {
     # minute per run.
     "cpu": ["--num-train", "1000", "--num-test", "500", "--image-size", "16", "--width", "8", "--epochs", "8",
             "--batch-size", "64", "--probe-steps", "100"],
-    # The driver's defaults (4000 images; each method's own epochs).
+    # The driver's defaults (4000 images; each method's own epochs): the budget at which every
+    # method's recipe learns, so that removing an ingredient is compared with a working run.
     "default": [],
     # For the tests: seconds.
     "tiny": ["--num-train", "48", "--num-test", "24", "--image-size", "16", "--width", "4", "--batch-size", "16",
@@ -322,7 +323,9 @@ def _report_section(exp: Experiment, records: Dict[str, List[Dict[str, Any]]], f
 def collapse(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastssl.train.experiments collapse", description=__doc__.split("\n\n")[0])
     p.add_argument("--only", help=f"comma-separated subset of {', '.join(e.name for e in EXPERIMENTS)}")
-    p.add_argument("--budget", choices=sorted(BUDGETS), default="cpu", help="data and schedule of every run (default cpu)")
+    p.add_argument("--budget", choices=sorted(BUDGETS), default="default",
+                   help="data and schedule of every run: default (each method's recipe, where the claims show), "
+                   "cpu (16-px images, minutes) or tiny (tests)")
     p.add_argument("--output-dir", default=os.path.join("docs", "collapse"), help="report and figures (default docs/collapse)")
     p.add_argument("--runs-dir", default=os.path.join("runs", "collapse"), help="the training runs (default runs/collapse)")
     p.add_argument("--reuse", action="store_true", help="read finished runs in --runs-dir instead of training them again")
