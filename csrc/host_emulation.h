@@ -10,7 +10,7 @@
 // of a block reach while others have returned is reported, not deadlocked.
 //
 // Covered: threadIdx/blockIdx/blockDim/gridDim (x only), __syncthreads, static and dynamic
-// __shared__ memory (__align__), the math functions of <cmath>, float4, atomicAdd on unsigned
+// __shared__ memory (__align__), the math functions of <cmath>, float2, float4, atomicAdd on unsigned
 // and __threadfence (exact: blocks run one after another, so the last block to take a ticket is
 // the last one launched), and the float16/bfloat16 storage types with CUDA's conversions
 // (round to nearest even). Not covered: warp intrinsics, concurrency between blocks (a kernel
@@ -174,6 +174,9 @@ int launch(unsigned grid, unsigned threads, size_t shared_bytes, unsigned seed, 
 #define __align__(n) __attribute__((aligned(n)))
 #define __restrict__
 
+struct float2 {
+  float x, y;
+};
 struct float4 {
   float x, y, z, w;
 };

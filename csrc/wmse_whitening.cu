@@ -8,19 +8,20 @@
 // W = L⁻¹ = D^{-1/2} L₁⁻¹, Z = X_c Wᵀ.
 //
 // Forward
-//   1. gram_kernel<0>   grid S x T (T lower 32 x 32 tiles of the d x d covariance): each block
-//                       computes its 64 column means over the w rows (two-pass: exact
-//                       centering, no E[x²] - m² cancellation), then its tile of X_cᵀ X_c.
-//   2. factor_kernel    grid S: LDLᵀ elimination of the shrunk covariance with the inverse
+//   1. gram_kernel<0>   grid S x 2 x T (T lower 32 x 32 tiles of the d x d covariance, 2 halves
+//                       of the w rows): each block computes its 64 column means over the w
+//                       rows (two-pass: exact centering, no E[x²] - m² cancellation), then its
+//                       tile of X_cᵀ X_c over its half of the rows (half 1 into W's buffer).
+//   2. factor_kernel    grid S: the two halves added (the covariance written back); LDLᵀ elimination of the shrunk covariance with the inverse
 //                       built in the same sweep (the row operations applied to [A | I]), one
 //                       barrier per column; W = D^{-1/2} L₁⁻¹ written out.
-//   3. whiten_kernel    grid (S / V) x ceil(w / 8): the 8 rows of one sub-batch position in
+//   3. whiten_kernel    grid (S / V) x ceil(w / 4): the 4 rows of one sub-batch position in
 //                       all V views: Z = X_c Wᵀ, then (loss) row norms, cosines between views,
 //                       the loss gradient G = ∂ℓ/∂Z (so the backward needs no loss pass), and
 //                       the loss from per-block partial sums, added in block order by the last
 //                       block to finish.
 // Backward (g = upstream gradient, c = 2(1-ε)/(w-1), Gc, Zc the column-centered G and Z)
-//   4. gram_kernel<1>   grid S x T: column means of G and Z; S' = c · sym(-tril(Gcᵀ Zc)), the
+//   4. gram_kernel<1>   grid S x 2 x T (halves as in 1, added by 5 when it stages S'): column means of G and Z; S' = c · sym(-tril(Gcᵀ Zc)), the
 //                       path through Σ: Lᵀ∂ℓ/∂L = -Gᵀ Z and Cholesky's backward (Murray 2016)
 //                       gives ∂ℓ/∂Σ = Wᵀ S W, S = ½(P + tril(P,-1)ᵀ), P = tril(-Gᵀ Z).
 //   5. row_gradient_kernel  grid S x ceil(w / 8): ∂ℓ/∂x_rows = g ((Gc + Zc S') W), written
@@ -84,18 +85,20 @@ __host__ __device__ inline int gram_tiles(int d) {
   return edge * (edge + 1) / 2;
 }
 __host__ __device__ inline int row_tiles(int w) { return (w + kRowTile - 1) / kRowTile; }
-__host__ __device__ inline int loss_tasks(int views) { return kRowTile * (views + views * (views - 1) / 2); }
+__host__ __device__ inline int whiten_tiles(int w) { return (w + kWhitenRowTile - 1) / kWhitenRowTile; }
+// Row norms and dot products between views of the whitening kernel's rows, one warp each.
+__host__ __device__ inline int loss_tasks(int views) { return kWhitenRowTile * (views + views * (views - 1) / 2); }
 
 // Rows of the d x d operand a row kernel stages at once: all of them for d <= 128 (one L2
 // round trip per operand), 64 (66 KB) for larger d.
 __host__ __device__ inline int chunk_rows(int d) { return d <= 128 ? (d + kKUnroll - 1) / kKUnroll * kKUnroll : 64; }
 
-// Dynamic shared memory of the row kernels, in floats: the 8 rows k-major (padded to
+// Dynamic shared memory of the row kernels, in floats: the tile_rows rows k-major (padded to
 // 128 * cols), a staged chunk of the d x d operand, and for the loss the rows of every view
 // and the per-warp partial dot products.
-__host__ __device__ inline size_t row_kernel_floats(int cols, int d, int views, bool loss) {
-  size_t n = static_cast<size_t>(128) * cols * kRowTile + static_cast<size_t>(chunk_rows(d)) * (128 * cols + 1);
-  if (loss) n += static_cast<size_t>(views) * kRowTile * d + static_cast<size_t>(loss_tasks(views)) * 33;
+__host__ __device__ inline size_t row_kernel_floats(int tile_rows, int cols, int d, int views, bool loss) {
+  size_t n = static_cast<size_t>(128) * cols * tile_rows + static_cast<size_t>(chunk_rows(d)) * (128 * cols + 1);
+  if (loss) n += static_cast<size_t>(views) * tile_rows * d + static_cast<size_t>(loss_tasks(views)) * 33;
   return n;
 }
 
@@ -466,7 +469,7 @@ __global__ void __launch_bounds__(kThreads, 1) factor_kernel(const FactorArgs f)
 }
 
 // ---------------------------------------------------------------------------------------------
-// 3: whitening of 8 rows of every view, and the normalized MSE between the views
+// 3: whitening of 4 rows of every view, and the normalized MSE between the views
 // ---------------------------------------------------------------------------------------------
 
 // Pair index k (in the order (0,1), (0,2), ..., (1,2), ...) -> views (a, b), a < b.
@@ -482,9 +485,9 @@ __device__ __forceinline__ int pair_index(int a, int b, int views) {  // a < b
   return a * (2 * views - a - 1) / 2 + (b - a - 1);
 }
 
-// Thread t owns columns cc + 128 j (cc = t % 128, j < kCols) of rows 4 (t / 128) .. + 3 of the
-// tile; the 8 rows sit k-major in shared memory (one float4 broadcast per k), the operand is
-// staged 16 k at a time.
+// Thread t owns columns cc + 128 j (cc = t % 128, j < kCols) of rows 2 (t / 128) and + 1 of the
+// tile; the 4 rows sit k-major in shared memory (one float2 broadcast per k), the operand is
+// staged 16 k at a time (its lower triangle only: W[c][k] = 0 for k > c is not read).
 template <typename T, int kCols, bool kLoss>
 __global__ void __launch_bounds__(kThreads, 1) whiten_kernel(const ForwardParams p) {
   FASTSSL_DYNAMIC_SHARED(float, pool);
@@ -499,20 +502,22 @@ __global__ void __launch_bounds__(kThreads, 1) whiten_kernel(const ForwardParams
   const int warp = tid / 32;
   const int cc = tid % 128;
   const int rh = tid / 128;
+  constexpr int kThreadRows = kWhitenRowTile / 2;  // two row halves of 128 threads
+  static_assert(kThreadRows == 2, "one float2 of rows per k");
   constexpr int kColumns = 128 * kCols;
   constexpr int kPitch = kColumns + 1;
   const int d16 = static_cast<int>(ceil_div(d, kKUnroll)) * kKUnroll;
   const int chunk = chunk_rows(d);
-  float* rows_k = pool;                           // [k][kRowTile], k < kColumns
-  float* staged = rows_k + kColumns * kRowTile;   // [kk][kPitch], kk < chunk
-  float* z_rows = staged + chunk * kPitch;        // [view][kRowTile][d]
+  float* rows_k = pool;                           // [k][kWhitenRowTile], k < kColumns
+  float* staged = rows_k + kColumns * kWhitenRowTile;   // [kk][kPitch], kk < chunk
+  float* z_rows = staged + chunk * kPitch;        // [view][kWhitenRowTile][d]
   const int tasks = loss_tasks(views);
-  float* part = z_rows + static_cast<int64_t>(views) * kRowTile * d;  // [task][32]
+  float* part = z_rows + static_cast<int64_t>(views) * kWhitenRowTile * d;  // [task][32]
   float* result = part + tasks * 32;              // [task]
 
-  const int tiles = row_tiles(w);
+  const int tiles = whiten_tiles(w);
   const int group = static_cast<int>(blockIdx.x) / tiles;
-  const int r0 = (static_cast<int>(blockIdx.x) % tiles) * kRowTile;
+  const int r0 = (static_cast<int>(blockIdx.x) % tiles) * kWhitenRowTile;
   const int warp_last_column = 32 * (warp % 4) + 31 + 128 * (kCols - 1);
   const T* x = static_cast<const T*>(p.x);
 
@@ -520,17 +525,17 @@ __global__ void __launch_bounds__(kThreads, 1) whiten_kernel(const ForwardParams
     const int s = group * views + v;
     const float* mean = p.mean + static_cast<int64_t>(s) * d;
     const float* w_inv = p.w_inv + s * static_cast<int64_t>(d) * d;
-    for (int e = tid; e < kRowTile * d16; e += kThreads) {
+    for (int e = tid; e < kWhitenRowTile * d16; e += kThreads) {
       const int r = e / d16;
       const int k = e % d16;
       float value = 0.f;
       if (r0 + r < w && k < d)
         value = to_float(x[block_row(bl, s, r0 + r) * p.x_row_stride + static_cast<int64_t>(k) * p.x_col_stride]) - mean[k];
-      rows_k[k * kRowTile + r] = value;
+      rows_k[k * kWhitenRowTile + r] = value;
     }
-    float acc[4][kCols];
+    float acc[kThreadRows][kCols];
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < kThreadRows; ++i)
 #pragma unroll
       for (int j = 0; j < kCols; ++j) acc[i][j] = 0.f;
     // (No barrier between the staging of the rows and of the first chunk: one round trip.)
@@ -538,7 +543,7 @@ __global__ void __launch_bounds__(kThreads, 1) whiten_kernel(const ForwardParams
       for (int e = tid; e < chunk * d; e += kThreads) {  // W[c][k0 + kk], k-fast: coalesced
         const int c = e / chunk;
         const int kk = e % chunk;
-        staged[kk * kPitch + c] = k0 + kk < d ? w_inv[static_cast<int64_t>(c) * d + k0 + kk] : 0.f;
+        staged[kk * kPitch + c] = k0 + kk < d && k0 + kk <= c ? w_inv[static_cast<int64_t>(c) * d + k0 + kk] : 0.f;
       }
       __syncthreads();
       // W[c][k] = 0 for k > c: the steps past this warp's last column add nothing.
@@ -547,28 +552,26 @@ __global__ void __launch_bounds__(kThreads, 1) whiten_kernel(const ForwardParams
 #pragma unroll
         for (int u = 0; u < kKUnroll; ++u) {
           const int kk = k1 + u;
-          const float4 a = *reinterpret_cast<const float4*>(rows_k + (k0 + kk) * kRowTile + 4 * rh);
+          const float2 a = *reinterpret_cast<const float2*>(rows_k + (k0 + kk) * kWhitenRowTile + kThreadRows * rh);
 #pragma unroll
           for (int j = 0; j < kCols; ++j) {
             const float b = staged[kk * kPitch + cc + 128 * j];
             acc[0][j] = fmaf(a.x, b, acc[0][j]);
             acc[1][j] = fmaf(a.y, b, acc[1][j]);
-            acc[2][j] = fmaf(a.z, b, acc[2][j]);
-            acc[3][j] = fmaf(a.w, b, acc[3][j]);
           }
         }
       }
       __syncthreads();
     }
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int r = 4 * rh + i;
+    for (int i = 0; i < kThreadRows; ++i) {
+      const int r = kThreadRows * rh + i;
 #pragma unroll
       for (int j = 0; j < kCols; ++j) {
         const int c = cc + 128 * j;
         if (r0 + r >= w || c >= d) continue;
         p.z[(static_cast<int64_t>(s) * w + r0 + r) * d + c] = acc[i][j];
-        if constexpr (kLoss) z_rows[(v * kRowTile + r) * d + c] = acc[i][j];
+        if constexpr (kLoss) z_rows[(v * kWhitenRowTile + r) * d + c] = acc[i][j];
       }
     }
   }
@@ -577,12 +580,12 @@ __global__ void __launch_bounds__(kThreads, 1) whiten_kernel(const ForwardParams
     // Squared norms (task k < 8 V: view k / 8) and dot products between views (pairs), one
     // warp per task, lane partial sums added in lane order.
     for (int t = warp; t < tasks; t += kWarps) {
-      const int r = t % kRowTile;
-      const int kind = t / kRowTile;
+      const int r = t % kWhitenRowTile;
+      const int kind = t / kWhitenRowTile;
       int va = kind, vb = kind;
       if (kind >= views) pair_views(kind - views, views, va, vb);
-      const float* za = z_rows + (va * kRowTile + r) * d;
-      const float* zb = z_rows + (vb * kRowTile + r) * d;
+      const float* za = z_rows + (va * kWhitenRowTile + r) * d;
+      const float* zb = z_rows + (vb * kWhitenRowTile + r) * d;
       float sum = 0.f;
       if (r0 + r < w)
         for (int c = lane; c < d; c += 32) sum = fmaf(za[c], zb[c], sum);
@@ -595,26 +598,26 @@ __global__ void __launch_bounds__(kThreads, 1) whiten_kernel(const ForwardParams
       result[t] = total;
     }
     __syncthreads();
-    auto norm = [&](int v, int r) { return sqrtf(result[v * kRowTile + r]); };
+    auto norm = [&](int v, int r) { return sqrtf(result[v * kWhitenRowTile + r]); };
     auto cosine = [&](int a, int b, int r) {  // F.normalize: x / max(|x|, 1e-12)
       const float den = fmaxf(norm(a, r), kNormalizeEps) * fmaxf(norm(b, r), kNormalizeEps);
-      return result[(views + pair_index(a, b, views)) * kRowTile + r] / den;
+      return result[(views + pair_index(a, b, views)) * kWhitenRowTile + r] / den;
     };
     // ∂ℓ/∂z_v = -scale Σ_{u≠v} ∂cos(z_v, z_u)/∂z_v, with ∂cos/∂z_v = (ẑ_u - cos ẑ_v) / |z_v|
     // (or ẑ_u / 1e-12 where the norm is clamped).
     for (int v = 0; v < views; ++v) {
       const int s = group * views + v;
-      for (int e = tid; e < kRowTile * d; e += kThreads) {
+      for (int e = tid; e < kWhitenRowTile * d; e += kThreads) {
         const int r = e / d;
         const int c = e % d;
         if (r0 + r >= w) continue;
         const float n_v = norm(v, r);
         const float den_v = fmaxf(n_v, kNormalizeEps);
-        const float zv_hat = z_rows[(v * kRowTile + r) * d + c] / den_v;
+        const float zv_hat = z_rows[(v * kWhitenRowTile + r) * d + c] / den_v;
         float grad = 0.f;
         for (int u = 0; u < views; ++u) {
           if (u == v) continue;
-          const float zu_hat = z_rows[(u * kRowTile + r) * d + c] / fmaxf(norm(u, r), kNormalizeEps);
+          const float zu_hat = z_rows[(u * kWhitenRowTile + r) * d + c] / fmaxf(norm(u, r), kNormalizeEps);
           const float cos = v < u ? cosine(v, u, r) : cosine(u, v, r);
           grad += n_v > kNormalizeEps ? (zu_hat - cos * zv_hat) / n_v : zu_hat / kNormalizeEps;
         }
@@ -623,7 +626,7 @@ __global__ void __launch_bounds__(kThreads, 1) whiten_kernel(const ForwardParams
     }
     if (tid == 0) {
       float block_sum = 0.f;
-      for (int r = 0; r < kRowTile && r0 + r < w; ++r)
+      for (int r = 0; r < kWhitenRowTile && r0 + r < w; ++r)
         for (int k = 0; k < views * (views - 1) / 2; ++k) {
           int a, b;
           pair_views(k, views, a, b);
@@ -807,7 +810,7 @@ ForwardLayout forward_layout(const Blocks& b, bool with_loss) {
   l.square = at;
   at += b.d > 128 ? squares : 0;
   l.partials = at;
-  at += with_loss ? (b.num_blocks / b.views) * row_tiles(b.w) : 0;
+  at += with_loss ? (b.num_blocks / b.views) * whiten_tiles(b.w) : 0;
   l.info = at;
   at += b.num_blocks;
   l.counter = at;
@@ -914,9 +917,9 @@ const char* launch_forward_typed(const ForwardParams& p, void* stream) {
   }
   if (e) return e;
 
-  const int64_t grid = (s / b.views) * row_tiles(b.w);
+  const int64_t grid = (s / b.views) * whiten_tiles(b.w);
   const int cols = d <= 128 ? 1 : 2;
-  const size_t bytes = row_kernel_floats(cols, d, b.views, p.with_loss != 0) * sizeof(float);
+  const size_t bytes = row_kernel_floats(kWhitenRowTile, cols, d, b.views, p.with_loss != 0) * sizeof(float);
   if (p.with_loss) {
     return cols == 1 ? run(whiten_kernel<T, 1, true>, grid, bytes, p, stream)
                      : run(whiten_kernel<T, 2, true>, grid, bytes, p, stream);
@@ -946,7 +949,7 @@ const char* launch_backward_typed(const BackwardParams& p, void* stream) {
 
   const int64_t grid = s * row_tiles(b.w);
   const int cols = d <= 128 ? 1 : 2;
-  const size_t bytes = row_kernel_floats(cols, d, 1, false) * sizeof(float);
+  const size_t bytes = row_kernel_floats(kRowTile, cols, d, 1, false) * sizeof(float);
   const char* e = cols == 1 ? run(row_gradient_kernel<T, 1>, grid, bytes, p, stream)
                             : run(row_gradient_kernel<T, 2>, grid, bytes, p, stream);
   if (e || p.iterations == 1) return e;

@@ -15,6 +15,9 @@ constexpr int kMaxDim = 256;
 constexpr int kMaxViews = 8;
 // Rows of a sub-batch handled by one block of the row kernels (whitening, row gradients).
 constexpr int kRowTile = 8;
+// Rows of a sub-batch handled by one block of the whitening (and loss) kernel: fewer than
+// kRowTile, so that the headline shape (8 sub-batches of 256 rows, 2 views) runs 256 blocks.
+constexpr int kWhitenRowTile = 4;
 // Edge of the covariance / Gram tiles (one block per lower tile, half of the rows and sub-batch).
 constexpr int kGramTile = 32;
 

@@ -45,31 +45,53 @@ H200 = max(FLOP / rate, bytes / 4.3 TB/s):
 
 Launch plan (5 launches per forward + backward; +1 when w_iter > 1)
 -------------------------------------------------------------------
-====  =====================  ===========================  =========  ======  ====================
-#     kernel                 grid at the headline shape    regs       smem    predicted (H200)
-====  =====================  ===========================  =========  ======  ====================
-F1    gram_kernel<0>         S x 10 lower 32-tiles = 80   113        38 KB   ≈ 3 µs
-F2    factor_kernel<8,reg>   S = 8 (one per sub-batch)    125        3 KB    ≈ 15 µs (128 steps)
-F3    whiten_kernel<loss>    S/V x w/8 = 128              101        81 KB   ≈ 4 µs
-B1    gram_kernel<1>         S x 10 = 80                  113        38 KB   ≈ 3 µs
-B2    row_gradient_kernel    S x w/8 = 256                89         70 KB   ≈ 3 µs
-====  =====================  ===========================  =========  ======  ====================
+Programs and waves on the H200's 132 SMs at the headline shape (S = 8, V = 2, d = 128,
+w = 256). Every launch that carries O(w·d²) products fills at least one wave; F2, the
+sequential elimination (one program per sub-batch, d dependent steps), is exempt.
+
+==  ====================  ================================  ========  =====  ====  =====  =================
+#   kernel                grid at the headline shape        programs  waves  regs  smem   predicted (H200)
+==  ====================  ================================  ========  =====  ====  =====  =================
+F1  gram_kernel<0>        S x 10 lower 32-tiles x 2 halves  160       1.21   113   38 KB  ≈ 2 µs (3 before)
+F2  factor_kernel<8,reg>  S (exempt: sequential)            8         0.06   122   3 KB   ≈ 15 µs
+F3  whiten_kernel<loss>   S/V x w/4                         256       1.94   70    74 KB  ≈ 3 µs (4 before)
+B1  gram_kernel<1>        S x 10 x 2 halves                 160       1.21   113   38 KB  ≈ 2 µs (3 before)
+B2  row_gradient_kernel   S x w/8                           256       1.94   93    70 KB  ≈ 3 µs
+==  ====================  ================================  ========  =====  ====  =====  =================
+
+Before: F1 and B1 ran S x 10 = 80 programs (0.61 wave, ≈ 3 µs each) and F3 ran S/V x w/8 = 128
+(0.97 wave, ≈ 4 µs): 28 µs of kernels. Why the new plan is not slower anywhere:
+
+* F1/B1: the w rows of a sub-batch are split in two halves, each program's tile product
+  covers one half (one 128-row staging step instead of two; the column-mean pass still reads
+  all w rows, so both halves center with the same rounded mean). The halves go to two
+  buffers (F1: the covariance output and the W output, which F2 overwrites after reading it;
+  B1: S' and a second scratch square) that the consumer adds, half 0 + half 1, while loading
+  them (F2, B2): a fixed order, no atomics. All 160 programs are resident at once (2 per SM
+  by registers and shared memory), each doing half of the old program's product.
+  Before, with 80 programs, 52 SMs were idle.
+* F2, B2: the second half is loaded next to the first (independent loads, the same one L2
+  round trip); F2 writes the summed covariance back (stores only).
+* F3: 4 rows per program (2 per thread) instead of 8, and only W's lower triangle staged
+  (its upper triangle is zero: half the bytes), so the L2 bytes in all are unchanged; 2 of
+  the 256 programs are resident per SM (70 registers, 74 KB: 101 and 81 KB before), each
+  with half the products of the old program.
 
 (registers from ``nvcc -O3 -arch=sm_90 -Xptxas -v``, nvcc 13.0, for the headline instances; zero
 spills and zero stack in all 30 instances, d > 128 and w_iter > 1 included.)
 F2 is the one sequential part: d elimination steps, each one barrier and a rank-1 update of
 the square held in registers (8 x 8 per thread); ≈ 100 issued instructions per warp and step
 on 8 warps ≈ 230 cycles -> 128 steps ≈ 15 µs. Everything else has more than one block per
-sub-batch (10 in F1/B1, 32 row blocks per view pair in F3, 32 per sub-batch in B2) and is
+sub-batch (20 in F1/B1, 64 row blocks per view pair in F3, 32 per sub-batch in B2) and is
 bound by L2 round trips (one per staged operand: W and S' are staged whole for d <= 128).
 
-Predicted forward + backward: GPU ≈ 28 µs of kernels + 5 launch gaps ≈ 33 µs; host: two
+Predicted forward + backward: GPU ≈ 25 µs of kernels (28 before) + 5 launch gaps ≈ 30 µs; host: two
 custom-op calls and the eager ops counted by ``tests/test_wmse_cuda.py`` (2 before the op:
 the device permutation, ``rand`` + ``argsort``; 4 allocations in the forward binding, 2 in the
 backward: 8 eager ops, no host sync) -> host-bound in eager mode (≈ 2 x 15 µs + 5 launches x
 4 µs + 8 ops x 4 µs ≈ 80 µs with the launch report's constants: 0.9 % of the TF32 floor),
-GPU-bound (≈ 33 µs) under a CUDA graph. Against the floors: ≈ 33 µs is 2 % of the TF32 floor
-and 11-15 % of the float32-FMA floor; before
+GPU-bound (≈ 30 µs) under a CUDA graph. Against the floors: ≈ 30 µs is 2.4 % of the TF32 floor
+and 12-16 % of the float32-FMA floor; before
 (batched PyTorch: 129 eager ops, a cuSOLVER batched Cholesky and triangular solves, three
 more solves in the backward) the launch report predicted 516 µs (0.1 % of the TF32 floor).
 What would close the rest: a blocked F2 (4-column panels, a quarter of the barriers) and a
@@ -101,10 +123,11 @@ CSRC = Path(_csrc_package.__file__).resolve().parent
 SOURCES = ("wmse_whitening.cpp", "wmse_whitening.cu")
 EXTENSION_NAME = "fastssl_wmse_kernels"
 
-# Limits of the kernels (csrc/wmse_whitening.h): kMaxDim, kMaxViews, kRowTile.
+# Limits of the kernels (csrc/wmse_whitening.h): kMaxDim, kMaxViews, kRowTile, kWhitenRowTile.
 MAX_DIM = 256
 MAX_VIEWS = 8
 ROW_TILE = 8
+WHITEN_ROW_TILE = 4  # rows per block of the whitening and loss kernel (one loss partial each)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _lock = threading.Lock()
@@ -199,7 +222,7 @@ def forward_layout(blocks: int, views: int, w: int, d: int, with_loss: bool) -> 
     layout["w_inv"] = layout["grad_z"] + (rows if with_loss else 0)
     layout["square"] = layout["w_inv"] + squares
     layout["partials"] = layout["square"] + (squares if d > 128 else 0)
-    layout["info"] = layout["partials"] + ((blocks // views) * -(-w // ROW_TILE) if with_loss else 0)
+    layout["info"] = layout["partials"] + ((blocks // views) * -(-w // WHITEN_ROW_TILE) if with_loss else 0)
     layout["counter"] = layout["info"] + blocks
     layout["total"] = layout["counter"] + 1
     return layout
