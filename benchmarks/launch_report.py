@@ -361,24 +361,25 @@ def loop_efficiency(compiled: Dict[str, Any], warps: int, programs: int) -> Tupl
 #: registers from ``nvcc -O3 -arch=sm_90 -Xptxas -v``, no spills; times at d = 128, w = 256,
 #: 8 sub-batches). (name, phase, grid rule, registers, shared KB, µs, carries O(w·d²) products.)
 WMSE_CUDA_PLAN = (
-    ("gram_kernel<0>", "forward", "S x lower 32-tiles", 113, 38, 3.0, True),
-    ("factor_kernel<8,reg>", "forward", "S", 125, 3, 15.0, False),
-    ("whiten_kernel<loss>", "forward", "S/V x w/8", 101, 81, 4.0, True),
-    ("gram_kernel<1>", "backward", "S x lower 32-tiles", 113, 38, 3.0, True),
-    ("row_gradient_kernel", "backward", "S x w/8", 89, 70, 3.0, True),
+    ("gram_kernel<0>", "forward", "S x lower 32-tiles x 2 row halves", 113, 38, 2.0, True),
+    ("factor_kernel<8,reg>", "forward", "S", 122, 3, 15.0, False),
+    ("whiten_kernel<loss>", "forward", "S/V x w/4", 70, 74, 3.0, True),
+    ("gram_kernel<1>", "backward", "S x lower 32-tiles x 2 row halves", 113, 38, 2.0, True),
+    ("row_gradient_kernel", "backward", "S x w/8", 93, 70, 3.0, True),
 )
 WMSE_CUDA_NOTE = "CUDA C++ kernels (nvcc-compiled by .ci/step-10), not captured"
 
 
 def wmse_cuda_launches(case: Case) -> List[Dict[str, Any]]:
     """The extension's launches at ``case``'s shape (2 views, w_iter = 1): S = 2·sub-batches
-    blocks; the Gram kernels run one program per lower 32×32 tile of the d×d covariance."""
+    blocks; the Gram kernels run one program per lower 32×32 tile of the d×d covariance and half
+    of the w rows (the consumer adds the two halves), the whitening kernel one per 4 rows."""
     shape = dict(case.shape)
     views = 2
     blocks = views * shape["sub_batches"]
     tiles = -(-shape["d"] // 32)
-    programs = {"S x lower 32-tiles": blocks * tiles * (tiles + 1) // 2, "S": blocks,
-                "S/V x w/8": blocks // views * -(-shape["w_size"] // 8), "S x w/8": blocks * -(-shape["w_size"] // 8)}
+    programs = {"S x lower 32-tiles x 2 row halves": blocks * tiles * (tiles + 1) // 2 * 2, "S": blocks,
+                "S/V x w/4": blocks // views * -(-shape["w_size"] // 4), "S x w/8": blocks * -(-shape["w_size"] // 8)}
     headline = shape == {"d": 128, "w_size": 256, "sub_batches": 4}
     return [{"kernel": name, "phase": phase, "grid_rule": rule, "programs": programs[rule],
              "waves": programs[rule] / MODEL["sm_count"], "registers": regs, "shared_kb": smem,
