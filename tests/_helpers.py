@@ -111,3 +111,24 @@ def awkward_inputs(n: int, d: int, dtype=torch.float32, device="cpu", views: int
             x = torch.randn(n, d).to(dtype=dtype, device=device)
         out.append(x)
     return out
+
+
+def numeric_hyperparameters(cls) -> list:
+    """(name, default) of ``cls``'s constructor arguments whose default is a number (not a bool):
+    the hyperparameters a NumPy scalar may be passed for (a config loaded with NumPy, a swept
+    grid), as lightly accepts them."""
+    import inspect
+
+    parameters = inspect.signature(cls.__init__).parameters.items()
+    return [(name, p.default) for name, p in parameters
+            if isinstance(p.default, (int, float)) and not isinstance(p.default, bool)]  # fmt: skip
+
+
+def numpy_versions(default) -> list:
+    """NumPy scalars standing for ``default``: integers for counts and sizes (lightly's
+    ``range()`` rejects floats there), float32/float64 and an integer for real numbers."""
+    import numpy as np
+
+    if isinstance(default, int):
+        return [np.int64(default), np.int32(default)]
+    return [np.float32(default), np.float64(default), np.int64(1)]

@@ -24,7 +24,7 @@ import fastssl
 import fastssl.functional as FS
 from fastssl import contrastive, reference
 import _lightly
-from _helpers import assert_matches_reference, awkward_inputs
+from _helpers import assert_matches_reference, awkward_inputs, numeric_hyperparameters, numpy_versions
 
 
 
@@ -798,21 +798,6 @@ def test_gather_distributed_without_a_group_is_the_single_process_loss():
 
 # NumPy scalar hyperparameters (a config loaded with NumPy, a swept grid) are accepted as lightly
 # accepts them; bool is rejected, a flag passed where a number belongs being a bug.
-def _numeric_hyperparameters(cls):
-    """(name, default) of the constructor arguments whose default is a number (not a bool)."""
-    parameters = inspect.signature(cls.__init__).parameters.items()
-    return [(name, p.default) for name, p in parameters
-            if isinstance(p.default, (int, float)) and not isinstance(p.default, bool)]  # fmt: skip
-
-
-def _numpy_versions(default):
-    import numpy as np
-
-    if isinstance(default, int):  # counts and sizes: NumPy integers (lightly's range() rejects floats)
-        return [np.int64(default), np.int32(default)]
-    return [np.float32(default), np.float64(default), np.int64(1)]
-
-
 @pytest.mark.parametrize("name", PAIRS + ["SupConLoss"])
 def test_numpy_scalar_hyperparameters_accepted_bool_rejected(name):
     import numpy as np
@@ -821,10 +806,10 @@ def test_numpy_scalar_hyperparameters_accepted_bool_rejected(name):
     required = {"gather_distributed": False} if name.startswith("DetCon") else {}
     # lightly's memory bank takes a Python int or a (size, dim) pair only
     skipped = {("DirectCLRLoss", "memory_bank_size")}
-    hyperparameters = [(h, d) for h, d in _numeric_hyperparameters(cls) if (name, h) not in skipped]
+    hyperparameters = [(h, d) for h, d in numeric_hyperparameters(cls) if (name, h) not in skipped]
     assert hyperparameters, f"{name} has no numeric hyperparameter to check"
     for hyperparameter, default in hyperparameters:
-        for value in _numpy_versions(default):
+        for value in numpy_versions(default):
             cls(**required, **{hyperparameter: value})
         for flag in (True, np.bool_(True)):
             with pytest.raises(TypeError):

@@ -12,7 +12,7 @@ import torch
 import fastssl
 from fastssl import reference, vicregl
 import _lightly
-from _helpers import assert_matches_reference
+from _helpers import assert_matches_reference, numeric_hyperparameters, numpy_versions
 
 LIGHTLY = _lightly.load()
 needs_lightly = pytest.mark.skipif(LIGHTLY is None, reason="lightly is not installed")
@@ -162,32 +162,15 @@ def test_gather_distributed_needs_torch_distributed(monkeypatch):
 
 # NumPy scalar hyperparameters (a config loaded with NumPy, a swept grid) are accepted as lightly
 # accepts them; bool is rejected, a flag passed where a number belongs being a bug.
-def _numeric_hyperparameters(cls):
-    """(name, default) of the constructor arguments whose default is a number (not a bool)."""
-    import inspect
-
-    parameters = inspect.signature(cls.__init__).parameters.items()
-    return [(name, p.default) for name, p in parameters
-            if isinstance(p.default, (int, float)) and not isinstance(p.default, bool)]  # fmt: skip
-
-
-def _numpy_versions(default):
-    import numpy as np
-
-    if isinstance(default, int):  # counts and sizes: NumPy integers (lightly's range() rejects floats)
-        return [np.int64(default), np.int32(default)]
-    return [np.float32(default), np.float64(default), np.int64(1)]
-
-
 @pytest.mark.parametrize("name", ["VICRegLLoss"])
 def test_numpy_scalar_hyperparameters_accepted_bool_rejected(name):
     import numpy as np
 
     cls = getattr(fastssl, name)
-    hyperparameters = _numeric_hyperparameters(cls)
+    hyperparameters = numeric_hyperparameters(cls)
     assert hyperparameters, f"{name} has no numeric hyperparameter to check"
     for hyperparameter, default in hyperparameters:
-        for value in _numpy_versions(default):
+        for value in numpy_versions(default):
             cls(**{hyperparameter: value})
         for flag in (True, np.bool_(True)):
             with pytest.raises(TypeError):
