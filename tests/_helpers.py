@@ -132,3 +132,21 @@ def numpy_versions(default) -> list:
     if isinstance(default, int):
         return [np.int64(default), np.int32(default)]
     return [np.float32(default), np.float64(default), np.int64(1)]
+
+
+def assert_numpy_hyperparameters_accepted(cls, required: dict | None = None, skip: Sequence[str] = ()) -> None:
+    """Every numeric constructor argument of ``cls`` takes NumPy scalars (:func:`numpy_versions`)
+    and rejects ``True`` / ``np.bool_(True)`` with a TypeError (a flag passed where a number
+    belongs is a bug). ``required``: other arguments the constructor needs; ``skip``: arguments
+    exempt (with the reason at the call site)."""
+    import numpy as np
+
+    required = required or {}
+    hyperparameters = [(h, d) for h, d in numeric_hyperparameters(cls) if h not in skip]
+    assert hyperparameters, f"{cls.__name__} has no numeric hyperparameter to check"
+    for hyperparameter, default in hyperparameters:
+        for value in numpy_versions(default):
+            cls(**required, **{hyperparameter: value})
+        for flag in (True, np.bool_(True)):
+            with pytest.raises(TypeError):
+                cls(**required, **{hyperparameter: flag})

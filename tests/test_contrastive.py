@@ -24,7 +24,7 @@ import fastssl
 import fastssl.functional as FS
 from fastssl import contrastive, reference
 import _lightly
-from _helpers import assert_matches_reference, awkward_inputs, numeric_hyperparameters, numpy_versions
+from _helpers import assert_matches_reference, awkward_inputs, assert_numpy_hyperparameters_accepted
 
 
 
@@ -800,20 +800,10 @@ def test_gather_distributed_without_a_group_is_the_single_process_loss():
 # accepts them; bool is rejected, a flag passed where a number belongs being a bug.
 @pytest.mark.parametrize("name", PAIRS + ["SupConLoss"])
 def test_numpy_scalar_hyperparameters_accepted_bool_rejected(name):
-    import numpy as np
-
-    cls = getattr(fastssl, name)
     required = {"gather_distributed": False} if name.startswith("DetCon") else {}
     # lightly's memory bank takes a Python int or a (size, dim) pair only
-    skipped = {("DirectCLRLoss", "memory_bank_size")}
-    hyperparameters = [(h, d) for h, d in numeric_hyperparameters(cls) if (name, h) not in skipped]
-    assert hyperparameters, f"{name} has no numeric hyperparameter to check"
-    for hyperparameter, default in hyperparameters:
-        for value in numpy_versions(default):
-            cls(**required, **{hyperparameter: value})
-        for flag in (True, np.bool_(True)):
-            with pytest.raises(TypeError):
-                cls(**required, **{hyperparameter: flag})
+    skip = ("memory_bank_size",) if name == "DirectCLRLoss" else ()
+    assert_numpy_hyperparameters_accepted(getattr(fastssl, name), required, skip)
 
 
 @pytest.mark.parametrize("convert", ["float32", "float64", "int64"])

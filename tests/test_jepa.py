@@ -20,7 +20,7 @@ import fastssl
 import fastssl.functional as FS
 from fastssl import jepa, reference
 import _lightly
-from _helpers import assert_matches_reference, numeric_hyperparameters, numpy_versions
+from _helpers import assert_matches_reference, assert_numpy_hyperparameters_accepted
 
 LIGHTLY = _lightly.load()
 needs_lightly = pytest.mark.skipif(LIGHTLY is None, reason="lightly is not installed")
@@ -460,14 +460,4 @@ def test_losses_compile_without_graph_breaks():
 # accepts them; bool is rejected, a flag passed where a number belongs being a bug.
 @pytest.mark.parametrize("name", ["SIGReg", "LeJEPALoss", "LeWMLoss", "VISRegLoss"])
 def test_numpy_scalar_hyperparameters_accepted_bool_rejected(name):
-    import numpy as np
-
-    cls = getattr(fastssl, name)
-    hyperparameters = numeric_hyperparameters(cls)
-    assert hyperparameters, f"{name} has no numeric hyperparameter to check"
-    for hyperparameter, default in hyperparameters:
-        for value in numpy_versions(default):
-            cls(**{hyperparameter: value})
-        for flag in (True, np.bool_(True)):
-            with pytest.raises(TypeError):
-                cls(**{hyperparameter: flag})
+    assert_numpy_hyperparameters_accepted(getattr(fastssl, name))

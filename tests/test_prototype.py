@@ -20,7 +20,7 @@ import fastssl.functional as FS
 from fastssl import prototype, reference
 
 import _lightly
-from _helpers import assert_matches_reference, numeric_hyperparameters, numpy_versions
+from _helpers import assert_matches_reference, assert_numpy_hyperparameters_accepted
 
 LIGHTLY = _lightly.load()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -642,19 +642,8 @@ def test_fullgraph_compile_of_the_modules():
 # accepts them; bool is rejected, a flag passed where a number belongs being a bug.
 @pytest.mark.parametrize("name", ["IBOTPatchLoss", "IBOTPlusPlusPatchLoss", "CAPILoss", "MSNLoss", "PMSNLoss", "PMSNCustomLoss"])
 def test_numpy_scalar_hyperparameters_accepted_bool_rejected(name):
-    import numpy as np
-
-    cls = getattr(fastssl, name)
     uniform = {"target_distribution": lambda m: torch.full_like(m, 1.0 / m.shape[0])}
-    required = uniform if name == "PMSNCustomLoss" else {}
-    hyperparameters = numeric_hyperparameters(cls)
-    assert hyperparameters, f"{name} has no numeric hyperparameter to check"
-    for hyperparameter, default in hyperparameters:
-        for value in numpy_versions(default):
-            cls(**required, **{hyperparameter: value})
-        for flag in (True, np.bool_(True)):
-            with pytest.raises(TypeError):
-                cls(**required, **{hyperparameter: flag})
+    assert_numpy_hyperparameters_accepted(getattr(fastssl, name), uniform if name == "PMSNCustomLoss" else {})
 
 
 def test_numpy_scalar_forward_hyperparameters_give_the_same_loss():

@@ -12,7 +12,7 @@ import torch
 import fastssl
 from fastssl import reference, vicregl
 import _lightly
-from _helpers import assert_matches_reference, numeric_hyperparameters, numpy_versions
+from _helpers import assert_matches_reference, assert_numpy_hyperparameters_accepted
 
 LIGHTLY = _lightly.load()
 needs_lightly = pytest.mark.skipif(LIGHTLY is None, reason="lightly is not installed")
@@ -164,14 +164,4 @@ def test_gather_distributed_needs_torch_distributed(monkeypatch):
 # accepts them; bool is rejected, a flag passed where a number belongs being a bug.
 @pytest.mark.parametrize("name", ["VICRegLLoss"])
 def test_numpy_scalar_hyperparameters_accepted_bool_rejected(name):
-    import numpy as np
-
-    cls = getattr(fastssl, name)
-    hyperparameters = numeric_hyperparameters(cls)
-    assert hyperparameters, f"{name} has no numeric hyperparameter to check"
-    for hyperparameter, default in hyperparameters:
-        for value in numpy_versions(default):
-            cls(**{hyperparameter: value})
-        for flag in (True, np.bool_(True)):
-            with pytest.raises(TypeError):
-                cls(**{hyperparameter: flag})
+    assert_numpy_hyperparameters_accepted(getattr(fastssl, name))
