@@ -137,6 +137,18 @@ CPU_POINTS.update(
 )
 
 
+
+def register_families(families: Mapping[str, "Family"], gpu_points: Mapping[str, list], cpu_points: Mapping[str, list],
+                      costs: Mapping[str, Callable], lightly_files: Optional[Mapping[str, str]] = None) -> None:
+    """Add a bench file's loss families to the harness (new keys only: the other families'
+    entries are untouched): their inputs/implementations, GPU and CPU shapes, roofline costs
+    and the lightly source file of each class."""
+    FAMILIES.update(families)
+    GPU_POINTS.update(gpu_points)
+    CPU_POINTS.update(cpu_points)
+    roofline.COSTS.update(costs)
+    lightly_loader.LOSS_FILES.update(lightly_files or {})
+
 def cases(loss: str) -> List[Case]:
     """The cases of ``loss`` for this machine (GPU shapes on CUDA, CPU shapes otherwise)."""
     points = GPU_POINTS if torch.cuda.is_available() else CPU_POINTS

@@ -158,12 +158,7 @@ COSTS = {"dcl": _pair_cost, "dclw": _pair_cost, "supcon": _pair_cost, "macl": _p
 LIGHTLY_FILES = {"DCLLoss": "dcl_loss", "DCLWLoss": "dcl_loss", "MACLLoss": "macl_loss",
                  "DetConBLoss": "detcon_loss", "KoLeoLoss": "koleo_loss"}
 
-# New keys only: the other families' entries are untouched.
-_harness.FAMILIES.update(FAMILIES)
-_harness.GPU_POINTS.update(GPU_POINTS)
-_harness.CPU_POINTS.update(CPU_POINTS)
-roofline.COSTS.update(COSTS)
-lightly_loader.LOSS_FILES.update(LIGHTLY_FILES)
+_harness.register_families(FAMILIES, GPU_POINTS, CPU_POINTS, COSTS, LIGHTLY_FILES)
 
 
 @pytest.mark.parametrize("impl", _harness.impls())

@@ -129,11 +129,7 @@ COSTS = {
     "visreg": lambda shape, dtype: _projection_cost(shape["views"] * shape["n"], shape["d"], shape["s"], dtype),
 }
 
-# New keys only: the other families' entries are untouched.
-_harness.FAMILIES.update(FAMILIES)
-_harness.GPU_POINTS.update(GPU_POINTS)
-_harness.CPU_POINTS.update(CPU_POINTS)
-roofline.COSTS.update(COSTS)
+_harness.register_families(FAMILIES, GPU_POINTS, CPU_POINTS, COSTS)
 
 
 @pytest.mark.parametrize("impl", _harness.impls())

@@ -214,11 +214,7 @@ def _vicregl_cost(shape, dtype) -> roofline.Cost:
 COSTS = {"tico": _tico_cost, "frossl": _views_gram_cost, "mmcr": _mmcr_cost, "emp_ssl": _emp_ssl_cost,
          "patch_kernel": _patch_cost, "vicregl": _vicregl_cost}  # fmt: skip
 
-# New keys only: the other families' entries are untouched.
-_harness.FAMILIES.update(FAMILIES)
-_harness.GPU_POINTS.update(GPU_POINTS)
-_harness.CPU_POINTS.update(CPU_POINTS)
-roofline.COSTS.update(COSTS)
+_harness.register_families(FAMILIES, GPU_POINTS, CPU_POINTS, COSTS)
 
 
 @pytest.mark.parametrize("impl", _harness.impls())

@@ -247,12 +247,7 @@ COSTS = {"directclr": _directclr_cost, "detcon_s": _detcon_s_cost, "ibot_plus_pl
          "pmsn": prototype._msn_cost, "pmsn_custom": prototype._msn_cost}  # fmt: skip
 LIGHTLY_FILES = {"DetConSLoss": "detcon_loss", "IBOTPlusPlusPatchLoss": "ibot_loss"}
 
-# New keys only: the other families' entries are untouched.
-_harness.FAMILIES.update(FAMILIES)
-_harness.GPU_POINTS.update(GPU_POINTS)
-_harness.CPU_POINTS.update(CPU_POINTS)
-roofline.COSTS.update(COSTS)
-lightly_loader.LOSS_FILES.update(LIGHTLY_FILES)
+_harness.register_families(FAMILIES, GPU_POINTS, CPU_POINTS, COSTS, LIGHTLY_FILES)
 
 
 @pytest.mark.parametrize("impl", _harness.impls())

@@ -287,18 +287,9 @@ def _l2_normalize_fwd_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     rows64 = rows.to(tl.int64)
-    peak = tl.zeros((BLOCK_M,), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        x = _load_tile(X, rows64, row_mask, stride_xm, stride_xd, d0, D, BLOCK_D).to(tl.float32)
-        peak = tl.maximum(peak, tl.max(tl.abs(x), axis=1))
-    inverse_scale = _inverse_power_of_two(peak)
-    sq = tl.zeros((BLOCK_M,), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        y = _load_tile(X, rows64, row_mask, stride_xm, stride_xd, d0, D, BLOCK_D).to(tl.float32) * inverse_scale[:, None]
-        sq += tl.sum(y * y, axis=1)
     # Correctly rounded sqrt and division (as PyTorch's): O(N·d) work, and a 1-d row then
     # normalizes to exactly ±1, whose normalization gradient is exactly 0.
-    scaled_norm = tl.sqrt_rn(sq)
+    inverse_scale, scaled_norm = _scaled_row_norms(X, rows64, row_mask, stride_xm, stride_xd, D, BLOCK_D, BLOCK_M)
     clamped = tl.broadcast_to(tl.maximum(scaled_norm, EPS * inverse_scale)[:, None], (BLOCK_M, BLOCK_D))
     out_rows64 = rows64 + row_offset
     tl.store(NORM + out_rows64, scaled_norm / inverse_scale, mask=row_mask)
