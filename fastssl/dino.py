@@ -228,7 +228,7 @@ def dino_loss(
     return _dino_dispatch(teacher_out, student_out, center, teacher_temp, student_temp, backend)[0]
 
 
-@outside_autocast  # the module calls it directly, not through dino_loss
+@outside_autocast
 def _dino_op_torch_loss(teacher, student, center, teacher_temp, student_temp, teacher_temp_tensor,
                         student_temp_tensor, center_momentum, center_mode, compute_grad,
                         compute_temperature_grad) -> Tensor:  # fmt: skip
@@ -248,6 +248,7 @@ def _dino_kernels():
     return kernels
 
 
+@outside_autocast  # the module calls it directly, not through dino_loss
 def _dino_dispatch(
     teacher_out: Sequence[Tensor],
     student_out: Sequence[Tensor],
