@@ -278,7 +278,7 @@ def _swav_torch(
     local_loss = _swav_local_torch(list(high) + list(low), queue, len(high), temperature, iterations, epsilon,
                                    gather_distributed)
     batch = high[0].shape[0]
-    # DESIGN §3: the loss is the mean over this rank's samples (codes carry no gradient); report
+    # Distributed contract: the loss is the mean over this rank's samples (codes carry no gradient); report
     # the row-weighted mean over ranks, with this rank's gradient scaled to W × its slice of the
     # single-process gradient.
     if gather_distributed:

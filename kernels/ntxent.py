@@ -1024,7 +1024,7 @@ def default_config(d: int, dtype: torch.dtype, bank: bool = False) -> KernelConf
 DEFAULT_SMS = 132
 # Programs of the default tiles resident per SM (registers and shared memory allow 2-3).
 PROGRAMS_PER_SM = 2
-# The measured rates of the floor (DESIGN's performance section): bf16 MMA and copy bandwidth.
+# The H200's measured rates behind the floor: bf16 MMA and copy bandwidth.
 MMA_FLOPS = 790e12
 COPY_BYTES_PER_S = 4.3e12
 MAX_SPLITS = 65535  # grid axis 1

@@ -796,7 +796,7 @@ def swav_loss_triton(
             learnable temperature gets ∂L/∂τ).
     Returns:
         0-d float32 loss: the mean over this rank's samples, reported as the row-weighted mean
-        over ranks when ``gather_distributed`` (DESIGN §3; ranks may hold different batches).
+        over ranks when ``gather_distributed`` (ranks may hold different batches).
 
     Example::
 
