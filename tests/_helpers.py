@@ -150,3 +150,17 @@ def assert_numpy_hyperparameters_accepted(cls, required: dict | None = None, ski
         for flag in (True, np.bool_(True)):
             with pytest.raises(TypeError):
                 cls(**required, **{hyperparameter: flag})
+
+
+def cuda_wmse_extension():
+    """The compiled W-MSE CUDA extension for the gpu lane: a skip when this machine cannot build
+    it (no nvcc or ninja), a failure when it is there and the build fails."""
+    from fastssl.kernels import wmse_cuda
+
+    extension = wmse_cuda.load_extension()
+    if extension is None:
+        reason = wmse_cuda.build_failure() or ""
+        if "nvcc was not found" in reason or "Ninja is required" in reason:
+            pytest.skip(f"no CUDA toolchain to build the extension: {reason}")
+        pytest.fail(f"the CUDA extension failed to build: {reason}")
+    return extension

@@ -20,7 +20,7 @@ import fastssl
 import fastssl.functional as FS
 from fastssl import reference, wmse
 from fastssl.kernels import wmse_cuda
-from _helpers import HALF, assert_matches_reference
+from _helpers import HALF, assert_matches_reference, cuda_wmse_extension
 
 CSRC = wmse_cuda.CSRC
 
@@ -575,21 +575,11 @@ def test_torch_compile_fullgraph_inductor():
 # --------------------------------------------------------------------------------------------
 
 
-def _cuda_extension():
-    extension = wmse_cuda.load_extension()
-    if extension is None:
-        reason = wmse_cuda.build_failure() or ""
-        if "nvcc was not found" in reason or "Ninja is required" in reason:
-            pytest.skip(f"no CUDA toolchain to build the extension: {reason}")
-        pytest.fail(f"the CUDA extension failed to build: {reason}")
-    return extension
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d, w_size", [(3, 8), (128, 256), (256, 512)])
 def test_cuda_loss_matches_reference(d, w_size, dtype):
-    _cuda_extension()
+    cuda_wmse_extension()
     bs = 2 * w_size
     x = _views(bs, d, 2, dtype, device="cuda", non_contiguous=True)
     perms = _perms(bs, 2)
@@ -613,7 +603,7 @@ def test_cuda_loss_matches_reference(d, w_size, dtype):
 @pytest.mark.gpu
 @needs_lightly
 def test_cuda_module_matches_lightly():
-    _cuda_extension()
+    cuda_wmse_extension()
     kwargs = dict(embedding_dim=128, momentum=0.1, w_size=256, w_iter=2)
     theirs = LIGHTLY.WMSELoss(**kwargs).cuda()
     ours = fastssl.WMSELoss(**kwargs).cuda()
@@ -628,7 +618,7 @@ def test_cuda_module_matches_lightly():
 
 @pytest.mark.gpu
 def test_cuda_singular_covariance_is_a_clear_error():
-    _cuda_extension()
+    cuda_wmse_extension()
     x = _collapsed_views().cuda()
     with pytest.raises(ValueError, match="singular"):
         FS.wmse_loss(x, 2, 8, permutations=[torch.arange(16)])

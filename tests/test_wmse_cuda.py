@@ -21,7 +21,7 @@ import fastssl
 import fastssl.functional as FS
 from fastssl import reference, wmse
 from fastssl.kernels import wmse_cuda
-from _helpers import HALF
+from _helpers import HALF, cuda_wmse_extension
 
 CSRC = wmse_cuda.CSRC
 
@@ -474,21 +474,11 @@ def test_eager_ops_at_the_headline_shape(emulation, mocker):
 # --------------------------------------------------------------------------------------------
 
 
-def _cuda_extension():
-    extension = wmse_cuda.load_extension()
-    if extension is None:
-        reason = wmse_cuda.build_failure() or ""
-        if "nvcc was not found" in reason or "Ninja is required" in reason:
-            pytest.skip(f"no CUDA toolchain to build the extension: {reason}")
-        pytest.fail(f"the CUDA extension failed to build: {reason}")
-    return extension
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d, w_size, views, w_iter", [(1, 4, 3, 2), (3, 8, 2, 1), (128, 256, 2, 1), (129, 260, 2, 2), (256, 512, 2, 1)])
 def test_cuda_fused_loss_matches_reference(d, w_size, views, w_iter, dtype):
-    _cuda_extension()
+    cuda_wmse_extension()
     bs = 2 * w_size
     x = _views(bs, d, views, dtype=dtype, non_contiguous=True).cuda()
     perms = [torch.randperm(bs) for _ in range(w_iter)]
@@ -506,7 +496,7 @@ def test_cuda_fused_loss_matches_reference(d, w_size, views, w_iter, dtype):
 
 @pytest.mark.gpu
 def test_cuda_fused_loss_is_deterministic_and_graph_capturable():
-    _cuda_extension()
+    cuda_wmse_extension()
     x = torch.randn(1024, 128, device="cuda", requires_grad=True)
     perms = [torch.randperm(512)]
     runs = []
